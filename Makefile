@@ -1,0 +1,19 @@
+# `make demo` and `make test` work on a fresh machine: both install the stack into .venv first (once).
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench
+install:
+	bash scripts/install.sh
+
+test: install
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) scripts/bench_alibi.py

@@ -1,0 +1,2 @@
+"""Registered criterions."""
+from . import lm_loss  # noqa: F401

@@ -1,0 +1,2 @@
+"""Registered models: one file per model, file stem == registered name."""
+from . import alibi_lm  # noqa: F401

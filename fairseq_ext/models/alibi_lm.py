@@ -1,0 +1,199 @@
+"""``alibi_lm``: fairseq's ``transformer_lm`` decoder with ALiBi attention instead of positional embeddings.
+
+Press, Smith, Lewis 2021, "Train Short, Test Long" (arXiv 2108.12409), Sec. 3: every self-attention logit gets
+-m_h * (i - j); no position embedding is added. The layers, embeddings, adaptive input/softmax and all parameter
+names are fairseq's own (``TransformerDecoder``), so the ALiBi fork's ``transformer_lm_wiki103`` checkpoints load
+after ``scripts/convert_alibi_checkpoint.py``. Unlike the fork, the bias is built per forward from the current
+query/key lengths (any evaluation length, any batch size, no ``--model-overrides``), in the relative form in fp32,
+and it is applied in incremental decoding too (``fairseq-generate`` / sampling).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from fairseq import options
+from fairseq.dataclass import ChoiceEnum
+from fairseq.distributed import fsdp_wrap
+from fairseq.incremental_decoding_utils import with_incremental_state
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig, TransformerDecoder
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+    transformer_lm_baevski_wiki103,
+    transformer_lm_gpt2_small,
+)
+from fairseq.modules import AdaptiveInput
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from fairseq.utils import safe_getattr
+from torch import Tensor
+
+from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
+from fairseq_ext.ops.alibi import BIAS_FORMS, IMPLS
+from fairseq_ext.state import KVCache
+
+# ALiBi needs no position table, so the model accepts any length; fairseq only uses this for filtering.
+MAX_POSITIONS = 1_000_000
+
+
+@dataclass
+class AlibiLanguageModelConfig(TransformerLanguageModelConfig):
+    alibi_bias_form: ChoiceEnum(BIAS_FORMS) = field(
+        default="relative",
+        metadata={"help": "relative: -m*(i-j) (paper; exact in fp16/bf16); key_index: m*j as in the original fork "
+                          "(equal in fp32 under the causal mask; only for parity with its checkpoints)"},
+    )
+    attn_impl: ChoiceEnum(IMPLS) = field(
+        default="auto",
+        metadata={"help": "attention kernel: naive (explicit reference), sdpa (scaled_dot_product_attention with "
+                          "a broadcast (1,H,T,S) bias), flex (FlexAttention score_mod), auto (logs its choice)"},
+    )
+
+
+_ALIBI_FIELDS = ("alibi_bias_form", "attn_impl")
+
+
+@with_incremental_state
+class AlibiMultiheadAttention(AlibiSelfAttention):
+    """Speaks fairseq's MultiheadAttention protocol (time-first, ``incremental_state``) for its decoder layer.
+
+    The KVCache is the same object the pure module returns; incremental decoding stores it in
+    ``incremental_state`` and ``reorder_incremental_state`` reorders it for beam search.
+    """
+
+    def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                key_padding_mask: Optional[Tensor] = None,
+                incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+                need_weights: bool = False, attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
+        if attn_mask is not None:
+            raise ValueError("AlibiMultiheadAttention builds its own causal ALiBi mask; attn_mask must be None")
+        if need_weights:
+            raise ValueError("alibi_lm does not return attention weights (need_weights=True unsupported)")
+        state = self._get_cache(incremental_state)
+        y, cache = super().forward(query.transpose(0, 1), state, key_padding_mask)  # (T,B,C) -> (B,T,C)
+        if incremental_state is not None:
+            self.set_incremental_state(incremental_state, "kv", {"cache": cache})
+        return y.transpose(0, 1), None  # (T, B, C)
+
+    def _get_cache(self, incremental_state) -> Optional[KVCache]:
+        saved = self.get_incremental_state(incremental_state, "kv")
+        return None if saved is None else saved["cache"]
+
+    def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
+        return {}  # fairseq's layer checks this only for cross_self_attention (unsupported here)
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
+        cache = self._get_cache(incremental_state)
+        if cache is not None:
+            self.set_incremental_state(incremental_state, "kv", {"cache": cache.reorder(new_order)})
+
+
+class AlibiDecoderLayer(TransformerDecoderLayerBase):
+    """fairseq's pre-norm decoder layer with ALiBi self-attention."""
+
+    def __init__(self, cfg: TransformerConfig, bias_form: str, attn_impl: str) -> None:
+        self._alibi_bias_form = bias_form  # read by build_self_attention during the base constructor
+        self._attn_impl = attn_impl
+        super().__init__(cfg, no_encoder_attn=True)
+
+    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
+        if add_bias_kv or add_zero_attn or cfg.cross_self_attention:
+            raise ValueError("alibi_lm does not support add_bias_kv, add_zero_attn or cross_self_attention")
+        return AlibiMultiheadAttention(embed_dim, cfg.decoder.attention_heads, dropout=cfg.attention_dropout,
+                                       bias_form=self._alibi_bias_form, attn_impl=self._attn_impl)
+
+
+class AlibiDecoder(TransformerDecoder):
+    """TransformerDecoder without position embeddings whose layers use ALiBi attention (causal only)."""
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        # fairseq's base constructor passes a TransformerConfig, which drops our fields: read them from self.args.
+        cfg = TransformerConfig.from_namespace(cfg)
+        layer = AlibiDecoderLayer(cfg, self.args.alibi_bias_form, self.args.attn_impl)
+        if cfg.checkpoint_activations:
+            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
+
+    def buffered_future_mask(self, tensor: Tensor) -> None:
+        return None  # the attention applies the causal ALiBi mask itself, for the current query/key lengths
+
+    def extract_features_scriptable(self, prev_output_tokens, encoder_out=None, incremental_state=None,
+                                    full_context_alignment: bool = False, alignment_layer=None,
+                                    alignment_heads=None):
+        if full_context_alignment:
+            raise ValueError("alibi_lm is a causal decoder; full_context_alignment is not supported")
+        return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
+                                                   full_context_alignment, alignment_layer, alignment_heads)
+
+    def max_positions(self) -> int:
+        return MAX_POSITIONS
+
+
+@register_model("alibi_lm", dataclass=AlibiLanguageModelConfig)
+class AlibiLanguageModel(TransformerLanguageModel):
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        if args.character_embeddings:
+            raise ValueError("alibi_lm does not support --character-embeddings")
+        if safe_getattr(args, "quant_noise_pq", 0) > 0:
+            raise ValueError("alibi_lm does not support --quant-noise-pq")
+        if args.adaptive_input:
+            embed_tokens = AdaptiveInput(
+                len(task.source_dictionary), task.source_dictionary.pad(), args.decoder_input_dim,
+                args.adaptive_input_factor, args.decoder_embed_dim,
+                options.eval_str_list(args.adaptive_input_cutoff, type=int),
+                args.quant_noise_pq, args.quant_noise_pq_block_size,
+            )
+        else:
+            embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        if args.tie_adaptive_weights:
+            if not args.adaptive_input:
+                raise ValueError("--tie-adaptive-weights needs --adaptive-input")
+            if (args.adaptive_input_factor != args.adaptive_softmax_factor
+                    or args.adaptive_softmax_cutoff != args.adaptive_input_cutoff
+                    or args.decoder_input_dim != args.decoder_output_dim):
+                raise ValueError("--tie-adaptive-weights needs equal adaptive input/softmax cutoffs and factors "
+                                 "and decoder_input_dim == decoder_output_dim")
+        decoder = AlibiDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+        return cls(decoder)
+
+
+def base_architecture(args):
+    """fairseq's LM defaults (pre-norm, ...), with no position embeddings at all. ``register_model`` already
+    registers the plain ``alibi_lm`` arch (dataclass defaults); ``build_model`` applies this to every arch."""
+    base_lm_architecture(args)
+    args.no_token_positional_embeddings = True
+    args.decoder_learned_pos = False
+    for name in _ALIBI_FIELDS:  # argparse namespaces built outside fairseq's CLI lack them
+        if safe_getattr(args, name, None) is None:
+            setattr(args, name, AlibiLanguageModelConfig.__dataclass_fields__[name].default)
+
+
+@register_model_architecture("alibi_lm", "alibi_lm_wiki103")
+def alibi_lm_wiki103(args):
+    """The paper's 247M WikiText-103 model: fairseq's ``transformer_lm_wiki103`` (Baevski & Auli 2019) exactly,
+    16 layers, d=1024, 8 heads, FFN 4096, adaptive input/softmax (20000, 60000) tied; ALiBi instead of positions."""
+    transformer_lm_baevski_wiki103(args)
+    base_architecture(args)
+
+
+@register_model_architecture("alibi_lm", "alibi_lm_gpt2_small")
+def alibi_lm_gpt2_small(args):
+    """fairseq's ``transformer_lm_gpt2_small`` (24 layers, d=1024, 16 heads, gelu) with ALiBi."""
+    transformer_lm_gpt2_small(args)
+    base_architecture(args)
+
+
+@register_model_architecture("alibi_lm", "alibi_lm_tiny")
+def alibi_lm_tiny(args):
+    """Tests and the demo: 2 layers, d=64, 4 heads, FFN 256."""
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
+    base_architecture(args)

@@ -1,0 +1,1 @@
+"""Attention modules (pure: forward(x, state) -> (y, new_state))."""

@@ -1,0 +1,113 @@
+"""The one contract for state carried across segments (see docs/design.md, "State carried across segments").
+
+Every stateful layer is pure: ``forward(x, state) -> (y, new_state)`` and never stores state on ``self``. States
+are small frozen dataclasses of tensors whose leading dimension is the batch (stream) dimension B. They support:
+
+* ``detach()``      -- cut the autograd graph (truncated BPTT between training steps);
+* ``reorder(order)`` -- select / permute batch rows (beam search, fairseq's ``reorder_incremental_state``);
+* ``batch_size``    -- B, so the owner can reset state when the number of streams changes.
+
+Only the decoder base class keeps state between calls (per stream, "train" / "eval"); incremental decoding keeps
+the very same objects in fairseq's ``incremental_state``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple, TypeVar, Union
+
+import torch
+from torch import Tensor
+
+S = TypeVar("S", bound="SegmentState")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentState:
+    """Base class: a frozen dataclass whose fields are tensors (batch-first), tuples of tensors, or None."""
+
+    def _map(self: S, fn) -> S:
+        def apply(value):
+            if isinstance(value, Tensor):
+                return fn(value)
+            if isinstance(value, SegmentState):
+                return value._map(fn)
+            if isinstance(value, tuple):
+                return tuple(apply(v) for v in value)
+            return value
+
+        changes = {f.name: apply(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **changes)
+
+    def detach(self: S) -> S:
+        return self._map(lambda t: t.detach())
+
+    def reorder(self: S, new_order: Tensor) -> S:
+        """Select rows ``new_order`` (B',) of the batch dimension of every tensor."""
+        return self._map(lambda t: t.index_select(0, new_order.to(t.device)))
+
+    def to(self: S, device: Union[str, torch.device]) -> S:
+        return self._map(lambda t: t.to(device))
+
+    def tensors(self):
+        """Yield every tensor held, depth first."""
+        stack = [getattr(self, f.name) for f in reversed(dataclasses.fields(self))]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, Tensor):
+                yield value
+            elif isinstance(value, SegmentState):
+                stack.extend(getattr(value, f.name) for f in reversed(dataclasses.fields(value)))
+            elif isinstance(value, tuple):
+                stack.extend(reversed(value))
+
+    @property
+    def batch_size(self) -> int:
+        for tensor in self.tensors():
+            return tensor.size(0)
+        raise ValueError(f"{type(self).__name__} holds no tensor; its batch size is undefined")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCache(SegmentState):
+    """Keys and values of all tokens seen so far by one softmax-attention layer (incremental decoding).
+
+    key, value: (B, H, S, D); key_padding_mask: (B, S) bool, True where the key is padding, or None.
+    """
+
+    key: Tensor
+    value: Tensor
+    key_padding_mask: Optional[Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return self.key.size(2)
+
+    def append(self, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor]) -> "KVCache":
+        """Return a cache extended by new keys/values (B, H, T, D) along the sequence dimension."""
+        old_mask, new_mask = self.key_padding_mask, key_padding_mask
+        if old_mask is not None or new_mask is not None:
+            b, s, t = key.size(0), self.length, key.size(2)
+            old_mask = old_mask if old_mask is not None else key.new_zeros((b, s), dtype=torch.bool)
+            new_mask = new_mask if new_mask is not None else key.new_zeros((b, t), dtype=torch.bool)
+            mask: Optional[Tensor] = torch.cat([old_mask, new_mask], dim=1)  # (B, S+T)
+        else:
+            mask = None
+        return KVCache(torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2), mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenMemory(SegmentState):
+    """Per-layer hidden-state memory (Transformer-XL, adaptive span): a tuple of (B, M, C) tensors, one per layer."""
+
+    layers: Tuple[Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].size(1) if self.layers else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStates(SegmentState):
+    """One state per layer (each a SegmentState or None), as a decoder carries them."""
+
+    layers: Tuple[Optional[SegmentState], ...]

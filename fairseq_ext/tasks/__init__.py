@@ -1,0 +1,2 @@
+"""Registered tasks."""
+from . import streaming_lm  # noqa: F401

@@ -1,0 +1,73 @@
+"""Shared test harness: numeric comparison, tiny builders, segment runners, in-process fairseq helpers.
+
+Per-model test files stay thin and call these helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO_ROOT, "fairseq_ext")
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, atol: Optional[float] = None, rtol: Optional[float] = None,
+                 msg: str = "") -> None:
+    """torch.testing.assert_close with dtype-aware defaults (float64: 1e-10) and a readable max-error message."""
+    if atol is None:
+        atol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(
+            expected.dtype, 1e-5)
+    if rtol is None:
+        rtol = 0.0 if expected.dtype == torch.float64 else 1e-4
+    err = (actual.detach().double() - expected.detach().double()).abs().max().item() if actual.numel() else 0.0
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{msg} max abs err {err:.3e} (atol {atol}): {m}")
+
+
+def grads_of(params: Sequence[Tensor]) -> List[Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def assert_same_grads(fn_a: Callable[[], Tensor], fn_b: Callable[[], Tensor], inputs: Sequence[Tensor],
+                      **tol) -> None:
+    """Compare outputs of fn_a and fn_b and the gradients of a random projection of them w.r.t. ``inputs``."""
+    out_a = fn_a()
+    out_b = fn_b()
+    assert_close(out_a, out_b, msg="outputs differ", **tol)
+    weight = torch.randn_like(out_a)
+    grads_a = torch.autograd.grad((out_a * weight).sum(), inputs, allow_unused=True)
+    grads_b = torch.autograd.grad((out_b * weight).sum(), inputs, allow_unused=True)
+    for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
+        assert (ga is None) == (gb is None), f"gradient {i}: one side is None"
+        if ga is not None:
+            assert_close(ga, gb, msg=f"gradient of input {i} differs", **tol)
+
+
+def split_segments(tokens: Tensor, lengths: Sequence[int]) -> List[Tensor]:
+    """Split (B, T) tokens along time into consecutive segments of the given lengths."""
+    assert sum(lengths) == tokens.size(1), (lengths, tokens.shape)
+    return list(torch.split(tokens, list(lengths), dim=1))
+
+
+def run_in_segments(step: Callable[[Tensor, object], Tuple[Tensor, object]], tokens: Tensor,
+                    lengths: Sequence[int], state: object = None) -> Tuple[Tensor, object]:
+    """Run ``step(segment, state) -> (out (B, t, ...), state)`` over consecutive segments; concat outputs on time."""
+    outs = []
+    for seg in split_segments(tokens, lengths):
+        out, state = step(seg, state)
+        outs.append(out)
+    return torch.cat(outs, dim=1), state
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
