@@ -2,7 +2,7 @@
 ``block_mask``, so no (B, H, T, S) tensor is ever materialised (on GPU, under torch.compile).
 
 score_mod(s, b, h, i, j) = s - m_h * (q_offset + i - j)   (relative form), or s + m_h * j (key-index form).
-FlexAttention has no attention dropout; asking for it is an error.
+FlexAttention has no attention dropout, and in torch 2.13 no backward on CPU; asking for either is an error.
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def alibi_attention_flex(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_o
     if dropout_p > 0.0:
         raise ValueError("attn_impl='flex' does not support attention dropout; use attn_impl='sdpa' or "
                          "--attention-dropout 0")
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise ValueError("attn_impl='flex' has no backward pass on CPU in this torch version; use "
+                             "attn_impl='sdpa' for CPU training (flex works for CPU inference and on GPU)")
+        q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses CPU inputs that merely require grad
     b, h, t, _ = q.shape
     s = k.size(2)
     acc = torch.promote_types(q.dtype, torch.float32)
