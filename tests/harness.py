@@ -63,6 +63,35 @@ def run_in_segments(step: Callable[[Tensor, object], Tuple[Tensor, object]], tok
     return torch.cat(outs, dim=1), state
 
 
+def tiny_dictionary(num_words: int = 50):
+    """A fairseq Dictionary with the 4 specials plus ``num_words`` symbols w0..w{n-1}."""
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for i in range(num_words):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+class _DictTask:
+    """The two attributes build_model needs from a language-modelling task."""
+
+    def __init__(self, dictionary) -> None:
+        self.source_dictionary = self.target_dictionary = dictionary
+
+
+def build_model(arch: str, dictionary, extra_args: Sequence[str] = (), task: str = "language_modeling"):
+    """Build a registered model exactly as fairseq-train does: CLI args -> arch preset -> dataclass config."""
+    import fairseq_ext.models  # noqa: F401  (registers the plugin)
+    from fairseq import models, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/nonexistent", "--arch", arch, "--task", task, *extra_args])
+    cfg = convert_namespace_to_omegaconf(args)
+    return models.build_model(cfg.model, _DictTask(dictionary))
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()

@@ -164,12 +164,13 @@ class AlibiLanguageModel(TransformerLanguageModel):
 
 
 def base_architecture(args):
-    """fairseq's LM defaults (pre-norm, ...), with no position embeddings at all. ``register_model`` already
-    registers the plain ``alibi_lm`` arch (dataclass defaults); ``build_model`` applies this to every arch."""
-    base_lm_architecture(args)
+    """Applied by ``build_model`` to every arch: no position embeddings, and our fields' dataclass defaults where
+    an argparse namespace built outside fairseq's CLI lacks them. Like stock ``transformer_lm``, the plain
+    ``alibi_lm`` arch (registered by ``register_model``) uses the dataclass defaults only; the named presets
+    below apply fairseq's LM presets (``base_lm_architecture``: pre-norm, ...)."""
     args.no_token_positional_embeddings = True
     args.decoder_learned_pos = False
-    for name in _ALIBI_FIELDS:  # argparse namespaces built outside fairseq's CLI lack them
+    for name in _ALIBI_FIELDS:
         if safe_getattr(args, name, None) is None:
             setattr(args, name, AlibiLanguageModelConfig.__dataclass_fields__[name].default)
 
@@ -196,4 +197,5 @@ def alibi_lm_tiny(args):
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
+    base_lm_architecture(args)
     base_architecture(args)

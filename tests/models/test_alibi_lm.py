@@ -1,0 +1,180 @@
+"""alibi_lm: presets, length and batch independence, incremental decoding, attention paths, generation.
+
+Spec acceptance checks 6-9 of shared/specs/alibi.md §9 (1-5 are in tests/ops/alibi).
+"""
+import pytest
+import torch
+
+from fairseq_ext.models.alibi_lm import MAX_POSITIONS, AlibiLanguageModel
+from tests.harness import assert_close, build_model, tiny_dictionary
+
+VOCAB = 50
+
+
+def tiny(*extra: str, vocab: int = VOCAB):
+    return build_model("alibi_lm_tiny", tiny_dictionary(vocab), ["--dropout", "0", *extra]).eval()
+
+
+def tokens(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 4 + VOCAB, (b, t), generator=g)
+
+
+def logits(model, x, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, **kw)[0]
+
+
+def incremental_logits(model, x) -> torch.Tensor:
+    state: dict = {}
+    with torch.no_grad():
+        steps = [model(x[:, : i + 1], incremental_state=state)[0] for i in range(x.size(1))]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["alibi_lm", "alibi_lm_tiny", "alibi_lm_wiki103", "alibi_lm_gpt2_small"])
+def test_presets_resolve_to_alibi_lm(arch):
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    assert ARCH_MODEL_REGISTRY[arch] is AlibiLanguageModel
+
+
+def test_wiki103_preset_is_the_papers_247m_model():
+    model = build_model("alibi_lm_wiki103", tiny_dictionary(267_744 - 4))
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 246_933_504
+    assert len(state) == 272
+    assert not any("embed_positions" in k for k in state)
+    assert model.decoder.embed_positions is None
+    args = model.decoder.args
+    assert (args.decoder_layers, args.decoder_embed_dim, args.decoder_ffn_embed_dim,
+            args.decoder_attention_heads) == (16, 1024, 4096, 8)
+    assert args.adaptive_input and args.tie_adaptive_weights and args.tie_adaptive_proj
+    assert args.decoder_normalize_before and args.no_decoder_final_norm
+    assert (args.dropout, args.attention_dropout, args.activation_dropout) == (0.3, 0.1, 0.1)
+
+
+def test_same_parameter_names_as_stock_transformer_lm():
+    d = tiny_dictionary(VOCAB)
+    dims = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+            "--decoder-attention-heads", "4", "--no-token-positional-embeddings", "--decoder-normalize-before"]
+    stock = build_model("transformer_lm", d, dims)
+    ours = build_model("alibi_lm", d, dims)
+    assert {k: v.shape for k, v in stock.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert ours.decoder.layer_norm is not None and ours.decoder.layers[0].normalize_before
+
+
+def test_forward_backward_reaches_every_parameter():
+    model = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB)).train()
+    out = model(tokens(2, 9))[0]
+    assert out.shape == (2, 9, len(model.decoder.dictionary))
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), tokens(2, 9, seed=1).flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_length_independence_without_overrides():
+    """Built for 512-token samples, the model scores 3072 tokens; the first 512 logits are unchanged."""
+    model = tiny("--tokens-per-sample", "512")
+    assert model.max_positions() == MAX_POSITIONS
+    x = tokens(1, 3072)
+    assert_close(logits(model, x)[:, :512], logits(model, x[:, :512]))
+
+
+def test_batch_independence():
+    model = tiny()
+    x = tokens(17, 24)
+    full = logits(model, x)
+    for bsz in (1, 3):
+        assert_close(logits(model, x[:bsz]), full[:bsz])
+
+
+def test_incremental_equals_full_pass():
+    model = tiny()
+    x = tokens(3, 64)
+    assert_close(incremental_logits(model, x), logits(model, x))
+
+
+def test_left_padding_incremental_full_and_unpadded_agree():
+    model = tiny()
+    pad = model.decoder.padding_idx
+    x = tokens(2, 40)
+    padded = x.clone()
+    padded[0, :7] = pad  # sequence 0 is left-padded by 7
+    full = logits(model, padded)
+    assert_close(incremental_logits(model, padded), full)
+    # ALiBi only sees distances, so left padding does not change the real tokens' logits.
+    assert_close(full[0, 7:], logits(model, x[:1, 7:])[0])
+    assert_close(full[1], logits(model, x[1:2])[0])
+
+
+def test_reorder_incremental_state_for_beam_search():
+    model = tiny()
+    x = tokens(3, 12)
+    state: dict = {}
+    with torch.no_grad():
+        for i in range(8):
+            model(x[:, : i + 1], incremental_state=state)
+        order = torch.tensor([2, 0, 0])
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        stepped = model(x[order, :9], incremental_state=state)[0]
+    assert_close(stepped[:, -1], logits(model, x[order, :9])[:, -1])
+
+
+def test_attention_implementations_agree_in_float64():
+    x = tokens(2, 11)
+    ref = tiny("--attn-impl", "naive").double()
+    for impl in ("sdpa", "flex"):
+        other = tiny("--attn-impl", impl).double()
+        other.load_state_dict(ref.state_dict())
+        assert_close(logits(other, x), logits(ref, x))
+    # gradients of the whole model: sdpa vs naive
+    sdpa = tiny("--attn-impl", "sdpa").double()
+    sdpa.load_state_dict(ref.state_dict())
+    grads = []
+    for model in (ref, sdpa):
+        model.zero_grad()
+        model(x)[0].square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for ga, gb in zip(*grads):
+        assert_close(ga, gb)
+
+
+def test_key_index_flag_matches_relative_form_in_fp32():
+    rel = tiny()
+    key = tiny("--alibi-bias-form", "key_index")
+    key.load_state_dict(rel.state_dict())
+    x = tokens(2, 33)
+    assert_close(logits(key, x), logits(rel, x), atol=1e-5)
+
+
+def test_slopes_stay_fp32_when_the_model_is_cast():
+    model = tiny().half()
+    slopes = model.decoder.layers[0].self_attn.positional.slopes
+    assert slopes.dtype == torch.float32
+
+
+def test_impossible_head_dim_combination_names_the_fix():
+    with pytest.raises(ValueError, match="divisible by the number of attention heads"):
+        tiny("--decoder-attention-heads", "5")
+
+
+def test_greedy_generation_follows_full_pass_argmax():
+    """fairseq's SequenceGenerator (incremental decoding) picks the full pass's argmax at every step."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    model = tiny()
+    d = model.decoder.dictionary
+    prefix = tokens(2, 5)
+    gen = SequenceGenerator([model], d, beam_size=1, max_len_b=12, min_len=12)
+    sample = {"net_input": {"src_tokens": prefix, "src_lengths": torch.full((2,), 5)}}
+    hypos = gen.generate([model], sample, prefix_tokens=prefix)
+    for b in range(2):
+        out = hypos[b][0]["tokens"]  # prefix + generated tokens (+ eos)
+        seq = out[:-1]
+        full = logits(model, torch.cat([torch.tensor([d.eos()]), seq])[None])[0]  # generator starts from eos
+        for i in range(5, len(seq)):
+            lprobs = full[i].clone()
+            lprobs[d.pad()] = -float("inf")
+            lprobs[d.unk()] = -float("inf")
+            lprobs[d.eos()] = -float("inf")  # min_len forbids eos
+            assert seq[i].item() == lprobs.argmax().item()
