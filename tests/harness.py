@@ -80,16 +80,23 @@ class _DictTask:
         self.source_dictionary = self.target_dictionary = dictionary
 
 
-def build_model(arch: str, dictionary, extra_args: Sequence[str] = (), task: str = "language_modeling"):
-    """Build a registered model exactly as fairseq-train does: CLI args -> arch preset -> dataclass config."""
+def training_cfg(arch: str, extra_args: Sequence[str] = (), task: str = "language_modeling",
+                 data: str = "/nonexistent"):
+    """The omegaconf config fairseq-train builds from these CLI args (arch preset applied)."""
     import fairseq_ext.models  # noqa: F401  (registers the plugin)
-    from fairseq import models, options
+    from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, ["/nonexistent", "--arch", arch, "--task", task, *extra_args])
-    cfg = convert_namespace_to_omegaconf(args)
-    return models.build_model(cfg.model, _DictTask(dictionary))
+    args = options.parse_args_and_arch(parser, [data, "--arch", arch, "--task", task, *extra_args])
+    return convert_namespace_to_omegaconf(args)
+
+
+def build_model(arch: str, dictionary, extra_args: Sequence[str] = (), task: str = "language_modeling"):
+    """Build a registered model exactly as fairseq-train does: CLI args -> arch preset -> dataclass config."""
+    from fairseq import models
+
+    return models.build_model(training_cfg(arch, extra_args, task).model, _DictTask(dictionary))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Converters for the original systems' released checkpoints (pure dict -> dict rewrites plus safe I/O)."""
