@@ -107,3 +107,72 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+# ======================================================================================================================
+# in-process fairseq train/eval helpers
+# ======================================================================================================================
+# fairseq's command-line programs run in this process (no subprocess, no console script): the arguments go through
+# fairseq's own parsers and omegaconf conversion, so registered test-only models (imported by the test) resolve.
+
+
+def random_corpus(path: str, num_lines: int, num_words: int = 20, max_len: int = 15, seed: int = 0,
+                  total_tokens: Optional[int] = None) -> str:
+    """Write ``num_lines`` lines of random words w0..w{num_words-1} (1..max_len words each) and return ``path``.
+
+    With ``total_tokens`` the last line is sized so that the binarised split (every line plus its ``</s>``) has
+    exactly that many tokens.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (num_lines,), generator=generator).tolist()
+    if total_tokens is not None:
+        lengths[-1] = total_tokens - num_lines - sum(lengths[:-1])
+        if lengths[-1] < 0:
+            raise ValueError(f"{num_lines} lines of up to {max_len} words exceed {total_tokens} tokens")
+    with open(path, "w") as f:
+        for length in lengths:
+            words = torch.randint(0, num_words, (length,), generator=generator).tolist()
+            f.write(" ".join(f"w{w}" for w in words) + "\n")
+    return path
+
+
+def fairseq_preprocess(destdir: str, trainpref: str, validpref: Optional[str] = None,
+                       testpref: Optional[str] = None, srcdict: Optional[str] = None) -> str:
+    """``fairseq-preprocess --only-source`` (language-model data) into ``destdir``; returns ``destdir``."""
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    args = ["--only-source", "--trainpref", trainpref, "--destdir", destdir, "--workers", "1"]
+    for flag, value in (("--validpref", validpref), ("--testpref", testpref), ("--srcdict", srcdict)):
+        if value is not None:
+            args += [flag, value]
+    preprocess.main(options.get_preprocessing_parser().parse_args(args))
+    return destdir
+
+
+def split_token_count(data_dir: str, split: str) -> int:
+    """Tokens in a binarised split: every line plus its ``</s>`` (= the number of LM targets)."""
+    from fairseq.data import data_utils
+
+    dataset = data_utils.load_indexed_dataset(os.path.join(data_dir, split), None)
+    return int(dataset.sizes.sum())
+
+
+def fairseq_train(args: Sequence[str]) -> None:
+    """``fairseq-train ARGS`` in this process (single worker)."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    parsed = options.parse_args_and_arch(options.get_training_parser(), list(args))
+    train.main(convert_namespace_to_omegaconf(parsed))
+
+
+def fairseq_eval_lm(args: Sequence[str]) -> dict:
+    """``fairseq-eval-lm ARGS`` in this process; returns fairseq's result: {"loss": bits/token, "perplexity"}."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import eval_lm
+
+    parsed = options.parse_args_and_arch(options.get_eval_lm_parser(), list(args))
+    return eval_lm.main(convert_namespace_to_omegaconf(parsed))

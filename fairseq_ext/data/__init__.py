@@ -1,1 +1,4 @@
-"""data."""
+"""Datasets and helpers for the streaming tasks."""
+from .stream_dataset import StreamDataset, concat_lines
+
+__all__ = ["StreamDataset", "concat_lines"]

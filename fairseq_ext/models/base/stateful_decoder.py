@@ -1,0 +1,151 @@
+"""The one place where state lives between calls: ``StatefulDecoder`` and its model ``StatefulLanguageModel``.
+
+A subclass implements a pure ``forward_segment(tokens (B, T), state) -> (features (B, T, C), new_state, extra)``
+and ``output_layer``. The base decides which state a call continues from:
+
+* with fairseq's ``incremental_state`` (generation): the state object and the number of tokens already consumed
+  live in ``incremental_state``; only the new tokens ``prev_output_tokens[:, consumed:]`` are fed, and
+  ``reorder_incremental_state`` calls ``state.reorder`` (beam search). Same state objects, same code path.
+* without it (training, validation, streaming evaluation): one state per stream, "train" while
+  ``self.training`` and "eval" otherwise; the stored state is always ``new_state.detach()`` (truncated BPTT), and
+  a stream whose batch size changes starts over from ``None``.
+
+The task owns the boundaries and calls ``reset_stream_state(model, stream)`` (epoch start, validation start).
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from fairseq_ext.state import SegmentState
+
+logger = logging.getLogger(__name__)
+
+STREAMS: Tuple[str, ...] = ("train", "eval")
+IncrementalState = Dict[str, Dict[str, Any]]
+SegmentOutput = Tuple[Tensor, Optional[SegmentState], Dict[str, Any]]
+
+CONTEXT_WINDOW_ERROR = (
+    "{name} carries state across segments, so --context-window {window} (the sliding-window protocol, which "
+    "re-reads overlapping windows without state) does not apply to it. Evaluate it with the streaming protocol "
+    "instead: --task streaming_lm without --context-window (state carried across segments of --tokens-per-sample "
+    "tokens in --batch-size contiguous streams)."
+)
+
+
+class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
+    """Decoder base that carries a ``SegmentState`` from one call to the next (see the module docstring)."""
+
+    def __init__(self, dictionary) -> None:
+        super().__init__(dictionary)
+        self._streams: Dict[str, Optional[SegmentState]] = {name: None for name in STREAMS}
+
+    @abc.abstractmethod
+    def forward_segment(self, tokens: Tensor, state: Optional[SegmentState]) -> SegmentOutput:
+        """Pure step: tokens (B, T), the state after the previous segment (None: cold start) ->
+        (features (B, T, C), state after this segment, extra outputs)."""
+
+    @abc.abstractmethod
+    def output_layer(self, features: Tensor) -> Tensor:
+        """features (B, T, C) -> logits (B, T, V) (or features unchanged when ``self.adaptive_softmax`` is set)."""
+
+    def forward(self, prev_output_tokens: Tensor, encoder_out: Optional[Dict[str, Any]] = None,
+                incremental_state: Optional[IncrementalState] = None, features_only: bool = False,
+                src_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
+        """prev_output_tokens (B, T) -> (logits (B, T', V) or features (B, T', C), extra); T' = new tokens.
+
+        ``src_lengths`` (B,) is accepted because fairseq passes the whole ``net_input``; rows are end-padded, so
+        causal models need no mask.
+        """
+        features, extra = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+        return (features if features_only else self.output_layer(features)), extra
+
+    def extract_features(self, prev_output_tokens: Tensor, encoder_out: Optional[Dict[str, Any]] = None,
+                         incremental_state: Optional[IncrementalState] = None) -> Tuple[Tensor, Dict[str, Any]]:
+        if encoder_out is not None:
+            raise ValueError(f"{type(self).__name__} is a decoder-only language model; encoder_out must be None")
+        if incremental_state is not None:
+            features, extra = self._incremental_step(prev_output_tokens, incremental_state)
+        else:
+            features, extra = self._stream_step(prev_output_tokens)
+        return features, {"attn": None, **extra}  # fairseq's generator and scorer read extra["attn"]
+
+    def _incremental_step(self, prev_output_tokens: Tensor,
+                          incremental_state: IncrementalState) -> Tuple[Tensor, Dict[str, Any]]:
+        saved = self.get_incremental_state(incremental_state, "stream")
+        state, consumed = (None, 0) if saved is None else (saved["state"], saved["consumed"])
+        tokens = prev_output_tokens[:, consumed:]  # (B, T_new)
+        if tokens.size(1) == 0:
+            raise ValueError(f"incremental decoding got no new tokens: {consumed} consumed, "
+                             f"prev_output_tokens has {prev_output_tokens.size(1)}")
+        features, new_state, extra = self.forward_segment(tokens, state)
+        self.set_incremental_state(incremental_state, "stream",
+                                   {"state": new_state, "consumed": consumed + tokens.size(1)})
+        return features, extra
+
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor) -> None:
+        """Select rows ``new_order`` (B',) of the incremental state (beam search)."""
+        saved = self.get_incremental_state(incremental_state, "stream")
+        if saved is not None and saved["state"] is not None:
+            self.set_incremental_state(incremental_state, "stream",
+                                       {"state": saved["state"].reorder(new_order), "consumed": saved["consumed"]})
+
+    def _stream_step(self, tokens: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
+        stream = "train" if self.training else "eval"
+        state = self._streams[stream]
+        if state is not None and state.batch_size != tokens.size(0):
+            logger.info("%s: %r stream batch size changed from %d to %d; starting it over from an empty state",
+                        type(self).__name__, stream, state.batch_size, tokens.size(0))
+            state = None
+        features, new_state, extra = self.forward_segment(tokens, state)
+        self._streams[stream] = None if new_state is None else new_state.detach()
+        return features, extra
+
+    def stream_state(self, stream: str) -> Optional[SegmentState]:
+        """The state the next call on ``stream`` ("train" / "eval") continues from (None: cold start)."""
+        return self._streams[_check_stream(stream)]
+
+    def reset_state(self, stream: Optional[str] = None) -> None:
+        """Forget the state of ``stream`` ("train" / "eval"), or of every stream when None."""
+        for name in STREAMS if stream is None else (_check_stream(stream),):
+            self._streams[name] = None
+
+
+def _check_stream(stream: str) -> str:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; streams are {STREAMS}")
+    return stream
+
+
+def reset_stream_state(model: nn.Module, stream: Optional[str] = None) -> int:
+    """Reset ``stream`` of every StatefulDecoder inside ``model`` (wrappers such as DDP's ``.module`` included,
+    since they register the wrapped model as a submodule). Returns how many decoders were reset."""
+    decoders = [m for m in model.modules() if isinstance(m, StatefulDecoder)]
+    for decoder in decoders:
+        decoder.reset_state(stream)
+    return len(decoders)
+
+
+class StatefulLanguageModel(FairseqLanguageModel):
+    """Decoder-only model over a StatefulDecoder; rejects the sliding-window protocol at inference."""
+
+    def __init__(self, decoder: StatefulDecoder) -> None:
+        if not isinstance(decoder, StatefulDecoder):
+            raise TypeError(f"{type(self).__name__} needs a StatefulDecoder, got {type(decoder).__name__}")
+        super().__init__(decoder)
+
+    def prepare_for_inference_(self, cfg: DictConfig) -> None:
+        eval_lm = getattr(cfg, "eval_lm", None)
+        window = getattr(eval_lm, "context_window", 0) if eval_lm is not None else 0
+        if window and window > 0:
+            raise ValueError(CONTEXT_WINDOW_ERROR.format(name=type(self).__name__, window=window))
+        super().prepare_for_inference_(cfg)
+
+    def reset_state(self, stream: Optional[str] = None) -> None:
+        """Forget the carried state of ``stream`` ("train" / "eval"), or of both when None."""
+        self.decoder.reset_state(stream)

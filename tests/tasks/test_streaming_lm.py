@@ -1,0 +1,233 @@
+"""streaming_lm: contiguous streams, state handover and boundaries, exact coverage, stock-eval parity, sharding."""
+import copy
+import os
+import shutil
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Dict, List
+
+import pytest
+import torch
+from fairseq import tasks
+from fairseq.data import data_utils
+from fairseq.sequence_scorer import SequenceScorer
+from fairseq_cli.eval_lm import eval_lm
+from torch import nn
+
+from fairseq_ext.criterions.lm_loss import LMLossCriterion
+from tests.harness import split_token_count, training_cfg
+from tests.models.base.toy_lm import TOY_ARCH
+
+
+def make_task(data: str, task: str = "streaming_lm", tokens_per_sample: int = 5, batch_size: int = 3,
+              extra: List[str] = ()):
+    cfg = training_cfg(TOY_ARCH, ["--batch-size", str(batch_size), "--tokens-per-sample", str(tokens_per_sample),
+                                  *extra], task=task, data=data)
+    return tasks.setup_task(cfg.task), cfg
+
+
+def split_tokens(data_dir: str, split: str) -> torch.Tensor:
+    lines = data_utils.load_indexed_dataset(os.path.join(data_dir, split), None)
+    return torch.cat([lines[i] for i in range(len(lines))])  # (n,) every line with its </s>
+
+
+def batches(task, split: str, batch_size: int, num_shards: int = 1, shard_id: int = 0, max_tokens=None) -> List:
+    iterator = task.get_batch_iterator(task.dataset(split), max_tokens=max_tokens, max_sentences=batch_size,
+                                       num_shards=num_shards, shard_id=shard_id)
+    return list(iterator.next_epoch_itr(shuffle=True))  # shuffle is asked for and must be ignored
+
+
+def no_optimizer():
+    return SimpleNamespace(backward=lambda loss: loss.backward())
+
+
+def one_hot_counts(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(tokens, vocab).sum(1).float()  # (B, T) -> (B, V)
+
+
+def test_training_batches_continue_streams_and_hand_over_state(data_dir):
+    task, cfg = make_task(data_dir, batch_size=3, tokens_per_sample=5)
+    task.load_dataset("train")
+    model, criterion = task.build_model(cfg.model), LMLossCriterion(task, sentence_avg=False)
+    vocab = len(task.dictionary)
+    task.begin_epoch(1, model)
+    seen, previous, targets = torch.zeros(3, vocab), None, 0
+    for sample in batches(task, "train", 3):
+        source = sample["net_input"]["src_tokens"]  # (B, T)
+        if previous is not None:
+            assert torch.equal(source[:, 0], previous["target"][:, -1])  # each row continues its stream
+        task.train_step(sample, model, criterion, no_optimizer(), update_num=0)
+        seen += one_hot_counts(source, vocab)
+        assert torch.equal(model.decoder.stream_state("train").counts, seen)  # state handed over, batch to batch
+        targets += sample["ntokens"]
+        previous = sample
+    assert targets == split_token_count(data_dir, "train")
+
+
+def train_some(task, model, criterion, count: int) -> None:
+    for sample in batches(task, "train", 3)[:count]:
+        task.train_step(sample, model, criterion, no_optimizer(), update_num=0)
+
+
+def test_validation_does_not_disturb_training(data_dir):
+    task, cfg = make_task(data_dir)
+    for split in ("train", "valid"):
+        task.load_dataset(split)
+    model, criterion = task.build_model(cfg.model), LMLossCriterion(task, sentence_avg=False)
+    task.begin_epoch(1, model)
+    train_some(task, model, criterion, 4)
+    train_state, untouched = model.decoder.stream_state("train"), copy.deepcopy(model)
+    task.begin_valid_epoch(1, model)
+    for sample in batches(task, "valid", 2):
+        task.valid_step(sample, model, criterion)
+    assert model.decoder.stream_state("train") is train_state
+    assert model.decoder.stream_state("eval").counts.sum() == split_token_count(data_dir, "valid")
+    following = batches(task, "train", 3)[4]
+    loss = task.train_step(following, model, criterion, no_optimizer(), update_num=0)[0]
+    expected = task.train_step(following, untouched, criterion, no_optimizer(), update_num=0)[0]
+    assert torch.equal(loss, expected)
+
+
+def test_epoch_and_validation_boundaries_reset_their_stream(data_dir):
+    task, cfg = make_task(data_dir)
+    for split in ("train", "valid", "test"):
+        task.load_dataset(split)
+    model, criterion = task.build_model(cfg.model), LMLossCriterion(task, sentence_avg=False)
+    train_some(task, model, criterion, 2)
+    valid = batches(task, "valid", 2)
+    task.valid_step(valid[0], model, criterion)
+    task.valid_step(valid[1], model, criterion)
+    task.begin_epoch(2, model)
+    assert model.decoder.stream_state("train") is None and model.decoder.stream_state("eval") is not None
+    train_some(task, model, criterion, 1)
+    task.begin_valid_epoch(2, model)
+    assert model.decoder.stream_state("eval") is None and model.decoder.stream_state("train") is not None
+    task.valid_step(valid[0], model, criterion)
+    first_test = batches(task, "test", 2)[0]  # a second validation subset starts cold, not after "valid"
+    task.valid_step(first_test, model, criterion)
+    expected = one_hot_counts(first_test["net_input"]["src_tokens"], len(task.dictionary))
+    assert torch.equal(model.decoder.stream_state("eval").counts, expected)
+
+
+@pytest.mark.parametrize("batch_size,length", [(1, 7), (2, 8), (3, 5), (4, 64), (7, 3)])
+def test_streaming_evaluation_scores_every_token_once(data_dir, batch_size, length):
+    """Through fairseq's SequenceScorer (which strips end padding): the streams tile the split exactly."""
+    task, cfg = make_task(data_dir, tokens_per_sample=length)
+    task.load_dataset("test")
+    model = task.build_model(cfg.model).eval()
+    scorer, pieces = SequenceScorer(task.target_dictionary), defaultdict(list)
+    for sample in task.eval_lm_dataloader(task.dataset("test"), batch_size=batch_size, num_workers=0):
+        for stream, hypos in zip(sample["id"].tolist(), scorer.generate([model], sample)):
+            assert hypos[0]["positional_scores"].shape == hypos[0]["tokens"].shape
+            assert torch.isfinite(hypos[0]["positional_scores"]).all()
+            pieces[stream].append(hypos[0]["tokens"])
+    assert sorted(pieces) == list(range(batch_size))
+    scored = torch.cat([torch.cat(pieces[stream]) for stream in range(batch_size)])
+    assert len(scored) == split_token_count(data_dir, "test")
+    assert torch.equal(scored, split_tokens(data_dir, "test"))
+
+
+def streaming_loss(task, model, batch_size: int) -> float:
+    iterator = task.eval_lm_dataloader(task.dataset("valid"), batch_size=batch_size, num_workers=0)
+    return float(eval_lm([model], task.source_dictionary, iterator)["loss"])
+
+
+@pytest.mark.parametrize("batch_size,length", [(1, 7), (2, 8), (4, 6)])
+def test_stateless_streaming_equals_stock_nonoverlapping_evaluation(data_dir, batch_size, length):
+    """A stateless model scored in streams == fairseq's own ``--task language_modeling --context-window 0``
+    (streams of 240 / B tokens start on T-token block boundaries here); a stateful one differs."""
+    stream_task, cfg = make_task(data_dir, tokens_per_sample=length, extra=["--toy-stateless"])
+    stream_task.load_dataset("valid")
+    stateless = stream_task.build_model(cfg.model).eval()
+    lm_task, _ = make_task(data_dir, task="language_modeling", tokens_per_sample=length)
+    lm_task.load_dataset("valid")
+    stock = eval_lm([stateless], lm_task.source_dictionary, lm_task.eval_lm_dataloader(
+        lm_task.dataset("valid"), max_tokens=1000, batch_size=3, num_workers=0, context_window=0))
+    assert streaming_loss(stream_task, stateless, batch_size) == pytest.approx(float(stock["loss"]), rel=1e-6)
+
+    stateful_task, stateful_cfg = make_task(data_dir, tokens_per_sample=length)
+    stateful_task.load_dataset("valid")
+    stateful = stateful_task.build_model(stateful_cfg.model).eval()
+    stateful.load_state_dict(stateless.state_dict())
+    assert streaming_loss(stateful_task, stateful, batch_size) != pytest.approx(float(stock["loss"]), rel=1e-3)
+
+
+def test_eval_lm_dataloader_rejects_context_window_and_needs_batch_size(data_dir):
+    task, _ = make_task(data_dir)
+    task.load_dataset("test")
+    with pytest.raises(ValueError, match="omit --context-window.*--task language_modeling --context-window"):
+        task.eval_lm_dataloader(task.dataset("test"), batch_size=2, context_window=4)
+    with pytest.raises(ValueError, match="--batch-size"):
+        task.eval_lm_dataloader(task.dataset("test"), batch_size=None)
+    with pytest.raises(ValueError, match="--batch-size"):
+        task.get_batch_iterator(task.dataset("test"), max_tokens=1024, max_sentences=None)
+
+
+def test_two_shards_read_disjoint_contiguous_streams(data_dir):
+    task, _ = make_task(data_dir)
+    task.load_dataset("train")
+    pad, steps = task.dictionary.pad(), set()
+    pieces: Dict[int, List[torch.Tensor]] = defaultdict(list)
+    for shard in (0, 1):
+        shard_batches = batches(task, "train", 3, num_shards=2, shard_id=shard)
+        steps.add(len(shard_batches))
+        for index, sample in enumerate(shard_batches):
+            assert sample["id"].tolist() == [3 * shard, 3 * shard + 1, 3 * shard + 2]
+            if index > 0:
+                assert torch.equal(sample["net_input"]["src_tokens"][:, 0], shard_batches[index - 1]["target"][:, -1])
+            for row, stream in enumerate(sample["id"].tolist()):
+                pieces[stream].append(sample["target"][row][sample["target"][row] != pad])
+    assert len(steps) == 1  # every worker takes the same number of steps
+    scored = torch.cat([torch.cat(pieces[stream]) for stream in range(6)])
+    assert torch.equal(scored, split_tokens(data_dir, "train"))
+
+
+def test_layout_does_not_depend_on_max_tokens(data_dir):
+    task, _ = make_task(data_dir)
+    task.load_dataset("valid")
+    reference = batches(task, "valid", 2)
+    for max_tokens in (7, 10 ** 6):
+        for sample, expected in zip(batches(task, "valid", 2, max_tokens=max_tokens), reference, strict=True):
+            assert torch.equal(sample["target"], expected["target"])
+
+
+def test_missing_data_split_and_bad_options_are_explained(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare-<corpus>.sh.*fairseq-preprocess"):
+        make_task(str(tmp_path / "no-such-dir"))
+    with pytest.raises(ValueError, match="--add-bos-token"):
+        make_task(data_dir, extra=["--add-bos-token"])
+    task, _ = make_task(data_dir)
+    with pytest.raises(FileNotFoundError, match=r"'valid7' not found.*\['test', 'train', 'valid'\]"):
+        task.load_dataset("valid7")
+
+
+def test_dictionary_mismatch_is_refused(data_dir, other_data_dir, tmp_path):
+    task, _ = make_task(data_dir)
+    other, _ = make_task(other_data_dir)
+    task.load_state_dict(task.state_dict())  # the same dictionary: accepted
+    with pytest.raises(ValueError, match="dictionary mismatch.*--srcdict"):
+        other.load_state_dict(task.state_dict())
+    truncated = shutil.copytree(data_dir, tmp_path / "truncated")
+    with open(truncated / "dict.txt") as f:
+        head = f.readlines()[:5]
+    with open(truncated / "dict.txt", "w") as f:
+        f.writelines(head)
+    short, _ = make_task(str(truncated))
+    with pytest.raises(ValueError, match="binarised with another dictionary"):
+        short.load_dataset("train")
+
+
+def test_optimizer_step_runs_module_hooks(data_dir):
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.value = nn.Parameter(torch.tensor([2.0, -1.0]))
+
+        def after_optimizer_step(self) -> None:
+            with torch.no_grad():
+                self.value.clamp_(0.0, 1.0)
+
+    task, _ = make_task(data_dir)
+    model, steps = nn.Sequential(nn.Sequential(Clamped())), []
+    task.optimizer_step(SimpleNamespace(step=lambda: steps.append(1)), model, update_num=0)
+    assert steps == [1] and model[0][0].value.tolist() == [1.0, 0.0]
