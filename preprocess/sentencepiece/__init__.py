@@ -1,0 +1,1 @@
+"""Subword vocabularies: train a sentencepiece model on a train split, encode all splits, binarise."""
