@@ -1,0 +1,59 @@
+"""Every registered name resolves to a class defined in fairseq_ext, after a plain import and through a fresh
+``--user-dir`` import (fairseq's own mechanism), and none shadows a fairseq core name."""
+import json
+import subprocess
+import sys
+
+from tests.harness import REPO_ROOT, USER_DIR
+
+EXPECTED = {
+    "model": ["alibi_lm"],
+    "arch": ["alibi_lm", "alibi_lm_wiki103", "alibi_lm_gpt2_small", "alibi_lm_tiny"],
+    "task": ["streaming_lm"],
+    "criterion": ["lm_loss"],
+}
+
+PROBE = r"""
+import argparse, json, sys
+from fairseq import utils
+from fairseq.criterions import CRITERION_REGISTRY
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+from fairseq.tasks import TASK_REGISTRY
+before = {"model": set(MODEL_REGISTRY), "arch": set(ARCH_MODEL_REGISTRY), "task": set(TASK_REGISTRY),
+          "criterion": set(CRITERION_REGISTRY)}
+if sys.argv[1] == "user-dir":
+    utils.import_user_module(argparse.Namespace(user_dir=sys.argv[2]))
+else:
+    import fairseq_ext  # noqa: F401
+registries = {"model": MODEL_REGISTRY, "arch": ARCH_MODEL_REGISTRY, "task": TASK_REGISTRY,
+              "criterion": CRITERION_REGISTRY}
+out = {kind: {name: reg[name].__module__ for name in reg if name not in before[kind]}
+       for kind, reg in registries.items()}
+out["shadowed"] = {kind: sorted(set(reg) & before[kind] & set(json.loads(sys.argv[3])[kind]))
+                   for kind, reg in registries.items()}
+print(json.dumps(out))
+"""
+
+
+def probe(mode: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE, mode, USER_DIR, json.dumps(EXPECTED)], cwd="/",
+                          env={"PYTHONPATH": REPO_ROOT if mode == "import" else "", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(found: dict) -> None:
+    for kind, names in EXPECTED.items():
+        for name in names:
+            assert name in found[kind], f"{kind} {name!r} is not registered"
+            assert found[kind][name].startswith("fairseq_ext."), f"{kind} {name!r} -> {found[kind][name]}"
+        assert not found["shadowed"][kind], f"{kind} names already taken by fairseq: {found['shadowed'][kind]}"
+
+
+def test_registry_after_plain_import():
+    check(probe("import"))
+
+
+def test_registry_through_fresh_user_dir_import():
+    check(probe("user-dir"))
