@@ -3,6 +3,8 @@
 # result is already importable, so re-running does not reinstall anything.
 # Stack (DEVELOPERS.md): torch==2.13.0 (CPU wheel), fairseq-fixed==0.12.3.1 built with --no-deps
 # --no-build-isolation after its runtime deps (never torchaudio), sentencepiece, tensorboardX.
+# numpy<2: fairseq-fixed 0.12.3.1 calls np.compat.long (gone since numpy 2.0) in TokenBlockDataset's "eos" break
+# mode, i.e. --sample-break-mode eos and every LM inference dataset (fairseq-interactive / fairseq-generate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -11,14 +13,14 @@ if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
 fi
-if ! "$PY" -c "import torch, numpy, hydra, omegaconf, sentencepiece, tensorboardX, pytest, Cython, sklearn, sacrebleu, bitarray" 2>/dev/null \
+if ! "$PY" -c "import torch, numpy, hydra, omegaconf, sentencepiece, tensorboardX, pytest, Cython, sklearn, sacrebleu, bitarray; numpy.compat.long" 2>/dev/null \
    || [ "$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')" != "2.13.0" ]; then
-  "$PY" -m pip install -q torch==2.13.0 "setuptools>=77" wheel cython numpy cffi hydra-core==1.3.2 omegaconf==2.3.0 \
+  "$PY" -m pip install -q torch==2.13.0 "setuptools>=77" wheel cython "numpy<2" cffi hydra-core==1.3.2 omegaconf==2.3.0 \
     regex sacrebleu tqdm bitarray packaging scikit-learn sentencepiece tensorboardX pytest
 fi
 if ! "$PY" -c "import fairseq, fairseq.data.data_utils_fast" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
 fi
-if ! "$PY" -c "import fairseq_ext" 2>/dev/null; then
+if ! (cd / && "$OLDPWD/$PY" -c "import fairseq_ext" 2>/dev/null); then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
