@@ -125,3 +125,21 @@ def test_fairseq_interactive_samples_with_the_alibi_model(trained):
     assert len(hypos) == 2
     for prompt, hypo in zip((["w1", "w2", "w3"], ["w4"]), hypos):
         assert hypo[: len(prompt)] == prompt and len(hypo) >= 6  # the prompt, then the sampled continuation
+
+
+def test_eval_recipe_script_runs_on_a_checkpoint(trained):
+    """scripts/eval-alibi-wt103.sh end to end (sliding window) on the tiny trained model."""
+    import subprocess
+    import sys
+
+    from tests.harness import REPO_ROOT
+
+    data, ckpt = trained
+    env = dict(os.environ, DATA=data, FAIRSEQ_EVAL_LM=os.path.join(os.path.dirname(sys.executable),
+                                                                    "fairseq-eval-lm"))
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "eval-alibi-wt103.sh"), ckpt, "sliding",
+                           str(4 * TRAIN_L), "8", "--cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"protocol: sliding(L={4 * TRAIN_L},S=8)" in proc.stdout
+    assert re.search(r"Evaluated ([0-9,]+) tokens", proc.stderr).group(1).replace(",", "") == str(
+        split_token_count(data, "valid"))
