@@ -1,4 +1,4 @@
-"""The one contract for state carried across segments (see docs/design.md, "State carried across segments").
+"""The one contract for state carried across segments (docs/design.md, "State carried across segments").
 
 Every stateful layer is pure: ``forward(x, state) -> (y, new_state)`` and never stores state on ``self``. States
 are small frozen dataclasses of tensors whose leading dimension is the batch (stream) dimension B. They support:

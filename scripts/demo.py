@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "embedded-word"))
     parser.add_argument("--out", default=os.path.join(REPO, "demo-out"))
     parser.add_argument("--seq-len", type=int, default=64, help="training length L")
-    parser.add_argument("--updates", type=int, default=1200)
+    parser.add_argument("--updates", type=int, default=600)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dim", type=int, default=128)

@@ -28,6 +28,7 @@ from fairseq.modules import AdaptiveInput
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from fairseq.utils import safe_getattr
+import torch
 from torch import Tensor
 
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
@@ -60,19 +61,20 @@ class AlibiMultiheadAttention(AlibiSelfAttention):
     """Speaks fairseq's MultiheadAttention protocol (time-first, ``incremental_state``) for its decoder layer.
 
     The KVCache is the same object the pure module returns; incremental decoding stores it in
-    ``incremental_state`` and ``reorder_incremental_state`` reorders it for beam search.
+    ``incremental_state`` and ``reorder_incremental_state`` reorders it for beam search. ``attn_mask`` carries the
+    bias AlibiDecoder builds once per forward (``shared_bias``), never a fairseq future mask.
     """
 
     def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                 key_padding_mask: Optional[Tensor] = None,
                 incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
                 need_weights: bool = False, attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
-        if attn_mask is not None:
-            raise ValueError("AlibiMultiheadAttention builds its own causal ALiBi mask; attn_mask must be None")
         if need_weights:
             raise ValueError("alibi_lm does not return attention weights (need_weights=True unsupported)")
         state = self._get_cache(incremental_state)
-        y, cache = super().forward(query.transpose(0, 1), state, key_padding_mask)  # (T,B,C) -> (B,T,C)
+        if attn_mask is not None and state is not None:
+            raise ValueError("a shared full-pass ALiBi bias cannot be combined with a KV cache")
+        y, cache = super().forward(query.transpose(0, 1), state, key_padding_mask, attn_mask)  # (T,B,C)->(B,T,C)
         if incremental_state is not None:
             self.set_incremental_state(incremental_state, "kv", {"cache": cache})
         return y.transpose(0, 1), None  # (T, B, C)
@@ -106,7 +108,16 @@ class AlibiDecoderLayer(TransformerDecoderLayerBase):
 
 
 class AlibiDecoder(TransformerDecoder):
-    """TransformerDecoder without position embeddings whose layers use ALiBi attention (causal only)."""
+    """TransformerDecoder without position embeddings whose layers use ALiBi attention (causal only).
+
+    Like the original fork, the bias is built once per forward and shared by all layers (fairseq asks
+    ``buffered_future_mask`` once per layer; it returns the same tensor), so autograd keeps one H x T x T tensor,
+    not one per layer. It is dropped when the forward returns: nothing sized by a length outlives a call.
+    """
+
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
+        self._shared_bias: Optional[Tensor] = None
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         # fairseq's base constructor passes a TransformerConfig, which drops our fields: read them from self.args.
@@ -116,16 +127,26 @@ class AlibiDecoder(TransformerDecoder):
             layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
         return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
 
-    def buffered_future_mask(self, tensor: Tensor) -> None:
-        return None  # the attention applies the causal ALiBi mask itself, for the current query/key lengths
+    def buffered_future_mask(self, tensor: Tensor) -> Optional[Tensor]:
+        """tensor: (T, B, C) layer input. Returns the shared (1, H, T, T) bias (None for kernels that build none)."""
+        t, device = tensor.size(0), tensor.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tensor.dtype
+        cached = self._shared_bias
+        if cached is None or cached.size(-1) != t or cached.dtype != dtype or cached.device != device:
+            attention = next(m for m in self.layers.modules() if isinstance(m, AlibiMultiheadAttention))
+            self._shared_bias = attention.shared_bias(t, t, dtype, device)
+        return self._shared_bias
 
     def extract_features_scriptable(self, prev_output_tokens, encoder_out=None, incremental_state=None,
                                     full_context_alignment: bool = False, alignment_layer=None,
                                     alignment_heads=None):
         if full_context_alignment:
             raise ValueError("alibi_lm is a causal decoder; full_context_alignment is not supported")
-        return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
-                                                   full_context_alignment, alignment_layer, alignment_heads)
+        try:
+            return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
+                                                       full_context_alignment, alignment_layer, alignment_heads)
+        finally:
+            self._shared_bias = None
 
     def max_positions(self) -> int:
         return MAX_POSITIONS

@@ -178,3 +178,21 @@ def test_greedy_generation_follows_full_pass_argmax():
             lprobs[d.unk()] = -float("inf")
             lprobs[d.eos()] = -float("inf")  # min_len forbids eos
             assert seq[i].item() == lprobs.argmax().item()
+
+
+def test_one_bias_tensor_is_shared_by_all_layers():
+    """Like the fork, one (1, H, T, T) bias per forward, not one per layer (memory at long T); none outlives it."""
+    model = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--decoder-layers", "3"]).train()
+    t = 40
+    saved = {}
+
+    def pack(tensor):
+        if tensor.shape == (1, 4, t, t):
+            saved[tensor.data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(tokens(2, t))[0]
+    assert len(saved) == 1
+    assert model.decoder._shared_bias is None
+    out.sum().backward()

@@ -3,7 +3,8 @@
     head_h = softmax(Q_h K_h^T / sqrt(D) - m_h (i - j) + causal) V_h,   y = W_o [head_1; ...; head_H]
 
 ``forward(x, state) -> (y, new_state)``: ``state`` is the KVCache of earlier tokens (incremental decoding) or
-None; the query offset for the bias is the cache length, so token-by-token decoding equals the full pass. The
+None; the query offset for the bias is the cache length, so token-by-token decoding equals the full pass. A
+decoder may build the sdpa bias once per forward (``shared_bias``) and pass it to every layer. The
 projections are named ``q_proj/k_proj/v_proj/out_proj`` and initialised like fairseq's MultiheadAttention, so
 ``transformer_lm`` checkpoints load unchanged.
 """
@@ -15,7 +16,9 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from fairseq_ext.modules.positional.alibi import AlibiPositionalBias
-from fairseq_ext.ops.alibi import IMPLS, alibi_attention
+import torch
+
+from fairseq_ext.ops.alibi import IMPLS, alibi_attention, alibi_sdpa_bias, resolve_impl
 from fairseq_ext.state import KVCache
 
 
@@ -52,9 +55,17 @@ class AlibiSelfAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
 
-    def forward(self, x: Tensor, state: Optional[KVCache] = None,
-                key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, KVCache]:
-        """x: (B, T, C); key_padding_mask: (B, T) bool for the new tokens. Returns y (B, T, C), KVCache (B, H, S, D)."""
+    def shared_bias(self, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+        """The (1, H, T, S) sdpa bias for a full causal pass, to share across layers; None for other kernels."""
+        if resolve_impl(self.attn_impl) != "sdpa":
+            return None
+        return alibi_sdpa_bias(self.positional.slopes.to(device), q_len, k_len, form=self.positional.form,
+                               dtype=dtype)
+
+    def forward(self, x: Tensor, state: Optional[KVCache] = None, key_padding_mask: Optional[Tensor] = None,
+                shared_bias: Optional[Tensor] = None) -> Tuple[Tensor, KVCache]:
+        """x: (B, T, C); key_padding_mask: (B, T) bool for the new tokens; shared_bias: ``shared_bias(T, S, ...)``
+        or None. Returns y (B, T, C) and the KVCache (B, H, S, D) including the new tokens."""
         b, t, c = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))  # (B,H,T,D)
         if state is None:
@@ -67,6 +78,7 @@ class AlibiSelfAttention(nn.Module):
             cache = state.append(k, v, key_padding_mask)
         out = alibi_attention(q, cache.key, cache.value, self.positional.slopes, q_offset=q_offset,
                               key_padding_mask=cache.key_padding_mask, causal=True, form=self.positional.form,
-                              dropout_p=self.dropout if self.training else 0.0, impl=self.attn_impl)  # (B,H,T,D)
+                              dropout_p=self.dropout if self.training else 0.0, impl=self.attn_impl,
+                              sdpa_bias=shared_bias)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.out_proj(out), cache

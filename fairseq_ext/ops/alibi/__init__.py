@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .bias import BIAS_FORMS, alibi_bias, alibi_slopes, causal_mask
 from .naive import alibi_attention_naive
-from .sdpa import alibi_attention_sdpa
+from .sdpa import alibi_attention_sdpa, alibi_sdpa_bias
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +49,22 @@ def resolve_impl(impl: str) -> str:
 
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_offset: int = 0,
                     key_padding_mask: Optional[Tensor] = None, causal: bool = True, form: str = "relative",
-                    dropout_p: float = 0.0, impl: str = "auto") -> Tensor:
-    """Softmax attention with ALiBi biases. q: (B, H, T, D); k, v: (B, H, S, D); returns (B, H, T, D)."""
+                    dropout_p: float = 0.0, impl: str = "auto", sdpa_bias: Optional[Tensor] = None) -> Tensor:
+    """Softmax attention with ALiBi biases. q: (B, H, T, D); k, v: (B, H, S, D); returns (B, H, T, D).
+
+    ``sdpa_bias``: a precomputed ``alibi_sdpa_bias`` for the same arguments, shared across layers by a decoder;
+    only the sdpa kernel uses it (naive builds its own reference bias, flex needs none).
+    """
     if form not in BIAS_FORMS:
         raise ValueError(f"unknown ALiBi bias form {form!r}; choose one of {BIAS_FORMS}")
     if form == "key_index" and not causal:
         raise ValueError("the key_index ALiBi form is only correct under a causal mask (it relies on masking j > i)")
-    return _KERNELS[resolve_impl(impl)](q, k, v, slopes, q_offset=q_offset, key_padding_mask=key_padding_mask,
-                                        causal=causal, form=form, dropout_p=dropout_p)
+    impl = resolve_impl(impl)
+    extra = {"bias": sdpa_bias} if impl == "sdpa" else {}
+    return _KERNELS[impl](q, k, v, slopes, q_offset=q_offset, key_padding_mask=key_padding_mask, causal=causal,
+                          form=form, dropout_p=dropout_p, **extra)
 
 
-__all__ = ["alibi_attention", "alibi_attention_naive", "alibi_attention_sdpa", "alibi_bias", "alibi_slopes",
+__all__ = ["alibi_attention", "alibi_attention_naive", "alibi_attention_sdpa", "alibi_sdpa_bias", "alibi_bias",
+           "alibi_slopes",
            "causal_mask", "resolve_impl", "IMPLS", "BIAS_FORMS"]
