@@ -2,7 +2,8 @@
 test = the last N (``prep_enwik8.py`` / ``prep_text8.py`` with N = 5,000,000)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple, TypeVar
+import os
+from typing import BinaryIO, Callable, Dict, Sequence, Tuple, TypeVar
 
 S = TypeVar("S", bound=Sequence)
 
@@ -20,3 +21,26 @@ def split_heldout(data: S, heldout: int = HELDOUT) -> Tuple[S, S, S]:
     if len(data) <= 2 * heldout:
         raise ValueError(f"input has {len(data):,} items, need more than 2 * heldout = {2 * heldout:,}")
     return data[: -2 * heldout], data[-2 * heldout: -heldout], data[-heldout:]  # type: ignore[return-value]
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def write_heldout_splits(data: bytes, outdir: str, heldout: int, encode: Callable[[bytes, BinaryIO], None],
+                         count: Callable[[bytes], int], raw: bool, describe: str) -> Dict[str, int]:
+    """Split ``data`` with ``split_heldout`` and write ``<outdir>/<split>.txt`` (tokenised by ``encode``, written
+    atomically) plus, like the original scripts, the untokenised ``<split>.txt.raw``. Returns ``count`` per split;
+    ``describe`` names the unit and convention in the progress line (e.g. "bytes", "(newline=eos)")."""
+    os.makedirs(outdir, exist_ok=True)
+    counts: Dict[str, int] = {}
+    for name, part in zip(SPLITS, split_heldout(data, heldout)):
+        path = os.path.join(outdir, f"{name}.txt")
+        with open(path + ".part", "wb") as out:
+            encode(part, out)
+        os.replace(path + ".part", path)
+        if raw:
+            with open(path + ".raw", "wb") as out:
+                out.write(part)
+        counts[name] = count(part)
+        print(f"{name}.txt: {len(part):,} {describe.format(tokens=f'{counts[name]:,}')}")
+    return counts

@@ -9,32 +9,19 @@ CLI: ``python -m preprocess.enwik8.prepare --input enwik8 --outdir data/enwik8
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Dict, List, Optional
 
 from preprocess.enwik8.tokenize import CONVENTIONS, fairseq_token_count, write_encoded
-from preprocess.split import HELDOUT, split_heldout
-
-SPLITS = ("train", "valid", "test")
+from preprocess.split import HELDOUT, write_heldout_splits
 
 
 def prepare(data: bytes, outdir: str, heldout: int = HELDOUT, newline: str = "eos",
             raw: bool = True) -> Dict[str, int]:
     """Write the three tokenised splits of ``data`` to ``outdir``; return the fairseq token count per split."""
-    os.makedirs(outdir, exist_ok=True)
-    counts: Dict[str, int] = {}
-    for name, part in zip(SPLITS, split_heldout(data, heldout)):
-        path = os.path.join(outdir, f"{name}.txt")
-        with open(path + ".part", "wb") as out:
-            write_encoded(part, out, newline)
-        os.replace(path + ".part", path)
-        if raw:
-            with open(path + ".raw", "wb") as out:
-                out.write(part)
-        counts[name] = fairseq_token_count(part, newline)
-        print(f"{name}.txt: {len(part):,} bytes -> {counts[name]:,} tokens (newline={newline})")
-    return counts
+    return write_heldout_splits(data, outdir, heldout, lambda part, out: write_encoded(part, out, newline),
+                                lambda part: fairseq_token_count(part, newline), raw,
+                                f"bytes -> {{tokens}} tokens (newline={newline})")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

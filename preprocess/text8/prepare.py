@@ -11,14 +11,11 @@ CLI: ``python -m preprocess.text8.prepare --input text8 --outdir data/text8 [--h
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Dict, List, Optional
 
-from preprocess.split import HELDOUT, split_heldout
-
-SPLITS = ("train", "valid", "test")
+from preprocess.split import HELDOUT, write_heldout_splits
 _BAD_CHAR = re.compile(rb"[^a-z ]")
 # What str.strip() removes from ASCII text (bytes.strip() would keep \x1c-\x1f).
 _WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
@@ -55,19 +52,8 @@ def fairseq_token_count(part: bytes) -> int:
 def prepare(data: bytes, outdir: str, heldout: int = HELDOUT, raw: bool = True) -> Dict[str, int]:
     """Check, split and write the three tokenised splits of ``data``; return fairseq token counts."""
     check_charset(data)
-    os.makedirs(outdir, exist_ok=True)
-    counts: Dict[str, int] = {}
-    for name, part in zip(SPLITS, split_heldout(data, heldout)):
-        path = os.path.join(outdir, f"{name}.txt")
-        with open(path + ".part", "wb") as out:
-            out.write(encode_ascii(part))
-        os.replace(path + ".part", path)
-        if raw:
-            with open(path + ".raw", "wb") as out:
-                out.write(part)
-        counts[name] = fairseq_token_count(part)
-        print(f"{name}.txt: {len(part):,} characters -> {counts[name]:,} tokens (one line)")
-    return counts
+    return write_heldout_splits(data, outdir, heldout, lambda part, out: out.write(encode_ascii(part)),
+                                fairseq_token_count, raw, "characters -> {tokens} tokens (one line)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
