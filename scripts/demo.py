@@ -101,7 +101,7 @@ def main() -> None:
         results[name] = {length: evaluate(name, ckpt, length, args, args.data) for length in lengths}
 
     tokens = results["alibi"][lengths[0]]["tokens"]
-    print(f"\nValidation perplexity, embedded corpus (word level), protocol nonoverlap(L_valid), "
+    print(f"\nValidation perplexity, data {args.data}, protocol nonoverlap(L_valid), "
           f"{tokens:,} tokens scored, fp32, CPU")
     print(f"models: {args.layers} layers, d={args.dim}, {args.heads} heads, trained on L={args.seq_len} for "
           f"{args.updates} updates of {args.batch_tokens} tokens\n")
