@@ -143,3 +143,12 @@ def test_eval_recipe_script_runs_on_a_checkpoint(trained):
     assert f"protocol: sliding(L={4 * TRAIN_L},S=8)" in proc.stdout
     assert re.search(r"Evaluated ([0-9,]+) tokens", proc.stderr).group(1).replace(",", "") == str(
         split_token_count(data, "valid"))
+
+
+def test_eval_lm_result_does_not_depend_on_batch_size(trained, caplog):
+    """nonoverlap and sliding scores are per-window: batching windows together must not change them."""
+    data, ckpt = trained
+    for window in ("0", str(4 * TRAIN_L - 8)):
+        losses = [eval_lm(data, ckpt, caplog, "--tokens-per-sample", str(4 * TRAIN_L), "--context-window", window,
+                          "--batch-size", bsz)[0] for bsz in ("1", "3", "16")]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)

@@ -123,3 +123,15 @@ def test_dispatcher_errors_are_explicit():
     if not CUDA:
         with pytest.raises(ValueError, match="no backward pass on CPU"):
             alibi_attention(q, k, v, alibi_slopes(3), impl="flex")
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("impl", FAST)
+def test_fast_paths_match_fp32_reference_in_half_precision(impl, dtype, atol):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=g) for _ in range(3))
+    slopes = alibi_slopes(4)
+    ref = alibi_attention(q, k, v, slopes, impl="naive", q_offset=5)
+    out = alibi_attention(q.to(dtype), k.to(dtype), v.to(dtype), slopes, impl=impl, q_offset=5)
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= atol
