@@ -4,9 +4,8 @@ Per-model test files stay thin and call these helpers.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -26,10 +25,6 @@ def assert_close(actual: Tensor, expected: Tensor, *, atol: Optional[float] = No
     err = (actual.detach().double() - expected.detach().double()).abs().max().item() if actual.numel() else 0.0
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol,
                                msg=lambda m: f"{msg} max abs err {err:.3e} (atol {atol}): {m}")
-
-
-def grads_of(params: Sequence[Tensor]) -> List[Tensor]:
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
 def assert_same_grads(fn_a: Callable[[], Tensor], fn_b: Callable[[], Tensor], inputs: Sequence[Tensor],
@@ -97,16 +92,6 @@ def build_model(arch: str, dictionary, extra_args: Sequence[str] = (), task: str
     from fairseq import models
 
     return models.build_model(training_cfg(arch, extra_args, task).model, _DictTask(dictionary))
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 # ======================================================================================================================
