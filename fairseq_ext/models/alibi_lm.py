@@ -118,6 +118,7 @@ class AlibiDecoder(TransformerDecoder):
     def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
         self._shared_bias: Optional[Tensor] = None
+        self._shared_bias_key: Optional[Tuple[int, torch.dtype, torch.device]] = None
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         # fairseq's base constructor passes a TransformerConfig, which drops our fields: read them from self.args.
@@ -131,10 +132,10 @@ class AlibiDecoder(TransformerDecoder):
         """tensor: (T, B, C) layer input. Returns the shared (1, H, T, T) bias (None for kernels that build none)."""
         t, device = tensor.size(0), tensor.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tensor.dtype
-        cached = self._shared_bias
-        if cached is None or cached.size(-1) != t or cached.dtype != dtype or cached.device != device:
+        if self._shared_bias_key != (t, dtype, device):  # first layer of this forward
             attention = next(m for m in self.layers.modules() if isinstance(m, AlibiMultiheadAttention))
             self._shared_bias = attention.shared_bias(t, t, dtype, device)
+            self._shared_bias_key = (t, dtype, device)
         return self._shared_bias
 
     def extract_features_scriptable(self, prev_output_tokens, encoder_out=None, incremental_state=None,
@@ -146,7 +147,7 @@ class AlibiDecoder(TransformerDecoder):
             return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
                                                        full_context_alignment, alignment_layer, alignment_heads)
         finally:
-            self._shared_bias = None
+            self._shared_bias, self._shared_bias_key = None, None
 
     def max_positions(self) -> int:
         return MAX_POSITIONS

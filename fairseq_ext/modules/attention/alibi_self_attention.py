@@ -59,7 +59,7 @@ class AlibiSelfAttention(nn.Module):
         """The (1, H, T, S) sdpa bias for a full causal pass, to share across layers; None for other kernels."""
         if resolve_impl(self.attn_impl) != "sdpa":
             return None
-        return alibi_sdpa_bias(self.positional.slopes.to(device), q_len, k_len, form=self.positional.form,
+        return alibi_sdpa_bias(self.positional.slopes, q_len, k_len, form=self.positional.form,
                                dtype=dtype)
 
     def forward(self, x: Tensor, state: Optional[KVCache] = None, key_padding_mask: Optional[Tensor] = None,

@@ -6,13 +6,13 @@ on the query-key distance. The slopes are a non-persistent buffer (not in checkp
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fairseq_ext.ops.alibi import BIAS_FORMS, alibi_bias, alibi_slopes
+from fairseq_ext.ops.alibi import BIAS_FORMS, alibi_slopes
 
 
 class AlibiPositionalBias(nn.Module):
-    """Holds the slopes (H,) and builds the bias for T queries (starting at ``q_offset``) against S keys."""
+    """Holds the slopes (H,) and the bias form; the attention ops build the bias from them (ops/alibi)."""
 
     def __init__(self, num_heads: int, form: str = "relative") -> None:
         super().__init__()
@@ -21,10 +21,6 @@ class AlibiPositionalBias(nn.Module):
         self.num_heads = num_heads
         self.form = form
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)  # (H,) fp32
-
-    def forward(self, q_len: int, k_len: int, q_offset: int = 0) -> Tensor:
-        """(H, T, S) fp32 bias; future keys are not masked here."""
-        return alibi_bias(self.slopes, q_len, k_len, q_offset, self.form)
 
     def _apply(self, fn, recurse: bool = True):
         # .half() / .to(bf16) must not round the slopes: the bias is always built from fp32 slopes.
