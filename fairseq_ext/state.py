@@ -97,9 +97,14 @@ class KVCache(SegmentState):
 
 @dataclasses.dataclass(frozen=True)
 class HiddenMemory(SegmentState):
-    """Per-layer hidden-state memory (Transformer-XL, adaptive span): a tuple of (B, M, C) tensors, one per layer."""
+    """Per-layer hidden-state memory (Transformer-XL, adaptive span): a tuple of (B, M, C) tensors, one per layer.
+
+    ``pending``: how many of the last M entries belong to a segment that is still being read one token at a time
+    (incremental decoding); 0 whenever the memory was cut at a segment boundary.
+    """
 
     layers: Tuple[Tensor, ...]
+    pending: int = 0
 
     @property
     def length(self) -> int:

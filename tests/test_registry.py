@@ -7,8 +7,12 @@ import sys
 from tests.harness import REPO_ROOT, USER_DIR
 
 EXPECTED = {
-    "model": ["alibi_lm"],
-    "arch": ["alibi_lm", "alibi_lm_wiki103", "alibi_lm_gpt2_small", "alibi_lm_tiny"],
+    "model": ["alibi_lm", "transformer_xl_lm"],
+    "arch": ["alibi_lm", "alibi_lm_wiki103", "alibi_lm_gpt2_small", "alibi_lm_tiny",
+             "transformer_xl_lm", "transformer_xl_wiki103_base", "transformer_xl_wiki103_large",
+             "transformer_xl_enwik8_base", "transformer_xl_enwik8_large", "transformer_xl_text8_base",
+             "transformer_xl_text8_large", "transformer_xl_wiki103_nvidia_base", "transformer_xl_wiki103_nvidia_large",
+             "transformer_xl_tiny"],
     "task": ["streaming_lm"],
     "criterion": ["lm_loss"],
 }

@@ -4,8 +4,10 @@ A subclass implements a pure ``forward_segment(tokens (B, T), state) -> (feature
 and ``output_layer``. The base decides which state a call continues from:
 
 * with fairseq's ``incremental_state`` (generation): the state object and the number of tokens already consumed
-  live in ``incremental_state``; only the new tokens ``prev_output_tokens[:, consumed:]`` are fed, and
-  ``reorder_incremental_state`` calls ``state.reorder`` (beam search). Same state objects, same code path.
+  live in ``incremental_state``; only the new tokens ``prev_output_tokens[:, consumed:]`` are fed (to
+  ``forward_incremental``, which is ``forward_segment`` unless a model's state depends on where segments start,
+  as Transformer-XL's memory does), and ``reorder_incremental_state`` calls ``state.reorder`` (beam search).
+  Same state objects, same code path.
 * without it (training, validation, streaming evaluation): one state per stream, "train" while
   ``self.training`` and "eval" otherwise; the stored state is always ``new_state.detach()`` (truncated BPTT), and
   a stream whose batch size changes starts over from ``None``.
@@ -50,6 +52,11 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         """Pure step: tokens (B, T), the state after the previous segment (None: cold start) ->
         (features (B, T, C), state after this segment, extra outputs)."""
 
+    def forward_incremental(self, tokens: Tensor, state: Optional[SegmentState]) -> SegmentOutput:
+        """Incremental decoding step over new tokens (B, T_new); by default the same as ``forward_segment``.
+        Models whose state depends on where segments start (Transformer-XL memory) override it."""
+        return self.forward_segment(tokens, state)
+
     @abc.abstractmethod
     def output_layer(self, features: Tensor) -> Tensor:
         """features (B, T, C) -> logits (B, T, V) (or features unchanged when ``self.adaptive_softmax`` is set)."""
@@ -83,7 +90,7 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         if tokens.size(1) == 0:
             raise ValueError(f"incremental decoding got no new tokens: {consumed} consumed, "
                              f"prev_output_tokens has {prev_output_tokens.size(1)}")
-        features, new_state, extra = self.forward_segment(tokens, state)
+        features, new_state, extra = self.forward_incremental(tokens, state)
         self.set_incremental_state(incremental_state, "stream",
                                    {"state": new_state, "consumed": consumed + tokens.size(1)})
         return features, extra

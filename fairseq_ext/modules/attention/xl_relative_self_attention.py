@@ -1,0 +1,65 @@
+"""Transformer-XL relative multi-head self-attention over [memory ; segment] (Dai et al. 2019, Sec. 3.3).
+
+    q = W_q h,  k = W_k [SG(m) ; h],  v = W_v [SG(m) ; h],  r = W_{k,R} R
+    A = ((q + u) k^T + rel_shift((q + v) r^T)) / sqrt(D),  O = W_o softmax(A) v
+
+Bias-free projections (the original ``qkv_net``, ``r_net``, ``o_net``). The global biases u, v are passed in
+(shared across layers, the original default), or owned here when untied (``content_bias`` = the original
+``r_w_bias``, ``position_bias`` = ``r_r_bias``). The module is pure: the memory comes in as the key/value input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fairseq_ext.ops.xl_relative import xl_relative_attention
+
+
+class XLRelativeSelfAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, attention_dropout: float,
+                 attn_impl: str = "auto", own_biases: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.attention_dropout = attention_dropout
+        self.attn_impl = attn_impl
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.k_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.v_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.r_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=False)
+        if own_biases:
+            self.content_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+            self.position_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+        else:
+            self.content_bias = self.position_bias = None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, L, H*D) -> (B, H, L, D)."""
+        b, length, _ = x.shape
+        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query_input: Tensor, kv_input: Tensor, positions: Tensor,
+                content_bias: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
+                window: Optional[int] = None) -> Tensor:
+        """query_input (B, T, C): the segment (the last T rows of kv_input); kv_input (B, S, C) = [memory ;
+        segment]; positions (S, C): relative encodings of distances S-1..0; biases (H, D) unless owned.
+        Returns (B, T, C) (before the residual dropout)."""
+        if self.content_bias is not None:
+            content_bias, position_bias = self.content_bias, self.position_bias
+        if content_bias is None or position_bias is None:
+            raise ValueError("shared content/position biases (u, v) must be passed when the layer does not own them")
+        b, t, _ = query_input.shape
+        q = self._heads(self.q_proj(query_input))  # (B, H, T, D)
+        kv_weight = torch.cat([self.k_proj.weight, self.v_proj.weight], dim=0)  # (2*H*D, C)
+        k, v = F.linear(kv_input, kv_weight).chunk(2, dim=-1)  # (B, S, H*D) each
+        k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
+        r = self.r_proj(positions).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, S, D)
+        out = xl_relative_attention(q, k, v, r, content_bias, position_bias, window=window,
+                                    dropout_p=self.attention_dropout if self.training else 0.0,
+                                    impl=self.attn_impl)  # (B, H, T, D)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)

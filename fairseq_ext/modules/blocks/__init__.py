@@ -1,0 +1,1 @@
+"""Transformer blocks (attention + feed-forward with residuals and LayerNorm)."""

@@ -1,0 +1,59 @@
+"""Transformer-XL relative attention op: ``xl_relative_attention(q, k, v, r, u, v_bias, impl=...)``.
+
+``impl="auto"`` picks ``sdpa`` and logs the choice once; ``shift`` is the original explicit-score algorithm with
+the relative shift; ``naive`` gathers r_{i-j} per (i, j) (the reference). An unknown implementation is an error.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional
+
+from torch import Tensor
+
+from .fused import xl_relative_attention_sdpa, xl_relative_attention_shift
+from .mask import SAME_LENGTH_CONVENTIONS, same_length_window, xl_attention_mask
+from .naive import xl_relative_attention_naive
+from .shift import rel_shift, rel_shift_pad
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "naive", "shift", "sdpa")
+_logged_auto = False
+
+_KERNELS: Dict[str, Callable[..., Tensor]] = {
+    "naive": xl_relative_attention_naive,
+    "shift": xl_relative_attention_shift,
+    "sdpa": xl_relative_attention_sdpa,
+}
+
+
+def resolve_impl(impl: str) -> str:
+    """Map ``auto`` to a concrete implementation (logged once) and validate explicit names."""
+    global _logged_auto
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attn_impl {impl!r}; choose one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if not _logged_auto:
+        logger.info("Transformer-XL attention: attn_impl=auto -> sdpa (relative scores as the additive bias)")
+        _logged_auto = True
+    return "sdpa"
+
+
+def xl_relative_attention(q: Tensor, k: Tensor, v: Tensor, r: Tensor, content_bias: Tensor,
+                          position_bias: Tensor, *, window: Optional[int] = None, dropout_p: float = 0.0,
+                          impl: str = "auto") -> Tensor:
+    """q: (B, H, T, D); k, v: (B, H, S, D) with the T queries the last T keys; r: (H, S, D), row c = projected
+    encoding of distance S-1-c; content_bias (u), position_bias (v): (H, D); window: same_length window or None.
+    Returns (B, H, T, D)."""
+    if q.size(2) > k.size(2):
+        raise ValueError(f"{q.size(2)} queries but only {k.size(2)} keys: keys must be [memory; segment]")
+    if r.size(1) != k.size(2):
+        raise ValueError(f"need one relative encoding per key distance: r has {r.size(1)} rows, keys {k.size(2)}")
+    return _KERNELS[resolve_impl(impl)](q, k, v, r, content_bias, position_bias, window=window,
+                                        dropout_p=dropout_p)
+
+
+__all__ = ["xl_relative_attention", "xl_relative_attention_naive", "xl_relative_attention_shift",
+           "xl_relative_attention_sdpa", "rel_shift", "rel_shift_pad", "xl_attention_mask", "same_length_window",
+           "resolve_impl", "IMPLS", "SAME_LENGTH_CONVENTIONS"]
