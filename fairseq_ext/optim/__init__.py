@@ -1,1 +1,3 @@
-"""Optimizers registered with fairseq (LAMB, Adagrad with per-tensor clipping) arrive with their systems' issues."""
+"""Registered optimizers and LR schedulers: ``lamb_torch`` (LAMB, NVIDIA and min-trust variants) and
+``lr_scheduler/cosine_warmup_xl`` (linear warmup + cosine, Transformer-XL original and NVIDIA conventions)."""
+from . import lamb, lr_scheduler  # noqa: F401
