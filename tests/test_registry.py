@@ -15,6 +15,8 @@ EXPECTED = {
              "transformer_xl_tiny"],
     "task": ["streaming_lm"],
     "criterion": ["lm_loss"],
+    "optimizer": ["lamb_torch"],
+    "lr_scheduler": ["cosine_warmup_xl"],
 }
 
 PROBE = r"""
@@ -22,15 +24,16 @@ import argparse, json, sys
 from fairseq import utils
 from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+from fairseq.optim import OPTIMIZER_REGISTRY
+from fairseq.optim.lr_scheduler import LR_SCHEDULER_REGISTRY
 from fairseq.tasks import TASK_REGISTRY
-before = {"model": set(MODEL_REGISTRY), "arch": set(ARCH_MODEL_REGISTRY), "task": set(TASK_REGISTRY),
-          "criterion": set(CRITERION_REGISTRY)}
+registries = {"model": MODEL_REGISTRY, "arch": ARCH_MODEL_REGISTRY, "task": TASK_REGISTRY,
+              "criterion": CRITERION_REGISTRY, "optimizer": OPTIMIZER_REGISTRY, "lr_scheduler": LR_SCHEDULER_REGISTRY}
+before = {kind: set(reg) for kind, reg in registries.items()}
 if sys.argv[1] == "user-dir":
     utils.import_user_module(argparse.Namespace(user_dir=sys.argv[2]))
 else:
     import fairseq_ext  # noqa: F401
-registries = {"model": MODEL_REGISTRY, "arch": ARCH_MODEL_REGISTRY, "task": TASK_REGISTRY,
-              "criterion": CRITERION_REGISTRY}
 out = {kind: {name: reg[name].__module__ for name in reg if name not in before[kind]}
        for kind, reg in registries.items()}
 out["shadowed"] = {kind: sorted(set(reg) & before[kind] & set(json.loads(sys.argv[3])[kind]))

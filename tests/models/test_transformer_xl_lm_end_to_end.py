@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     raw = tmp_path_factory.mktemp("txl-raw")
     data = fairseq_preprocess(str(tmp_path_factory.mktemp("txl-bin")),
                               trainpref=random_corpus(os.path.join(raw, "train.txt"), 120, seed=20),
-                              validpref=random_corpus(os.path.join(raw, "valid.txt"), 30, seed=21))
+                              validpref=random_corpus(os.path.join(raw, "valid.txt"), 100, seed=21))
     save_dir = str(tmp_path_factory.mktemp("txl-ckpt"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,3 +136,20 @@ def test_fairseq_interactive_generates_with_memory(trained):
     assert len(hypos) == 2
     for prompt, hypo in zip((["w1", "w2", "w3"], ["w4"]), hypos):
         assert hypo[:len(prompt)] == prompt and len(hypo) >= 20  # crosses several segments of T=12
+
+
+@pytest.mark.parametrize("protocol", ["cold", "warmup"])
+def test_eval_recipe_script_runs_on_a_checkpoint(trained, protocol):
+    """scripts/eval-transformer-xl-wt103-nvidia-base.sh end to end (eval.py settings 64/640/400, same_length) on
+    the tiny checkpoint: both protocols score every token of the split once."""
+    from tests.harness import REPO_ROOT
+
+    data, ckpt = trained
+    env = dict(os.environ, DATA=data, SPLIT="valid", BATCH="2", PROTOCOL=protocol,
+               FAIRSEQ_EVAL_LM=os.path.join(os.path.dirname(sys.executable), "fairseq-eval-lm"))
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "eval-transformer-xl-wt103-nvidia-base.sh"),
+                           ckpt, "--cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"protocol: stream(B=2, T=64, M=640, clamp=400, same_length, {protocol})" in proc.stdout
+    scored = re.search(r"Evaluated ([0-9,]+) tokens", proc.stderr).group(1).replace(",", "")
+    assert int(scored) == split_token_count(data, "valid")

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Transformer-XL "enwik8-base" with its published training flags (recipe table: scripts/lib/transformer-xl.sh).
+#   bash scripts/train-transformer-xl-enwik8-base.sh [fairseq-train flags, e.g. --fp16]
+# Variables: DATA, SAVE_DIR, NGPU, DRY_RUN=1 (see scripts/lib/transformer-xl.sh).
+exec bash "$(dirname "$0")/lib/transformer-xl.sh" train enwik8-base "$@"

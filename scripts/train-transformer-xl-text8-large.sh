@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Transformer-XL "text8-large" with its published training flags (recipe table: scripts/lib/transformer-xl.sh).
+#   bash scripts/train-transformer-xl-text8-large.sh [fairseq-train flags, e.g. --fp16]
+# Variables: DATA, SAVE_DIR, NGPU, DRY_RUN=1 (see scripts/lib/transformer-xl.sh).
+exec bash "$(dirname "$0")/lib/transformer-xl.sh" train text8-large "$@"
