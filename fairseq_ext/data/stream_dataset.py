@@ -12,7 +12,26 @@ Layout (S = B * N streams for N shards; the first n % S streams are one token lo
 fairseq's sharded iterator hands item k to shard k % N, so every worker reads segments 0, 1, 2, ... of its own B
 streams in order. All segments are T wide except the last (L - j * T for the longest stream length L); rows of a
 shorter stream end in pad (at the END of the row, as fairseq's SequenceScorer requires), and padded targets are
-ignored by the criterion and the scorer. The layout depends only on n, B, T and N (never on --max-tokens).
+ignored by the criterion and the scorer. The layout depends only on n, B, T, N and W (never on --max-tokens).
+
+Warm-up (``warmup_tokens`` W > 0, a multiple of T; NVIDIA's Transformer-XL evaluation): every stream is prefixed
+with the W positions that cyclically precede its start, so segments 0 .. W/T - 1 are warm-up segments::
+
+    warm-up of stream s: targets at positions (start_s - W .. start_s - 1) mod n, inputs x_{(p-1) mod n}
+    segment j >= W/T   : segment j - W/T of the cold layout above (the scored segments, unchanged)
+
+Warm-up rows hold real inputs (the text preceding the stream, so a stateful model fills its memory) and targets
+that are all pad (nothing is scored; with W a multiple of T no row mixes warm-up and scored positions). Stream 0's
+warm-up is the end of the split (NVIDIA's cyclic roll); the split's first target keeps ``</s>`` as its input, as in
+the cold layout; fairseq's binarised splits end in ``</s>``, so that is also the token cyclically before it. The
+warm-up tokens are scored in their own stream, so every target is still scored exactly once. W may not exceed n: a
+longer warm-up would repeat the split and put a stream's own upcoming tokens into the memory. With W > n - len_s
+(e.g. one stream) the warm-up of stream s includes the end of stream s itself, as NVIDIA's roll does for one stream.
+
+NVIDIA's ``LMOrderedIterator`` (DeepLearningExamples, ``PyTorch/LanguageModeling/Transformer-XL/pytorch/
+data_utils.py``) differs in two ways, both kept out of this layout: it trims the ``n mod B`` remainder tokens
+(``data[:n_step * bsz]``) and never scores the first token of each stream (it is the target of the last warm-up
+batch), so it scores ``B * (n // B - 1)`` tokens; here every one of the n tokens is scored.
 """
 from __future__ import annotations
 
@@ -53,10 +72,12 @@ class StreamDataset(FairseqDataset):
         pad: padding index (fills the end of rows whose stream is shorter).
         eos: the input fed before the first token of the split (fairseq's convention: ``</s>``).
         num_shards: N, data-parallel workers; the layout has B * N streams in all.
+        warmup_tokens: W, a multiple of T and at most n: unscored positions that precede every stream (module
+            docstring); 0 is the cold layout.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, tokens_per_sample: int, pad: int, eos: int,
-                 num_shards: int = 1) -> None:
+                 num_shards: int = 1, warmup_tokens: int = 0) -> None:
         super().__init__()
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be a flat (n,) array, got shape {tokens.shape}")
@@ -64,6 +85,7 @@ class StreamDataset(FairseqDataset):
                             ("num_shards", num_shards)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self._check_warmup(warmup_tokens, tokens_per_sample, len(tokens))
         self.tokens = tokens
         self.batch_size = batch_size
         self.tokens_per_sample = tokens_per_sample
@@ -77,20 +99,47 @@ class StreamDataset(FairseqDataset):
         self.stream_lengths = base + (stream_ids < extra).astype(np.int64)  # (S,)
         self.stream_starts = stream_ids * base + np.minimum(stream_ids, extra)  # (S,)
         self.max_stream_length = base + int(extra > 0)  # L
-        self.num_segments = math.ceil(self.max_stream_length / tokens_per_sample)
+        self.num_scored_segments = math.ceil(self.max_stream_length / tokens_per_sample)
+        self.warmup_tokens = warmup_tokens
+        self.warmup_segments = warmup_tokens // tokens_per_sample
+        self.num_segments = self.warmup_segments + self.num_scored_segments
+
+    @staticmethod
+    def _check_warmup(warmup_tokens: int, tokens_per_sample: int, num_tokens: int) -> None:
+        if warmup_tokens < 0 or warmup_tokens % tokens_per_sample != 0:
+            raise ValueError(f"warmup_tokens must be a non-negative multiple of tokens_per_sample "
+                             f"({tokens_per_sample}), got {warmup_tokens}; round it up to "
+                             f"{max(0, math.ceil(warmup_tokens / tokens_per_sample) * tokens_per_sample)}")
+        if warmup_tokens > num_tokens:
+            raise ValueError(f"a warm-up of {warmup_tokens} tokens exceeds the split ({num_tokens} tokens): it "
+                             f"would repeat the split and show the model tokens it is about to score; use a "
+                             f"warm-up of at most {num_tokens} tokens or a longer split")
 
     def with_layout(self, batch_size: int, num_shards: int) -> "StreamDataset":
         """The same tokens laid out for another number of streams per shard and of shards (no copy)."""
         if batch_size == self.batch_size and num_shards == self.num_shards:
             return self
-        return StreamDataset(self.tokens, batch_size, self.tokens_per_sample, self.pad, self.eos, num_shards)
+        return StreamDataset(self.tokens, batch_size, self.tokens_per_sample, self.pad, self.eos, num_shards,
+                             self.warmup_tokens)
+
+    def with_warmup(self, warmup_tokens: int) -> "StreamDataset":
+        """The same tokens and layout with another warm-up (no copy)."""
+        if warmup_tokens == self.warmup_tokens:
+            return self
+        return StreamDataset(self.tokens, self.batch_size, self.tokens_per_sample, self.pad, self.eos,
+                             self.num_shards, warmup_tokens)
+
+    def is_warmup(self, index: int) -> bool:
+        """Whether item ``index`` is a warm-up segment (inputs only, every target pad)."""
+        return index // self.num_shards < self.warmup_segments
 
     def __len__(self) -> int:
         return self.num_segments * self.num_shards
 
     def segment_width(self, segment: int) -> int:
         """Width of segment j: T, except the last segment, which holds what is left of the longest stream."""
-        return min(self.tokens_per_sample, self.max_stream_length - segment * self.tokens_per_sample)
+        scored = segment - self.warmup_segments  # warm-up segments (scored < 0) are T wide
+        return min(self.tokens_per_sample, self.max_stream_length - scored * self.tokens_per_sample)
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
@@ -98,7 +147,9 @@ class StreamDataset(FairseqDataset):
         shard, segment = index % self.num_shards, index // self.num_shards
         width = self.segment_width(segment)
         streams = np.arange(shard * self.batch_size, (shard + 1) * self.batch_size)  # (B,)
-        offset = segment * self.tokens_per_sample
+        if segment < self.warmup_segments:
+            return self._warmup_item(streams, segment)
+        offset = (segment - self.warmup_segments) * self.tokens_per_sample
         valid = np.clip(self.stream_lengths[streams] - offset, 0, width)  # (B,) real targets per row
         columns = np.arange(width)  # (T,)
         keep = columns[None, :] < valid[:, None]  # (B, T) False on the end padding
@@ -112,12 +163,35 @@ class StreamDataset(FairseqDataset):
         return {
             "id": torch.from_numpy(streams),  # (B,) global stream index of each row
             "segment": segment,
+            "warmup": False,
             "net_input": {
                 "src_tokens": torch.from_numpy(source),  # (B, T)
                 "src_lengths": torch.from_numpy(valid.astype(np.int64)),  # (B,)
             },
             "target": torch.from_numpy(target),  # (B, T)
             "ntokens": int(valid.sum()),
+            "nsentences": self.batch_size,
+        }
+
+    def _warmup_item(self, streams: np.ndarray, segment: int) -> Sample:
+        """Warm-up segment j < W/T of ``streams``: inputs x_{(p-1) mod n} for the target positions
+        p = (start_s - W + j * T + c) mod n, c < T, every target pad (scored in its own stream instead)."""
+        n, width = len(self.tokens), self.tokens_per_sample
+        offset = segment * width - self.warmup_tokens  # < 0: target offset from each stream's start
+        columns = np.arange(width)  # (T,)
+        positions = (self.stream_starts[streams, None] + offset + columns[None, :]) % n  # (B, T) cyclic
+        source = self.tokens[(positions - 1) % n].astype(np.int64)  # (B, T) the text cyclically preceding
+        target = np.full_like(source, self.pad)  # (B, T) nothing scored
+        return {
+            "id": torch.from_numpy(streams),  # (B,)
+            "segment": segment,
+            "warmup": True,
+            "net_input": {
+                "src_tokens": torch.from_numpy(source),  # (B, T)
+                "src_lengths": torch.full((len(streams),), width, dtype=torch.long),  # (B,) every input is real
+            },
+            "target": torch.from_numpy(target),  # (B, T)
+            "ntokens": 0,
             "nsentences": self.batch_size,
         }
 

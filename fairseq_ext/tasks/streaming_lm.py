@@ -8,8 +8,20 @@ not change the layout.
 
 Boundaries: the "train" stream state is reset at every epoch start, the "eval" stream state at every validation
 start and at the first segment of each validation subset; validation never touches the training state.
-``fairseq-eval-lm --task streaming_lm`` is the streaming protocol ``stream(B=--batch-size, T=--tokens-per-sample,
-cold)`` over the whole split; ``--context-window`` (the sliding-window protocol) is rejected.
+
+Evaluation protocols (validation subsets, ``fairseq-validate`` and ``fairseq-eval-lm``; never the training subset):
+
+* ``stream(B, T, cold)`` (default, the original Transformer-XL ``eval.py``): every stream starts with an empty
+  state, and its first tokens, scored with little context, count.
+* ``stream(B, T, warm-up W tokens unscored)`` with ``--eval-warmup-tokens W`` (NVIDIA's Transformer-XL
+  ``eval.py``; pass the evaluation mem_len): W is rounded up to a multiple of T, and every stream is prefixed with
+  the W tokens that precede it in the split (stream 0: the end of the split). The warm-up segments fill the state
+  but are not scored (``valid_step`` runs the model and reports nothing; ``fairseq-eval-lm`` sees pad targets), and
+  every token is still scored exactly once, in its own stream.
+
+B is the total number of streams (``--batch-size`` / ``--batch-size-valid`` times the data-parallel workers).
+``fairseq-eval-lm --task streaming_lm`` evaluates the whole split with one of these protocols and logs its label;
+``--context-window`` (the sliding-window protocol) is rejected.
 After each optimizer step, every module that defines ``after_optimizer_step()`` is called (parameter clamps such
 as adaptive-span values in [0, 1] go there, never into ``forward``).
 """
@@ -17,14 +29,17 @@ as adaptive-span values in [0, 1] go there, never into ``forward``).
 import glob
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.data.indexed_dataset import get_available_dataset_impl
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor, nn
@@ -61,8 +76,22 @@ class StreamingLMConfig(FairseqDataclass):
         default=False,
         metadata={"help": "unsupported: a stream starts with </s> as input, like fairseq's language_modeling; "
                           "present because fairseq LM model configs read task.add_bos_token"})
+    eval_warmup_tokens: int = field(
+        default=0,
+        metadata={"help": "evaluation only (validation subsets, fairseq-validate, fairseq-eval-lm; never the "
+                          "training subset): prefix every stream with this many tokens of the text preceding it, "
+                          "rounded up to a multiple of --tokens-per-sample, which fill the model's state but are "
+                          "not scored (NVIDIA's Transformer-XL warm-up protocol; pass the evaluation mem_len). "
+                          "0: cold streams (the original Transformer-XL protocol)"})
     batch_size: Optional[int] = II("dataset.batch_size")
     dataset_impl: Optional[ChoiceEnum(get_available_dataset_impl())] = II("dataset.dataset_impl")
+    train_subset: str = II("dataset.train_subset")
+
+
+def protocol_label(dataset: StreamDataset) -> str:
+    """``stream(B=…, T=…, cold)`` or ``stream(B=…, T=…, warm-up W tokens unscored)``; B counts every stream."""
+    warmup = (f"warm-up {dataset.warmup_tokens} tokens unscored" if dataset.warmup_tokens else "cold")
+    return f"stream(B={dataset.batch_size * dataset.num_shards}, T={dataset.tokens_per_sample}, {warmup})"
 
 
 def dictionary_fingerprint(dictionary: Dictionary) -> Dict[str, Any]:
@@ -76,11 +105,27 @@ class StreamingLMTask(FairseqTask):
     """Train and evaluate LMs on contiguous streams; see the module docstring."""
 
     STATE_KEY = "dictionary_fingerprint"
+    WARMUP_KEY = "warmup_segment"  # logging output of a warm-up valid_step
 
     def __init__(self, cfg: StreamingLMConfig, dictionary: Dictionary) -> None:
         super().__init__(cfg)
         self.dictionary = dictionary
         self.state.merge_state_dict({self.STATE_KEY: dictionary_fingerprint(dictionary)})  # saved in checkpoints
+        requested = getattr(cfg, "eval_warmup_tokens", 0) or 0  # absent from older checkpoints' task configs
+        if requested < 0:
+            raise ValueError(f"--eval-warmup-tokens must be >= 0, got {requested}: pass the evaluation mem_len for "
+                             f"NVIDIA's warm-up protocol, or 0 (the default) for cold streams")
+        length = cfg.tokens_per_sample
+        self.eval_warmup_tokens = math.ceil(requested / length) * length  # W, a multiple of T
+        if self.eval_warmup_tokens:
+            logger.info("evaluation warm-up: --eval-warmup-tokens %d rounded up to %d (%d segments of T=%d), "
+                        "run before every evaluation stream and not scored", requested, self.eval_warmup_tokens,
+                        self.eval_warmup_tokens // length, length)
+
+    @property
+    def train_subset(self) -> str:
+        """The training split (``--train-subset``): the one split that never gets an evaluation warm-up."""
+        return getattr(self.cfg, "train_subset", None) or "train"
 
     @classmethod
     def setup_task(cls, cfg: StreamingLMConfig, from_checkpoint: bool = False) -> "StreamingLMTask":
@@ -113,8 +158,9 @@ class StreamingLMTask(FairseqTask):
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False,
                      data_selector: Optional[Callable[..., Any]] = None,
                      tpu: bool = False, task_cfg: Optional[FairseqDataclass] = None) -> None:
-        """Load ``split`` as one token stream. ``task_cfg`` (a checkpoint's task config, passed by
-        fairseq-validate/generate) is not needed: the layout comes from this task's config."""
+        """Load ``split`` as one token stream; every split but the training subset (``--train-subset``) gets the
+        evaluation warm-up. ``task_cfg`` (a checkpoint's task config, passed by fairseq-validate/generate) is not
+        needed: the layout comes from this task's config."""
         if data_selector is not None or tpu:
             raise ValueError("--task streaming_lm supports neither data selectors nor TPUs")
         if self.cfg.batch_size is None:
@@ -131,9 +177,23 @@ class StreamingLMTask(FairseqTask):
         if len(tokens) and int(tokens.max()) >= len(self.dictionary):
             raise ValueError(f"{split_path} holds token id {int(tokens.max())} but {data_path}/dict.txt has only "
                              f"{len(self.dictionary)} types: the split was binarised with another dictionary")
-        self.datasets[split] = StreamDataset(tokens, self.cfg.batch_size, self.cfg.tokens_per_sample,
-                                             pad=self.dictionary.pad(), eos=self.dictionary.eos())
+        dataset = StreamDataset(tokens, self.cfg.batch_size, self.cfg.tokens_per_sample,
+                                pad=self.dictionary.pad(), eos=self.dictionary.eos())
         logger.info("%s: %s tokens in %s lines", split_path, f"{len(tokens):,}", f"{len(lines):,}")
+        if split != self.train_subset:  # an evaluation split: validation subsets, fairseq-validate, eval-lm
+            dataset = self.with_eval_warmup(dataset, split)
+            logger.info("%s: evaluation split, %s", split, f"warm-up of {dataset.warmup_tokens} tokens "
+                        "(unscored) before every stream" if dataset.warmup_tokens else "cold streams")
+        self.datasets[split] = dataset
+
+    def with_eval_warmup(self, dataset: StreamDataset, split: str = "the evaluation split") -> StreamDataset:
+        """``dataset`` with the evaluation warm-up W = --eval-warmup-tokens rounded up to a multiple of T."""
+        if self.eval_warmup_tokens > len(dataset.tokens):
+            raise ValueError(f"--eval-warmup-tokens {self.eval_warmup_tokens} (rounded up to a multiple of "
+                             f"--tokens-per-sample {self.cfg.tokens_per_sample}) exceeds {split} "
+                             f"({len(dataset.tokens):,} tokens): the warm-up would repeat the split; lower "
+                             f"--eval-warmup-tokens to at most the split length or evaluate a longer split")
+        return dataset.with_warmup(self.eval_warmup_tokens)
 
     def get_batch_iterator(self, dataset: StreamDataset, max_tokens: Optional[int] = None,
                            max_sentences: Optional[int] = None, max_positions: Any = None,
@@ -152,11 +212,15 @@ class StreamingLMTask(FairseqTask):
             raise ValueError("--task streaming_lm needs --batch-size (and --batch-size-valid for validation): the "
                              "number of contiguous streams per worker; --max-tokens does not set the layout")
         laid_out = dataset.with_layout(max_sentences, num_shards)
-        if len(laid_out) == 0:
+        if laid_out.num_scored_segments == 0:
             raise ValueError("the split is empty: there is no token to stream")
-        logger.info("streams: %d per worker x %d workers, %s tokens each, %d segments of T=%d",
+        logger.info("streams: %d per worker x %d workers, %s tokens each, %d segments of T=%d%s",
                     max_sentences, num_shards, f"{laid_out.max_stream_length:,}", laid_out.num_segments,
-                    laid_out.tokens_per_sample)
+                    laid_out.tokens_per_sample, f" ({laid_out.warmup_segments} of them warm-up, unscored)"
+                    if laid_out.warmup_segments else "")
+        split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
+        if split is not None and split != self.train_subset:
+            logger.info("%s: evaluation protocol %s", split, protocol_label(laid_out))
         return iterators.EpochBatchIterator(
             dataset=laid_out,
             collate_fn=laid_out.collater,
@@ -175,14 +239,18 @@ class StreamingLMTask(FairseqTask):
                            batch_size: Optional[int] = None, max_positions: Any = None, num_shards: int = 1,
                            shard_id: int = 0, num_workers: int = 1, data_buffer_size: int = 10,
                            context_window: int = 0) -> iterators.CountingIterator:
-        """fairseq-eval-lm: the streaming protocol over the whole split, segments in order."""
+        """fairseq-eval-lm: the streaming protocol over the whole split, segments in order, with the evaluation
+        warm-up (``--eval-warmup-tokens``) whatever the split."""
         if context_window > 0:
             raise ValueError(CONTEXT_WINDOW_ERROR.format(window=context_window))
         if batch_size is None:
             raise ValueError("fairseq-eval-lm --task streaming_lm needs --batch-size: the number of evaluation "
                              "streams B (the protocol is stream(B, T=--tokens-per-sample))")
-        logger.info("evaluation protocol: stream(B=%d, T=%d, cold), %s tokens scored",
-                    batch_size, self.cfg.tokens_per_sample, f"{len(dataset.tokens):,}")
+        if not isinstance(dataset, StreamDataset):
+            raise TypeError(f"--task streaming_lm evaluates StreamDatasets, got {type(dataset).__name__}")
+        dataset = self.with_eval_warmup(dataset)
+        logger.info("evaluation protocol: %s, %s tokens scored",
+                    protocol_label(dataset.with_layout(batch_size, num_shards)), f"{len(dataset.tokens):,}")
         return self.get_batch_iterator(
             dataset=dataset, max_sentences=batch_size, num_shards=num_shards, shard_id=shard_id,
             num_workers=num_workers, data_buffer_size=data_buffer_size,
@@ -202,9 +270,25 @@ class StreamingLMTask(FairseqTask):
         reset_stream_state(model, "eval")
 
     def valid_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any) -> Tuple[Tensor, int, Dict]:
-        if sample.get("segment") == 0:  # a validation subset starts: its streams start cold
+        """Score one segment; a warm-up segment only runs the model (filling the "eval" state) and scores nothing."""
+        if sample.get("segment") == 0:  # a validation subset starts (its first warm-up segment, if any): reset
             reset_stream_state(model, "eval")
+        if sample.get("warmup"):
+            model.eval()
+            with torch.no_grad():
+                model(**sample["net_input"])
+            logging_output = {self.WARMUP_KEY: 1, "ntokens": 0, "nsentences": 0, "sample_size": 0}
+            return torch.zeros(()), 0, logging_output
         return super().valid_step(sample, model, criterion)
+
+    def reduce_metrics(self, logging_outputs: List[Dict[str, Any]], criterion: Any) -> None:
+        """A warm-up step logs nothing but a weightless ``loss``: the criterion has nothing to reduce (and some
+        divide by the sample size), and without a ``loss`` key fairseq's trainer would log loss = -1 with weight 1
+        into the validation average."""
+        if logging_outputs and all(log.get(self.WARMUP_KEY, 0) > 0 for log in logging_outputs):
+            metrics.log_scalar("loss", 0.0, weight=0, round=3)
+            return
+        super().reduce_metrics(logging_outputs, criterion)
 
     def optimizer_step(self, optimizer: Any, model: nn.Module, update_num: int) -> None:
         super().optimizer_step(optimizer, model, update_num)

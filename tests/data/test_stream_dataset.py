@@ -1,4 +1,5 @@
-"""StreamDataset layout: every target once, contiguous streams per shard, inputs shifted by one, end padding."""
+"""StreamDataset layout: every target once, contiguous streams per shard, inputs shifted by one, end padding;
+the evaluation warm-up (unscored prefixes of the preceding text) keeps every target scored once."""
 import itertools
 from typing import Dict, List
 
@@ -17,10 +18,12 @@ def unique_tokens(n: int) -> np.ndarray:
 
 
 def rows_by_stream(dataset: StreamDataset) -> Dict[int, List[Dict[str, torch.Tensor]]]:
-    """Non-padded (input, target) pieces of every stream, in item order."""
+    """Non-padded (input, target) pieces of every stream, in item order (warm-up items skipped)."""
     pieces: Dict[int, List[Dict[str, torch.Tensor]]] = {}
     for index in range(len(dataset)):
         item = dataset[index]
+        if item["warmup"]:
+            continue
         source, target = item["net_input"]["src_tokens"], item["target"]
         assert source.shape == target.shape and source.size(0) == dataset.batch_size
         for row, stream in enumerate(item["id"].tolist()):
@@ -99,6 +102,110 @@ def test_collater_and_errors():
         StreamDataset(unique_tokens(20), 0, 4, pad=PAD, eos=EOS)
     with pytest.raises(ValueError, match="flat"):
         StreamDataset(unique_tokens(20).reshape(4, 5), 1, 4, pad=PAD, eos=EOS)
+
+
+# ======================================================================================================================
+# evaluation warm-up (NVIDIA's Transformer-XL protocol)
+# ======================================================================================================================
+
+
+WARMUP_LAYOUTS = [  # n, B, T, warm-up segments, shards
+    (100, 4, 5, 2, 1), (101, 3, 4, 3, 1), (97, 2, 8, 1, 2), (250, 3, 8, 2, 2), (251, 2, 5, 4, 3),
+    (64, 2, 8, 8, 1),  # W = n: the longest warm-up allowed
+    (100, 1, 7, 3, 1),  # one stream: its warm-up is its own end (NVIDIA's roll does the same)
+    (7, 3, 2, 1, 1), (5, 4, 3, 1, 2),  # short and empty streams
+]
+
+
+@pytest.mark.parametrize("n,batch,length,warm,shards", WARMUP_LAYOUTS)
+def test_warmup_scores_every_target_exactly_once(n, batch, length, warm, shards):
+    """Across all items and shards: every position of the split is a non-pad target exactly once, with the input
+    x_{p-1} (</s> for p = 0), at the position its value names; warm-up items score nothing."""
+    tokens = unique_tokens(n)
+    dataset = StreamDataset(tokens, batch, length, pad=PAD, eos=EOS, num_shards=shards, warmup_tokens=warm * length)
+    times_scored = np.zeros(n, dtype=np.int64)  # (n,)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        source, target = item["net_input"]["src_tokens"], item["target"]  # (B, T)
+        keep = target != PAD  # (B, T)
+        assert item["warmup"] == (index // shards < warm) and item["segment"] == index // shards
+        assert item["ntokens"] == int(keep.sum())
+        if item["warmup"]:
+            assert not keep.any() and (source != PAD).all()  # real inputs, nothing scored
+            assert item["net_input"]["src_lengths"].tolist() == [length] * batch
+            continue
+        for value, previous in zip(target[keep].tolist(), source[keep].tolist()):
+            position = value - 4
+            times_scored[position] += 1
+            assert previous == (EOS if position == 0 else int(tokens[position - 1]))
+    assert times_scored.tolist() == [1] * n
+    assert sum(dataset[i]["ntokens"] for i in range(len(dataset))) == n
+
+
+@pytest.mark.parametrize("n,batch,length,warm,shards", WARMUP_LAYOUTS)
+def test_warmup_inputs_are_the_text_cyclically_preceding_each_stream(n, batch, length, warm, shards):
+    """Stream s reads x_{start_s - W - 1} .. x_{start_s - 2} (indices mod n) in its warm-up, then continues exactly
+    as in the cold layout: warm-up + scored inputs are contiguous text; stream 0 takes the end of the split."""
+    tokens, width = unique_tokens(n), warm * length
+    dataset = StreamDataset(tokens, batch, length, pad=PAD, eos=EOS, num_shards=shards, warmup_tokens=width)
+    cold = StreamDataset(tokens, batch, length, pad=PAD, eos=EOS, num_shards=shards)
+    assert len(dataset) == len(cold) + warm * shards
+    warmup_inputs: Dict[int, List[int]] = {}
+    for index in range(warm * shards):
+        item = dataset[index]
+        for row, stream in enumerate(item["id"].tolist()):
+            warmup_inputs.setdefault(stream, []).extend(item["net_input"]["src_tokens"][row].tolist())
+    assert sorted(warmup_inputs) == list(range(batch * shards))
+    for stream, inputs in warmup_inputs.items():
+        start = int(cold.stream_starts[stream])
+        assert inputs == [int(tokens[(start - width - 1 + i) % n]) for i in range(width)]
+    for index in range(len(cold)):  # after the warm-up: the cold layout, item for item
+        item, expected = dataset[index + warm * shards], cold[index]
+        assert item["segment"] == expected["segment"] + warm and item["id"].tolist() == expected["id"].tolist()
+        assert not item["warmup"] and item["ntokens"] == expected["ntokens"]
+        for key in ("src_tokens", "src_lengths"):
+            assert torch.equal(item["net_input"][key], expected["net_input"][key])
+        assert torch.equal(item["target"], expected["target"])
+        assert dataset.size(index + warm * shards) == cold.size(index)
+
+
+def test_warmup_then_first_scored_inputs_continue_the_text():
+    """The first scored input of stream s > 0 is x_{start_s - 1}, right after its warm-up; stream 0 keeps </s>."""
+    tokens = unique_tokens(40)
+    dataset = StreamDataset(tokens, 4, 5, pad=PAD, eos=EOS, warmup_tokens=10)  # streams of 10, warm-up 2 segments
+    last_warmup, first_scored = dataset[1], dataset[2]
+    assert last_warmup["warmup"] and not first_scored["warmup"]
+    assert first_scored["net_input"]["src_tokens"][:, 0].tolist() == [EOS, 13, 23, 33]  # x_9, x_19, x_29
+    assert last_warmup["net_input"]["src_tokens"][:, -1].tolist() == [42, 12, 22, 32]  # x_38, x_8, x_18, x_28
+    assert dataset[0]["net_input"]["src_tokens"][0].tolist() == [33, 34, 35, 36, 37]  # stream 0: x_29 .. x_33
+
+
+def test_warmup_with_layout_and_shards():
+    dataset = StreamDataset(unique_tokens(60), 2, 4, pad=PAD, eos=EOS, warmup_tokens=8)
+    other = dataset.with_layout(3, 2)
+    assert other.warmup_tokens == 8 and other.warmup_segments == 2 and other.tokens is dataset.tokens
+    assert len(other) == 2 * (2 + other.num_scored_segments)
+    for shard in range(2):  # every shard: warm-up segments 0, 1, then its scored segments, numbered on
+        items = [other[k] for k in range(shard, len(other), 2)]
+        assert [item["segment"] for item in items] == list(range(len(items)))
+        assert [item["warmup"] for item in items] == [True, True] + [False] * (len(items) - 2)
+        assert all(item["id"].tolist() == [3 * shard, 3 * shard + 1, 3 * shard + 2] for item in items)
+    assert dataset.with_warmup(8) is dataset
+    cold = dataset.with_warmup(0)
+    assert cold.warmup_tokens == 0 and len(cold) == dataset.num_scored_segments and cold.tokens is dataset.tokens
+    assert [dataset.is_warmup(i) for i in range(3)] == [True, True, False]
+    assert [dataset.size(i) for i in range(2)] == [4, 4] and dataset.num_tokens(0) == 2 * 4
+
+
+def test_warmup_errors_name_the_fix():
+    with pytest.raises(ValueError, match="multiple of tokens_per_sample.*round it up to 8"):
+        StreamDataset(unique_tokens(20), 2, 4, pad=PAD, eos=EOS, warmup_tokens=6)
+    with pytest.raises(ValueError, match="non-negative"):
+        StreamDataset(unique_tokens(20), 2, 4, pad=PAD, eos=EOS, warmup_tokens=-4)
+    with pytest.raises(ValueError, match="exceeds the split.*at most 20 tokens"):
+        StreamDataset(unique_tokens(20), 2, 4, pad=PAD, eos=EOS, warmup_tokens=24)
+    with pytest.raises(ValueError, match="exceeds the split"):
+        StreamDataset(unique_tokens(20), 2, 4, pad=PAD, eos=EOS).with_warmup(24)
 
 
 class Lines(torch.utils.data.Dataset):
