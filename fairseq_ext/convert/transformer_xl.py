@@ -1,0 +1,910 @@
+"""Convert Transformer-XL checkpoints of the original PyTorch code and of NVIDIA's to ``transformer_xl_lm``.
+
+Sources (shared/specs/transformer_xl.md §7):
+
+* original ``kimiyoung/transformer-xl`` ``model.pt``: the whole ``MemTransformerLM`` pickled by ``torch.save(model)``.
+  It is read through an unpickling shim that maps the original classes (``mem_transformer.*``,
+  ``proj_adaptive_softmax.*``, ``vocabulary.Vocab``, ...) onto stubs, so the original code need not be importable;
+  the configuration comes from the model's attributes and ties from tensor identity. Its vocabulary is not in the
+  file: pass ``--vocab`` (the original ``cache.pt`` corpus, or a text file with one symbol per line in index order).
+* NVIDIA DeepLearningExamples ``checkpoint_{best,last}.pt``: a dict with ``model_state``, ``model_config`` (the
+  ``MemTransformerLM`` kwargs) and ``vocab`` (a pickled ``Vocab``).
+
+Both hold pickled Python objects, so they are read (with the shim) only with ``trust_pickle`` / ``--trust-pickle``.
+
+Weights (original name -> ``decoder.``...): ``r_w_bias``/``r_r_bias`` -> ``content_bias``/``position_bias``;
+``layers.{l}.dec_attn.qkv_net`` rows split in thirds -> ``self_attn.{q,k,v}_proj``; ``r_net``/``o_net`` ->
+``r_proj``/``out_proj``; ``dec_attn.layer_norm`` -> ``self_attn_layer_norm``; ``pos_ff.CoreNet.0/3`` -> ``fc1/fc2``;
+``pos_ff.layer_norm`` -> ``final_layer_norm``; ``word_emb.*`` -> ``embed_tokens.*``; ``crit.cluster_{weight,bias}``
+unchanged (same row meaning); output biases concatenated in vocabulary order -> ``adaptive_softmax.bias``; output
+matrices and projections -> ``adaptive_softmax.weights.{i}`` / ``out_projs.{i}``, where tied ones are the very
+tensors of ``embed_tokens`` (one tensor, two keys). ``pos_emb.inv_freq`` is dropped (recomputed).
+
+Vocabulary: a fairseq dictionary always starts ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3. The output
+``dict.txt`` lists the original symbols in original order minus those mapped onto fairseq specials (``<eos>`` ->
+``</s>``, ``<unk>`` -> ``<unk>``; ``--map-symbol`` adds more). Specials the original lacks are *dead* rows: zero
+embedding, zero output row and output bias ``dead_bias`` (-1e4: probability 0 in fp32, finite in fp16). Every
+mapped symbol must lie in the head cluster; the clusters then keep their members and order, and each cutoff moves
+by the number of dead rows. Binarise text with ``fairseq-preprocess --only-source --srcdict <out>/dict.txt``.
+"""
+import argparse
+import logging
+import os
+import pickle
+import sys
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0..3
+DEFAULT_SYMBOL_MAP = {"<eos>": "</s>", "<unk>": "<unk>", "<s>": "<s>", "<pad>": "<pad>", "</s>": "</s>"}
+DEAD_BIAS = -1e4
+PREFIX = "decoder."
+DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
+TIE_PROJ_MODES = {"none": lambda n: [False] * n, "tails": lambda n: [False] + [True] * (n - 1),
+                  "all": lambda n: [True] * n}
+PREPROCESS_HINT = ("fairseq-preprocess --only-source --srcdict {dict} --trainpref <train.txt> --validpref "
+                   "<valid.txt> --testpref <test.txt> --destdir <data-bin dir>")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# ======================================================================================================================
+# Unpickling shim: the original classes become stubs, nothing outside a small allowlist is imported or called
+# ======================================================================================================================
+_SAFE_GLOBALS = {
+    "collections": {"OrderedDict", "Counter", "defaultdict", "deque"},
+    "builtins": {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "str", "bytes",
+                 "bytearray", "bool", "slice", "range", "object"},
+    "__builtin__": {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "str", "bytes",
+                    "bytearray", "bool", "slice", "object"},
+    "copyreg": {"_reconstructor"},
+    "copy_reg": {"_reconstructor"},
+    "_codecs": {"encode"},
+    "argparse": {"Namespace"},
+    "torch._tensor": {"_rebuild_from_type_v2"},
+    "torch.nn.parameter": {"Parameter", "Buffer"},
+    "numpy.core.multiarray": {"_reconstruct", "scalar"},
+    "numpy._core.multiarray": {"_reconstruct", "scalar"},
+    "numpy": {"ndarray", "dtype"},
+}
+
+
+class PickledStub(nn.Module):
+    """Stand-in for a class that is not importable (or not trusted): keeps the pickled attributes; nn.Module
+    machinery works when the state is a module's (``_parameters``, ``_modules``, ...)."""
+
+    _stub_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # called when the pickle calls the class
+        super().__init__()
+        self.__dict__["_stub_args"] = args
+        self.__dict__["_stub_kwargs"] = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict) and "_parameters" in state:
+            super().__setstate__(state)
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_stub_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # dict subclasses
+        self.__dict__.setdefault("_stub_items", {})[key] = value
+
+    def append(self, value: Any) -> None:  # list subclasses
+        self.__dict__.setdefault("_stub_list", []).append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.__dict__.setdefault("_stub_list", []).extend(values)
+
+    def __repr__(self) -> str:
+        return f"<stub {self._stub_name}>"
+
+
+_STUBS: Dict[Tuple[str, str], type] = {}
+
+
+def stub_class(module: str, name: str) -> type:
+    key = (module, name)
+    if key not in _STUBS:
+        _STUBS[key] = type(name, (PickledStub,), {"_stub_name": f"{module}.{name}", "__module__": "stub." + module})
+    return _STUBS[key]
+
+
+def _is_safe_global(module: str, name: str) -> bool:
+    if name in _SAFE_GLOBALS.get(module, ()):
+        return True
+    if module == "torch._utils" and name.startswith("_rebuild"):
+        return True
+    if module.startswith("torch.nn.modules."):
+        return True
+    if module == "torch":
+        value = getattr(torch, name, None)
+        return isinstance(value, (torch.dtype, type))
+    return False
+
+
+class ShimUnpickler(pickle.Unpickler):
+    """Resolves torch's tensor/module classes and plain containers; every other global (the original code's
+    classes, argparse-free helpers, anything unexpected) becomes a ``PickledStub`` subclass, never imported."""
+
+    stubbed: set = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _is_safe_global(module, name):
+            return super().find_class(module, name)
+        ShimUnpickler.stubbed.add(f"{module}.{name}")
+        return stub_class(module, name)
+
+
+def _shim_pickle_module() -> types.ModuleType:
+    module = types.ModuleType("transformer_xl_shim_pickle")
+    module.Unpickler = ShimUnpickler
+    module.load = lambda f, **kwargs: ShimUnpickler(f, **kwargs).load()
+    module.__dict__["UnpicklingError"] = pickle.UnpicklingError
+    return module
+
+
+def load_pickled(path: str, trust_pickle: bool = False, what: str = "checkpoint") -> Any:
+    """torch's weights-only loader first; the shim (full unpickling with stub classes) only when trusted."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise ConversionError(
+                f"{path} holds pickled Python objects (the original code's classes, argparse args, a Vocab), which "
+                f"torch's weights-only loader refuses. If you trust the file, re-run with --trust-pickle: it is then "
+                f"unpickled with the original classes replaced by stubs, so the original code need not be "
+                f"importable. ({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from err
+    logger.warning("loading %s with full unpickling through the class shim (--trust-pickle)", path)
+    ShimUnpickler.stubbed = set()
+    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_shim_pickle_module())
+    if ShimUnpickler.stubbed:
+        logger.info("stubbed classes: %s", ", ".join(sorted(ShimUnpickler.stubbed)))
+    return obj
+
+
+# ======================================================================================================================
+# Reading the sources
+# ======================================================================================================================
+@dataclass
+class OriginalConfig:
+    """The ``MemTransformerLM`` settings the conversion needs (original names; NVIDIA's ``model_config`` keys)."""
+
+    n_token: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_head: int
+    d_inner: int
+    d_embed: Optional[int] = None
+    div_val: int = 1
+    cutoffs: List[int] = field(default_factory=list)
+    tie_weight: bool = True
+    tie_projs: List[bool] = field(default_factory=lambda: [False])
+    pre_lnorm: bool = False
+    tgt_len: int = 0
+    ext_len: int = 0
+    mem_len: int = 0
+    same_length: bool = False
+    attn_type: int = 0
+    clamp_len: int = -1
+    sample_softmax: int = -1
+    dropout: float = 0.0
+    dropatt: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_embed is None or self.d_embed < 0:
+            self.d_embed = self.d_model
+        self.cutoffs = [int(c) for c in self.cutoffs]
+        self.tie_projs = [bool(t) for t in self.tie_projs]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "OriginalConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known - {"dtype", "adapt_inp"})
+        if unknown:
+            logger.warning("ignoring unknown model_config keys: %s", ", ".join(unknown))
+        missing = [k for k in ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner") if k not in kwargs]
+        if missing:
+            raise ConversionError(f"model_config lacks {missing}; is this a Transformer-XL MemTransformerLM config?")
+        values = {k: v for k, v in kwargs.items() if k in known and v is not None}
+        return cls(**values)
+
+    @property
+    def tie_projs_per_cluster(self) -> List[bool]:
+        """tie_projs padded with False to one flag per cluster (the original enumerates a possibly shorter list)."""
+        n = len(self.cutoffs) + 1
+        return (list(self.tie_projs) + [False] * n)[:n]
+
+
+@dataclass
+class SourceCheckpoint:
+    """A Transformer-XL checkpoint in original key names, with its configuration and vocabulary."""
+
+    layout: str  # "original" (kimiyoung) | "nvidia"
+    config: OriginalConfig
+    state: Dict[str, Tensor]
+    symbols: Optional[List[str]] = None
+    init_std: Optional[float] = None
+    proj_init_std: Optional[float] = None
+    description: str = ""
+
+
+def module_state(module: nn.Module, prefix: str = "") -> Dict[str, Tensor]:
+    """state_dict read straight from ``_parameters`` / ``_buffers`` / ``_modules`` (robust to stubs and to modules
+    pickled by old torch versions); None entries (the original's empty ParameterList slots) are skipped."""
+    out: Dict[str, Tensor] = {}
+    state = module.__dict__
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if value is None:
+                continue
+            if not torch.is_tensor(value):
+                raise ConversionError(f"{prefix}{name} is a {type(value).__name__}, not a tensor: the pickle rebuilt "
+                                      f"it with a function the shim does not allow ({sorted(ShimUnpickler.stubbed)})")
+            out[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(module_state(child, f"{prefix}{name}."))
+    return out
+
+
+def _attr(obj: Any, name: str, default: Any = None) -> Any:
+    value = obj.__dict__.get(name, default) if hasattr(obj, "__dict__") else default
+    return default if value is None else value
+
+
+def _child(module: Any, name: str) -> Any:
+    return (module.__dict__.get("_modules") or {}).get(name)
+
+
+def _class_name(obj: Any) -> str:
+    return getattr(type(obj), "_stub_name", type(obj).__name__).rsplit(".", 1)[-1]
+
+
+def _aliases(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    """Same storage, same view (tied tensors survive torch.save/torch.load this way)."""
+    return (a is not None and b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def detect_original_ties(state: Mapping[str, Tensor], cfg: OriginalConfig) -> Tuple[bool, List[bool]]:
+    """(tie_weight, tie_projs per cluster) of an original-layout state dict, from tensor identity."""
+    n = len(cfg.cutoffs) + 1
+    n_out = 1 if cfg.div_val == 1 else n
+    tied = [_aliases(state.get(f"crit.out_layers.{i}.weight"), state.get(f"word_emb.emb_layers.{i}.weight"))
+            for i in range(n_out)]
+    if any(tied) and not all(tied):
+        raise ConversionError(f"only some output matrices are tied to the embeddings ({tied}); transformer_xl_lm ties "
+                              f"all or none (the original tie_weight)")
+    projs = []
+    for i in range(n):
+        j = 0 if cfg.div_val == 1 else i
+        projs.append(_aliases(state.get(f"crit.out_projs.{i}"), state.get(f"word_emb.emb_projs.{j}")))
+    return all(tied), projs
+
+
+def read_original_model(root: Any) -> SourceCheckpoint:
+    """The original ``model.pt`` (a pickled MemTransformerLM, loaded with the shim) -> SourceCheckpoint."""
+    if "DataParallel" in _class_name(root) and _child(root, "module") is not None:
+        root = _child(root, "module")
+    if _class_name(root) != "MemTransformerLM":
+        raise ConversionError(f"expected a pickled MemTransformerLM (the original train.py's model.pt), got "
+                              f"{_class_name(root)}")
+    state = module_state(root)
+    layers = _child(root, "layers")
+    layer0 = _child(layers, "0") if layers is not None else None
+    attn0 = _child(layer0, "dec_attn") if layer0 is not None else None
+    crit = _child(root, "crit")
+    word_emb = _child(root, "word_emb")
+    attn_type = int(_attr(root, "attn_type", 0))
+    sample_softmax = int(_attr(root, "sample_softmax", -1))
+    if attn_type != 0:
+        _reject_attn_type(attn_type)
+    if attn0 is None or "r_w_bias" not in state:
+        raise ConversionError("the pickled MemTransformerLM has no layers.0.dec_attn / r_w_bias: not a relative-"
+                              "attention (attn_type 0) Transformer-XL")
+    if crit is None:
+        raise ConversionError("the model has no adaptive softmax 'crit' (sampled softmax, sample_softmax > 0?): "
+                              "transformer_xl_lm needs the full / adaptive softmax weights")
+    n_token = int(_attr(root, "n_token"))
+    crit_cutoffs = list(_attr(crit, "cutoffs", [n_token]))
+    if not crit_cutoffs or crit_cutoffs[-1] != n_token:
+        raise ConversionError(f"crit.cutoffs {crit_cutoffs} should end with n_token {n_token}")
+    drop = _child(root, "drop")
+    dropatt = _child(attn0, "dropatt")
+    cfg = OriginalConfig(
+        n_token=n_token, n_layer=int(_attr(root, "n_layer", len(_attr(layers, "_modules", {})))),
+        n_head=int(_attr(root, "n_head")), d_model=int(_attr(root, "d_model")), d_head=int(_attr(root, "d_head")),
+        d_inner=int(state["layers.0.pos_ff.CoreNet.0.weight"].shape[0]),
+        d_embed=int(_attr(root, "d_embed", _attr(word_emb, "d_embed", _attr(root, "d_model")))),
+        div_val=int(_attr(crit, "div_val", _attr(word_emb, "div_val", 1))), cutoffs=crit_cutoffs[:-1],
+        pre_lnorm=bool(_attr(attn0, "pre_lnorm", False)), tgt_len=int(_attr(root, "tgt_len", 0)),
+        ext_len=int(_attr(root, "ext_len", 0)), mem_len=int(_attr(root, "mem_len", 0)),
+        same_length=bool(_attr(root, "same_length", False)), attn_type=attn_type,
+        clamp_len=int(_attr(root, "clamp_len", -1)), sample_softmax=sample_softmax,
+        dropout=float(_attr(drop, "p", 0.0)) if drop is not None else 0.0,
+        dropatt=float(_attr(dropatt, "p", 0.0)) if dropatt is not None else 0.0)
+    cfg.tie_weight, cfg.tie_projs = detect_original_ties(state, cfg)
+    return SourceCheckpoint("original", cfg, state, description="original MemTransformerLM (pickled model.pt)")
+
+
+def read_nvidia_checkpoint(ckpt: Mapping[str, Any]) -> SourceCheckpoint:
+    """NVIDIA ``checkpoint_*.pt`` (dict with model_state, model_config, vocab, args, ...) -> SourceCheckpoint."""
+    config = ckpt["model_config"]
+    if not isinstance(config, Mapping):
+        raise ConversionError(f"model_config is a {type(config).__name__}, expected the MemTransformerLM kwargs dict")
+    cfg = OriginalConfig.from_kwargs(config)
+    state = dict(ckpt["model_state"])
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    args = ckpt.get("args")
+    return SourceCheckpoint("nvidia", cfg, state, symbols=vocab_symbols(ckpt.get("vocab"), "the checkpoint's vocab"),
+                            init_std=_attr(args, "init_std"), proj_init_std=_attr(args, "proj_init_std"),
+                            description="NVIDIA DeepLearningExamples checkpoint")
+
+
+def read_source(obj: Any) -> SourceCheckpoint:
+    """Detect the format of a loaded checkpoint object."""
+    if isinstance(obj, Mapping) and "model_state" in obj and "model_config" in obj:
+        return read_nvidia_checkpoint(obj)
+    if isinstance(obj, nn.Module):
+        return read_original_model(obj)
+    if isinstance(obj, Mapping) and any(str(k).startswith("word_emb.") for k in obj):
+        raise ConversionError("this file is a bare MemTransformerLM state dict without its configuration; convert "
+                              "the pickled model.pt (original train.py) or the NVIDIA checkpoint_*.pt instead, or call "
+                              "convert_transformer_xl() with an OriginalConfig from Python")
+    if isinstance(obj, Mapping) and "cfg" in obj and "model" in obj:
+        raise ConversionError("this is already a fairseq checkpoint (it has 'cfg' and 'model')")
+    raise ConversionError(f"unrecognised checkpoint ({type(obj).__name__}"
+                          f"{' with keys ' + str(sorted(map(str, obj))[:10]) if isinstance(obj, Mapping) else ''}); "
+                          f"expected the original model.pt or an NVIDIA checkpoint_*.pt")
+
+
+def vocab_symbols(vocab: Any, what: str) -> Optional[List[str]]:
+    """Symbols in index order from a (stubbed) Vocab / Corpus object, a list, or None."""
+    if vocab is None:
+        return None
+    if isinstance(vocab, (list, tuple)):
+        return [str(s) for s in vocab]
+    inner = _attr(vocab, "vocab")  # a pickled Corpus (the original cache.pt)
+    if inner is not None and _attr(vocab, "idx2sym") is None:
+        return vocab_symbols(inner, what)
+    idx2sym = _attr(vocab, "idx2sym")
+    if idx2sym is None:
+        raise ConversionError(f"{what} ({_class_name(vocab)}) has no idx2sym list (a BPE OpenAIVocab?); pass the "
+                              f"symbols in index order with --vocab <file with one symbol per line>")
+    return [str(s) for s in idx2sym]
+
+
+def read_vocab_file(path: str, trust_pickle: bool = False) -> List[str]:
+    """``--vocab``: the original ``cache.pt`` (pickled Corpus) or a text file, one symbol per line in index order
+    (the first whitespace-separated field of each line, as the original ``Vocab._build_from_file`` reads it)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip or legacy pickle
+        return vocab_symbols(load_pickled(path, trust_pickle, "vocabulary"), path)
+    symbols = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                raise ConversionError(f"{path}:{number} is empty; the vocabulary file needs one symbol per line")
+            symbols.append(fields[0])
+    return symbols
+
+
+# ======================================================================================================================
+# Vocabulary mapping
+# ======================================================================================================================
+@dataclass
+class VocabMapping:
+    """Original ids <-> fairseq ids. ``fs_to_orig[f]`` is -1 for a dead row (a fairseq special the original lacks)."""
+
+    symbols: List[str]  # fairseq dictionary symbols in id order (4 specials first)
+    orig_to_fs: List[int]
+    fs_to_orig: List[int]
+    cutoffs: List[int]  # fairseq cutoffs
+    mapped: Dict[str, str]  # original symbol -> fairseq special
+
+    @property
+    def dead(self) -> List[int]:
+        return [f for f, o in enumerate(self.fs_to_orig) if o < 0]
+
+
+def build_vocab_mapping(symbols: Sequence[str], cutoffs: Sequence[int],
+                        symbol_map: Optional[Mapping[str, str]] = None) -> VocabMapping:
+    """Place the original vocabulary into a fairseq dictionary (see the module docstring)."""
+    symbol_map = dict(DEFAULT_SYMBOL_MAP if symbol_map is None else symbol_map)
+    if symbol_map.get("<unk>") == "<unk>" and "<unk>" not in symbols and "<UNK>" not in symbol_map:
+        symbol_map["<UNK>"] = "<unk>"  # lm1b's vocabulary spells it <UNK>: the <unk> mapping applies to it
+    for orig, special in symbol_map.items():
+        if special and special not in FAIRSEQ_SPECIALS:
+            raise ConversionError(f"--map-symbol {orig}={special}: the target must be a fairseq special "
+                                  f"{FAIRSEQ_SPECIALS}")
+    seen: Dict[str, int] = {}
+    for i, sym in enumerate(symbols):
+        if not sym or any(c.isspace() for c in sym):
+            raise ConversionError(f"original symbol {i} ({sym!r}) is empty or contains whitespace; fairseq "
+                                  f"dictionaries hold whitespace-free tokens")
+        if sym in seen:
+            raise ConversionError(f"original symbol {sym!r} appears twice (ids {seen[sym]} and {i})")
+        seen[sym] = i
+    head = cutoffs[0] if cutoffs else len(symbols)
+    special_of: Dict[int, str] = {}
+    for orig, special in symbol_map.items():
+        if not special or orig not in seen:
+            continue
+        idx = seen[orig]
+        if special in special_of.values():
+            other = symbols[next(i for i, s in special_of.items() if s == special)]
+            raise ConversionError(f"both {other!r} and {orig!r} map onto the fairseq special {special}; drop one "
+                                  f"mapping (--map-symbol {orig}=)")
+        if idx >= head:
+            raise ConversionError(
+                f"original symbol {orig!r} (id {idx}) maps onto the fairseq special {special} (id "
+                f"{FAIRSEQ_SPECIALS.index(special)}), but it lies outside the head cluster [0, {head}) of the adaptive "
+                f"softmax, and fairseq's specials are always ids 0-3 (head). This layout cannot be converted exactly")
+        special_of[idx] = special
+    for sym in FAIRSEQ_SPECIALS:
+        if sym in seen and seen[sym] not in special_of:
+            raise ConversionError(f"the original vocabulary has the symbol {sym!r} but it is not mapped onto fairseq's "
+                                  f"{sym}; fairseq reserves that name (map it with --map-symbol '{sym}={sym}')")
+    fs_symbols = list(FAIRSEQ_SPECIALS)
+    orig_to_fs = [-1] * len(symbols)
+    fs_to_orig = [-1] * len(FAIRSEQ_SPECIALS)
+    for idx, special in special_of.items():
+        orig_to_fs[idx] = FAIRSEQ_SPECIALS.index(special)
+        fs_to_orig[orig_to_fs[idx]] = idx
+    for idx, sym in enumerate(symbols):
+        if idx not in special_of:
+            orig_to_fs[idx] = len(fs_symbols)
+            fs_to_orig.append(idx)
+            fs_symbols.append(sym)
+    n_dead = len(FAIRSEQ_SPECIALS) - len(special_of)
+    fs_cutoffs = [c + n_dead for c in cutoffs]
+    mapping = VocabMapping(fs_symbols, orig_to_fs, fs_to_orig, fs_cutoffs,
+                           {symbols[i]: s for i, s in sorted(special_of.items())})
+    _check_clusters(mapping, cutoffs, len(symbols))
+    return mapping
+
+
+def _check_clusters(mapping: VocabMapping, cutoffs: Sequence[int], vocab: int) -> None:
+    """Every symbol stays in its cluster; tails keep their order (a head permutation is harmless)."""
+    orig_ends = [0] + list(cutoffs) + [vocab]
+    fs_ends = [0] + mapping.cutoffs + [len(mapping.symbols)]
+    for i in range(len(orig_ends) - 1):
+        members = [f for f in range(fs_ends[i], fs_ends[i + 1]) if mapping.fs_to_orig[f] >= 0]
+        origs = [mapping.fs_to_orig[f] for f in members]
+        if any(not orig_ends[i] <= o < orig_ends[i + 1] for o in origs) or (i > 0 and origs != sorted(origs)):
+            raise ConversionError(f"cluster {i} changes members or order under the vocabulary mapping; this is a bug "
+                                  f"or an unsupported --map-symbol")
+
+
+def _gather_rows(table: Tensor, mapping: VocabMapping, fs_lo: int, fs_hi: int, orig_lo: int,
+                 fill: float) -> Tensor:
+    """Rows [fs_lo, fs_hi) in fairseq order from ``table`` whose row r is original id orig_lo + r; dead rows
+    get ``fill``. table (V_i, ...) -> (fs_hi - fs_lo, ...)."""
+    index = torch.tensor(mapping.fs_to_orig[fs_lo:fs_hi], dtype=torch.long)
+    live = index >= 0
+    out = table.new_full((fs_hi - fs_lo,) + tuple(table.shape[1:]), fill)
+    out[live] = table[index[live] - orig_lo]
+    return out
+
+
+# ======================================================================================================================
+# Conversion
+# ======================================================================================================================
+def _reject_attn_type(attn_type: Any) -> None:
+    raise ConversionError(f"attn_type {attn_type} is not supported: transformer_xl_lm implements the Transformer-XL "
+                          f"relative attention (attn_type 0) only (1 = Shaw, 2 = vanilla absolute, 3 = Al-Rfou)")
+
+
+def validate_source(cfg: OriginalConfig) -> None:
+    if cfg.attn_type != 0:
+        _reject_attn_type(cfg.attn_type)
+    if cfg.sample_softmax > 0:
+        raise ConversionError(f"sample_softmax {cfg.sample_softmax} > 0: a sampled-softmax model keeps its output "
+                              f"layer in 'out_layer', not the adaptive softmax; transformer_xl_lm cannot load it")
+    if cfg.ext_len > 0:
+        raise ConversionError(f"ext_len {cfg.ext_len} > 0 is not supported (transformer_xl_lm has no extended "
+                              f"context; every published configuration uses ext_len 0)")
+    if cfg.cutoffs and (cfg.cutoffs != sorted(set(cfg.cutoffs)) or cfg.cutoffs[-1] >= cfg.n_token):
+        raise ConversionError(f"cutoffs {cfg.cutoffs} must increase and stay below n_token {cfg.n_token}")
+
+
+def choose_tie_projs(source_flags: Sequence[bool], tie_weight: bool) -> str:
+    """transformer_xl_lm's tie_projs mode for the source's per-cluster flags; irregular patterns (or tied
+    projections without tied weights) become "none" with the tied projections copied."""
+    n = len(source_flags)
+    if tie_weight:
+        for mode in ("none", "tails", "all"):
+            if TIE_PROJ_MODES[mode](n) == list(source_flags):
+                return mode
+    if any(source_flags):
+        logger.warning("tie_projs %s%s is not a transformer_xl_lm pattern (none | tails | all with tied weights): "
+                       "the tied projections are copied, so outputs are identical but fine-tuning updates them "
+                       "separately", list(source_flags), "" if tie_weight else " without tie_weight")
+    return "none"
+
+
+class _Reader:
+    """Original-name state dict with consumption tracking and shape checks."""
+
+    def __init__(self, state: Mapping[str, Tensor], dtype: Optional[torch.dtype]) -> None:
+        self.state = state
+        self.used: set = set()
+        self.dtype = dtype
+        self._cast: Dict[int, Tensor] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def get(self, key: str, shape: Optional[Sequence[int]] = None) -> Tensor:
+        if key not in self.state:
+            raise ConversionError(f"the source state dict lacks {key!r} (expected for this configuration); is the "
+                                  f"configuration right for these weights?")
+        value = self.state[key]
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ConversionError(f"{key} has shape {tuple(value.shape)}, the configuration implies {tuple(shape)}")
+        self.used.add(key)
+        if self.dtype is not None and value.is_floating_point() and value.dtype != self.dtype:
+            if id(value) not in self._cast:  # cast once per tensor object, so ties stay ties
+                self._cast[id(value)] = value.detach().to(self.dtype)
+            return self._cast[id(value)]
+        return value.detach()
+
+    def unused(self) -> List[str]:
+        return sorted(k for k in self.state if k not in self.used and k not in DROPPED_KEYS)
+
+
+@dataclass
+class Conversion:
+    """The converted checkpoint (weights-only safe), the fairseq dictionary and the id mapping."""
+
+    checkpoint: Dict[str, Any]
+    mapping: VocabMapping
+    model_cfg: Dict[str, Any]
+
+
+def convert_weights(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode: str, dead_bias: float,
+                    dtype: Optional[torch.dtype] = torch.float32) -> Dict[str, Tensor]:
+    """Original-name weights -> transformer_xl_lm state dict (keys ``decoder.*``), vocabulary rows permuted."""
+    cfg, layout = src.config, src.layout
+    r = _Reader(src.state, dtype)
+    d, de, hd = cfg.d_model, cfg.d_embed, cfg.n_head * cfg.d_head
+    out: Dict[str, Tensor] = {}
+    out[PREFIX + "content_bias"] = r.get("r_w_bias", (cfg.n_head, cfg.d_head))
+    out[PREFIX + "position_bias"] = r.get("r_r_bias", (cfg.n_head, cfg.d_head))
+    for layer in range(cfg.n_layer):
+        src_p, dst_p = f"layers.{layer}.", f"{PREFIX}layers.{layer}."
+        qkv = r.get(src_p + "dec_attn.qkv_net.weight", (3 * hd, d))
+        for name, part in zip("qkv", torch.chunk(qkv, 3, dim=0)):  # the original chunks the output in thirds
+            out[dst_p + f"self_attn.{name}_proj.weight"] = part.clone()
+        out[dst_p + "self_attn.r_proj.weight"] = r.get(src_p + "dec_attn.r_net.weight", (hd, d))
+        out[dst_p + "self_attn.out_proj.weight"] = r.get(src_p + "dec_attn.o_net.weight", (d, hd))
+        for src_name, dst_name, shapes in (
+                ("dec_attn.layer_norm", "self_attn_layer_norm", ((d,), (d,))),
+                ("pos_ff.CoreNet.0", "fc1", ((cfg.d_inner, d), (cfg.d_inner,))),
+                ("pos_ff.CoreNet.3", "fc2", ((d, cfg.d_inner), (d,))),
+                ("pos_ff.layer_norm", "final_layer_norm", ((d,), (d,)))):
+            out[dst_p + dst_name + ".weight"] = r.get(src_p + src_name + ".weight", shapes[0])
+            out[dst_p + dst_name + ".bias"] = r.get(src_p + src_name + ".bias", shapes[1])
+
+    n_clusters = len(cfg.cutoffs)
+    orig_ends = [0] + cfg.cutoffs + [cfg.n_token]
+    fs_ends = [0] + mapping.cutoffs + [len(mapping.symbols)]
+    tables = [(0, 0, len(mapping.symbols), 0, cfg.n_token, de)] if cfg.div_val == 1 else [
+        (i, fs_ends[i], fs_ends[i + 1], orig_ends[i], orig_ends[i + 1], de // cfg.div_val ** i)
+        for i in range(n_clusters + 1)]
+    has_projs = cfg.div_val > 1 or de != d
+    # input embeddings and projections
+    emb_keys: Dict[int, str] = {}
+    proj_keys: Dict[int, str] = {}
+    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
+        table = r.get(f"word_emb.emb_layers.{i}.weight", (orig_hi - orig_lo, dim))
+        emb_keys[i] = f"{PREFIX}embed_tokens.emb_layers.{i}.weight"
+        out[emb_keys[i]] = _gather_rows(table, mapping, fs_lo, fs_hi, orig_lo, 0.0)
+        if has_projs:
+            proj_keys[i] = f"{PREFIX}embed_tokens.emb_projs.{i}"
+            out[proj_keys[i]] = r.get(f"word_emb.emb_projs.{i}", (d, dim))
+    # softmax: clusters, biases, word matrices
+    if n_clusters:
+        out[PREFIX + "adaptive_softmax.cluster_weight"] = r.get("crit.cluster_weight", (n_clusters, de))
+        out[PREFIX + "adaptive_softmax.cluster_bias"] = r.get("crit.cluster_bias", (n_clusters,))
+    biases = []
+    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
+        key = f"crit.out_layers.{i}.bias" if layout == "original" else f"crit.out_layers_biases.{i}"
+        biases.append(r.get(key, (orig_hi - orig_lo,)))
+    full_bias = torch.cat(biases)  # (V_orig,) in original vocabulary order
+    out[PREFIX + "adaptive_softmax.bias"] = _gather_rows(full_bias, mapping, 0, len(mapping.symbols), 0, dead_bias)
+    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
+        dst = f"{PREFIX}adaptive_softmax.weights.{i}"
+        if layout == "original":
+            key = f"crit.out_layers.{i}.weight"
+        else:
+            key = f"word_emb.emb_layers.{i}.weight" if cfg.tie_weight else f"crit.out_layers_weights.{i}"
+        weight = r.get(key, (orig_hi - orig_lo, dim))
+        out[dst] = out[emb_keys[i]] if cfg.tie_weight else _gather_rows(weight, mapping, fs_lo, fs_hi, orig_lo, 0.0)
+    # softmax projections (one per cluster when present)
+    if has_projs:
+        source_flags = cfg.tie_projs_per_cluster
+        target_flags = TIE_PROJ_MODES[tie_projs_mode](n_clusters + 1)
+        for i in range(n_clusters + 1):
+            j = 0 if cfg.div_val == 1 else i  # the embedding projection a tied softmax projection is
+            dim = tables[j][5]
+            dst = f"{PREFIX}adaptive_softmax.out_projs.{i}"
+            if target_flags[i]:
+                out[dst] = out[proj_keys[j]]
+                if layout == "original":
+                    r.get(f"crit.out_projs.{i}", (d, dim))  # the same tensor, stored a second time
+                continue
+            if source_flags[i]:  # tied in the source, copied here
+                out[dst] = out[proj_keys[j]].clone()
+                if layout == "original":
+                    r.get(f"crit.out_projs.{i}", (d, dim))
+            else:
+                out[dst] = r.get(f"crit.out_projs.{i}", (d, dim))
+    if layout == "nvidia":
+        for key in [k for k in src.state if k.startswith("crit.shared_out_projs.")]:
+            j = int(key.rsplit(".", 1)[1])
+            if not _aliases(src.state[key], src.state.get(f"word_emb.emb_projs.{j}")) and not torch.equal(
+                    src.state[key], src.state.get(f"word_emb.emb_projs.{j}", torch.empty(0))):
+                raise ConversionError(f"{key} differs from word_emb.emb_projs.{j}; NVIDIA's shared_out_projs must be "
+                                      f"the embedding projections")
+            r.used.add(key)
+    unused = r.unused()
+    if unused:
+        raise ConversionError(f"the source has weights this configuration does not use: {unused[:8]}"
+                              f"{' ...' if len(unused) > 8 else ''} (wrong n_layer / cutoffs / div_val, or not an "
+                              f"attn_type 0 Transformer-XL?)")
+    return out
+
+
+def model_fields(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode: str, *,
+                 same_length_convention: Optional[str] = None, mem_len: Optional[int] = None,
+                 clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
+                 tokens_per_sample: Optional[int] = None) -> Dict[str, Any]:
+    """``TransformerXLConfig`` values (plain types) for the converted model."""
+    cfg = src.config
+    convention = same_length_convention or ("nvidia" if src.layout == "nvidia" else "original")
+    fields = {
+        "decoder_layers": cfg.n_layer, "decoder_embed_dim": cfg.d_model, "decoder_input_dim": cfg.d_embed,
+        "decoder_ffn_embed_dim": cfg.d_inner, "decoder_attention_heads": cfg.n_head,
+        "decoder_attention_head_dim": cfg.d_head, "decoder_normalize_before": cfg.pre_lnorm,
+        "dropout": float(cfg.dropout), "attention_dropout": float(cfg.dropatt),
+        "mem_len": cfg.mem_len if mem_len is None else mem_len,
+        "clamp_len": cfg.clamp_len if clamp_len is None else clamp_len,
+        "same_length": cfg.same_length if same_length is None else same_length,
+        "same_length_convention": convention, "untie_r": False,
+        "adaptive_softmax_cutoff": ",".join(map(str, mapping.cutoffs)) if mapping.cutoffs else None,
+        "adaptive_softmax_factor": cfg.div_val, "untie_adaptive_weights": not cfg.tie_weight,
+        "tie_projs": tie_projs_mode,
+        "init_std": float(src.init_std) if src.init_std is not None else 0.02,
+        "proj_init_std": float(src.proj_init_std) if src.proj_init_std is not None else 0.01,
+        "attn_impl": "auto",
+        "tokens_per_sample": int(tokens_per_sample or cfg.tgt_len or 128),
+    }
+    if fields["same_length"] and fields["mem_len"] < 1:
+        raise ConversionError("same_length needs mem_len >= 1; pass --eval-mem-len")
+    return fields
+
+
+def fairseq_cfg(fields: Mapping[str, Any], data: str) -> Dict[str, Any]:
+    """A complete fairseq config (plain containers) for --task streaming_lm --arch transformer_xl_lm."""
+    import fairseq_ext  # noqa: F401  (registers the model, task and criterion)
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    tokens = str(fields["tokens_per_sample"])
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [data, "--task", "streaming_lm", "--arch", "transformer_xl_lm",
+                                                "--criterion", "lm_loss", "--tokens-per-sample", tokens])
+    cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True)
+    unknown = set(fields) - set(cfg["model"])
+    if unknown:
+        raise ConversionError(f"transformer_xl_lm has no config fields {sorted(unknown)}; converter and model disagree")
+    cfg["model"].update(fields)
+    return cfg
+
+
+def convert_transformer_xl(src: SourceCheckpoint, symbols: Optional[Sequence[str]] = None, *,
+                           symbol_map: Optional[Mapping[str, str]] = None, dead_bias: float = DEAD_BIAS,
+                           data: str = "data-bin", same_length_convention: Optional[str] = None,
+                           mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                           same_length: Optional[bool] = None, tokens_per_sample: Optional[int] = None,
+                           dtype: Optional[torch.dtype] = torch.float32) -> Conversion:
+    """SourceCheckpoint (+ vocabulary) -> fairseq checkpoint for ``transformer_xl_lm`` (weights-only safe)."""
+    cfg = src.config
+    validate_source(cfg)
+    symbols = list(symbols if symbols is not None else (src.symbols or []))
+    if not symbols:
+        raise ConversionError("no vocabulary: the original model.pt does not contain one; pass --vocab (the original "
+                              "cache.pt, or a text file with one symbol per line in index order)")
+    if len(symbols) != cfg.n_token:
+        raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
+                              f"{cfg.n_token}; pass the vocabulary the model was trained with")
+    if dead_bias >= -10:
+        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+    mapping = build_vocab_mapping(symbols, cfg.cutoffs, symbol_map)
+    if src.layout == "original":
+        tie_weight, flags = detect_original_ties(src.state, cfg)
+        cfg.tie_weight, cfg.tie_projs = tie_weight, flags
+    elif not cfg.tie_weight and not any(k.startswith("crit.out_layers_weights.") for k in src.state):
+        raise ConversionError("model_config says tie_weight False but the state has no crit.out_layers_weights.*")
+    has_projs = cfg.div_val > 1 or cfg.d_embed != cfg.d_model
+    mode = choose_tie_projs(cfg.tie_projs_per_cluster, cfg.tie_weight) if has_projs else (
+        "tails" if cfg.tie_weight else "none")
+    weights = convert_weights(src, mapping, mode, dead_bias, dtype)
+    fields = model_fields(src, mapping, mode, same_length_convention=same_length_convention, mem_len=mem_len,
+                          clamp_len=clamp_len, same_length=same_length, tokens_per_sample=tokens_per_sample)
+    from fairseq.data import Dictionary
+
+    from fairseq_ext.tasks.streaming_lm import StreamingLMTask, dictionary_fingerprint
+
+    dictionary = Dictionary()
+    for sym in mapping.symbols[len(FAIRSEQ_SPECIALS):]:
+        dictionary.add_symbol(sym)
+    if dictionary.symbols != mapping.symbols:
+        raise ConversionError("fairseq's Dictionary reorders the converted symbols; this is a converter bug")
+    provenance = {
+        "source": src.description, "source_layout": src.layout,
+        "source_config": {k: v for k, v in asdict(cfg).items()},
+        "mapped_symbols": dict(mapping.mapped), "dead_ids": mapping.dead, "dead_bias": float(dead_bias),
+        "original_cutoffs": list(cfg.cutoffs), "fairseq_cutoffs": list(mapping.cutoffs),
+    }
+    checkpoint = {
+        "args": None,
+        "cfg": fairseq_cfg(fields, data),
+        "model": weights,
+        "optimizer_history": [{"criterion_name": "LMLossCriterion", "optimizer_name": "converted",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+        "task_state": {StreamingLMTask.STATE_KEY: dictionary_fingerprint(dictionary)},
+        "extra_state": {"converted_from_transformer_xl": provenance},
+        "last_optimizer_state": None,
+    }
+    logger.info("converted %s: %d layers, d_model %d, vocabulary %d -> %d (mapped %s, dead ids %s), cutoffs %s -> "
+                "%s, tie_weight %s, tie_projs %s", src.description, cfg.n_layer, cfg.d_model, cfg.n_token,
+                len(mapping.symbols), mapping.mapped, mapping.dead, cfg.cutoffs, mapping.cutoffs, cfg.tie_weight,
+                mode)
+    return Conversion(checkpoint, mapping, fields)
+
+
+def write_dictionary(path: str, symbols: Sequence[str]) -> None:
+    """fairseq dict.txt: every symbol after the 4 specials, in id order; counts decrease so that even a
+    count-sorting ``Dictionary.finalize`` would keep the order."""
+    body = symbols[len(FAIRSEQ_SPECIALS):]
+    with open(path, "w", encoding="utf-8") as f:
+        for rank, sym in enumerate(body):
+            f.write(f"{sym} {len(body) - rank}\n")
+
+
+def verify_loads(conversion: Conversion) -> None:
+    """Build transformer_xl_lm from the converted config and load the weights strictly (catches any name/shape
+    disagreement between converter and model before the user does)."""
+    from fairseq.data import Dictionary
+    from omegaconf import OmegaConf
+
+    from fairseq_ext.models.transformer_xl_lm import TransformerXLDecoder, TransformerXLLanguageModel
+
+    dictionary = Dictionary()
+    for sym in conversion.mapping.symbols[len(FAIRSEQ_SPECIALS):]:
+        dictionary.add_symbol(sym)
+    cfg = OmegaConf.create(conversion.checkpoint["cfg"]["model"])
+    with torch.device("meta"):
+        model = TransformerXLLanguageModel(TransformerXLDecoder(cfg, dictionary))
+    try:  # nn.Module's own loader (fairseq's takes no ``assign``); assign: the meta model gets the real tensors
+        missing, unexpected = nn.Module.load_state_dict(model, conversion.checkpoint["model"], strict=False,
+                                                        assign=True)
+    except RuntimeError as err:
+        raise ConversionError(f"converted weights do not fit transformer_xl_lm: {err}") from err
+    if missing or unexpected:
+        raise ConversionError(f"converted weights do not fit transformer_xl_lm: missing {missing[:8]}, unexpected "
+                              f"{unexpected[:8]}")
+
+
+# ======================================================================================================================
+# Command line
+# ======================================================================================================================
+def _symbol_map(pairs: Sequence[str]) -> Dict[str, str]:
+    mapping = dict(DEFAULT_SYMBOL_MAP)
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConversionError(f"--map-symbol {pair!r}: expected ORIGINAL=FAIRSEQ_SPECIAL (or ORIGINAL= to unmap)")
+        orig, special = pair.split("=", 1)
+        mapping[orig] = special
+    return mapping
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if value.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Convert a Transformer-XL checkpoint (original kimiyoung/transformer-xl model.pt, or NVIDIA "
+                    "DeepLearningExamples checkpoint_*.pt) into a fairseq checkpoint for --arch transformer_xl_lm "
+                    "plus the fairseq dict.txt it needs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Writes OUT_DIR/model.pt and OUT_DIR/dict.txt. Binarise text with that dictionary (never build a new "
+               "one: ids must match the converted rows):\n  " + PREPROCESS_HINT.format(dict="OUT_DIR/dict.txt") +
+               "\nthen evaluate, e.g. NVIDIA base at 64/640/400 with NVIDIA's warm-up protocol:\n"
+               "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --task streaming_lm --path OUT_DIR/model.pt "
+               "--tokens-per-sample 64 --batch-size 16 --eval-warmup-tokens 640 --gen-subset test\n"
+               "(with --eval-mem-len 640 --eval-clamp-len 400 --eval-same-length on given here, or the same values "
+               "in --model-overrides). See docs/convert-transformer-xl.md.")
+    parser.add_argument("src", help="original model.pt (pickled MemTransformerLM) or NVIDIA checkpoint_*.pt")
+    parser.add_argument("out_dir", help="output directory for model.pt and dict.txt")
+    parser.add_argument("--vocab", help="vocabulary: the original cache.pt (pickled corpus) or a text file with one "
+                                        "symbol per line in index order; required for the original model.pt, "
+                                        "overrides an NVIDIA checkpoint's vocab")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow unpickling SRC / --vocab through the class shim (both formats pickle Python "
+                             "objects; only for files you trust)")
+    parser.add_argument("--format", choices=("auto", "original", "nvidia"), default="auto",
+                        help="source format (auto: detected)")
+    parser.add_argument("--map-symbol", action="append", default=[], metavar="ORIG=SPECIAL",
+                        help="map an original symbol onto a fairseq special (<s>, <pad>, </s>, <unk>); defaults: "
+                             "<eos>=</s>, <unk>=<unk> (<UNK>=<unk> for lm1b); ORIG= removes a default")
+    parser.add_argument("--eval-mem-len", type=int, help="mem_len stored in the converted config (default: training)")
+    parser.add_argument("--eval-clamp-len", type=int, help="clamp_len stored in the converted config")
+    parser.add_argument("--eval-same-length", type=_on_off, metavar="on|off", help="same_length in the config")
+    parser.add_argument("--same-length-convention", choices=("original", "nvidia"),
+                        help="same_length window (default: the source's, nvidia for NVIDIA checkpoints)")
+    parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
+                                                              "training tgt_len)")
+    parser.add_argument("--dead-bias", type=float, default=DEAD_BIAS,
+                        help="output bias of fairseq specials the original vocabulary lacks (default -1e4)")
+    parser.add_argument("--no-verify", action="store_true", help="skip building the model to check the weights fit")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Conversion:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    src = read_source(load_pickled(args.src, args.trust_pickle))
+    if args.format != "auto" and src.layout != args.format:
+        raise ConversionError(f"{args.src} is a {src.layout} checkpoint, not {args.format}")
+    symbols = read_vocab_file(args.vocab, args.trust_pickle) if args.vocab else None
+    os.makedirs(args.out_dir, exist_ok=True)
+    out_dir = os.path.abspath(args.out_dir)
+    conversion = convert_transformer_xl(
+        src, symbols, symbol_map=_symbol_map(args.map_symbol), dead_bias=args.dead_bias, data=out_dir,
+        same_length_convention=args.same_length_convention, mem_len=args.eval_mem_len,
+        clamp_len=args.eval_clamp_len, same_length=args.eval_same_length, tokens_per_sample=args.tokens_per_sample)
+    if not args.no_verify:
+        verify_loads(conversion)
+    model_path, dict_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "dict.txt")
+    torch.save(conversion.checkpoint, model_path)
+    write_dictionary(dict_path, conversion.mapping.symbols)
+    torch.load(model_path, map_location="cpu", weights_only=True)  # fairseq loads it this way
+    dead = [conversion.mapping.symbols[i] for i in conversion.mapping.dead]
+    print(f"wrote {model_path} ({len(conversion.checkpoint['model'])} tensors, transformer_xl_lm) and {dict_path} "
+          f"({len(conversion.mapping.symbols)} types; dead specials {dead})\n"
+          f"binarise with: {PREPROCESS_HINT.format(dict=dict_path)}")
+    return conversion
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        main()
+    except ConversionError as err:
+        sys.exit(f"error: {err}")
