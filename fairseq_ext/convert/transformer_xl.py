@@ -23,7 +23,7 @@ tensors of ``embed_tokens`` (one tensor, two keys). ``pos_emb.inv_freq`` is drop
 Vocabulary: a fairseq dictionary always starts ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3. The output
 ``dict.txt`` lists the original symbols in original order minus those mapped onto fairseq specials (``<eos>`` ->
 ``</s>``, ``<unk>`` -> ``<unk>``; ``--map-symbol`` adds more). Specials the original lacks are *dead* rows: zero
-embedding, zero output row and output bias ``dead_bias`` (-1e4: probability 0 in fp32, finite in fp16). Every
+embedding, zero output row and output bias ``dead_bias`` (-40: probability below e^-40, far under fp32 resolution of the real tokens, finite in fp16; a spurious ``</s>`` target costs only ~40 nats). Every
 mapped symbol must lie in the head cluster; the clusters then keep their members and order, and each cutoff moves
 by the number of dead rows. Binarise text with ``fairseq-preprocess --only-source --srcdict <out>/dict.txt``.
 """
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0..3
 DEFAULT_SYMBOL_MAP = {"<eos>": "</s>", "<unk>": "<unk>", "<s>": "<s>", "<pad>": "<pad>", "</s>": "</s>"}
-DEAD_BIAS = -1e4
+DEAD_BIAS = -40.0
 PREFIX = "decoder."
 DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
 TIE_PROJ_MODES = {"none": lambda n: [False] * n, "tails": lambda n: [False] + [True] * (n - 1),
@@ -872,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
                                                               "training tgt_len)")
     parser.add_argument("--dead-bias", type=float, default=DEAD_BIAS,
-                        help="output bias of fairseq specials the original vocabulary lacks (default -1e4)")
+                        help="output bias of fairseq specials the original vocabulary lacks (default -40)")
     parser.add_argument("--no-verify", action="store_true", help="skip building the model to check the weights fit")
     return parser
 

@@ -296,7 +296,7 @@ def test_streaming_api_ties_dictionary_and_weights_only_output(tmp_path):
     mems = None
     for seg, (_, log_probs) in zip(segments, run_ours(model, conversion.mapping, segments)):
         hidden, mems = ref.forward(seg, mems)
-        assert torch.isfinite(log_probs).all() and log_probs[..., conversion.mapping.dead].exp().max() == 0
+        assert torch.isfinite(log_probs).all() and log_probs[..., conversion.mapping.dead].exp().max() < 1e-15  # dead specials: e^-40-level mass
         assert_close(log_probs[..., to_fs].double(), ref.log_probs(hidden).transpose(0, 1), atol=5e-5, rtol=0)
 
 
