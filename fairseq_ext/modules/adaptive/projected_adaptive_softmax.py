@@ -72,15 +72,18 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                     torch.empty(model_dim, dim))
 
     # ------------------------------------------------------------------------------------------------------
-    def _cluster_params(self, i: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(word matrix (V_i, d_i), bias (V_i,), projection (C, d_i) or None) of cluster i."""
-        lo, hi = self.bounds[i]
+    def _cluster_params(self) -> List[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """Per cluster: (word matrix (V_i, d_i), bias (V_i,), projection (C, d_i) or None). The shared table
+        (div_val = 1) and the bias are split once per call: one split's backward writes a single gradient, where
+        per-cluster slicing would materialise a full-size zero gradient per slice."""
+        sizes = [hi - lo for lo, hi in self.bounds]
+        biases = self.bias.split(sizes)
         if self.div_val == 1:
-            weight = self.weights["0"][lo:hi]
+            weights = self.weights["0"].split(sizes)
         else:
-            weight = self.weights[str(i)]
-        key = str(i)
-        return weight, self.bias[lo:hi], self.out_projs[key] if key in self.out_projs else None
+            weights = [self.weights[str(i)] for i in range(len(self.bounds))]
+        projs = [self.out_projs[str(i)] if str(i) in self.out_projs else None for i in range(len(self.bounds))]
+        return list(zip(weights, biases, projs))
 
     @staticmethod
     def _logits(hidden: Tensor, weight: Tensor, bias: Tensor, proj: Optional[Tensor]) -> Tensor:
@@ -89,9 +92,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             hidden = torch.matmul(hidden, proj)  # (N, d_i) = h P_i
         return F.linear(hidden, weight, bias)  # (N, V_i)
 
-    def _head_logits(self, hidden: Tensor) -> Tensor:
-        """hidden (N, C) -> (N, shortlist + n_clusters): [shortlist | cluster 1 .. cluster n]."""
-        weight, bias, proj = self._cluster_params(0)
+    def _head_logits(self, hidden: Tensor, head: Tuple[Tensor, Tensor, Optional[Tensor]]) -> Tensor:
+        """hidden (N, C), the head's parameters -> (N, shortlist + n_clusters): [shortlist | cluster 1 .. n]."""
+        weight, bias, proj = head
         if self.num_clusters:
             weight = torch.cat([weight, self.cluster_weight.flip(0)], dim=0)  # (shortlist + n, d_0)
             bias = torch.cat([bias, self.cluster_bias.flip(0)], dim=0)
@@ -104,7 +107,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         hidden = hidden.reshape(-1, hidden.size(-1))  # (N, C)
         target = target.reshape(-1)  # (N,)
         head_target = target.clone()
-        logits: List[Optional[Tensor]] = [self._head_logits(hidden)]
+        params = self._cluster_params()
+        logits: List[Optional[Tensor]] = [self._head_logits(hidden, params[0])]
         targets: List[Optional[Tensor]] = [head_target]
         for i in range(1, len(self.bounds)):
             lo, hi = self.bounds[i]
@@ -115,7 +119,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 logits.append(None)
                 targets.append(None)
                 continue
-            logits.append(self._logits(hidden.index_select(0, rows), *self._cluster_params(i)))
+            logits.append(self._logits(hidden.index_select(0, rows), *params[i]))
             targets.append(target.index_select(0, rows) - lo)
         return logits, targets
 
@@ -124,11 +128,12 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         shape = hidden.shape[:-1]
         flat = hidden.reshape(-1, hidden.size(-1))  # (N, C)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # log-softmax in fp32 at least
-        head = torch.log_softmax(self._head_logits(flat).to(acc), dim=-1)  # (N, shortlist + n)
+        params = self._cluster_params()
+        head = torch.log_softmax(self._head_logits(flat, params[0]).to(acc), dim=-1)  # (N, shortlist + n)
         if not self.num_clusters:
             return head.view(*shape, self.vocab_size)
         parts = [head[:, :self.shortlist]]
         for i in range(1, len(self.bounds)):
-            tail = torch.log_softmax(self._logits(flat, *self._cluster_params(i)).to(acc), dim=-1)  # (N, V_i)
+            tail = torch.log_softmax(self._logits(flat, *params[i]).to(acc), dim=-1)  # (N, V_i)
             parts.append(head[:, self.shortlist + i - 1, None] + tail)
         return torch.cat(parts, dim=-1).view(*shape, self.vocab_size)  # (..., V)

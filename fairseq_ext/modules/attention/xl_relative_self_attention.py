@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.ops.xl_relative import xl_relative_attention
@@ -55,9 +54,7 @@ class XLRelativeSelfAttention(nn.Module):
             raise ValueError("shared content/position biases (u, v) must be passed when the layer does not own them")
         b, t, _ = query_input.shape
         q = self._heads(self.q_proj(query_input))  # (B, H, T, D)
-        kv_weight = torch.cat([self.k_proj.weight, self.v_proj.weight], dim=0)  # (2*H*D, C)
-        k, v = F.linear(kv_input, kv_weight).chunk(2, dim=-1)  # (B, S, H*D) each
-        k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
+        k, v = self._heads(self.k_proj(kv_input)), self._heads(self.v_proj(kv_input))  # (B, H, S, D)
         r = self.r_proj(positions).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, S, D)
         out = xl_relative_attention(q, k, v, r, content_bias, position_bias, window=window,
                                     dropout_p=self.attention_dropout if self.training else 0.0,
