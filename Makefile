@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench
+.PHONY: install test test-fast demo bench bench-xl
 install:
 	bash scripts/install.sh
 
@@ -17,3 +17,6 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench_alibi.py
+
+bench-xl: install
+	$(PY) scripts/bench_transformer_xl.py
