@@ -32,7 +32,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -52,6 +51,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_alibi.py` from a checkout
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
+from benchlib import (DTYPES, OOM_MARKERS, cpu_peak_bytes, device_description, is_oom,  # noqa: E402
+                      memory_description, synchronize)
 import fairseq  # noqa: E402
 import fairseq_ext  # noqa: E402,F401  (registers alibi_lm and its archs with fairseq)
 from fairseq import options, tasks, utils  # noqa: E402
@@ -63,14 +65,12 @@ from fairseq_ext.ops.alibi import IMPLS, BIAS_FORMS, alibi_slopes, resolve_impl 
 
 MODELS = ("alibi", "sinusoidal", "fork")
 FORK_ARCH = "alibi_fork_lm"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dimensions used when no --arch preset is given (small enough for a CPU run).
 DEFAULT_DIMS = {"layers": 4, "embed_dim": 256, "heads": 4, "ffn_dim": 1024}
 DIM_FLAGS = {"layers": "--decoder-layers", "embed_dim": "--decoder-embed-dim", "heads": "--decoder-attention-heads",
              "ffn_dim": "--decoder-ffn-embed-dim"}
 RESULT_PREFIX = "BENCH_ALIBI_RESULT "
 MEMORY_WINDOW = "bench_alibi_warmup"
-OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -305,28 +305,8 @@ def train_step(t: Trainee) -> None:
     t.scaler.update()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def cpu_peak_bytes(prof: torch.profiler.profile, window: str) -> int:
-    """Replay the profiler's allocation (+bytes) / free (-bytes) events in time order; return the maximum of live
-    bytes reached inside the ``record_function(window)`` range (live bytes count everything allocated since the
-    profiler started, i.e. weights, optimizer state and activations)."""
-    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
-    spans = [(e.start_ns(), e.end_ns()) for e in events if e.name() == window]
-    if not spans:
-        raise RuntimeError(f"profiler recorded no {window!r} range")
-    start, end = spans[0]
-    live, peak = 0, 0
-    for e in events:
-        if e.name() != "[memory]":
-            continue
-        live += e.nbytes()
-        if start <= e.start_ns() <= end:
-            peak = max(peak, live)
-    return peak
 
 
 def build_and_warm_up(opts: Namespace, model_name: str, seq_len: int) -> Tuple[Trainee, int]:
@@ -360,8 +340,6 @@ def time_steps(trainee: Trainee, steps: int) -> List[float]:
     return times
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc).lower() for m in OOM_MARKERS)
 
 
 def run_config(opts: Namespace, model_name: str, seq_len: int) -> Dict[str, Any]:
@@ -420,17 +398,8 @@ def model_label(model: str, opts: Namespace) -> str:
     return "fork (3-D B·H mask)"
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (cuda)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def memory_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated over the warm-up steps"
-    return ("max live tensor bytes in PyTorch's CPU allocator over the warm-up steps "
-            "(torch.profiler profile_memory alloc/free replay)")
 
 
 def dims_description(opts: Namespace) -> str:

@@ -65,7 +65,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -87,6 +86,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_transformer_xl.py` from a checkout
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
+from benchlib import (DTYPES, OOM_MARKERS, cpu_peak_bytes, device_description, is_oom,  # noqa: E402
+                      memory_description, synchronize)
 import fairseq  # noqa: E402
 import fairseq_ext  # noqa: E402,F401  (registers transformer_xl_lm, streaming_lm, lm_loss)
 from fairseq import options, tasks, utils  # noqa: E402
@@ -99,7 +101,6 @@ DEFAULT_IMPLS = ("sdpa", "shift", "original")
 DEFAULT_ARCHS = ("transformer_xl_tiny", "transformer_xl_wiki103_nvidia_base")
 PROTOCOLS = ("stream", "sliding")
 TABLES = ("train", "eval")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WT103_VOCAB = 267_735  # NVIDIA n_token (spec §3)
 # Per-arch training defaults (batch, tgt_len, mem_len or None = the preset's, vocabulary incl. 4 specials).
 ARCH_DEFAULTS = {
@@ -114,7 +115,6 @@ NORMAL = dict(arch=list(DEFAULT_ARCHS), steps=3, warmup=2, eval_tgt_len=64, eval
               eval_steps=5, eval_warmup=1)
 RESULT_PREFIX = "BENCH_XL_RESULT "
 MEMORY_WINDOW = "bench_xl_warmup"
-OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 CLIP_NORM = 0.25  # original and NVIDIA scripts
 
 
@@ -552,28 +552,8 @@ def train_step(t: Trainee) -> None:
         t.mems = new_mems
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def cpu_peak_bytes(prof: torch.profiler.profile, window: str) -> int:
-    """Replay the profiler's allocation (+bytes) / free (-bytes) events in time order and return the maximum of live
-    bytes reached inside the ``record_function(window)`` range (live bytes count everything allocated since the
-    profiler started: weights, optimizer state, memories, activations)."""
-    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
-    spans = [(e.start_ns(), e.end_ns()) for e in events if e.name() == window]
-    if not spans:
-        raise RuntimeError(f"profiler recorded no {window!r} range")
-    start, end = spans[0]
-    live, peak = 0, 0
-    for e in events:
-        if e.name() != "[memory]":
-            continue
-        live += e.nbytes()
-        if start <= e.start_ns() <= end:
-            peak = max(peak, live)
-    return peak
 
 
 def build_and_warm_up(opts: Namespace, arch: str, impl: str, shape: Shape) -> Tuple[Trainee, int]:
@@ -608,8 +588,6 @@ def timed(fn, steps: int, device: torch.device) -> List[float]:
     return times
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc).lower() for m in OOM_MARKERS)
 
 
 def _failure(result: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
@@ -770,17 +748,8 @@ def impl_label(impl: str) -> str:
     return "original (kimiyoung, reproduced)" if impl == "original" else f"ours ({impl})"
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (cuda), {torch.get_num_threads()} CPU threads"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def memory_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated over the warm-up steps"
-    return ("max live tensor bytes in PyTorch's CPU allocator over the warm-up steps "
-            "(torch.profiler profile_memory alloc/free replay)")
 
 
 def arch_description(arch: str) -> str:

@@ -42,6 +42,15 @@ def assert_same_grads(fn_a: Callable[[], Tensor], fn_b: Callable[[], Tensor], in
             assert_close(ga, gb, msg=f"gradient of input {i} differs", **tol)
 
 
+def single_thread():
+    """Body of a pytest fixture (``name = pytest.fixture(autouse=True)(single_thread)``): one intra-op thread while a
+    test runs. The test models are tiny; on a busy 2-core machine OpenMP threads otherwise spin-wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def split_segments(tokens: Tensor, lengths: Sequence[int]) -> List[Tensor]:
     """Split (B, T) tokens along time into consecutive segments of the given lengths."""
     assert sum(lengths) == tokens.size(1), (lengths, tokens.shape)

@@ -22,7 +22,7 @@ from fairseq_ext.convert.transformer_xl import (DEAD_BIAS, ConversionError, Orig
                                                build_vocab_mapping, convert_transformer_xl, main, read_source,
                                                write_dictionary)
 from tests.convert.transformer_xl_reference import ReferenceConfig, ReferenceTransformerXL
-from tests.harness import REPO_ROOT, assert_close
+from tests.harness import REPO_ROOT, assert_close, single_thread
 
 BASE = OriginalConfig(n_token=60, n_layer=2, n_head=2, d_head=6, d_model=16, d_inner=24, d_embed=16, div_val=1,
                       cutoffs=[10, 20, 40], tie_weight=True, tie_projs=[False, True, True, True], tgt_len=5,
@@ -32,12 +32,7 @@ BATCH = 2
 UNK_AT = 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def word_vocab(n: int = 60, unk_at: int = UNK_AT) -> List[str]:

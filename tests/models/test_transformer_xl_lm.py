@@ -11,17 +11,12 @@ import torch.nn.functional as F
 
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
 from fairseq_ext.state import HiddenMemory
-from tests.harness import assert_close, build_model, tiny_dictionary
+from tests.harness import assert_close, build_model, single_thread, tiny_dictionary
 
 VOCAB = 60  # 4 specials + 56 words
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def make(extra=(), vocab=VOCAB, dtype=torch.float64, tokens_per_sample=5) -> TransformerXLLanguageModel:

@@ -2,9 +2,8 @@
 import os
 
 import pytest
-import torch
 
-from tests.harness import fairseq_preprocess, random_corpus
+from tests.harness import fairseq_preprocess, random_corpus, single_thread
 
 VALID_TOKENS = 240  # 2 * 8 * 15 = 4 * 6 * 10: lets B streams align with T-token blocks for several (B, T)
 
@@ -32,10 +31,4 @@ def other_data_dir(tmp_path_factory) -> str:
     )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The toy models are tiny: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_torch_thread = pytest.fixture(autouse=True)(single_thread)

@@ -6,19 +6,16 @@ requested implementation that cannot run is an error, never a silent fallback.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, Optional
 
 from torch import Tensor
 
+from ..dispatch import ImplResolver
 from .bias import BIAS_FORMS, alibi_bias, alibi_slopes, causal_mask
 from .naive import alibi_attention_naive
 from .sdpa import alibi_attention_sdpa, alibi_sdpa_bias
 
-logger = logging.getLogger(__name__)
-
 IMPLS = ("auto", "naive", "sdpa", "flex")
-_logged_auto = False
 
 
 def _flex(*args, **kwargs) -> Tensor:
@@ -33,18 +30,7 @@ _KERNELS: Dict[str, Callable[..., Tensor]] = {
     "flex": _flex,
 }
 
-
-def resolve_impl(impl: str) -> str:
-    """Map ``auto`` to a concrete implementation (logged once) and validate explicit names."""
-    global _logged_auto
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attn_impl {impl!r}; choose one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    if not _logged_auto:
-        logger.info("ALiBi attention: attn_impl=auto -> sdpa (scaled_dot_product_attention, (1,H,T,S) bias)")
-        _logged_auto = True
-    return "sdpa"
+resolve_impl = ImplResolver("ALiBi attention", IMPLS, "sdpa", "scaled_dot_product_attention, (1,H,T,S) bias")
 
 
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_offset: int = 0,

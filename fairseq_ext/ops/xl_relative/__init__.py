@@ -5,20 +5,17 @@ the relative shift; ``naive`` gathers r_{i-j} per (i, j) (the reference). An unk
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, Optional
 
 from torch import Tensor
 
+from ..dispatch import ImplResolver
 from .fused import xl_relative_attention_sdpa, xl_relative_attention_shift
 from .mask import SAME_LENGTH_CONVENTIONS, same_length_window, xl_attention_mask
 from .naive import xl_relative_attention_naive
 from .shift import rel_shift, rel_shift_pad
 
-logger = logging.getLogger(__name__)
-
 IMPLS = ("auto", "naive", "shift", "sdpa")
-_logged_auto = False
 
 _KERNELS: Dict[str, Callable[..., Tensor]] = {
     "naive": xl_relative_attention_naive,
@@ -26,18 +23,7 @@ _KERNELS: Dict[str, Callable[..., Tensor]] = {
     "sdpa": xl_relative_attention_sdpa,
 }
 
-
-def resolve_impl(impl: str) -> str:
-    """Map ``auto`` to a concrete implementation (logged once) and validate explicit names."""
-    global _logged_auto
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attn_impl {impl!r}; choose one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    if not _logged_auto:
-        logger.info("Transformer-XL attention: attn_impl=auto -> sdpa (relative scores as the additive bias)")
-        _logged_auto = True
-    return "sdpa"
+resolve_impl = ImplResolver("Transformer-XL attention", IMPLS, "sdpa", "relative scores as the additive bias")
 
 
 def xl_relative_attention(q: Tensor, k: Tensor, v: Tensor, r: Tensor, content_bias: Tensor,
