@@ -258,7 +258,10 @@ class StreamingLMTask(FairseqTask):
 
     def build_model(self, cfg: FairseqDataclass, from_checkpoint: bool = False) -> nn.Module:
         model = super().build_model(cfg, from_checkpoint)
-        stateful = any(isinstance(module, StatefulDecoder) for module in model.modules())
+        decoders = [module for module in model.modules() if isinstance(module, StatefulDecoder)]
+        for decoder in decoders:
+            decoder.attach_streams("streaming_lm")  # batches here are consecutive segments of the same streams
+        stateful = bool(decoders)
         logger.info("%s %s", type(model).__name__, "carries state across segments" if stateful else
                     "is stateless: every segment is scored without context from earlier segments")
         return model

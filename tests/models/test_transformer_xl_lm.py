@@ -163,6 +163,7 @@ def test_memory_update_lengths_contents_and_no_grad():
 
 def test_memory_persists_through_the_stream_api_in_training_and_is_detached():
     model = make(("--mem-len", "4"), dtype=torch.float32)
+    model.decoder.attach_streams("tests")  # consecutive calls continue the same streams (as streaming_lm does)
     model.train()
     x = tokens(2, 8)
     for seg in torch.split(x, [4, 4], dim=1):

@@ -106,6 +106,19 @@ def test_context_window_is_rejected_with_the_fix(trained, caplog):
         eval_lm(data, ckpt, caplog, "--batch-size", "2", "--tokens-per-sample", "8", "--context-window", "4")
 
 
+def test_memory_model_outside_streaming_lm_is_a_clear_error(trained, caplog):
+    """fairseq-eval-lm with fairseq's language_modeling task batches unrelated blocks: carrying memory across them
+    would be a silently wrong number, so the second batch raises and names the fix; without memory it runs."""
+    data, ckpt = trained
+    args = [data, "--user-dir", USER_DIR, "--path", ckpt, "--task", "language_modeling", "--gen-subset", "valid",
+            "--cpu", "--num-workers", "0", "--no-progress-bar", "--tokens-per-sample", "8", "--batch-size", "2",
+            "--sample-break-mode", "none"]
+    with pytest.raises(RuntimeError, match="--task streaming_lm"):
+        fairseq_eval_lm(args)
+    result = fairseq_eval_lm(args + ["--model-overrides", "{'mem_len': 0}"])  # stateless: nonoverlap(8) is valid
+    assert math.isfinite(float(result["loss"]))
+
+
 def test_checkpoint_reload_gives_identical_logits(trained):
     data, ckpt = trained
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": data})

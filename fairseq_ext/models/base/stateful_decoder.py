@@ -39,6 +39,14 @@ CONTEXT_WINDOW_ERROR = (
     "tokens in --batch-size contiguous streams)."
 )
 
+STREAM_SOURCE_ERROR = (
+    "{name} carries its state from one batch to the next, which is only correct when every batch row continues the "
+    "same row of the previous batch. Train and evaluate it with --task streaming_lm (fairseq-train / fairseq-eval-lm "
+    "--task streaming_lm --batch-size B --tokens-per-sample T); fairseq's language_modeling task batches unrelated "
+    "blocks. Generation (incremental decoding) needs no task support. In code: decoder.attach_streams(source) once "
+    "batches are contiguous streams, or reset_state() between unrelated batches."
+)
+
 
 class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
     """Decoder base that carries a ``SegmentState`` from one call to the next (see the module docstring)."""
@@ -46,6 +54,12 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
     def __init__(self, dictionary) -> None:
         super().__init__(dictionary)
         self._streams: Dict[str, Optional[SegmentState]] = {name: None for name in STREAMS}
+        self.stream_source: Optional[str] = None  # set by attach_streams: who guarantees batch continuity
+
+    def attach_streams(self, source: str) -> None:
+        """Declare that consecutive batches continue the same streams (``streaming_lm`` does, fairseq's
+        ``language_modeling`` does not). Until then, carrying a state into a second batch is an error."""
+        self.stream_source = source
 
     @abc.abstractmethod
     def forward_segment(self, tokens: Tensor, state: Optional[SegmentState]) -> SegmentOutput:
@@ -105,6 +119,8 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
     def _stream_step(self, tokens: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
         stream = "train" if self.training else "eval"
         state = self._streams[stream]
+        if state is not None and self.stream_source is None:
+            raise RuntimeError(STREAM_SOURCE_ERROR.format(name=type(self).__name__))
         if state is not None and state.batch_size != tokens.size(0):
             logger.info("%s: %r stream batch size changed from %d to %d; starting it over from an empty state",
                         type(self).__name__, stream, state.batch_size, tokens.size(0))

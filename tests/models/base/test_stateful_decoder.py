@@ -184,3 +184,18 @@ def test_base_classes_check_their_contract():
     with pytest.raises(ValueError, match="encoder_out"):
         model.decoder(tokens_for(model), encoder_out={"x": []})
     assert isinstance(model.decoder, ToyDecoder)
+
+
+def test_carrying_state_into_unrelated_batches_is_refused_until_streams_are_attached():
+    """Without a stream source (e.g. built by fairseq's language_modeling task), the second batch would silently
+    continue an unrelated row's state: an error names --task streaming_lm."""
+    model = toy_model()
+    model.decoder.stream_source = None
+    x = tokens_for(model)
+    model(x)  # the first batch starts cold: fine
+    with pytest.raises(RuntimeError, match="--task streaming_lm"):
+        model(x)
+    model.reset_state()
+    model(x)  # an explicit reset between unrelated batches is fine
+    model.decoder.attach_streams("tests")
+    model(x)

@@ -114,5 +114,9 @@ if TOY_ARCH not in MODEL_REGISTRY:  # a second import of this file must not regi
 def toy_model(num_words: int = 12, embed_dim: int = 16, carry_state: bool = True,
               adaptive_cutoff: Optional[List[int]] = None, aux_coef: float = 0.0, seed: int = 0
               ) -> ToyLanguageModel:
+    """A toy model whose batches the tests treat as contiguous streams (``attach_streams``)."""
     torch.manual_seed(seed)
-    return ToyLanguageModel(ToyDecoder(tiny_dictionary(num_words), embed_dim, carry_state, adaptive_cutoff, aux_coef))
+    model = ToyLanguageModel(ToyDecoder(tiny_dictionary(num_words), embed_dim, carry_state, adaptive_cutoff,
+                                        aux_coef))
+    model.decoder.attach_streams("tests")
+    return model
