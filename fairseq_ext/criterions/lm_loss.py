@@ -39,6 +39,10 @@ class LMLossConfig(FairseqDataclass):
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
+def _fp32_at_least(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def nll_sum(model: nn.Module, net_output: Tuple[Tensor, Dict[str, Any]], target: Tensor, pad: int) -> Tensor:
     """Summed NLL in nats of target (B, T) under the model's output; pad targets are ignored."""
     adaptive = getattr(model.decoder, "adaptive_softmax", None)
@@ -47,10 +51,11 @@ def nll_sum(model: nn.Module, net_output: Tuple[Tensor, Dict[str, Any]], target:
         return F.nll_loss(lprobs.reshape(-1, lprobs.size(-1)), target.reshape(-1), ignore_index=pad,
                           reduction="sum")
     logits, targets = adaptive(net_output[0], target.reshape(-1))  # per cluster: (N_i, V_i), (N_i,)
-    loss = F.cross_entropy(logits[0], targets[0], ignore_index=pad, reduction="sum")  # head: pad stays here
+    # log-softmax in fp32 even under fp16/bf16 training (as the Transformer-XL code does for its clusters)
+    loss = F.cross_entropy(_fp32_at_least(logits[0]), targets[0], ignore_index=pad, reduction="sum")  # head: pad stays
     for cluster_logits, cluster_target in zip(logits[1:], targets[1:]):
         if cluster_target is not None:
-            loss = loss + F.cross_entropy(cluster_logits, cluster_target, reduction="sum")
+            loss = loss + F.cross_entropy(_fp32_at_least(cluster_logits), cluster_target, reduction="sum")
     return loss
 
 
