@@ -116,3 +116,44 @@ class LayerStates(SegmentState):
     """One state per layer (each a SegmentState or None), as a decoder carries them."""
 
     layers: Tuple[Optional[SegmentState], ...]
+
+
+def _state_classes() -> dict:
+    """Every SegmentState subclass by class name (fairseq_ext's and any model's own)."""
+    found, stack = {}, [SegmentState]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            found.setdefault(sub.__name__, sub)
+            stack.append(sub)
+    return found
+
+
+def state_to_plain(state: Optional[SegmentState]):
+    """A state as plain dicts/lists of tensors and numbers (what torch's weights-only checkpoint loader accepts);
+    ``state_from_plain`` inverts it."""
+    def encode(value):
+        if isinstance(value, SegmentState):
+            return {"__state__": type(value).__name__,
+                    **{f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        if isinstance(value, tuple):
+            return {"__tuple__": [encode(v) for v in value]}
+        return value
+
+    return None if state is None else encode(state)
+
+
+def state_from_plain(plain) -> Optional[SegmentState]:
+    classes = _state_classes()
+
+    def decode(value):
+        if isinstance(value, dict) and "__state__" in value:
+            name = value["__state__"]
+            if name not in classes:
+                raise ValueError(f"unknown state class {name!r} in a checkpoint; known: {sorted(classes)}")
+            return classes[name](**{k: decode(v) for k, v in value.items() if k != "__state__"})
+        if isinstance(value, dict) and "__tuple__" in value:
+            return tuple(decode(v) for v in value["__tuple__"])
+        return value
+
+    return None if plain is None else decode(plain)

@@ -54,3 +54,21 @@ def test_hidden_memory_length_and_device_move():
     memory = HiddenMemory((torch.zeros(2, 7, 3), torch.zeros(2, 7, 3)))
     assert memory.length == 7 and HiddenMemory(()).length == 0
     assert memory.to("cpu").layers[1].shape == (2, 7, 3)
+
+
+def test_plain_round_trip_for_checkpoints(tmp_path):
+    """state_to_plain gives dicts/lists of tensors that torch's weights-only loader accepts; state_from_plain
+    rebuilds the same nested states (tuples, None entries and int fields included)."""
+    from fairseq_ext.state import state_from_plain, state_to_plain
+
+    memory = HiddenMemory((torch.randn(2, 3, 4), torch.randn(2, 3, 4)), pending=2)
+    nested = LayerStates((memory, None, KVCache(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4))))
+    path = str(tmp_path / "state.pt")
+    torch.save(state_to_plain(nested), path)
+    back = state_from_plain(torch.load(path, weights_only=True))
+    assert isinstance(back, LayerStates) and back.layers[1] is None
+    assert back.layers[0].pending == 2 and torch.equal(back.layers[0].layers[1], memory.layers[1])
+    assert torch.equal(back.layers[2].value, nested.layers[2].value) and back.layers[2].key_padding_mask is None
+    assert state_from_plain(None) is None and state_to_plain(None) is None
+    with pytest.raises(ValueError, match="unknown state class"):
+        state_from_plain({"__state__": "NoSuchState"})

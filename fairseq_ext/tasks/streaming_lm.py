@@ -269,6 +269,14 @@ class StreamingLMTask(FairseqTask):
     def begin_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "train")
 
+    def train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
+                   update_num: int, ignore_grad: bool = False) -> Tuple[Tensor, int, Dict]:
+        if sample and sample.get("segment") is not None:  # a run resumed mid-epoch continues its saved streams
+            for module in model.modules():
+                if isinstance(module, StatefulDecoder):
+                    module.resume_train_stream(sample["segment"])
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
     def begin_valid_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "eval")
 

@@ -166,3 +166,38 @@ def test_eval_recipe_script_runs_on_a_checkpoint(trained, protocol):
     assert f"protocol: stream(B=2, T=64, M=640, clamp=400, same_length, {protocol})" in proc.stdout
     scored = re.search(r"Evaluated ([0-9,]+) tokens", proc.stderr).group(1).replace(",", "")
     assert int(scored) == split_token_count(data, "valid")
+
+
+def test_resume_mid_epoch_continues_the_training_memory_exactly(trained, tmp_path):
+    """3 updates, stop, resume to 6 == 6 uninterrupted updates, bit for bit: the checkpoint carries the training
+    streams' memory (fairseq seeds dropout per update). Without the saved memory the resumed run differs."""
+    import shutil
+
+    data, _ = trained
+    common = [data, "--user-dir", USER_DIR, "--task", "streaming_lm", "--arch", "transformer_xl_tiny",
+              "--tokens-per-sample", "12", "--batch-size", "4", "--mem-len", "12", "--dropout", "0.1",
+              "--optimizer", "adam", "--lr", "0.003", "--criterion", "lm_loss", "--no-epoch-checkpoints", "--cpu",
+              "--num-workers", "0", "--seed", "1", "--no-progress-bar", "--disable-validation"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fairseq_train(common + ["--max-update", "6", "--save-dir", str(tmp_path / "full")])
+        fairseq_train(common + ["--max-update", "3", "--save-dir", str(tmp_path / "split")])
+        shutil.copytree(tmp_path / "split", tmp_path / "cold")
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "cold" / "checkpoint_last.pt"))
+        assert state["model"]["decoder._extra_state"]["train_segments"] == 3
+        state["model"]["decoder._extra_state"] = None  # as if the memory had not been saved
+        state["cfg"] = OmegaConf.to_container(state["cfg"])
+        checkpoint_utils.torch_persistent_save(state, str(tmp_path / "cold" / "checkpoint_last.pt"))
+        for name in ("split", "cold"):
+            fairseq_train(common + ["--max-update", "6", "--save-dir", str(tmp_path / name)])
+    finally:
+        torch.set_num_threads(threads)
+
+    def weights(name):
+        return checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / name / "checkpoint_last.pt"))["model"]
+
+    full, split, cold = weights("full"), weights("split"), weights("cold")
+    tensors = [k for k, v in full.items() if torch.is_tensor(v)]
+    assert all(torch.equal(full[k], split[k]) for k in tensors)
+    assert not all(torch.equal(full[k], cold[k]) for k in tensors)

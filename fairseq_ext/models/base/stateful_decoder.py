@@ -22,9 +22,10 @@ from typing import Any, Dict, Optional, Tuple
 
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from omegaconf import DictConfig
+import torch
 from torch import Tensor, nn
 
-from fairseq_ext.state import SegmentState
+from fairseq_ext.state import SegmentState, state_from_plain, state_to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         super().__init__(dictionary)
         self._streams: Dict[str, Optional[SegmentState]] = {name: None for name in STREAMS}
         self.stream_source: Optional[str] = None  # set by attach_streams: who guarantees batch continuity
+        self._train_segments = 0  # training calls since the "train" stream was last reset
+        self._pending_train: Optional[Dict[str, Any]] = None  # a checkpoint's train stream, until resumed
 
     def attach_streams(self, source: str) -> None:
         """Declare that consecutive batches continue the same streams (``streaming_lm`` does, fairseq's
@@ -127,7 +130,46 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
             state = None
         features, new_state, extra = self.forward_segment(tokens, state)
         self._streams[stream] = None if new_state is None else new_state.detach()
+        if stream == "train":
+            self._train_segments += 1
         return features, extra
+
+    # -- the training stream in checkpoints (exact resume) ----------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        """Saved in the model's state dict (key ``<prefix>_extra_state``): the "train" stream and how many training
+        segments produced it, as plain tensors/dicts (weights-only loadable)."""
+        return {"train": state_to_plain(self._streams["train"]), "train_segments": self._train_segments,
+                "world_size": _world_size()}
+
+    def set_extra_state(self, extra: Optional[Dict[str, Any]]) -> None:
+        """Keep a checkpoint's train stream until ``resume_train_stream`` knows where training resumes."""
+        self._pending_train = extra if extra and extra.get("train") is not None else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.setdefault(prefix + "_extra_state", None)  # converted/older checkpoints carry no stream
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def resume_train_stream(self, segment: int) -> bool:
+        """Called before a training step on segment ``segment`` of the streams: if a loaded checkpoint's train
+        stream ends exactly before that segment (a run resumed mid-epoch), continue from it. With several
+        data-parallel workers only one worker's stream is in the checkpoint, so all workers start cold."""
+        pending, self._pending_train = self._pending_train, None
+        if pending is None:
+            return False
+        reason = None
+        if pending["world_size"] != 1 or _world_size() != 1:
+            reason = (f"the checkpoint holds one worker's stream ({pending['world_size']} saved, {_world_size()} "
+                      f"now); exact resume of stream memory needs a single worker")
+        elif segment != pending["train_segments"]:
+            reason = f"training resumes at segment {segment}, the saved stream ends before {pending['train_segments']}"
+        if reason is not None:
+            logger.info("%s: training streams start cold: %s", type(self).__name__, reason)
+            return False
+        device = next(self.parameters()).device
+        self._streams["train"] = state_from_plain(pending["train"]).to(device)
+        self._train_segments = segment
+        logger.info("%s: resumed the training streams' state at segment %d", type(self).__name__, segment)
+        return True
 
     def stream_state(self, stream: str) -> Optional[SegmentState]:
         """The state the next call on ``stream`` ("train" / "eval") continues from (None: cold start)."""
@@ -137,6 +179,13 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         """Forget the state of ``stream`` ("train" / "eval"), or of every stream when None."""
         for name in STREAMS if stream is None else (_check_stream(stream),):
             self._streams[name] = None
+            if name == "train":
+                self._train_segments = 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
 
 
 def _check_stream(stream: str) -> str:

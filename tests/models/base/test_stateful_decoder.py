@@ -199,3 +199,26 @@ def test_carrying_state_into_unrelated_batches_is_refused_until_streams_are_atta
     model(x)  # an explicit reset between unrelated batches is fine
     model.decoder.attach_streams("tests")
     model(x)
+
+
+def test_training_stream_travels_in_the_state_dict_and_resumes_only_where_it_ended():
+    model = toy_model()
+    model.train()
+    x = tokens_for(model)
+    for segment in torch.split(x, [6, 7], dim=1):
+        model(segment)
+    saved = model.state_dict()
+    assert saved["decoder._extra_state"]["train_segments"] == 2
+
+    fresh = toy_model(seed=1)
+    fresh.load_state_dict(saved)
+    assert fresh.decoder.stream_state("train") is None  # nothing happens until training resumes
+    assert not fresh.decoder.resume_train_stream(5)  # the iterator restarted elsewhere: cold
+    assert fresh.decoder.stream_state("train") is None
+    fresh.load_state_dict(saved)
+    assert fresh.decoder.resume_train_stream(2)
+    expected = model.decoder.stream_state("train")
+    for a, b in zip(fresh.decoder.stream_state("train").tensors(), expected.tensors()):
+        assert torch.equal(a, b)
+    converted = {k: v for k, v in saved.items() if k != "decoder._extra_state"}
+    toy_model().load_state_dict(converted)  # checkpoints without a stream (converted, older) still load strictly
