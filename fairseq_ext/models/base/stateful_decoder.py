@@ -13,6 +13,9 @@ and ``output_layer``. The base decides which state a call continues from:
   a stream whose batch size changes starts over from ``None``.
 
 The task owns the boundaries and calls ``reset_stream_state(model, stream)`` (epoch start, validation start).
+State is carried into a second batch only after ``attach_streams`` (the streaming task declares that its batches
+continue the same streams). The "train" stream is part of the model's state dict (``_extra_state``) and is
+continued by ``resume_train_stream`` when a run resumes exactly where it was saved.
 """
 from __future__ import annotations
 
