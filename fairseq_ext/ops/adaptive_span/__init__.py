@@ -1,0 +1,75 @@
+"""Adaptive-span attention op (Sukhbaatar et al. 2019, arXiv 1905.07799) with optional persistent memory
+(All-attention, arXiv 1907.01470): ``adaptive_span_attention(q, k, v, key_pe, span_mask, pers_k, pers_v, impl=...)``.
+
+Query i of the M-query segment attends to the L positions before it (keys [cache of L ; segment of M], key
+indices i .. i + L - 1, distances L .. 1, never itself); ``key_pe`` column L - 1 is distance 1; the span mask
+multiplies the softmax (context part only) and the row is renormalised jointly with the persistent slots.
+
+The renormalisation a / (sum a + eps), eps = 1e-8 as the original, makes the result depend on the unmasked softmax
+mass: trimmed and untrimmed windows (or the log-mask bias form) agree to ~eps / mass relative, exactly with eps = 0.
+
+``impl="auto"`` picks ``skew`` and logs the choice once; ``skew`` is the original skew layout as zero-copy strided
+index maps; ``naive`` gathers each query's L-key window (the reference). An unknown implementation is an error.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+from torch import Tensor
+
+from ..dispatch import ImplResolver
+from .mask import (
+    CACHE_SLACK,
+    TRIM_GRANULARITY,
+    SpanTrim,
+    adaptive_span_mask,
+    current_max_span,
+    fit_keys,
+    needed_keys,
+    span_distances,
+    span_mask_at,
+    span_trim,
+    trim_length,
+)
+from .naive import adaptive_span_attention_naive
+from .skew import adaptive_span_attention_skew, skew, skew_pad, unskew, unskew_pad
+
+IMPLS = ("auto", "naive", "skew")
+
+_KERNELS: Dict[str, Callable[..., Tensor]] = {
+    "naive": adaptive_span_attention_naive,
+    "skew": adaptive_span_attention_skew,
+}
+
+resolve_impl = ImplResolver("adaptive-span attention", IMPLS, "skew", "strided skew layout, no padded copies")
+
+
+def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor, span_mask: Optional[Tensor] = None,
+                            pers_k: Optional[Tensor] = None, pers_v: Optional[Tensor] = None, *,
+                            dropout_p: float = 0.0, renorm: bool = True, eps: float = 1e-8,
+                            impl: str = "auto") -> Tensor:
+    """q: (B, H, M, D); k, v: (B, H, L + M, D) = [cache of L ; segment of M] (use ``fit_keys`` to cut or zero-pad a
+    cache to L); key_pe: (D, L) shared or (H, D, L), column j = distance L - j; span_mask: (H, L) or (L,) from
+    ``adaptive_span_mask(z, max_span, ramp, length=L)`` or None (no mask, no renormalisation); pers_k: (H, D, N)
+    and pers_v: (H, N, D) persistent vectors as stored (multiplied by sqrt(D) and sqrt(N) here); renorm=False
+    skips the renormalisation after masking (fairseq example compatibility only). Returns (B, H, M, D)."""
+    m, s, span = q.size(2), k.size(2), key_pe.size(-1)
+    if s != span + m:
+        raise ValueError(f"keys must be [cache of L={span} ; segment of M={m}] = {span + m} positions, got {s}: "
+                         f"cut or zero-pad the cache with fit_keys")
+    if v.size(2) != s:
+        raise ValueError(f"values ({v.size(2)}) and keys ({s}) differ in length")
+    if span_mask is not None and span_mask.size(-1) != span:
+        raise ValueError(f"span mask has {span_mask.size(-1)} columns, key_pe {span}: slice the mask to the window")
+    if (pers_k is None) != (pers_v is None):
+        raise ValueError("persistent memory needs both pers_k and pers_v")
+    if pers_k is not None and pers_k.size(-1) != pers_v.size(-2):
+        raise ValueError(f"pers_k has {pers_k.size(-1)} slots, pers_v {pers_v.size(-2)}")
+    return _KERNELS[resolve_impl(impl)](q, k, v, key_pe, span_mask, pers_k, pers_v, dropout_p=dropout_p,
+                                        renorm=renorm, eps=eps)
+
+
+__all__ = ["adaptive_span_attention", "adaptive_span_attention_naive", "adaptive_span_attention_skew",
+           "adaptive_span_mask", "span_mask_at", "span_distances", "current_max_span", "trim_length",
+           "needed_keys", "span_trim", "SpanTrim", "fit_keys", "skew", "unskew", "skew_pad", "unskew_pad",
+           "resolve_impl", "IMPLS", "TRIM_GRANULARITY", "CACHE_SLACK"]
