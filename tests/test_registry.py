@@ -15,7 +15,7 @@ EXPECTED = {
              "transformer_xl_tiny"],
     "task": ["streaming_lm"],
     "criterion": ["lm_loss"],
-    "optimizer": ["lamb_torch"],
+    "optimizer": ["lamb_torch", "adagrad_clip"],
     "lr_scheduler": ["cosine_warmup_xl"],
 }
 
