@@ -39,10 +39,9 @@ order). The clip is per tensor, so ``supports_flat_params`` is False: ``--fp16``
 (as fairseq's example).
 """
 
-from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -50,8 +49,9 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II
 from torch import Tensor
 
+from .per_tensor import PerTensorOptimizer, Slot, fill_missing_group_keys
+
 ADAGRAD_IMPLS = ("foreach", "loop")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 CLIP_NORM_EPS = 1e-10  # the original's constant in c / (‖g‖ + 1e-10)
 
 
@@ -123,23 +123,7 @@ def adagrad_clip_foreach(params: List[Tensor], grads: List[Tensor], sums: List[T
 # ======================================================================================================================
 
 
-def work_dtype(param: Tensor) -> torch.dtype:
-    """The dtype the step computes in for this parameter: fp32 for fp16/bf16, the parameter's own otherwise."""
-    return torch.float32 if param.dtype in HALF_DTYPES else param.dtype
-
-
-@dataclass
-class _Slot:
-    """One parameter with a gradient, as the step sees it (working copies are fp32 for half parameters)."""
-
-    param: Tensor
-    work_param: Tensor
-    grad: Tensor
-    sum: Tensor
-    step: int
-
-
-class AdagradClip(torch.optim.Optimizer):
+class AdagradClip(PerTensorOptimizer):
     """Adagrad with per-tensor step-size clipping (module docstring); usable without fairseq.
 
     Defaults are the original's: lr_decay 0, weight_decay 0, initial accumulator 0, eps 1e-10, grad_clip 0 (no clip).
@@ -159,67 +143,17 @@ class AdagradClip(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.impl = impl
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            slots = [self._slot(p, group) for p in group["params"] if p.grad is not None]
-            hp = AdagradClipHyper.from_group(group)
-            for bucket in _buckets(slots):
-                tensors = ([s.work_param for s in bucket], [s.grad for s in bucket], [s.sum for s in bucket],
-                           [s.step for s in bucket])
-                (adagrad_clip_foreach if self.impl == "foreach" else adagrad_clip_loop)(*tensors, hp)
-            for s in slots:
-                if s.work_param is not s.param:
-                    s.param.copy_(s.work_param)
-        return loss
+    STATE_KEYS = ("sum",)
 
-    def _slot(self, param: Tensor, group: Dict[str, Any]) -> _Slot:
-        """The parameter's working tensors and accumulator (created, or restored to the working dtype, on demand)."""
-        if param.grad.is_sparse:
-            raise RuntimeError("AdagradClip does not support sparse gradients (e.g. nn.Embedding(sparse=True)); use "
-                               "dense gradients or torch.optim.SparseAdam for those parameters")
-        dtype = work_dtype(param)
-        state = self.state[param]
-        if "sum" not in state:
-            state["sum"] = torch.full_like(param, group["initial_accumulator_value"], dtype=dtype,
-                                           memory_format=torch.preserve_format)
-        elif state["sum"].dtype != dtype or state["sum"].device != param.device:
-            state["sum"] = state["sum"].to(device=param.device, dtype=dtype)
-        state["step"] = int(state.get("step", 0)) + 1  # torch.optim.Adagrad saves a tensor step
-        work_param = param.detach() if param.dtype == dtype else param.detach().to(dtype)
-        return _Slot(param=param, work_param=work_param, grad=param.grad.detach().to(dtype), sum=state["sum"],
-                     step=state["step"])
+    def init_state(self, key: str, param: Tensor, group: Dict[str, Any], dtype: torch.dtype) -> Tensor:
+        return torch.full_like(param, group["initial_accumulator_value"], dtype=dtype,
+                               memory_format=torch.preserve_format)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's loader casts the accumulator to the parameter dtype; keep it in the working dtype (fp32 for half
-        parameters) at full saved precision, and fill hyperparameters the saved groups lack (e.g. a torch.optim.Adagrad
-        state) from this optimizer's defaults."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            if work_dtype(param) != param.dtype and torch.is_tensor(saved.get("sum")):
-                self.state[param]["sum"] = saved["sum"].to(device=param.device, dtype=work_dtype(param))
-        fill_missing_group_keys(self.param_groups, self.defaults)
-
-
-def _buckets(slots: List[_Slot]) -> List[List[_Slot]]:
-    """Slots grouped by (device, working dtype), the unit a multi-tensor op (and a stacked norm vector) works on."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[_Slot]] = defaultdict(list)
-    for s in slots:
-        groups[(s.work_param.device, s.work_param.dtype)].append(s)
-    return list(groups.values())
-
-
-def fill_missing_group_keys(param_groups: List[Dict[str, Any]], defaults: Dict[str, Any]) -> None:
-    for group in param_groups:
-        for key, value in defaults.items():
-            group.setdefault(key, value)
+    def update(self, bucket: List[Slot], group: Dict[str, Any]) -> None:
+        tensors = ([s.work_param for s in bucket], [s.grad for s in bucket], [s.state["sum"] for s in bucket],
+                   [s.step for s in bucket])
+        (adagrad_clip_foreach if self.impl == "foreach" else adagrad_clip_loop)(*tensors,
+                                                                               AdagradClipHyper.from_group(group))
 
 
 def check_hyperparameters(*, lr: float, lr_decay: float, weight_decay: float, initial_accumulator_value: float,

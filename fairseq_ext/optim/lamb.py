@@ -55,10 +55,9 @@ Sparse gradients are rejected.
 
 import ast
 import math
-from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -66,10 +65,11 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II
 from torch import Tensor
 
+from .per_tensor import PerTensorOptimizer, Slot, fill_missing_group_keys
+
 TRUST_DENOMINATORS = ("update_norm_plus_eps", "update_norm")
 TORCH_IMPLS = ("foreach", "loop")
 LAMB_IMPLS = TORCH_IMPLS + ("apex",)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 APEX_FIX = (
     "--lamb-impl apex needs NVIDIA apex built with its C++/CUDA extensions: clone https://github.com/NVIDIA/apex and "
@@ -158,23 +158,7 @@ def lamb_foreach(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
 # ======================================================================================================================
 
 
-def work_dtype(param: Tensor) -> torch.dtype:
-    """The dtype LAMB computes in for this parameter: fp32 for fp16/bf16, the parameter's own otherwise."""
-    return torch.float32 if param.dtype in HALF_DTYPES else param.dtype
-
-
-@dataclass
-class _Slot:
-    """One parameter with a gradient, as the step sees it (working copies are fp32 for half parameters)."""
-
-    param: Tensor
-    work_param: Tensor
-    grad: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-
-
-class Lamb(torch.optim.Optimizer):
+class Lamb(PerTensorOptimizer):
     """LAMB (see the module docstring for the update and the two variants); usable without fairseq.
 
     Defaults are the NVIDIA Transformer-XL variant. ``impl``: "foreach" (multi-tensor, no host syncs) or "loop"
@@ -200,68 +184,15 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.impl = impl
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            slots = [self._slot(p) for p in group["params"] if p.grad is not None]
-            hp = LambHyper.from_group(group)
-            for bucket in _buckets(slots):
-                tensors = ([s.work_param for s in bucket], [s.grad for s in bucket], [s.exp_avg for s in bucket],
-                           [s.exp_avg_sq for s in bucket])
-                (lamb_foreach if self.impl == "foreach" else lamb_loop)(*tensors, hp)
-            for s in slots:
-                if s.work_param is not s.param:
-                    s.param.copy_(s.work_param)
-        return loss
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
-    def _slot(self, param: Tensor) -> _Slot:
-        """The parameter's working tensors and moments (created, or restored to the working dtype, on demand)."""
-        if param.grad.is_sparse:
-            raise RuntimeError("Lamb does not support sparse gradients (e.g. nn.Embedding(sparse=True)); use dense "
-                               "gradients or torch.optim.SparseAdam for those parameters")
-        dtype = work_dtype(param)
-        state = self.state[param]
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
-                state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-            elif state[key].dtype != dtype or state[key].device != param.device:
-                state[key] = state[key].to(device=param.device, dtype=dtype)
-        state["step"] = state.get("step", 0) + 1
-        work_param = param.detach() if param.dtype == dtype else param.detach().to(dtype)
-        return _Slot(param=param, work_param=work_param, grad=param.grad.detach().to(dtype),
-                     exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"])
+    def init_state(self, key: str, param: Tensor, group: Dict[str, Any], dtype: torch.dtype) -> Tensor:
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's loader casts moments to the parameter dtype; keep them in the working dtype (fp32 for half
-        parameters) at full saved precision, and fill hyperparameters the saved groups lack (e.g. a FusedLAMB
-        checkpoint) from this optimizer's defaults."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if work_dtype(param) != param.dtype and torch.is_tensor(saved.get(key)):
-                    self.state[param][key] = saved[key].to(device=param.device, dtype=work_dtype(param))
-        fill_missing_group_keys(self.param_groups, self.defaults)
-
-
-def _buckets(slots: List[_Slot]) -> List[List[_Slot]]:
-    """Slots grouped by (device, working dtype), the unit a multi-tensor op (and a stacked norm vector) works on."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[_Slot]] = defaultdict(list)
-    for s in slots:
-        groups[(s.work_param.device, s.work_param.dtype)].append(s)
-    return list(groups.values())
-
-
-def fill_missing_group_keys(param_groups: List[Dict[str, Any]], defaults: Dict[str, Any]) -> None:
-    for group in param_groups:
-        for key, value in defaults.items():
-            group.setdefault(key, value)
+    def update(self, bucket: List[Slot], group: Dict[str, Any]) -> None:
+        tensors = ([s.work_param for s in bucket], [s.grad for s in bucket], [s.state["exp_avg"] for s in bucket],
+                   [s.state["exp_avg_sq"] for s in bucket])
+        (lamb_foreach if self.impl == "foreach" else lamb_loop)(*tensors, LambHyper.from_group(group))
 
 
 def check_hyperparameters(*, lr: float, betas: Sequence[float], eps: float, weight_decay: float, min_trust: float,
