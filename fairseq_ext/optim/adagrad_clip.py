@@ -41,15 +41,15 @@ order). The clip is per tensor, so ``supports_flat_params`` is False: ``--fp16``
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Sequence
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.optim import FairseqOptimizer, register_optimizer
+from fairseq.optim import register_optimizer
 from omegaconf import II
 from torch import Tensor
 
-from .per_tensor import PerTensorOptimizer, Slot, fill_missing_group_keys
+from .per_tensor import FairseqPerTensorOptimizer, PerTensorOptimizer, Slot
 
 ADAGRAD_IMPLS = ("foreach", "loop")
 CLIP_NORM_EPS = 1e-10  # the original's constant in c / (‖g‖ + 1e-10)
@@ -195,7 +195,7 @@ def optimizer_kwargs(cfg: AdagradClipConfig) -> Dict[str, Any]:
 
 
 @register_optimizer("adagrad_clip", dataclass=AdagradClipConfig)
-class FairseqAdagradClip(FairseqOptimizer):
+class FairseqAdagradClip(FairseqPerTensorOptimizer):
     """Adagrad with per-tensor clipping for fairseq: ``--optimizer adagrad_clip --adagrad-clip 0.03 --lr 0.07
     --lr-scheduler fixed --warmup-updates 32000`` is the adaptive-span enwik8 recipe."""
 
@@ -208,17 +208,8 @@ class FairseqAdagradClip(FairseqOptimizer):
         """Constructor kwargs of the wrapped optimizer (fairseq also uses them to override saved groups on resume)."""
         return optimizer_kwargs(self.cfg)
 
-    @property
-    def supports_flat_params(self) -> bool:
-        """False: a flat fp32 master buffer would make one clip decision for the whole model."""
-        return False
 
     @property
     def supports_memory_efficient_fp16(self) -> bool:
         """True: half parameters are updated through fp32 working copies with an fp32 accumulator."""
         return True
-
-    def load_state_dict(self, state_dict: Dict[str, Any], optimizer_overrides: Optional[Dict[str, Any]] = None
-                        ) -> None:
-        super().load_state_dict(state_dict, optimizer_overrides)
-        fill_missing_group_keys(self.param_groups, self.optimizer.defaults)

@@ -57,15 +57,15 @@ import ast
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.optim import FairseqOptimizer, register_optimizer
+from fairseq.optim import register_optimizer
 from omegaconf import II
 from torch import Tensor
 
-from .per_tensor import PerTensorOptimizer, Slot, fill_missing_group_keys
+from .per_tensor import FairseqPerTensorOptimizer, PerTensorOptimizer, Slot
 
 TRUST_DENOMINATORS = ("update_norm_plus_eps", "update_norm")
 TORCH_IMPLS = ("foreach", "loop")
@@ -164,9 +164,6 @@ class Lamb(PerTensorOptimizer):
     Defaults are the NVIDIA Transformer-XL variant. ``impl``: "foreach" (multi-tensor, no host syncs) or "loop"
     (per-tensor reference).
     """
-
-    supports_memory_efficient_fp16 = True  # half parameters are updated through fp32 working copies
-    supports_flat_params = False  # the trust ratio is per tensor
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, min_trust: float = 0.0, max_weight_norm: float = 10.0,
@@ -290,7 +287,7 @@ def optimizer_kwargs(cfg: LambConfig) -> Dict[str, Any]:
 
 
 @register_optimizer("lamb_torch", dataclass=LambConfig)
-class FairseqLamb(FairseqOptimizer):
+class FairseqLamb(FairseqPerTensorOptimizer):
     """LAMB for fairseq: ``--optimizer lamb_torch`` (NVIDIA Transformer-XL variant by default; SHA-RNN:
     ``--weight-decay 1.2e-6 --min-trust 0.25 --trust-denominator update_norm``)."""
 
@@ -309,17 +306,8 @@ class FairseqLamb(FairseqOptimizer):
         """Constructor kwargs of the wrapped optimizer (fairseq also uses them to rebuild it, e.g. for ZeRO)."""
         return optimizer_kwargs(self.cfg)
 
-    @property
-    def supports_flat_params(self) -> bool:
-        """False: a flat fp32 master buffer would make one trust ratio for the whole model."""
-        return False
 
     @property
     def supports_memory_efficient_fp16(self) -> bool:
         """True for the torch implementations (fp32 working copies and moments); apex keeps half moments."""
         return str(self.cfg.lamb_impl) != "apex"
-
-    def load_state_dict(self, state_dict: Dict[str, Any], optimizer_overrides: Optional[Dict[str, Any]] = None
-                        ) -> None:
-        super().load_state_dict(state_dict, optimizer_overrides)
-        fill_missing_group_keys(self.param_groups, self.optimizer.defaults)  # state saved by another --lamb-impl

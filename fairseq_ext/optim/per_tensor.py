@@ -5,6 +5,7 @@ tensor (fp32 copy for fp16/bf16 parameters), the gradient in that dtype, the opt
 ``STATE_KEYS`` (kept in the working dtype, also across ``load_state_dict``) and the tensor's step count. Slots are
 bucketed by (device, dtype), the unit of a multi-tensor ``torch._foreach_*`` update, and handed to the subclass's
 ``update(bucket, group)``; half parameters get their working copy written back. Sparse gradients are rejected.
+``FairseqPerTensorOptimizer`` is the fairseq side they share.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from fairseq.optim import FairseqOptimizer
 from torch import Tensor
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -53,6 +55,8 @@ class PerTensorOptimizer(torch.optim.Optimizer):
     """Subclasses set ``STATE_KEYS`` and implement ``init_state`` and ``update``."""
 
     STATE_KEYS: Tuple[str, ...] = ()
+    supports_memory_efficient_fp16 = True  # half parameters are updated through fp32 working copies
+    supports_flat_params = False  # the update is decided per tensor
 
     def init_state(self, key: str, param: Tensor, group: Dict[str, Any], dtype: torch.dtype) -> Tensor:
         """The initial value of state tensor ``key`` for ``param`` (in ``dtype``)."""
@@ -107,3 +111,18 @@ class PerTensorOptimizer(torch.optim.Optimizer):
                 if work_dtype(param) != param.dtype and torch.is_tensor(saved.get(key)):
                     self.state[param][key] = saved[key].to(device=param.device, dtype=work_dtype(param))
         fill_missing_group_keys(self.param_groups, self.defaults)
+
+
+class FairseqPerTensorOptimizer(FairseqOptimizer):
+    """fairseq wrapper of a per-tensor optimizer: no flat fp32 master buffer (it would turn the per-tensor decision
+    into one for the whole model, so ``--fp16`` asks for ``--fp16-no-flatten-grads``), and saved groups that lack a
+    hyperparameter (state written by another implementation) get the wrapped optimizer's defaults."""
+
+    @property
+    def supports_flat_params(self) -> bool:
+        return False
+
+    def load_state_dict(self, state_dict: Dict[str, Any], optimizer_overrides: Optional[Dict[str, Any]] = None
+                        ) -> None:
+        super().load_state_dict(state_dict, optimizer_overrides)
+        fill_missing_group_keys(self.param_groups, self.optimizer.defaults)

@@ -5,7 +5,6 @@ check 13).
 
 ``hand_step`` recomputes one step in plain Python floats from the formula, independently of the implementation.
 """
-import io
 import math
 import warnings
 from typing import Dict, List, Tuple
@@ -17,6 +16,8 @@ from omegaconf import open_dict
 import fairseq_ext  # noqa: F401  (registers adagrad_clip)
 from fairseq_ext.optim.adagrad_clip import AdagradClip, AdagradClipConfig, FairseqAdagradClip
 from tests.harness import assert_close, training_cfg
+from tests.optim.common import (assert_foreach_step_reads_nothing_on_host, assert_resume_is_exact,
+                                 assert_sparse_gradients_rejected, roundtrip)
 
 IMPLS = ["foreach", "loop"]
 
@@ -212,16 +213,7 @@ def test_foreach_step_never_reads_tensors_on_the_host(monkeypatch):
     """No .item() / bool / float of a tensor inside the foreach step (each would be a device sync on GPU)."""
     params = make_params(torch.float32)
     opt = run_steps(params, "foreach", steps=1)
-
-    def host_read(*args):
-        raise AssertionError("host read of a tensor inside AdagradClip.step")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    for p in params:
-        if p.grad is not None:
-            p.grad.normal_()
-    opt.step()
+    assert_foreach_step_reads_nothing_on_host(monkeypatch, params, opt)
 
 
 # ======================================================================================================================
@@ -245,11 +237,7 @@ def test_half_params_update_through_fp32():
 
 
 def test_sparse_gradients_are_rejected():
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
-    embedding(torch.tensor([1, 2])).sum().backward()
-    for impl in IMPLS:
-        with pytest.raises(RuntimeError, match="sparse gradients"):
-            AdagradClip(embedding.parameters(), impl=impl).step()
+    assert_sparse_gradients_rejected(AdagradClip, IMPLS)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -263,13 +251,6 @@ def test_bad_hyperparameters_are_rejected(kwargs, match):
         AdagradClip([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 
-def roundtrip(state_dict: dict) -> dict:
-    """Through torch.save / torch.load(weights_only=True), as a fairseq checkpoint is."""
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_state_dict_roundtrip_resumes_exactly(impl):
@@ -280,16 +261,7 @@ def test_state_dict_roundtrip_resumes_exactly(impl):
     opt_resumed = AdagradClip([{"params": resumed[:3]}, {"params": resumed[3:]}], lr=0.5, impl=impl)
     opt_resumed.load_state_dict(roundtrip(opt.state_dict()))
     assert opt_resumed.param_groups[1]["grad_clip"] == 0.5  # saved hyperparameters come back
-    generator = torch.Generator().manual_seed(7)
-    for _ in range(2):
-        for p, q in zip(original, resumed):
-            if p.grad is not None:
-                p.grad = torch.randn(p.shape, generator=generator)
-                q.grad = p.grad.clone()
-        opt.step()
-        opt_resumed.step()
-    for p, q in zip(original, resumed):
-        assert torch.equal(p, q)
+    assert_resume_is_exact(original, resumed, opt, opt_resumed)
 
 
 # ======================================================================================================================

@@ -4,7 +4,6 @@ fairseq paths, state-dict round trips, apex errors.
 ``hand_step`` recomputes one LAMB step in plain Python floats from the formulas, independently of the
 implementation; the expected numbers of /work/shared/specs/sha_rnn.md §8 item 8 are checked as well.
 """
-import io
 import math
 from typing import Dict, List, Tuple
 
@@ -15,6 +14,8 @@ from omegaconf import open_dict
 import fairseq_ext  # noqa: F401  (registers lamb_torch)
 from fairseq_ext.optim.lamb import FairseqLamb, Lamb, LambConfig, optimizer_kwargs
 from tests.harness import assert_close, training_cfg
+from tests.optim.common import (assert_foreach_step_reads_nothing_on_host, assert_resume_is_exact,
+                                 assert_sparse_gradients_rejected, roundtrip)
 
 NVIDIA: Dict = {}  # the defaults: eps 1e-6, wd 0, clamp 10, trust = ‖w‖ / (‖u‖ + eps)
 SMERITY = dict(min_trust=0.25, trust_denominator="update_norm")  # sha-rnn adds weight_decay=1.2e-6
@@ -204,18 +205,7 @@ def test_foreach_step_never_reads_tensors_on_the_host(monkeypatch):
     """No .item() / bool / float of a tensor inside the foreach step (each would be a device sync on GPU)."""
     params = make_params(torch.float32)
     opt = run_steps(params, "foreach", steps=1)
-
-    def host_read(*args):
-        raise AssertionError("host read of a tensor inside Lamb.step")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    with pytest.raises(AssertionError, match="host read"):
-        bool(torch.ones(()))  # the patch is live
-    for p in params:
-        if p.grad is not None:
-            p.grad.normal_()
-    opt.step()
+    assert_foreach_step_reads_nothing_on_host(monkeypatch, params, opt)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -257,11 +247,7 @@ def test_half_params_update_through_fp32(dtype):
 
 
 def test_sparse_gradients_are_rejected():
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
-    embedding(torch.tensor([1, 2])).sum().backward()
-    for impl in ("foreach", "loop"):
-        with pytest.raises(RuntimeError, match="sparse gradients"):
-            Lamb(embedding.parameters(), impl=impl).step()
+    assert_sparse_gradients_rejected(Lamb, ["foreach", "loop"])
 
 
 def test_bad_hyperparameters_are_rejected():
@@ -274,13 +260,6 @@ def test_bad_hyperparameters_are_rejected():
         Lamb(param, betas=(0.9, 1.0))
 
 
-def roundtrip(state_dict: dict) -> dict:
-    """Through torch.save / torch.load(weights_only=True), as a fairseq checkpoint is."""
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
 
 @pytest.mark.parametrize("impl", ["foreach", "loop"])
 def test_state_dict_roundtrip_resumes_exactly(impl):
@@ -291,16 +270,7 @@ def test_state_dict_roundtrip_resumes_exactly(impl):
     opt_resumed = Lamb([{"params": resumed[:3]}, {"params": resumed[3:]}], lr=0.5, impl=impl)
     opt_resumed.load_state_dict(roundtrip(opt.state_dict()))
     assert opt_resumed.param_groups[1]["min_trust"] == 0.25  # saved hyperparameters come back
-    generator = torch.Generator().manual_seed(7)
-    for _ in range(2):
-        for p, q in zip(original, resumed):
-            if p.grad is not None:
-                p.grad = torch.randn(p.shape, generator=generator)
-                q.grad = p.grad.clone()
-        opt.step()
-        opt_resumed.step()
-    for p, q in zip(original, resumed):
-        assert torch.equal(p, q)
+    assert_resume_is_exact(original, resumed, opt, opt_resumed)
 
 
 # ======================================================================================================================
