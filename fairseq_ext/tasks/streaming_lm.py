@@ -110,6 +110,7 @@ class StreamingLMTask(FairseqTask):
     def __init__(self, cfg: StreamingLMConfig, dictionary: Dictionary) -> None:
         super().__init__(cfg)
         self.dictionary = dictionary
+        self._resumable: List[StatefulDecoder] = []  # see begin_epoch / train_step
         self.state.merge_state_dict({self.STATE_KEY: dictionary_fingerprint(dictionary)})  # saved in checkpoints
         requested = getattr(cfg, "eval_warmup_tokens", 0) or 0  # absent from older checkpoints' task configs
         if requested < 0:
@@ -268,13 +269,15 @@ class StreamingLMTask(FairseqTask):
 
     def begin_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "train")
+        # decoders holding a checkpoint's training streams (fairseq loads the checkpoint before the epoch begins)
+        self._resumable = [m for m in model.modules() if isinstance(m, StatefulDecoder) and m.has_saved_train_stream]
 
     def train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
                    update_num: int, ignore_grad: bool = False) -> Tuple[Tensor, int, Dict]:
-        if sample and sample.get("segment") is not None:  # a run resumed mid-epoch continues its saved streams
-            for module in model.modules():
-                if isinstance(module, StatefulDecoder):
-                    module.resume_train_stream(sample["segment"])
+        if self._resumable and sample and sample.get("segment") is not None:  # a resumed run's first step
+            for decoder in self._resumable:
+                decoder.resume_train_stream(sample["segment"])
+            self._resumable = []
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def begin_valid_epoch(self, epoch: int, model: nn.Module) -> None:

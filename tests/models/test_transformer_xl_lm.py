@@ -257,7 +257,6 @@ def test_paper_parameter_counts():
         with torch.device("meta"):
             model = build_model(arch, tiny_dictionary(vocab - 4), ["--tokens-per-sample", "8"])
         assert sum(p.numel() for p in model.parameters()) == count, arch
-    assert round(151_107_538 / 1e6, 1) == 151.1
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -152,6 +152,11 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         state_dict.setdefault(prefix + "_extra_state", None)  # converted/older checkpoints carry no stream
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def has_saved_train_stream(self) -> bool:
+        """A loaded checkpoint's training streams wait for ``resume_train_stream``."""
+        return self._pending_train is not None
+
     def resume_train_stream(self, segment: int) -> bool:
         """Called before a training step on segment ``segment`` of the streams: if a loaded checkpoint's train
         stream ends exactly before that segment (a run resumed mid-epoch), continue from it. With several

@@ -212,11 +212,11 @@ def test_training_stream_travels_in_the_state_dict_and_resumes_only_where_it_end
 
     fresh = toy_model(seed=1)
     fresh.load_state_dict(saved)
-    assert fresh.decoder.stream_state("train") is None  # nothing happens until training resumes
+    assert fresh.decoder.stream_state("train") is None and fresh.decoder.has_saved_train_stream  # until resumed
     assert not fresh.decoder.resume_train_stream(5)  # the iterator restarted elsewhere: cold
     assert fresh.decoder.stream_state("train") is None
     fresh.load_state_dict(saved)
-    assert fresh.decoder.resume_train_stream(2)
+    assert fresh.decoder.resume_train_stream(2) and not fresh.decoder.has_saved_train_stream
     expected = model.decoder.stream_state("train")
     for a, b in zip(fresh.decoder.stream_state("train").tensors(), expected.tensors()):
         assert torch.equal(a, b)
