@@ -22,8 +22,9 @@ Evaluation protocols (validation subsets, ``fairseq-validate`` and ``fairseq-eva
 B is the total number of streams (``--batch-size`` / ``--batch-size-valid`` times the data-parallel workers).
 ``fairseq-eval-lm --task streaming_lm`` evaluates the whole split with one of these protocols and logs its label;
 ``--context-window`` (the sliding-window protocol) is rejected.
-After each optimizer step, every module that defines ``after_optimizer_step()`` is called (parameter clamps such
-as adaptive-span values in [0, 1] go there, never into ``forward``).
+After each optimizer step, the parameters that modules declare with ``parameter_bounds()`` are clamped, together with
+their fp32 master copies under ``--fp16``/``--bf16`` (``fairseq_ext.optim.bounds``; e.g. adaptive-span z in [0, 1]),
+never inside ``forward``.
 """
 
 import glob
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.data import StreamDataset, concat_lines
 from fairseq_ext.models.base import StatefulDecoder, reset_stream_state
+from fairseq_ext.optim.bounds import clamp_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -306,9 +308,7 @@ class StreamingLMTask(FairseqTask):
 
     def optimizer_step(self, optimizer: Any, model: nn.Module, update_num: int) -> None:
         super().optimizer_step(optimizer, model, update_num)
-        for module in model.modules():
-            if callable(getattr(module, "after_optimizer_step", None)):
-                module.after_optimizer_step()
+        clamp_parameters(model, optimizer)
 
     @property
     def source_dictionary(self) -> Dictionary:

@@ -217,15 +217,14 @@ def test_dictionary_mismatch_is_refused(data_dir, other_data_dir, tmp_path):
         short.load_dataset("train")
 
 
-def test_optimizer_step_runs_module_hooks(data_dir):
+def test_optimizer_step_clamps_declared_parameter_bounds(data_dir):
     class Clamped(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.value = nn.Parameter(torch.tensor([2.0, -1.0]))
 
-        def after_optimizer_step(self) -> None:
-            with torch.no_grad():
-                self.value.clamp_(0.0, 1.0)
+        def parameter_bounds(self):
+            return [(self.value, 0.0, 1.0)]
 
     task, _ = make_task(data_dir)
     model, steps = nn.Sequential(nn.Sequential(Clamped())), []
