@@ -1,0 +1,339 @@
+"""Pieces shared by the released-checkpoint converters (transformer_xl.py, adaptive_span.py).
+
+* safe reading: torch's weights-only loader first; a pickled file is unpickled only when trusted, through a shim that
+  turns every class outside a small allowlist into an inert stub (the original code need not be importable);
+* the vocabulary mapping onto a fairseq dictionary (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3 first; original
+  symbols in original order; fairseq specials the original lacks are *dead* rows: zero embedding, zero output row,
+  output bias ``DEAD_BIAS``);
+* the fairseq side of the output: dictionary, ``dict.txt``, a complete config for ``--task streaming_lm``, the
+  weights-only-loadable checkpoint dict, a strict load check and the files written.
+"""
+import logging
+import os
+import pickle
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0..3
+DEFAULT_SYMBOL_MAP = {"<eos>": "</s>", "<unk>": "<unk>", "<s>": "<s>", "<pad>": "<pad>", "</s>": "</s>"}
+DEAD_BIAS = -40.0
+PREFIX = "decoder."
+PREPROCESS_HINT = ("fairseq-preprocess --only-source --srcdict {dict} --trainpref <train.txt> --validpref "
+                   "<valid.txt> --testpref <test.txt> --destdir <data-bin dir>")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# ======================================================================================================================
+# Unpickling shim: the original classes become stubs, nothing outside a small allowlist is imported or called
+# ======================================================================================================================
+_SAFE_GLOBALS = {
+    "collections": {"OrderedDict", "Counter", "defaultdict", "deque"},
+    "builtins": {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "str", "bytes",
+                 "bytearray", "bool", "slice", "range", "object"},
+    "__builtin__": {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "str", "bytes",
+                    "bytearray", "bool", "slice", "object"},
+    "copyreg": {"_reconstructor"},
+    "copy_reg": {"_reconstructor"},
+    "_codecs": {"encode"},
+    "argparse": {"Namespace"},
+    "torch._tensor": {"_rebuild_from_type_v2"},
+    "torch.nn.parameter": {"Parameter", "Buffer"},
+    "numpy.core.multiarray": {"_reconstruct", "scalar"},
+    "numpy._core.multiarray": {"_reconstruct", "scalar"},
+    "numpy": {"ndarray", "dtype"},
+}
+
+
+class PickledStub(nn.Module):
+    """Stand-in for a class that is not importable (or not trusted): keeps the pickled attributes; nn.Module
+    machinery works when the state is a module's (``_parameters``, ``_modules``, ...)."""
+
+    _stub_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # called when the pickle calls the class
+        super().__init__()
+        self.__dict__["_stub_args"] = args
+        self.__dict__["_stub_kwargs"] = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict) and "_parameters" in state:
+            super().__setstate__(state)
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_stub_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # dict subclasses
+        self.__dict__.setdefault("_stub_items", {})[key] = value
+
+    def append(self, value: Any) -> None:  # list subclasses
+        self.__dict__.setdefault("_stub_list", []).append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.__dict__.setdefault("_stub_list", []).extend(values)
+
+    def __repr__(self) -> str:
+        return f"<stub {self._stub_name}>"
+
+
+_STUBS: Dict[Tuple[str, str], type] = {}
+
+
+def stub_class(module: str, name: str) -> type:
+    key = (module, name)
+    if key not in _STUBS:
+        _STUBS[key] = type(name, (PickledStub,), {"_stub_name": f"{module}.{name}", "__module__": "stub." + module})
+    return _STUBS[key]
+
+
+def _is_safe_global(module: str, name: str) -> bool:
+    if name in _SAFE_GLOBALS.get(module, ()):
+        return True
+    if module == "torch._utils" and name.startswith("_rebuild"):
+        return True
+    if module.startswith("torch.nn.modules."):
+        return True
+    if module == "torch":
+        value = getattr(torch, name, None)
+        return isinstance(value, (torch.dtype, type))
+    return False
+
+
+class ShimUnpickler(pickle.Unpickler):
+    """Resolves torch's tensor/module classes and plain containers; every other global (the original code's
+    classes, argparse-free helpers, anything unexpected) becomes a ``PickledStub`` subclass, never imported."""
+
+    stubbed: set = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _is_safe_global(module, name):
+            return super().find_class(module, name)
+        ShimUnpickler.stubbed.add(f"{module}.{name}")
+        return stub_class(module, name)
+
+
+def _shim_pickle_module() -> types.ModuleType:
+    module = types.ModuleType("convert_shim_pickle")
+    module.Unpickler = ShimUnpickler
+    module.load = lambda f, **kwargs: ShimUnpickler(f, **kwargs).load()
+    module.__dict__["UnpicklingError"] = pickle.UnpicklingError
+    return module
+
+
+def load_pickled(path: str, trust_pickle: bool = False, what: str = "checkpoint",
+                 contents: str = "the original code's classes, argparse args, a Vocab") -> Any:
+    """torch's weights-only loader first; the shim (full unpickling with stub classes) only when trusted.
+    ``contents`` names what the file is expected to pickle (for the error message)."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise ConversionError(
+                f"{path} holds pickled Python objects ({contents}), which "
+                f"torch's weights-only loader refuses. If you trust the file, re-run with --trust-pickle: it is then "
+                f"unpickled with the original classes replaced by stubs, so the original code need not be "
+                f"importable. ({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from err
+    logger.warning("loading %s with full unpickling through the class shim (--trust-pickle)", path)
+    ShimUnpickler.stubbed = set()
+    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_shim_pickle_module())
+    if ShimUnpickler.stubbed:
+        logger.info("stubbed classes: %s", ", ".join(sorted(ShimUnpickler.stubbed)))
+    return obj
+
+
+
+# ======================================================================================================================
+# Vocabulary mapping
+# ======================================================================================================================
+@dataclass
+class VocabMapping:
+    """Original ids <-> fairseq ids. ``fs_to_orig[f]`` is -1 for a dead row (a fairseq special the original lacks)."""
+
+    symbols: List[str]  # fairseq dictionary symbols in id order (4 specials first)
+    orig_to_fs: List[int]
+    fs_to_orig: List[int]
+    cutoffs: List[int]  # fairseq cutoffs
+    mapped: Dict[str, str]  # original symbol -> fairseq special
+
+    @property
+    def dead(self) -> List[int]:
+        return [f for f, o in enumerate(self.fs_to_orig) if o < 0]
+
+
+def build_vocab_mapping(symbols: Sequence[str], cutoffs: Sequence[int],
+                        symbol_map: Optional[Mapping[str, str]] = None) -> VocabMapping:
+    """Place the original vocabulary into a fairseq dictionary (see the module docstring)."""
+    symbol_map = dict(DEFAULT_SYMBOL_MAP if symbol_map is None else symbol_map)
+    if symbol_map.get("<unk>") == "<unk>" and "<unk>" not in symbols and "<UNK>" not in symbol_map:
+        symbol_map["<UNK>"] = "<unk>"  # lm1b's vocabulary spells it <UNK>: the <unk> mapping applies to it
+    for orig, special in symbol_map.items():
+        if special and special not in FAIRSEQ_SPECIALS:
+            raise ConversionError(f"--map-symbol {orig}={special}: the target must be a fairseq special "
+                                  f"{FAIRSEQ_SPECIALS}")
+    seen: Dict[str, int] = {}
+    for i, sym in enumerate(symbols):
+        if not sym or any(c.isspace() for c in sym):
+            raise ConversionError(f"original symbol {i} ({sym!r}) is empty or contains whitespace; fairseq "
+                                  f"dictionaries hold whitespace-free tokens")
+        if sym in seen:
+            raise ConversionError(f"original symbol {sym!r} appears twice (ids {seen[sym]} and {i})")
+        seen[sym] = i
+    head = cutoffs[0] if cutoffs else len(symbols)
+    special_of: Dict[int, str] = {}
+    for orig, special in symbol_map.items():
+        if not special or orig not in seen:
+            continue
+        idx = seen[orig]
+        if special in special_of.values():
+            other = symbols[next(i for i, s in special_of.items() if s == special)]
+            raise ConversionError(f"both {other!r} and {orig!r} map onto the fairseq special {special}; drop one "
+                                  f"mapping (--map-symbol {orig}=)")
+        if idx >= head:
+            raise ConversionError(
+                f"original symbol {orig!r} (id {idx}) maps onto the fairseq special {special} (id "
+                f"{FAIRSEQ_SPECIALS.index(special)}), but it lies outside the head cluster [0, {head}) of the adaptive "
+                f"softmax, and fairseq's specials are always ids 0-3 (head). This layout cannot be converted exactly")
+        special_of[idx] = special
+    for sym in FAIRSEQ_SPECIALS:
+        if sym in seen and seen[sym] not in special_of:
+            raise ConversionError(f"the original vocabulary has the symbol {sym!r} but it is not mapped onto fairseq's "
+                                  f"{sym}; fairseq reserves that name (map it with --map-symbol '{sym}={sym}')")
+    fs_symbols = list(FAIRSEQ_SPECIALS)
+    orig_to_fs = [-1] * len(symbols)
+    fs_to_orig = [-1] * len(FAIRSEQ_SPECIALS)
+    for idx, special in special_of.items():
+        orig_to_fs[idx] = FAIRSEQ_SPECIALS.index(special)
+        fs_to_orig[orig_to_fs[idx]] = idx
+    for idx, sym in enumerate(symbols):
+        if idx not in special_of:
+            orig_to_fs[idx] = len(fs_symbols)
+            fs_to_orig.append(idx)
+            fs_symbols.append(sym)
+    n_dead = len(FAIRSEQ_SPECIALS) - len(special_of)
+    fs_cutoffs = [c + n_dead for c in cutoffs]
+    mapping = VocabMapping(fs_symbols, orig_to_fs, fs_to_orig, fs_cutoffs,
+                           {symbols[i]: s for i, s in sorted(special_of.items())})
+    _check_clusters(mapping, cutoffs, len(symbols))
+    return mapping
+
+
+def _check_clusters(mapping: VocabMapping, cutoffs: Sequence[int], vocab: int) -> None:
+    """Every symbol stays in its cluster; tails keep their order (a head permutation is harmless)."""
+    orig_ends = [0] + list(cutoffs) + [vocab]
+    fs_ends = [0] + mapping.cutoffs + [len(mapping.symbols)]
+    for i in range(len(orig_ends) - 1):
+        members = [f for f in range(fs_ends[i], fs_ends[i + 1]) if mapping.fs_to_orig[f] >= 0]
+        origs = [mapping.fs_to_orig[f] for f in members]
+        if any(not orig_ends[i] <= o < orig_ends[i + 1] for o in origs) or (i > 0 and origs != sorted(origs)):
+            raise ConversionError(f"cluster {i} changes members or order under the vocabulary mapping; this is a bug "
+                                  f"or an unsupported --map-symbol")
+
+
+def gather_rows(table: Tensor, mapping: VocabMapping, fs_lo: int, fs_hi: int, orig_lo: int,
+                 fill: float) -> Tensor:
+    """Rows [fs_lo, fs_hi) in fairseq order from ``table`` whose row r is original id orig_lo + r; dead rows
+    get ``fill``. table (V_i, ...) -> (fs_hi - fs_lo, ...)."""
+    index = torch.tensor(mapping.fs_to_orig[fs_lo:fs_hi], dtype=torch.long)
+    live = index >= 0
+    out = table.new_full((fs_hi - fs_lo,) + tuple(table.shape[1:]), fill)
+    out[live] = table[index[live] - orig_lo]
+    return out
+
+
+
+# ======================================================================================================================
+# The fairseq side: dictionary, config, checkpoint, files
+# ======================================================================================================================
+def fairseq_dictionary(symbols: Sequence[str]) -> Any:
+    """A fairseq Dictionary holding exactly ``symbols`` (the 4 specials first) in this order."""
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary()
+    for sym in symbols[len(FAIRSEQ_SPECIALS):]:
+        dictionary.add_symbol(sym)
+    if dictionary.symbols != list(symbols):
+        raise ConversionError("fairseq's Dictionary reorders the converted symbols; this is a converter bug")
+    return dictionary
+
+
+def fairseq_cfg(fields: Mapping[str, Any], data: str, arch: str, tokens_per_sample: int) -> Dict[str, Any]:
+    """A complete fairseq config (plain containers) for --task streaming_lm --arch ARCH --criterion lm_loss, with
+    the model fields replaced by ``fields`` (each must be a field of the model's config)."""
+    import fairseq_ext  # noqa: F401  (registers the model, task and criterion)
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [data, "--task", "streaming_lm", "--arch", arch, "--criterion",
+                                                "lm_loss", "--tokens-per-sample", str(tokens_per_sample)])
+    cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True)
+    unknown = set(fields) - set(cfg["model"])
+    if unknown:
+        raise ConversionError(f"{arch} has no config fields {sorted(unknown)}; converter and model disagree")
+    cfg["model"].update(fields)
+    return cfg
+
+
+def fairseq_checkpoint(cfg: Dict[str, Any], weights: Dict[str, Tensor], symbols: Sequence[str],
+                       provenance_key: str, provenance: Dict[str, Any]) -> Dict[str, Any]:
+    """A fairseq checkpoint of plain containers and tensors (weights-only loadable) without optimizer state; the task
+    state holds the dictionary fingerprint that ``--task streaming_lm`` checks against the data."""
+    from fairseq_ext.tasks.streaming_lm import StreamingLMTask, dictionary_fingerprint
+
+    return {
+        "args": None,
+        "cfg": cfg,
+        "model": weights,
+        "optimizer_history": [{"criterion_name": "LMLossCriterion", "optimizer_name": "converted",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+        "task_state": {StreamingLMTask.STATE_KEY: dictionary_fingerprint(fairseq_dictionary(symbols))},
+        "extra_state": {provenance_key: provenance},
+        "last_optimizer_state": None,
+    }
+
+
+def write_dictionary(path: str, symbols: Sequence[str]) -> None:
+    """fairseq dict.txt: every symbol after the 4 specials, in id order; counts decrease so that even a
+    count-sorting ``Dictionary.finalize`` would keep the order."""
+    body = symbols[len(FAIRSEQ_SPECIALS):]
+    with open(path, "w", encoding="utf-8") as f:
+        for rank, sym in enumerate(body):
+            f.write(f"{sym} {len(body) - rank}\n")
+
+
+def verify_strict_load(build: Callable[[], nn.Module], weights: Mapping[str, Tensor], arch: str) -> None:
+    """Build the model (on the meta device: no memory, no init cost) and load ``weights`` strictly; any name or shape
+    disagreement between converter and model is reported before the user meets it."""
+    with torch.device("meta"):
+        model = build()
+    try:  # nn.Module's own loader (fairseq's takes no ``assign``); assign: the meta model gets the real tensors
+        missing, unexpected = nn.Module.load_state_dict(model, weights, strict=False, assign=True)
+    except RuntimeError as err:
+        raise ConversionError(f"converted weights do not fit {arch}: {err}") from err
+    if missing or unexpected:
+        raise ConversionError(f"converted weights do not fit {arch}: missing {missing[:8]}, unexpected "
+                              f"{unexpected[:8]}")
+
+
+def save_conversion(out_dir: str, checkpoint: Dict[str, Any], symbols: Sequence[str]) -> Tuple[str, str]:
+    """Write OUT_DIR/model.pt and OUT_DIR/dict.txt; re-read model.pt the way fairseq does (weights only)."""
+    os.makedirs(out_dir, exist_ok=True)
+    model_path, dict_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "dict.txt")
+    torch.save(checkpoint, model_path)
+    write_dictionary(dict_path, symbols)
+    torch.load(model_path, map_location="cpu", weights_only=True)
+    return model_path, dict_path
