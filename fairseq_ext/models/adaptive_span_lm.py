@@ -1,0 +1,287 @@
+"""``adaptive_span_lm``: Adaptive Attention Span (Sukhbaatar et al. 2019, arXiv 1905.07799) and the All-attention
+network with persistent memory (Sukhbaatar et al. 2019, arXiv 1907.01470) as a fairseq language model, following
+the original ``facebookresearch/adaptive-span`` code (spec adaptive_span.md §1).
+
+Stack (§1.1): plain embedding (not scaled; N(0, 1) init) -> emb_dropout -> post-LN layers over [cache ; segment]
+-> emb_dropout -> untied ``Linear(H, V)`` with bias. PyTorch default initialisation everywhere; one relative
+position table ``key_pe`` (d, L), N(0, 1), shared by all layers and heads (its last column is distance 1). WT103
+uses tied adaptive input/softmax (``--adaptive-softmax-cutoff``, div_val ``--adaptive-softmax-factor``, embeddings
+scaled by sqrt(H)), with the original's PyTorch-default init.
+
+Layers: ``modules/blocks/adaptive_span_layer.py``; attention and its window: ``modules/attention``; the op with
+the skew trick and its naive reference: ``ops/adaptive_span``. Per-head spans z in [0, 1] (``--adapt-span-layer``:
+one per layer), soft mask with ramp R, renormalisation after masking (``--no-span-renorm`` only to reproduce
+checkpoints of fairseq's examples/adaptive_span), L1 span loss coeff·L·mean(z) per layer (``aux_loss``), z
+clamped after every optimizer step (``parameter_bounds``), trimming of keys/values and of the cache to the current
+spans (+ ramp, rounded to 64; cache + 64 slack, ``--no-adapt-span-cache`` keeps L), ``--fixed-span`` for the
+fixed-span baseline. ``--pers-mem-size N``: N persistent key/value vectors per head; the FF sublayers and their
+LayerNorms are removed.
+
+State: ``HiddenMemory`` with one (B, C_l, H) cache of layer inputs per layer (§1.2). A cold start (None, or a cache
+shorter than the window) reads as zeros, exactly the original's zero-initialised cache (zero inputs give zero keys
+and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
+where segments start, so streaming with any segment length and incremental decoding (generation) agree.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.utils import safe_getattr
+from torch import Tensor, nn
+
+from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base.stateful_decoder import SegmentOutput
+from fairseq_ext.models.transformer_xl_lm import parse_cutoffs
+from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
+from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
+from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
+from fairseq_ext.modules.blocks.adaptive_span_layer import AdaptiveSpanLayer
+from fairseq_ext.ops.adaptive_span import IMPLS
+from fairseq_ext.state import HiddenMemory
+
+MAX_POSITIONS = 1_000_000  # relative positions: no bound on the length
+
+
+@dataclass
+class AdaptiveSpanConfig(FairseqDataclass):
+    """Defaults are the original ``enwik8_small.sh`` (= fairseq's AdaptiveSpanSmallConfig); presets set the rest."""
+
+    decoder_layers: int = field(default=8, metadata={"help": "number of layers (original --nlayers)"})
+    decoder_embed_dim: int = field(default=256, metadata={"help": "model dim H (original --hid-sz)"})
+    decoder_ffn_embed_dim: int = field(
+        default=1024, metadata={"help": "feed-forward inner dim (--inner-hid-sz); unused with --pers-mem-size"})
+    decoder_attention_heads: int = field(default=4, metadata={"help": "attention heads K (--nheads)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights and inside the FF"})
+    emb_dropout: float = field(default=0.0, metadata={"help": "dropout on the embeddings and the final hidden states"})
+    attn_span: int = field(default=1024, metadata={"help": "maximum attention span L (distances 1..L)"})
+    fixed_span: bool = field(
+        default=False, metadata={"help": "no adaptive span: every head attends to all L previous positions, "
+                                         "unmasked (the original without --adapt-span)"})
+    adapt_span_ramp: int = field(default=32, metadata={"help": "ramp length R of the soft span mask"})
+    adapt_span_init: float = field(default=0.0, metadata={"help": "initial span z as a fraction of L"})
+    adapt_span_loss: float = field(
+        default=0.0, metadata={"help": "span-loss coefficient: coeff * L * mean(z) per layer is added to the loss"})
+    adapt_span_layer: bool = field(
+        default=False, metadata={"help": "one span per layer instead of one per head (fairseq's example extra)"})
+    no_adapt_span_cache: bool = field(
+        default=False, metadata={"help": "keep L cached positions per layer instead of the trimmed span + 64 "
+                                         "(the original without --adapt-span-cache)"})
+    no_span_renorm: bool = field(
+        default=False, metadata={"help": "do not renormalise attention after the span mask: only to reproduce "
+                                         "checkpoints trained with fairseq's examples/adaptive_span"})
+    pers_mem_size: int = field(
+        default=0, metadata={"help": "N persistent key/value vectors per head (All-attention); 0: off. Removes the "
+                                     "feed-forward sublayers"})
+    adaptive_softmax_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated cutoffs of tied adaptive input/softmax (WT103: "
+                                        "20000,40000,200000); default: full softmax, untied"})
+    adaptive_softmax_factor: int = field(default=4, metadata={"help": "div_val of the adaptive input/softmax"})
+    attn_impl: ChoiceEnum(IMPLS) = field(
+        default="auto", metadata={"help": "attention kernel: auto (skew), skew, naive (reference)"})
+
+
+def validate_config(cfg: AdaptiveSpanConfig, vocab_size: int) -> None:
+    """Clear errors for impossible combinations, before any tensor is allocated."""
+    heads, dim = cfg.decoder_attention_heads, cfg.decoder_embed_dim
+    if heads < 1 or dim < 1 or cfg.decoder_layers < 1:
+        raise ValueError("decoder_layers, decoder_embed_dim and decoder_attention_heads must be >= 1")
+    if dim % heads:
+        raise ValueError(f"--decoder-attention-heads {heads} does not divide --decoder-embed-dim {dim}; choose a "
+                         f"divisor of {dim}")
+    if cfg.attn_span < 1:
+        raise ValueError(f"--attn-span must be >= 1, got {cfg.attn_span}")
+    if cfg.pers_mem_size == 0 and cfg.decoder_ffn_embed_dim < 1:
+        raise ValueError("--decoder-ffn-embed-dim must be >= 1 without persistent memory (--pers-mem-size)")
+    cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
+    if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab_size):
+        raise ValueError(f"--adaptive-softmax-cutoff {cfg.adaptive_softmax_cutoff} must be increasing, positive and "
+                         f"below the dictionary size {vocab_size}")
+    if cutoffs and cfg.adaptive_softmax_factor < 2:
+        raise ValueError("the original adaptive input/softmax needs --adaptive-softmax-factor (div_val) >= 2")
+
+
+class AdaptiveSpanDecoder(StatefulDecoder):
+    """Embedding -> emb_dropout -> layers over [cache ; segment] -> emb_dropout -> output layer."""
+
+    def __init__(self, cfg: AdaptiveSpanConfig, dictionary) -> None:
+        super().__init__(dictionary)
+        validate_config(cfg, len(dictionary))
+        vocab, dim, heads = len(dictionary), cfg.decoder_embed_dim, cfg.decoder_attention_heads
+        cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
+        self.embed_dim = dim
+        self.max_span = cfg.attn_span
+        self.emb_dropout = cfg.emb_dropout
+        if cutoffs:
+            self.embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)
+            self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
+                vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=self.embed_tokens,
+                tie_projs=[True] * (len(cutoffs) + 1))
+            self.output_projection = None
+            self._init_adaptive_io(cfg.adaptive_softmax_factor)
+        else:
+            self.embed_tokens = nn.Embedding(vocab, dim)  # N(0, 1), not scaled
+            self.adaptive_softmax = None
+            self.output_projection = nn.Linear(dim, vocab)
+        self.key_pe = nn.Parameter(torch.randn(dim // heads, cfg.attn_span))  # (d, L), column j = distance L - j
+        ffn_dim = 0 if cfg.pers_mem_size > 0 else cfg.decoder_ffn_embed_dim
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.decoder_layers):
+            span = None if cfg.fixed_span else AdaptiveSpanMask(
+                1 if cfg.adapt_span_layer else heads, cfg.attn_span, cfg.adapt_span_ramp, cfg.adapt_span_init,
+                cfg.adapt_span_loss, adapt_cache=not cfg.no_adapt_span_cache)
+            attn = AdaptiveSpanSelfAttention(dim, heads, cfg.attn_span, cfg.dropout, span, cfg.pers_mem_size,
+                                             renorm=not cfg.no_span_renorm, impl=str(cfg.attn_impl))
+            self.layers.append(AdaptiveSpanLayer(attn, dim, ffn_dim, cfg.dropout))
+        self._last_shape = (0, 0)  # (B, M) of the last forward, for the FLOP telemetry
+
+    @torch.no_grad()
+    def _init_adaptive_io(self, div_val: int) -> None:
+        """The original's PyTorch defaults: embeddings N(0, 1); projections, output biases and the cluster layer
+        as ``nn.Linear(d_i, .)``: U(-1/sqrt(d_i), 1/sqrt(d_i))."""
+        inp, out = self.embed_tokens, self.adaptive_softmax
+        for i, (lo, hi) in enumerate(out.bounds):
+            bound = 1.0 / math.sqrt(inp.emb_projs[str(i)].size(1))
+            nn.init.uniform_(inp.emb_projs[str(i)], -bound, bound)
+            nn.init.uniform_(out.bias[lo:hi], -bound, bound)
+        bound = 1.0 / math.sqrt(self.embed_dim)
+        nn.init.uniform_(out.cluster_weight, -bound, bound)
+        nn.init.uniform_(out.cluster_bias, -bound, bound)
+
+    def max_positions(self) -> int:
+        return MAX_POSITIONS
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        """Logits (B, T, V) of the untied output layer; with adaptive softmax the features unchanged (read by
+        ``get_normalized_probs`` and ``lm_loss``)."""
+        if self.output_projection is None:
+            return features
+        return self.output_projection(features)
+
+    # ------------------------------------------------------------------------------------------------------
+    def forward_segment(self, tokens: Tensor, state: Optional[HiddenMemory]) -> SegmentOutput:
+        """tokens (B, M) over the per-layer caches in ``state`` (None: zeros) -> (features (B, M, H), next caches,
+        {}). Incremental decoding is the same call with M = number of new tokens."""
+        if state is not None and len(state.layers) != len(self.layers):
+            raise ValueError(f"memory has {len(state.layers)} layers, the model {len(self.layers)}")
+        caches: List[Optional[Tensor]] = list(state.layers) if state is not None else [None] * len(self.layers)
+        x = F.dropout(self.embed_tokens(tokens), self.emb_dropout, self.training)  # (B, M, H)
+        key_pe = self.key_pe.to(x.dtype)  # (d, L)
+        next_caches = []
+        for layer, cache in zip(self.layers, caches):
+            x, next_cache = layer(x, cache, key_pe)  # (B, M, H), (B, <= C_l, H)
+            next_caches.append(next_cache)
+        self._last_shape = tuple(tokens.shape)
+        return F.dropout(x, self.emb_dropout, self.training), HiddenMemory(tuple(next_caches)), {}
+
+    # -- span telemetry (logged by lm_loss) ----------------------------------------------------------------
+    def span_masks(self) -> List[AdaptiveSpanMask]:
+        return [layer.self_attn.span for layer in self.layers if layer.self_attn.span is not None]
+
+    def log_stats(self) -> Dict[str, float]:
+        """span_avg: mean over layers of each layer's mean span; span_max: the largest span of any head;
+        attn_len: mean computed window L_pos; attn_gflop: attention GFLOP of the last forward (content, position
+        and value products over the materialised M x (L_pos + M) layout)."""
+        spans = [mask.spans() for mask in self.span_masks()]
+        windows = [layer.self_attn.window() for layer in self.layers]
+        b, m = self._last_shape
+        d = self.key_pe.size(0)
+        heads = self.layers[0].self_attn.num_heads
+        flop = sum(2 * b * heads * m * d * (2 * (w.span + m) + w.span) for w in windows)
+        stats = {"attn_len": sum(w.span for w in windows) / len(windows), "attn_gflop": flop / 1e9}
+        if spans:
+            stats["span_avg"] = float(torch.stack([s.mean() for s in spans]).mean())
+            stats["span_max"] = float(torch.stack([s.max() for s in spans]).max())
+        return stats
+
+    def layer_spans(self) -> List[List[float]]:
+        """Per layer, per head (or per layer) span in tokens (plots, checkpoints inspection)."""
+        return [mask.spans().tolist() for mask in self.span_masks()]
+
+
+@register_model("adaptive_span_lm", dataclass=AdaptiveSpanConfig)
+class AdaptiveSpanLanguageModel(StatefulLanguageModel):
+    """Adaptive-span / All-attention LM; see the module docstring. Presets: ``adaptive_span_<dataset>[_size]``,
+    ``all_attention_<dataset>[_small]``."""
+
+    @classmethod
+    def build_model(cls, cfg: AdaptiveSpanConfig, task) -> "AdaptiveSpanLanguageModel":
+        return cls(AdaptiveSpanDecoder(cfg, task.target_dictionary))
+
+
+def _set(args: Any, **values: Any) -> None:
+    """Preset values that the command line did not set."""
+    for name, value in values.items():
+        setattr(args, name, safe_getattr(args, name, value))
+
+
+@register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8_small")
+def adaptive_span_enwik8_small(args):
+    """experiments/enwik8_small.sh: 8 layers, H 256, FF 1024, 4 heads, L 1024, span loss 2e-6, no dropout
+    (6.48M parameters with the 205-symbol enwik8 vocabulary)."""
+    _set(args, decoder_layers=8, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
+         attn_span=1024, adapt_span_loss=2e-6, dropout=0.0, emb_dropout=0.0)
+
+
+@register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8")
+def adaptive_span_enwik8(args):
+    """experiments/enwik8.sh (the paper's 12-layer "small" model, 38.54M): H 512, FF 2048, 8 heads, L 8192,
+    span loss 5e-7, dropout 0.3."""
+    _set(args, decoder_layers=12, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
+         attn_span=8192, adapt_span_loss=5e-7, dropout=0.3, emb_dropout=0.0)
+
+
+@register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8_large")
+def adaptive_span_enwik8_large(args):
+    """experiments/enwik8_large.sh (208.91M): 24 layers, H 768, FF 4096, 8 heads, L 8192, span loss 5e-7,
+    dropout 0.4."""
+    _set(args, decoder_layers=24, decoder_embed_dim=768, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
+         attn_span=8192, adapt_span_loss=5e-7, dropout=0.4, emb_dropout=0.0)
+
+
+@register_model_architecture("adaptive_span_lm", "adaptive_span_text8")
+def adaptive_span_text8(args):
+    """experiments/text8.sh: the enwik8 12-layer model (38.36M with the 28-symbol text8 vocabulary)."""
+    adaptive_span_enwik8(args)
+
+
+@register_model_architecture("adaptive_span_lm", "adaptive_span_text8_large")
+def adaptive_span_text8_large(args):
+    """experiments/text8_large.sh: the enwik8 24-layer model (208.64M)."""
+    adaptive_span_enwik8_large(args)
+
+
+@register_model_architecture("adaptive_span_lm", "all_attention_enwik8_small")
+def all_attention_enwik8_small(args):
+    """experiments/enwik8_pers_small.sh (38.50M): 18 All-attention layers, H 512, 8 heads, N 1024 persistent
+    vectors per head, L 8192, span loss 1e-7, dropout 0.3."""
+    _set(args, decoder_layers=18, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=1024,
+         attn_span=8192, adapt_span_loss=1e-7, dropout=0.3, emb_dropout=0.0)
+
+
+@register_model_architecture("adaptive_span_lm", "all_attention_enwik8")
+def all_attention_enwik8(args):
+    """experiments/enwik8_pers.sh (114.02M): 36 layers, H 512, 8 heads, N 2048, L 8192, span loss 1e-7,
+    dropout 0.4."""
+    _set(args, decoder_layers=36, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=2048,
+         attn_span=8192, adapt_span_loss=1e-7, dropout=0.4, emb_dropout=0.0)
+
+
+@register_model_architecture("adaptive_span_lm", "all_attention_wiki103")
+def all_attention_wiki103(args):
+    """experiments/wiki103_pers.sh (132.49M with 267,736 types): 36 layers, H 512, 8 heads, N 2048, L 2048,
+    span loss 5e-7, dropout 0.3, emb_dropout 0.1, tied adaptive input/softmax 20000/40000/200000, div_val 4."""
+    _set(args, decoder_layers=36, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=2048,
+         attn_span=2048, adapt_span_loss=5e-7, dropout=0.3, emb_dropout=0.1,
+         adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4)
+
+
+@register_model_architecture("adaptive_span_lm", "adaptive_span_tiny")
+def adaptive_span_tiny(args):
+    """Tests and the demo: 2 layers, H 32, 4 heads, FF 64, L 48, ramp 8."""
+    _set(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=4,
+         attn_span=48, adapt_span_ramp=8, adapt_span_loss=2e-6)

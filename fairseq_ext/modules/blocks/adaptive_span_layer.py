@@ -1,0 +1,46 @@
+"""One adaptive-span / All-attention layer (Sukhbaatar et al. 2019, arXiv 1905.07799; arXiv 1907.01470 Sec. 4;
+spec adaptive_span.md §1.1, §1.2, §1.6), post-LN as the original, no dropout on the residual branches:
+
+    h = LN_1(x + Attn(x, [cache ; x]))
+    y = LN_2(h + W_2 Drop(ReLU(W_1 h + b_1)) + b_2)        (no FF and no LN_2 with persistent memory)
+
+The cache holds this layer's *inputs* from earlier segments (detached). The next cache is the last C entries of
+[cache ; x], with C the layer's current cache length (``AdaptiveSpanMask.trim``: L_pos + 64 with the adaptive cache,
+else L), decided before the layer runs, as the original.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
+
+
+class AdaptiveSpanLayer(nn.Module):
+    def __init__(self, self_attn: AdaptiveSpanSelfAttention, embed_dim: int, ffn_dim: int, dropout: float) -> None:
+        """ffn_dim 0: no feed-forward sublayer (All-attention layers, where persistent memory replaces it)."""
+        super().__init__()
+        self.self_attn = self_attn
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.dropout = dropout
+        if ffn_dim > 0:
+            self.fc1 = nn.Linear(embed_dim, ffn_dim)
+            self.fc2 = nn.Linear(ffn_dim, embed_dim)
+            self.final_layer_norm = nn.LayerNorm(embed_dim)
+        else:
+            self.fc1 = self.fc2 = self.final_layer_norm = None
+
+    def forward(self, x: Tensor, cache: Optional[Tensor], key_pe: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: (B, M, C); cache: (B, C_prev, C) earlier inputs of this layer or None (zeros). Returns (y (B, M, C),
+        next cache (B, <= C_cache, C), detached)."""
+        window = self.self_attn.window()
+        keys_in = x if cache is None or cache.size(1) == 0 else torch.cat([cache, x], dim=1)  # (B, S, C)
+        next_cache = keys_in[:, max(0, keys_in.size(1) - window.cache):].detach()  # (B, <= C_cache, C)
+        h = self.self_attn_layer_norm(x + self.self_attn(x, keys_in, key_pe, window))  # (B, M, C)
+        if self.fc1 is not None:
+            ff = self.fc2(F.dropout(F.relu(self.fc1(h)), p=self.dropout, training=self.training))  # (B, M, C)
+            h = self.final_layer_norm(h + ff)
+        return h, next_cache
