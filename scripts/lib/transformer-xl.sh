@@ -16,8 +16,8 @@
 # SPLIT (eval: test), BATCH (eval streams), PROTOCOL (eval: cold | warmup), DRY_RUN=1 prints the command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-
-die() { echo "$*" >&2; exit 2; }
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
 
 # txl_config CONFIG: sets ARCH DATA_DEFAULT OPT_FLAGS SCHED_FLAGS MAX_UPDATE TGT MEM GLOBAL_BATCH VALID_BATCH SEED
 #                     EVAL_TGT EVAL_MEM EVAL_CLAMP EVAL_BATCH EVAL_PROTOCOL
@@ -64,18 +64,6 @@ txl_config() {
   esac
 }
 
-default_ngpu() {
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    local n; n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    [ "${n:-0}" -gt 0 ] && { echo "$n"; return; }
-  fi
-  echo 1
-}
-
-tool() {  # tool NAME: the venv's console script when present
-  [ -x ".venv/bin/$1" ] && echo ".venv/bin/$1" || echo "$1"
-}
-
 MODE=${1:?usage: $0 train|eval CONFIG ...}
 CONFIG=${2:?usage: $0 train|eval CONFIG ...}
 shift 2
@@ -84,17 +72,16 @@ DATA=${DATA:-$DATA_DEFAULT}
 
 case "$MODE" in
   train)
-    NGPU=${NGPU:-$(default_ngpu)}
-    [ $((GLOBAL_BATCH % NGPU)) = 0 ] || die "the published global batch $GLOBAL_BATCH does not split over NGPU=$NGPU workers; set NGPU to a divisor (or pass --batch-size and accept another global batch)"
+    split_global_batch "$GLOBAL_BATCH"
     SAVE_DIR=${SAVE_DIR:-checkpoints/transformer_xl_$CONFIG}
     cmd=("${FAIRSEQ_TRAIN:-$(tool fairseq-train)}" "$DATA" --user-dir fairseq_ext --task streaming_lm --arch "$ARCH"
       --criterion lm_loss "${OPT_FLAGS[@]}" "${SCHED_FLAGS[@]}" --max-update "$MAX_UPDATE"
-      --tokens-per-sample "$TGT" --mem-len "$MEM" --batch-size $((GLOBAL_BATCH / NGPU)) --batch-size-valid "$VALID_BATCH"
+      --tokens-per-sample "$TGT" --mem-len "$MEM" --batch-size "$WORKER_BATCH" --batch-size-valid "$VALID_BATCH"
       --distributed-world-size "$NGPU" --seed "$SEED" --validate-interval-updates 4000 --save-interval-updates 4000
       --keep-interval-updates 2 --no-epoch-checkpoints --log-interval 200 --save-dir "$SAVE_DIR" "$@")
-    if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+    if [ "${DRY_RUN:-0}" = 1 ]; then print_cmd "${cmd[@]}"; exit 0; fi
     [ -f "$DATA/dict.txt" ] || die "no binarised corpus in $DATA: run the matching scripts/prepare-*.sh first (enwik8: ENWIK8_NEWLINE=drop) or set DATA"
-    echo "recipe: $CONFIG ($ARCH), global batch $GLOBAL_BATCH = $NGPU workers x $((GLOBAL_BATCH / NGPU)) streams, T=$TGT, M=$MEM"
+    echo "recipe: $CONFIG ($ARCH), global batch $GLOBAL_BATCH = $NGPU workers x $WORKER_BATCH streams, T=$TGT, M=$MEM"
     exec "${cmd[@]}" ;;
   eval)
     CKPT=${1:?usage: $0 eval CONFIG CHECKPOINT [fairseq-eval-lm flags...]}
@@ -109,7 +96,7 @@ case "$MODE" in
     cmd=("${FAIRSEQ_EVAL_LM:-$(tool fairseq-eval-lm)}" "$DATA" --user-dir fairseq_ext --task streaming_lm --path "$CKPT"
       --gen-subset "${SPLIT:-test}" --batch-size "$BATCH" --tokens-per-sample "$EVAL_TGT" --eval-warmup-tokens "$WARMUP"
       --model-overrides "{'mem_len': $EVAL_MEM, 'clamp_len': $EVAL_CLAMP, 'same_length': True}" "$@")
-    if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+    if [ "${DRY_RUN:-0}" = 1 ]; then print_cmd "${cmd[@]}"; exit 0; fi
     echo "protocol: stream(B=$BATCH, T=$EVAL_TGT, M=$EVAL_MEM, clamp=$EVAL_CLAMP, same_length, $PROTOCOL), split ${SPLIT:-test}"
     exec "${cmd[@]}" ;;
   *) die "usage: $0 train|eval CONFIG ..." ;;

@@ -1,0 +1,27 @@
+# Shell helpers shared by the recipe libraries scripts/lib/{transformer-xl,adaptive-span}.sh; sourced, not run.
+# Expects the repository root as the working directory (tool looks for .venv there).
+
+die() { echo "$*" >&2; exit 2; }
+
+default_ngpu() {  # visible GPUs, else 1
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    local n; n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    [ "${n:-0}" -gt 0 ] && { echo "$n"; return; }
+  fi
+  echo 1
+}
+
+tool() {  # tool NAME: the venv's console script when present
+  [ -x ".venv/bin/$1" ] && echo ".venv/bin/$1" || echo "$1"
+}
+
+# split_global_batch GLOBAL: sets NGPU (default: default_ngpu) and WORKER_BATCH = GLOBAL / NGPU, the per-worker
+# --batch-size of a published global batch; dies when NGPU does not divide it
+split_global_batch() {
+  NGPU=${NGPU:-$(default_ngpu)}
+  [[ "$NGPU" =~ ^[1-9][0-9]*$ ]] || die "NGPU must be a positive integer, got '$NGPU'"
+  [ $(($1 % NGPU)) = 0 ] || die "the published global batch $1 does not split over NGPU=$NGPU workers; set NGPU to a divisor (or pass --batch-size and accept another global batch)"
+  WORKER_BATCH=$(($1 / NGPU))
+}
+
+print_cmd() { printf '%q ' "$@"; echo; }  # one shell-quoted command line (DRY_RUN=1)
