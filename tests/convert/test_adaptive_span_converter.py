@@ -292,3 +292,31 @@ def test_layout_errors():
         read_source({"cfg": {}, "model": {}})
     with pytest.raises(ConversionError, match="no <eos>"):
         convert_adaptive_span(read_source(synthetic_checkpoint()), [str(i) for i in range(len(VOCAB))])
+
+
+def test_vocabulary_from_the_original_corpus_pt(tmp_path, monkeypatch):
+    """--corpus-pt: the original's pickled data.Corpus, read through the class shim (data.py not importable)."""
+    import types
+
+    data_module = types.ModuleType("data")
+    corpus_cls, dictionary_cls = type("Corpus", (), {}), type("Dictionary", (), {})
+    for cls in (corpus_cls, dictionary_cls):
+        cls.__module__ = "data"
+        setattr(data_module, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, "data", data_module)
+    corpus = corpus_cls()
+    corpus.dictionary = dictionary_cls()
+    corpus.dictionary.idx2word = list(VOCAB)
+    corpus.dictionary.word2idx = {w: i for i, w in enumerate(VOCAB)}
+    corpus.train = torch.zeros(5, dtype=torch.long)
+    torch.save(corpus, tmp_path / "corpus.pt")
+    monkeypatch.delitem(sys.modules, "data")
+    src = tmp_path / "enwik8.pt"
+    torch.save(synthetic_checkpoint(seed=6), src)
+    args = [str(src), str(tmp_path / "out"), "--corpus-pt", str(tmp_path / "corpus.pt"), "--no-verify"]
+    with pytest.raises(ConversionError, match="--trust-pickle"):
+        main(args)
+    with pytest.raises(ConversionError, match="not both"):
+        main(args + ["--train-txt", write_train(tmp_path)])
+    conversion = main(args + ["--trust-pickle"])
+    assert conversion.mapping.symbols[4:] == [s for s in VOCAB if s != "<eos>"]
