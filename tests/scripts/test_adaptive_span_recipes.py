@@ -132,7 +132,7 @@ def test_arch_can_be_overridden():
 @pytest.mark.parametrize("ngpu", ["3", "7", "0", "x"])
 def test_global_batch_must_split_over_workers(ngpu):
     out = run("train-adaptive-span-enwik8.sh", DRY_RUN="1", NGPU=ngpu)
-    assert out.returncode != 0 and f"NGPU" in out.stderr and not out.stdout
+    assert out.returncode != 0 and "NGPU" in out.stderr and not out.stdout
 
 
 def test_per_worker_batch_must_split_into_the_row_groups():
@@ -190,7 +190,7 @@ def test_two_phase_run_resumes_with_the_optimizer_state_at_lr_over_10(tmp_path):
     from fairseq import checkpoint_utils
 
     import fairseq_ext  # noqa: F401  (registers streaming_lm and adaptive_span_lm for the in-process model load)
-    from tests.harness import fairseq_preprocess, random_corpus
+    from tests.harness import fairseq_preprocess, random_corpus, split_token_count
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -253,3 +253,13 @@ def test_two_phase_run_resumes_with_the_optimizer_state_at_lr_over_10(tmp_path):
     assert again.stdout.count("skipped, ") == 2 and "train_inner" not in again.stdout
     last = checkpoint_utils.load_checkpoint_to_cpu(str(save_dir / "checkpoint_last.pt"))
     assert last["optimizer_history"][-1]["num_updates"] == 6
+
+    # the eval recipe on the result (cold streams, every token of the split scored once)
+    proc = run("eval-adaptive-span-enwik8-large.sh", str(save_dir / "checkpoint_last.pt"), "--cpu", "--num-workers",
+               "0", "--tokens-per-sample", "8", DATA=data, SPLIT="valid", BATCH="2", OMP_NUM_THREADS="1",
+               FAIRSEQ_EVAL_LM=os.path.join(bindir, "fairseq-eval-lm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "protocol: stream(B=2, T=512, cold)" in proc.stdout  # the recipe's label; the flag overrides T:
+    assert "evaluation protocol: stream(B=2, T=8, cold)" in proc.stdout + proc.stderr
+    scored = re.search(r"Evaluated ([0-9,]+) tokens", proc.stdout + proc.stderr).group(1).replace(",", "")
+    assert int(scored) == split_token_count(data, "valid")
