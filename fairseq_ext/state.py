@@ -5,7 +5,9 @@ are small frozen dataclasses of tensors whose leading dimension is the batch (st
 
 * ``detach()``      -- cut the autograd graph (truncated BPTT between training steps);
 * ``reorder(order)`` -- select / permute batch rows (beam search, fairseq's ``reorder_incremental_state``);
-* ``batch_size``    -- B, so the owner can reset state when the number of streams changes.
+* ``batch_size``    -- B, so the owner can reset state when the number of streams changes;
+* ``rows(start, stop)`` and ``cat_states(states)`` -- cut a state into row slices and join them back in row order
+  (``streaming_lm --batch-split``).
 
 Only the decoder base class keeps state between calls (per stream, "train" / "eval"); incremental decoding keeps
 the very same objects in fairseq's ``incremental_state``.
@@ -13,7 +15,7 @@ the very same objects in fairseq's ``incremental_state``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, TypeVar, Union
+from typing import Any, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -44,6 +46,13 @@ class SegmentState:
     def reorder(self: S, new_order: Tensor) -> S:
         """Select rows ``new_order`` (B',) of the batch dimension of every tensor."""
         return self._map(lambda t: t.index_select(0, new_order.to(t.device)))
+
+    def rows(self: S, start: int, stop: int) -> S:
+        """Rows [start, stop) of the batch dimension of every tensor (views); other fields unchanged."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows [{start}, {stop}) out of range for a {type(self).__name__} of batch size "
+                             f"{self.batch_size}")
+        return self._map(lambda t: t[start:stop])
 
     def to(self: S, device: Union[str, torch.device]) -> S:
         return self._map(lambda t: t.to(device))
@@ -116,6 +125,40 @@ class LayerStates(SegmentState):
     """One state per layer (each a SegmentState or None), as a decoder carries them."""
 
     layers: Tuple[Optional[SegmentState], ...]
+
+
+def cat_states(states: Sequence[Optional[SegmentState]]) -> Optional[SegmentState]:
+    """Join row slices of one state back along the batch dimension, in the given order: the inverse of
+    ``rows``. Tensors are concatenated on dim 0; every other field (None, ``HiddenMemory.pending``, the structure of
+    nested states and tuples) must be the same in all slices. All None (a stateless step) gives None."""
+    if not states:
+        raise ValueError("cat_states needs at least one state")
+    if all(state is None for state in states):
+        return None
+    if any(state is None for state in states):
+        raise ValueError("cat_states: some slices have a state and others none")
+
+    def join(values: Sequence[Any], where: str) -> Any:
+        first = values[0]
+        if isinstance(first, Tensor):
+            if not all(isinstance(v, Tensor) for v in values):
+                raise ValueError(f"cat_states: {where} is a tensor in some slices only")
+            return torch.cat(list(values), dim=0)
+        if isinstance(first, SegmentState):
+            if not all(type(v) is type(first) for v in values):
+                raise ValueError(f"cat_states: {where} has types {sorted({type(v).__name__ for v in values})}")
+            return type(first)(**{f.name: join([getattr(v, f.name) for v in values], f"{where}.{f.name}")
+                                  for f in dataclasses.fields(first)})
+        if isinstance(first, tuple):
+            if not all(isinstance(v, tuple) and len(v) == len(first) for v in values):
+                raise ValueError(f"cat_states: {where} is a tuple of different lengths across slices")
+            return tuple(join([v[i] for v in values], f"{where}[{i}]") for i in range(len(first)))
+        if not all(v == first for v in values):  # None, numbers: one value for the whole batch
+            raise ValueError(f"cat_states: {where} differs across slices ({list(values)}); only tensor rows "
+                             f"can be joined")
+        return first
+
+    return join(list(states), "state")
 
 
 def _state_classes() -> dict:

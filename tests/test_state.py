@@ -72,3 +72,29 @@ def test_plain_round_trip_for_checkpoints(tmp_path):
     assert state_from_plain(None) is None and state_to_plain(None) is None
     with pytest.raises(ValueError, match="unknown state class"):
         state_from_plain({"__state__": "NoSuchState"})
+
+
+def test_rows_and_cat_states_split_and_join_batch_rows_of_nested_states():
+    """--batch-split: rows(start, stop) cuts every tensor's batch dimension (non-tensor fields kept); cat_states
+    joins the slices back in row order, and refuses slices whose non-tensor fields or structure differ."""
+    from fairseq_ext.state import cat_states
+
+    mask = torch.tensor([[False, True, False, False]] * 5)
+    nested = LayerStates((None, KVCache(torch.randn(5, 2, 4, 3), torch.randn(5, 2, 4, 3), mask),
+                          HiddenMemory((torch.randn(5, 6, 4), torch.randn(5, 6, 4)), pending=2)))
+    slices = [nested.rows(0, 2), nested.rows(2, 4), nested.rows(4, 5)]
+    assert [s.batch_size for s in slices] == [2, 2, 1] and slices[1].layers[2].pending == 2
+    assert slices[1].layers[0] is None and torch.equal(slices[1].layers[1].key, nested.layers[1].key[2:4])
+    joined = cat_states(slices)
+    assert joined.layers[0] is None and joined.layers[2].pending == 2
+    for a, b in zip(joined.tensors(), nested.tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert cat_states([None, None]) is None
+    with pytest.raises(ValueError, match=r"out of range"):
+        nested.rows(3, 6)
+    with pytest.raises(ValueError, match=r"state.layers\[2\].pending differs"):
+        cat_states([slices[0], LayerStates(slices[1].layers[:2] + (HiddenMemory(slices[1].layers[2].layers, 0),))])
+    with pytest.raises(ValueError, match="some slices have a state"):
+        cat_states([slices[0], None])
+    with pytest.raises(ValueError, match="tuple of different lengths"):
+        cat_states([slices[0], LayerStates(slices[1].layers[:2])])

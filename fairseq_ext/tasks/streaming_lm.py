@@ -25,8 +25,12 @@ B is the total number of streams (``--batch-size`` / ``--batch-size-valid`` time
 After each optimizer step, the parameters that modules declare with ``parameter_bounds()`` are clamped, together with
 their fp32 master copies under ``--fp16``/``--bf16`` (``fairseq_ext.optim.bounds``; e.g. adaptive-span z in [0, 1]),
 never inside ``forward``.
+``--batch-split K`` runs every training batch as K row slices (forward and backward each, the carried state sliced
+the same way and joined back in row order): the same losses, gradients and carried state as K = 1, with less
+peak memory (the original adaptive-span trainer's micro-batching). Validation and evaluation are not split.
 """
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -40,11 +44,13 @@ from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.data.indexed_dataset import get_available_dataset_impl
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.distributed import FullyShardedDataParallel
 from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor, nn
 
+from fairseq_ext.criterions.lm_loss import STAT_COUNT, STAT_PREFIX
 from fairseq_ext.data import StreamDataset, concat_lines
 from fairseq_ext.models.base import StatefulDecoder, reset_stream_state
 from fairseq_ext.optim.bounds import clamp_parameters
@@ -85,6 +91,12 @@ class StreamingLMConfig(FairseqDataclass):
                           "rounded up to a multiple of --tokens-per-sample, which fill the model's state but are "
                           "not scored (NVIDIA's Transformer-XL warm-up protocol; pass the evaluation mem_len). "
                           "0: cold streams (the original Transformer-XL protocol)"})
+    batch_split: int = field(
+        default=1,
+        metadata={"help": "training only: run every batch as K row slices of its --batch-size streams (forward and "
+                          "backward per slice, carried state sliced and joined back), numerically equivalent to "
+                          "K=1 with less peak memory; slices differ by at most one stream when K does not divide "
+                          "--batch-size; needs K <= --batch-size. Validation and evaluation are not split"})
     batch_size: Optional[int] = II("dataset.batch_size")
     dataset_impl: Optional[ChoiceEnum(get_available_dataset_impl())] = II("dataset.dataset_impl")
     train_subset: str = II("dataset.train_subset")
@@ -102,6 +114,69 @@ def dictionary_fingerprint(dictionary: Dictionary) -> Dict[str, Any]:
     return {"size": len(dictionary), "sha1": digest}
 
 
+def row_slices(batch_size: int, parts: int) -> List[Tuple[int, int]]:
+    """``--batch-split``: [start, stop) of ``parts`` consecutive row slices of a batch, sizes as
+    ``torch.tensor_split`` (the first ``batch_size % parts`` slices have one more row)."""
+    if parts > batch_size:
+        raise ValueError(f"--batch-split {parts} exceeds the {batch_size} streams of a training batch (--batch-size "
+                         f"per worker): every slice needs at least one stream; use --batch-split <= {batch_size} "
+                         f"or a larger --batch-size")
+    bounds, start = [], 0
+    for index in range(parts):
+        stop = start + batch_size // parts + (1 if index < batch_size % parts else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def sample_rows(sample: Dict[str, Any], start: int, stop: int, pad: int) -> Dict[str, Any]:
+    """Rows [start, stop) of a streaming batch: every tensor (``id`` (B,), ``net_input.src_tokens`` (B, T),
+    ``net_input.src_lengths`` (B,), ``target`` (B, T), ...) is cut on its batch dimension, other values (``segment``,
+    ``warmup``) are kept, and ``ntokens`` / ``nsentences`` are recounted for the slice."""
+    batch_size = sample["net_input"]["src_tokens"].size(0)
+
+    def cut(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: cut(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, Tensor):
+            if value.dim() == 0 or value.size(0) != batch_size:
+                raise ValueError(f"--batch-split: sample[{key!r}] of shape {tuple(value.shape)} is not one row per "
+                                 f"stream (B = {batch_size}); cannot slice it")
+            return value[start:stop]
+        return value
+
+    rows = {key: cut(value, key) for key, value in sample.items()}
+    rows["nsentences"] = stop - start
+    rows["ntokens"] = int(rows["target"].ne(pad).sum())
+    return rows
+
+
+def merge_slice_logging_outputs(logging_outputs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One logging output for a batch from its row slices' (``--batch-split``): values are summed per key (losses,
+    token and sentence counts and sample sizes are sums over rows), except ``lm_loss``'s module statistics
+    (``stat:*``, averages over modules that the criterion counts once per batch in ``stat_count``), which are
+    averaged over the slices so that the batch still counts once, as with K = 1."""
+    merged: Dict[str, Any] = {}
+    for logging_output in logging_outputs:
+        for key, value in logging_output.items():
+            merged[key] = merged[key] + value if key in merged else value
+    parts = len(logging_outputs)
+    for key in merged:
+        if key.startswith(STAT_PREFIX):
+            merged[key] = merged[key] / parts
+        elif key == STAT_COUNT:
+            merged[key] = merged[key] // parts if merged[key] % parts == 0 else merged[key] / parts
+    return merged
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Data-parallel wrappers' ``no_sync`` (gradients accumulate locally; fairseq's trainer does the same between
+    --update-freq micro-batches), except under FSDP, where fairseq prefers the communication to the memory."""
+    if hasattr(model, "no_sync") and not isinstance(model, FullyShardedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 @register_task("streaming_lm", dataclass=StreamingLMConfig)
 class StreamingLMTask(FairseqTask):
     """Train and evaluate LMs on contiguous streams; see the module docstring."""
@@ -113,6 +188,10 @@ class StreamingLMTask(FairseqTask):
         super().__init__(cfg)
         self.dictionary = dictionary
         self._resumable: List[StatefulDecoder] = []  # see begin_epoch / train_step
+        self._split_decoders: Optional[Tuple[nn.Module, List[StatefulDecoder]]] = None  # (model, its decoders)
+        self.batch_split = getattr(cfg, "batch_split", 1)  # absent from older checkpoints' task configs
+        if self.batch_split < 1:
+            raise ValueError(f"--batch-split must be >= 1 (row slices per training batch), got {self.batch_split}")
         self.state.merge_state_dict({self.STATE_KEY: dictionary_fingerprint(dictionary)})  # saved in checkpoints
         requested = getattr(cfg, "eval_warmup_tokens", 0) or 0  # absent from older checkpoints' task configs
         if requested < 0:
@@ -280,7 +359,43 @@ class StreamingLMTask(FairseqTask):
             for decoder in self._resumable:
                 decoder.resume_train_stream(sample["segment"])
             self._resumable = []
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        if self.batch_split == 1 or not sample:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        return self._split_train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def _split_train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
+                          update_num: int, ignore_grad: bool) -> Tuple[Tensor, int, Dict]:
+        """``--batch-split K``: forward and backward on K row slices of the batch in turn, each StatefulDecoder
+        continuing the same rows of its "train" state (``stream_rows``). The criterion's losses, sample sizes and
+        logging outputs are sums over rows, so their sums over the slices are the whole batch's, and fairseq's
+        division of the summed gradient by the summed sample size is unchanged."""
+        if not criterion.logging_outputs_can_be_summed():
+            raise ValueError(f"--batch-split needs a criterion whose logging outputs are sums over rows; "
+                             f"{type(criterion).__name__}'s cannot be summed: use --batch-split 1 or lm_loss")
+        batch_size = sample["net_input"]["src_tokens"].size(0)
+        bounds = row_slices(batch_size, self.batch_split)
+        decoders = self._decoders_of(model)
+        losses: List[Tensor] = []
+        sample_size, logging_outputs = 0, []
+        for index, (start, stop) in enumerate(bounds):
+            with contextlib.ExitStack() as stack:
+                for decoder in decoders:
+                    stack.enter_context(decoder.stream_rows(start, stop, batch_size))
+                if index < len(bounds) - 1:  # data parallel: all-reduce once, after the last slice
+                    stack.enter_context(_no_sync(model))
+                loss, size, logging_output = super().train_step(
+                    sample_rows(sample, start, stop, self.dictionary.pad()), model, criterion, optimizer,
+                    update_num, ignore_grad)
+            losses.append(loss.detach())
+            sample_size += size
+            logging_outputs.append(logging_output)
+        return torch.stack(losses).sum(), sample_size, merge_slice_logging_outputs(logging_outputs)
+
+    def _decoders_of(self, model: nn.Module) -> List[StatefulDecoder]:
+        """The StatefulDecoders inside ``model`` (wrappers included), walked once per model."""
+        if self._split_decoders is None or self._split_decoders[0] is not model:
+            self._split_decoders = (model, [m for m in model.modules() if isinstance(m, StatefulDecoder)])
+        return self._split_decoders[1]
 
     def begin_valid_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "eval")

@@ -10,7 +10,9 @@ and ``output_layer``. The base decides which state a call continues from:
   Same state objects, same code path.
 * without it (training, validation, streaming evaluation): one state per stream, "train" while
   ``self.training`` and "eval" otherwise; the stored state is always ``new_state.detach()`` (truncated BPTT), and
-  a stream whose batch size changes starts over from ``None``.
+  a stream whose batch size changes starts over from ``None``. Under ``stream_rows(start, stop, batch_size)`` a call
+  is one row slice of a batch (``streaming_lm --batch-split``): it continues rows [start, stop) of the stream's
+  state, and the slices' new states are joined back in row order once the last slice has run.
 
 The task owns the boundaries and calls ``reset_stream_state(model, stream)`` (epoch start, validation start).
 State is carried into a second batch only after ``attach_streams`` (the streaming task declares that its batches
@@ -20,15 +22,17 @@ continued by ``resume_train_stream`` when a run resumes exactly where it was sav
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from omegaconf import DictConfig
 import torch
 from torch import Tensor, nn
 
-from fairseq_ext.state import SegmentState, state_from_plain, state_to_plain
+from fairseq_ext.state import SegmentState, cat_states, state_from_plain, state_to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,17 @@ STREAM_SOURCE_ERROR = (
 )
 
 
+@dataclasses.dataclass
+class _RowSplit:
+    """A batch of ``batch_size`` streams being run in row slices (``StatefulDecoder.stream_rows``)."""
+
+    stream: str
+    batch_size: int
+    base: Optional[SegmentState]  # the stream's state before this batch, all rows
+    parts: List[Optional[SegmentState]]  # the new state of every slice run so far, in row order
+    next_row: int = 0
+
+
 class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
     """Decoder base that carries a ``SegmentState`` from one call to the next (see the module docstring)."""
 
@@ -61,6 +76,8 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         self.stream_source: Optional[str] = None  # set by attach_streams: who guarantees batch continuity
         self._train_segments = 0  # training calls since the "train" stream was last reset
         self._pending_train: Optional[Dict[str, Any]] = None  # a checkpoint's train stream, until resumed
+        self._rows: Optional[Tuple[int, int, int]] = None  # (start, stop, batch size) inside stream_rows
+        self._split: Optional[_RowSplit] = None  # the batch whose row slices are running
 
     def attach_streams(self, source: str) -> None:
         """Declare that consecutive batches continue the same streams (``streaming_lm`` does, fairseq's
@@ -124,18 +141,68 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
 
     def _stream_step(self, tokens: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
         stream = "train" if self.training else "eval"
+        if self._rows is not None:
+            return self._row_slice_step(stream, tokens)
+        features, new_state, extra = self.forward_segment(tokens, self._continued_state(stream, tokens.size(0)))
+        self._store(stream, new_state)
+        return features, extra
+
+    def _continued_state(self, stream: str, batch_size: int) -> Optional[SegmentState]:
+        """The state a batch of ``batch_size`` rows continues on ``stream`` (None: start over)."""
         state = self._streams[stream]
         if state is not None and self.stream_source is None:
             raise RuntimeError(STREAM_SOURCE_ERROR.format(name=type(self).__name__))
-        if state is not None and state.batch_size != tokens.size(0):
+        if state is not None and state.batch_size != batch_size:
             logger.info("%s: %r stream batch size changed from %d to %d; starting it over from an empty state",
-                        type(self).__name__, stream, state.batch_size, tokens.size(0))
+                        type(self).__name__, stream, state.batch_size, batch_size)
             state = None
-        features, new_state, extra = self.forward_segment(tokens, state)
+        return state
+
+    def _store(self, stream: str, new_state: Optional[SegmentState]) -> None:
+        """Keep the state after a whole batch (truncated BPTT: detached); count training segments."""
         self._streams[stream] = None if new_state is None else new_state.detach()
         if stream == "train":
             self._train_segments += 1
+
+    def _row_slice_step(self, stream: str, tokens: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
+        """tokens (stop - start, T): rows [start, stop) of a batch (see ``stream_rows``)."""
+        start, stop, batch_size = self._rows
+        if tokens.size(0) != stop - start:
+            raise ValueError(f"stream_rows({start}, {stop}, {batch_size}) expects {stop - start} rows, got "
+                             f"{tokens.size(0)}")
+        if start == 0:  # the batch's first slice: its state (batch-size check on the whole batch)
+            self._split = _RowSplit(stream, batch_size, self._continued_state(stream, batch_size), [])
+        split = self._split
+        if split is None or (split.stream, split.batch_size, split.next_row) != (stream, batch_size, start):
+            self._split = None
+            raise RuntimeError(f"{type(self).__name__}: row slices of a batch must each run once, in row order from "
+                               f"row 0; got rows [{start}, {stop}) of {batch_size} on the {stream!r} stream")
+        features, new_state, extra = self.forward_segment(
+            tokens, None if split.base is None else split.base.rows(start, stop))
+        split.parts.append(None if new_state is None else new_state.detach())
+        split.next_row = stop
+        if stop == batch_size:  # the last slice: the batch is done, join the slices' states in row order
+            self._split = None
+            self._store(stream, cat_states(split.parts))
         return features, extra
+
+    @contextlib.contextmanager
+    def stream_rows(self, start: int, stop: int, batch_size: int) -> Iterator[None]:
+        """Run the stream calls inside as rows [start, stop) of a batch of ``batch_size`` streams (micro-batching,
+        ``streaming_lm --batch-split``): each continues those rows of the stream's state, and once the slice ending
+        at ``batch_size`` has run, the slices' new states are joined in row order and stored as the stream's state
+        (one segment). Slices must run in order from row 0, one call each; until the last one the stream's stored
+        state is still the one before the batch. Incremental decoding is unaffected."""
+        if not 0 <= start < stop <= batch_size:
+            raise ValueError(f"stream_rows: need 0 <= start < stop <= batch_size, got [{start}, {stop}) of "
+                             f"{batch_size}")
+        if self._rows is not None:
+            raise RuntimeError("stream_rows contexts do not nest")
+        self._rows = (start, stop, batch_size)
+        try:
+            yield
+        finally:
+            self._rows = None
 
     # -- the training stream in checkpoints (exact resume) ----------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
@@ -187,6 +254,8 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         """Forget the state of ``stream`` ("train" / "eval"), or of every stream when None."""
         for name in STREAMS if stream is None else (_check_stream(stream),):
             self._streams[name] = None
+            if self._split is not None and self._split.stream == name:
+                self._split = None  # a batch cut by a reset does not complete
             if name == "train":
                 self._train_segments = 0
 
