@@ -92,12 +92,12 @@ run_phase() {
     --save-dir "$SAVE_DIR" "$@")
   local label="phase $name: $CONFIG ($ARCH) lr $lr up to update $total"
   if [ "${DRY_RUN:-0}" = 1 ]; then echo "# $label"; print_cmd "${cmd[@]}"; return; fi
-  local done; done=$(checkpoint_updates "$SAVE_DIR/checkpoint_last.pt")
-  if [ "$done" -ge "$total" ]; then echo "$label: skipped, $SAVE_DIR/checkpoint_last.pt is at update $done"; return; fi
-  if [ "$name" = finetune ] && [ "$done" -lt "$STEPS" ]; then
-    die "$label: $SAVE_DIR/checkpoint_last.pt is at update $done, before the end of the main phase ($STEPS): run PHASE=main first"
+  local reached; reached=$(checkpoint_updates "$SAVE_DIR/checkpoint_last.pt")
+  if [ "$reached" -ge "$total" ]; then echo "$label: skipped, $SAVE_DIR/checkpoint_last.pt is at update $reached"; return; fi
+  if [ "$name" = finetune ] && [ "$reached" -lt "$STEPS" ]; then
+    die "$label: $SAVE_DIR/checkpoint_last.pt is at update $reached, before the end of the main phase ($STEPS): run PHASE=main first"
   fi
-  echo "$label (resuming from update $done), global batch 64 = $NGPU workers x $WORKER_BATCH streams in $SPLIT_K row group(s), M=$BLOCK"
+  echo "$label (resuming from update $reached), global batch 64 = $NGPU workers x $WORKER_BATCH streams in $SPLIT_K row group(s), M=$BLOCK"
   "${cmd[@]}"
 }
 
