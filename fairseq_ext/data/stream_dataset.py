@@ -28,6 +28,10 @@ warm-up tokens are scored in their own stream, so every target is still scored e
 longer warm-up would repeat the split and put a stream's own upcoming tokens into the memory. With W > n - len_s
 (e.g. one stream) the warm-up of stream s includes the end of stream s itself, as NVIDIA's roll does for one stream.
 
+Start offset (``start_offset`` o, 0 <= o < T; training only, ``--train-stream-offset random``): every stream skips
+its first o targets (they are not read this epoch) and starts there; the original adaptive-span trainer restarts
+all streams at a random column offset in [0, M) whenever they wrap, so block boundaries move between epochs.
+
 NVIDIA's ``LMOrderedIterator`` (DeepLearningExamples, ``PyTorch/LanguageModeling/Transformer-XL/pytorch/
 data_utils.py``) differs in two ways, both kept out of this layout: it trims the ``n mod B`` remainder tokens
 (``data[:n_step * bsz]``) and never scores the first token of each stream (it is the target of the last warm-up
@@ -74,10 +78,11 @@ class StreamDataset(FairseqDataset):
         num_shards: N, data-parallel workers; the layout has B * N streams in all.
         warmup_tokens: W, a multiple of T and at most n: unscored positions that precede every stream (module
             docstring); 0 is the cold layout.
+        start_offset: o in [0, T): targets skipped at the start of every stream (module docstring).
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, tokens_per_sample: int, pad: int, eos: int,
-                 num_shards: int = 1, warmup_tokens: int = 0) -> None:
+                 num_shards: int = 1, warmup_tokens: int = 0, start_offset: int = 0) -> None:
         super().__init__()
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be a flat (n,) array, got shape {tokens.shape}")
@@ -86,6 +91,10 @@ class StreamDataset(FairseqDataset):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self._check_warmup(warmup_tokens, tokens_per_sample, len(tokens))
+        if not 0 <= start_offset < tokens_per_sample:
+            raise ValueError(f"start_offset must be in [0, tokens_per_sample={tokens_per_sample}), got {start_offset}")
+        if start_offset and warmup_tokens:
+            raise ValueError("a start offset (training) and a warm-up (evaluation) do not combine")
         self.tokens = tokens
         self.batch_size = batch_size
         self.tokens_per_sample = tokens_per_sample
@@ -96,9 +105,11 @@ class StreamDataset(FairseqDataset):
         num_streams = batch_size * num_shards
         base, extra = divmod(len(tokens), num_streams)
         stream_ids = np.arange(num_streams, dtype=np.int64)  # (S,)
-        self.stream_lengths = base + (stream_ids < extra).astype(np.int64)  # (S,)
-        self.stream_starts = stream_ids * base + np.minimum(stream_ids, extra)  # (S,)
-        self.max_stream_length = base + int(extra > 0)  # L
+        lengths = base + (stream_ids < extra).astype(np.int64)  # (S,)
+        self.stream_lengths = np.maximum(lengths - start_offset, 0)  # (S,)
+        self.stream_starts = stream_ids * base + np.minimum(stream_ids, extra) + start_offset  # (S,)
+        self.max_stream_length = int(self.stream_lengths.max())  # L
+        self.start_offset = start_offset
         self.num_scored_segments = math.ceil(self.max_stream_length / tokens_per_sample)
         self.warmup_tokens = warmup_tokens
         self.warmup_segments = warmup_tokens // tokens_per_sample
@@ -120,7 +131,14 @@ class StreamDataset(FairseqDataset):
         if batch_size == self.batch_size and num_shards == self.num_shards:
             return self
         return StreamDataset(self.tokens, batch_size, self.tokens_per_sample, self.pad, self.eos, num_shards,
-                             self.warmup_tokens)
+                             self.warmup_tokens, self.start_offset)
+
+    def with_start_offset(self, start_offset: int) -> "StreamDataset":
+        """The same tokens and layout, every stream starting ``start_offset`` targets later (no copy)."""
+        if start_offset == self.start_offset:
+            return self
+        return StreamDataset(self.tokens, self.batch_size, self.tokens_per_sample, self.pad, self.eos,
+                             self.num_shards, self.warmup_tokens, start_offset)
 
     def with_warmup(self, warmup_tokens: int) -> "StreamDataset":
         """The same tokens and layout with another warm-up (no copy)."""

@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
@@ -97,9 +98,22 @@ class StreamingLMConfig(FairseqDataclass):
                           "backward per slice, carried state sliced and joined back), numerically equivalent to "
                           "K=1 with less peak memory; slices differ by at most one stream when K does not divide "
                           "--batch-size; needs K <= --batch-size. Validation and evaluation are not split"})
+    train_stream_offset: ChoiceEnum(["none", "random"]) = field(
+        default="none",
+        metadata={"help": "training only: 'random' starts every epoch after the first at a random offset in "
+                          "[0, --tokens-per-sample) of every stream (its first targets are skipped that epoch), as "
+                          "the original adaptive-span trainer does when its streams wrap, so segment boundaries "
+                          "move between epochs (seeded by --seed and the epoch); 'none': the same boundaries "
+                          "every epoch"})
     batch_size: Optional[int] = II("dataset.batch_size")
     dataset_impl: Optional[ChoiceEnum(get_available_dataset_impl())] = II("dataset.dataset_impl")
     train_subset: str = II("dataset.train_subset")
+
+
+def train_stream_offset(seed: int, epoch: int, tokens_per_sample: int) -> int:
+    """The start offset of epoch ``epoch`` (> 1) under ``--train-stream-offset random``: uniform in [0, T),
+    the same on every worker and on resume."""
+    return int(np.random.default_rng([seed, epoch]).integers(tokens_per_sample))
 
 
 def protocol_label(dataset: StreamDataset) -> str:
@@ -303,6 +317,11 @@ class StreamingLMTask(FairseqTask):
         split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
         if split is not None and split != self.train_subset:
             logger.info("%s: evaluation protocol %s", split, protocol_label(laid_out))
+        if split == self.train_subset and epoch > 1 and getattr(self.cfg, "train_stream_offset", "none") == "random":
+            offset = train_stream_offset(seed, epoch, laid_out.tokens_per_sample)
+            laid_out = laid_out.with_start_offset(offset)
+            logger.info("epoch %d: the training streams start %d tokens in (--train-stream-offset random)", epoch,
+                        offset)
         return iterators.EpochBatchIterator(
             dataset=laid_out,
             collate_fn=laid_out.collater,

@@ -228,3 +228,22 @@ def test_concat_lines_keeps_order_and_narrows_dtype():
     assert tokens.dtype == np.int32 and tokens.tolist() == [5, 6, EOS, EOS, 70000, EOS]
     small = concat_lines(Lines([[5, EOS], [7, EOS]]), vocab_size=100)
     assert small.dtype == np.uint16 and small.tolist() == [5, EOS, 7, EOS]
+
+
+@pytest.mark.parametrize("n,batch,length,offset,shards", [(100, 4, 5, 3, 1), (101, 3, 8, 7, 2), (9, 3, 4, 3, 1)])
+def test_start_offset_skips_the_first_targets_of_every_stream(n, batch, length, offset, shards):
+    tokens = unique_tokens(n)
+    base = StreamDataset(tokens, batch, length, pad=PAD, eos=EOS, num_shards=shards)
+    shifted = base.with_start_offset(offset)
+    assert shifted.tokens is base.tokens and shifted.with_start_offset(0).start_offset == 0
+    cold, moved = rows_by_stream(base), rows_by_stream(shifted)
+    for stream in range(batch * shards):
+        whole = torch.cat([p["target"] for p in cold[stream]])
+        expected = whole[offset:]  # the stream minus its first ``offset`` targets, inputs still x_{p-1}
+        got = torch.cat([p["target"] for p in moved.get(stream, [])]) if stream in moved else whole[:0]
+        assert torch.equal(got, expected)
+        if len(got):
+            assert int(torch.cat([p["source"] for p in moved[stream]])[0]) == int(got[0]) - 1
+    assert shifted.with_layout(batch + 1, shards).start_offset == offset
+    with pytest.raises(ValueError, match="start_offset"):
+        base.with_start_offset(length)

@@ -230,3 +230,29 @@ def test_optimizer_step_clamps_declared_parameter_bounds(data_dir):
     model, steps = nn.Sequential(nn.Sequential(Clamped())), []
     task.optimizer_step(SimpleNamespace(step=lambda: steps.append(1)), model, update_num=0)
     assert steps == [1] and model[0][0].value.tolist() == [1.0, 0.0]
+
+
+def test_random_train_stream_offset_moves_boundaries_between_epochs(data_dir):
+    from fairseq_ext.tasks.streaming_lm import train_stream_offset
+
+    task, _ = make_task(data_dir, batch_size=3, tokens_per_sample=5, extra=["--train-stream-offset", "random"])
+    task.load_dataset("train")
+    task.load_dataset("valid")
+
+    def first_targets(split, epoch):
+        iterator = task.get_batch_iterator(task.dataset(split), max_sentences=3, epoch=epoch, seed=7)
+        return next(iter(iterator.next_epoch_itr(shuffle=False)))["target"][:, 0]
+
+    offsets = [train_stream_offset(7, epoch, 5) for epoch in range(2, 12)]
+    assert all(0 <= o < 5 for o in offsets) and len(set(offsets)) > 1  # deterministic, uniform in [0, T)
+    assert offsets == [train_stream_offset(7, epoch, 5) for epoch in range(2, 12)]
+    epoch1 = first_targets("train", 1)
+    for epoch, offset in zip(range(2, 5), offsets):
+        moved = first_targets("train", epoch)
+        base = task.get_batch_iterator(task.dataset("train"), max_sentences=3, epoch=1, seed=7).dataset
+        assert torch.equal(moved, torch.from_numpy(base.tokens[base.stream_starts + offset].astype("int64")))
+        assert torch.equal(first_targets("valid", epoch), first_targets("valid", 1))  # evaluation never moves
+    plain, _ = make_task(data_dir, batch_size=3, tokens_per_sample=5)
+    plain.load_dataset("train")
+    iterator = plain.get_batch_iterator(plain.dataset("train"), max_sentences=3, epoch=3, seed=7)
+    assert torch.equal(next(iter(iterator.next_epoch_itr(shuffle=False)))["target"][:, 0], epoch1)  # default: none
