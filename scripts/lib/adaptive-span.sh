@@ -21,6 +21,9 @@
 # main phase then the fine-tune phase; PHASE=main or PHASE=finetune runs one. A phase whose --max-update the
 # checkpoint has already reached is skipped (fairseq-train would otherwise run one more update at that phase's lr).
 #
+# Epochs: when its streams wrap, the original zeroes the caches and restarts every stream at a random offset in
+# [0, M): --train-stream-offset random (streaming_lm resets the training memory at every epoch start).
+#
 # Validation: the original ran a rolling 100-batch validation (own cache) every 1000 steps; we run a full
 # validation of the valid split (8 streams, cold) every 5000 updates and at epoch ends, and save then.
 #
@@ -87,7 +90,8 @@ run_phase() {
   local cmd=("${FAIRSEQ_TRAIN:-$(tool fairseq-train)}" "$DATA" --user-dir fairseq_ext --task streaming_lm
     --arch "$ARCH" --criterion lm_loss "${OPT_FLAGS[@]}" --lr "$lr" --lr-scheduler fixed --warmup-updates "$WARMUP"
     --max-update "$total" --tokens-per-sample "$BLOCK" --batch-size "$WORKER_BATCH" "${SPLIT_FLAGS[@]}"
-    --batch-size-valid 8 --distributed-world-size "$NGPU" --seed 1 --validate-interval-updates 5000
+    --train-stream-offset random --batch-size-valid 8 --distributed-world-size "$NGPU" --seed 1
+    --validate-interval-updates 5000
     --save-interval-updates 5000 --keep-interval-updates 2 --no-epoch-checkpoints --log-interval 200
     --save-dir "$SAVE_DIR" "$@")
   local label="phase $name: $CONFIG ($ARCH) lr $lr up to update $total"

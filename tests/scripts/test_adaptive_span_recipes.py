@@ -87,7 +87,7 @@ def test_training_recipes_carry_the_published_flags(config, ngpu):
         assert cfg.optimization.max_update == total and f"up to update {total}" in label
         assert cfg.task.tokens_per_sample == block
         assert cfg.dataset.batch_size == 64 // ngpu and cfg.distributed_training.distributed_world_size == ngpu
-        assert cfg.task.batch_split == split
+        assert cfg.task.batch_split == split and cfg.task.train_stream_offset == "random"
         assert cfg.dataset.batch_size_valid == 8 and cfg.optimization.update_freq == [1]
         assert cfg.checkpoint.save_dir == f"checkpoints/adaptive_span_{config}" and cfg.checkpoint.no_epoch_checkpoints
         assert cfg.checkpoint.save_interval_updates == cfg.dataset.validate_interval_updates > 0
