@@ -170,3 +170,18 @@ def fairseq_eval_lm(args: Sequence[str]) -> dict:
 
     parsed = options.parse_args_and_arch(options.get_eval_lm_parser(), list(args))
     return eval_lm.main(convert_namespace_to_omegaconf(parsed))
+
+
+def streaming_eval_lm(data: str, checkpoint: str, caplog, *extra: str, split: str = "valid") -> Tuple[float, int, str]:
+    """``fairseq-eval-lm --task streaming_lm`` on ``split`` (CPU, in process) -> (bits/token, the number of
+    tokens fairseq reports as evaluated, the captured log)."""
+    import logging
+    import re
+
+    args = [data, "--user-dir", USER_DIR, "--path", checkpoint, "--task", "streaming_lm", "--gen-subset", split,
+            "--cpu", "--num-workers", "0", "--no-progress-bar", *extra]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = fairseq_eval_lm(args)
+    scored = int(re.search(r"Evaluated ([0-9,]+) tokens", caplog.text).group(1).replace(",", ""))
+    return float(result["loss"]), scored, caplog.text

@@ -4,7 +4,6 @@ logged, z clamped after every step, also under --fp16) -> fairseq-eval-lm stream
 on the segment length (each token sees the same L previous positions) -> generation through fairseq-interactive."""
 import logging
 import os
-import re
 import subprocess
 import sys
 
@@ -12,7 +11,8 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-from tests.harness import USER_DIR, fairseq_eval_lm, fairseq_preprocess, fairseq_train, random_corpus, split_token_count
+from tests.harness import (USER_DIR, fairseq_preprocess, fairseq_train, random_corpus, split_token_count,
+                           streaming_eval_lm)
 
 pytestmark = pytest.mark.slow
 
@@ -49,21 +49,12 @@ def trained(data, tmp_path_factory):
     return os.path.join(save_dir, "checkpoint_last.pt")
 
 
-def eval_lm(data, ckpt, caplog, *extra):
-    args = [data, "--user-dir", USER_DIR, "--path", ckpt, "--task", "streaming_lm", "--gen-subset", "valid",
-            "--cpu", "--num-workers", "0", "--no-progress-bar", *extra]
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        result = fairseq_eval_lm(args)
-    scored = int(re.search(r"Evaluated ([0-9,]+) tokens", caplog.text).group(1).replace(",", ""))
-    return float(result["loss"]), scored
-
-
 def test_streaming_eval_does_not_depend_on_the_segment_length(data, trained, caplog):
     n = split_token_count(data, "valid")
     losses = []
     for length in ("5", "12", "29"):
-        loss, scored = eval_lm(data, trained, caplog, "--batch-size", "3", "--tokens-per-sample", length)
+        loss, scored, _ = streaming_eval_lm(data, trained, caplog, "--batch-size", "3",
+                                            "--tokens-per-sample", length)
         assert scored == n
         losses.append(loss)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)

@@ -2,7 +2,6 @@
 streaming_lm --arch transformer_xl_tiny (memory carried across batches) -> fairseq-eval-lm streaming with
 evaluation-time tgt_len / mem_len / clamp_len / same_length, checked against a hand computation; checkpoint
 round trip; generation through fairseq-interactive."""
-import logging
 import math
 import os
 import re
@@ -17,7 +16,7 @@ from omegaconf import OmegaConf
 
 from fairseq_ext.data import concat_lines
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
-from tests.harness import USER_DIR, fairseq_eval_lm, fairseq_preprocess, fairseq_train, random_corpus, split_token_count
+from tests.harness import USER_DIR, fairseq_eval_lm, streaming_eval_lm, fairseq_preprocess, fairseq_train, random_corpus, split_token_count
 
 pytestmark = pytest.mark.slow
 TRAIN_T = 12
@@ -40,16 +39,6 @@ def trained(tmp_path_factory):
                    "--no-progress-bar", "--log-format", "simple"])
     torch.set_num_threads(threads)
     return data, os.path.join(save_dir, "checkpoint_last.pt")
-
-
-def eval_lm(data, ckpt, caplog, *extra):
-    args = [data, "--user-dir", USER_DIR, "--path", ckpt, "--task", "streaming_lm", "--gen-subset", "valid",
-            "--cpu", "--num-workers", "0", "--no-progress-bar", *extra]
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        result = fairseq_eval_lm(args)
-    scored = int(re.search(r"Evaluated ([0-9,]+) tokens", caplog.text).group(1).replace(",", ""))
-    return float(result["loss"]), scored, caplog.text
 
 
 def whole_stream_loss(data, ckpt, num_streams):
@@ -80,7 +69,7 @@ def test_streaming_eval_with_long_memory_equals_reading_each_stream_at_once(trai
     """Segment recurrence end to end: eval-time T=8 and mem_len >= stream length reproduce one pass per stream."""
     data, ckpt = trained
     n = split_token_count(data, "valid")
-    loss, scored, log = eval_lm(data, ckpt, caplog, "--batch-size", "3", "--tokens-per-sample", "8",
+    loss, scored, log = streaming_eval_lm(data, ckpt, caplog, "--batch-size", "3", "--tokens-per-sample", "8",
                                 "--model-overrides", "{'mem_len': 100000}")
     assert scored == n
     assert "stream(B=3, T=8" in log
@@ -93,7 +82,7 @@ def test_eval_time_overrides_change_the_protocol(trained, caplog):
     results = {}
     for name, overrides in {"train": "{}", "no-memory": "{'mem_len': 0}",
                             "eval.py-like": "{'mem_len': 40, 'clamp_len': 20, 'same_length': True}"}.items():
-        loss, scored, _ = eval_lm(data, ckpt, caplog, "--batch-size", "2", "--tokens-per-sample", "6",
+        loss, scored, _ = streaming_eval_lm(data, ckpt, caplog, "--batch-size", "2", "--tokens-per-sample", "6",
                                   "--model-overrides", overrides)
         assert scored == n and math.isfinite(loss)
         results[name] = loss
@@ -103,7 +92,7 @@ def test_eval_time_overrides_change_the_protocol(trained, caplog):
 def test_context_window_is_rejected_with_the_fix(trained, caplog):
     data, ckpt = trained
     with pytest.raises(ValueError, match="streaming"):
-        eval_lm(data, ckpt, caplog, "--batch-size", "2", "--tokens-per-sample", "8", "--context-window", "4")
+        streaming_eval_lm(data, ckpt, caplog, "--batch-size", "2", "--tokens-per-sample", "8", "--context-window", "4")
 
 
 def test_memory_model_outside_streaming_lm_is_a_clear_error(trained, caplog):

@@ -49,7 +49,8 @@ class AdaptiveSpanSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.span = span
         if pers_mem_size > 0:  # the original's init: N(0, 1/d) keys, N(0, 1/N) values, rescaled in use
-            self.pers_key = nn.Parameter(torch.randn(num_heads, self.head_dim, pers_mem_size) / math.sqrt(self.head_dim))
+            self.pers_key = nn.Parameter(torch.randn(num_heads, self.head_dim, pers_mem_size)
+                                         / math.sqrt(self.head_dim))
             self.pers_value = nn.Parameter(torch.randn(num_heads, pers_mem_size, self.head_dim)
                                            / math.sqrt(pers_mem_size))
         else:
