@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT, ConversionError, VocabMapping,
                      build_vocab_mapping, fairseq_cfg, fairseq_checkpoint, fairseq_dictionary, gather_rows,
-                     load_pickled, save_conversion, verify_strict_load)
+                     load_pickled, report_conversion, verify_strict_load)
 
 logger = logging.getLogger(__name__)
 
@@ -425,11 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
                                        dropout=args.dropout, emb_dropout=args.emb_dropout)
     if not args.no_verify:
         verify_loads(conversion)
-    model_path, dict_path = save_conversion(out_dir, conversion.checkpoint, conversion.mapping.symbols)
-    dead = [conversion.mapping.symbols[i] for i in conversion.mapping.dead]
-    print(f"wrote {model_path} ({len(conversion.checkpoint['model'])} tensors, {ARCH}) and {dict_path} "
-          f"({len(conversion.mapping.symbols)} types; {ORIGINAL_EOS} -> </s>; dead specials {dead})\n"
-          f"binarise with: {PREPROCESS_HINT.format(dict=dict_path)}")
+    report_conversion(out_dir, conversion.checkpoint, conversion.mapping, ARCH, note=f"{ORIGINAL_EOS} -> </s>; ")
     return conversion
 
 

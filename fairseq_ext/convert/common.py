@@ -337,3 +337,14 @@ def save_conversion(out_dir: str, checkpoint: Dict[str, Any], symbols: Sequence[
     write_dictionary(dict_path, symbols)
     torch.load(model_path, map_location="cpu", weights_only=True)
     return model_path, dict_path
+
+
+def report_conversion(out_dir: str, checkpoint: Dict[str, Any], mapping: VocabMapping, arch: str,
+                      note: str = "") -> Tuple[str, str]:
+    """Save (``save_conversion``) and print what was written, the dead specials and how to binarise text."""
+    model_path, dict_path = save_conversion(out_dir, checkpoint, mapping.symbols)
+    dead = [mapping.symbols[i] for i in mapping.dead]
+    print(f"wrote {model_path} ({len(checkpoint['model'])} tensors, {arch}) and {dict_path} "
+          f"({len(mapping.symbols)} types; {note}dead specials {dead})\n"
+          f"binarise with: {PREPROCESS_HINT.format(dict=dict_path)}")
+    return model_path, dict_path

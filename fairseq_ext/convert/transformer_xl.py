@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT,  # noqa: F401 (re-exports)
                      ConversionError, PickledStub, ShimUnpickler, VocabMapping, build_vocab_mapping, fairseq_cfg,
-                     fairseq_checkpoint, fairseq_dictionary, gather_rows, load_pickled, save_conversion,
+                     fairseq_checkpoint, fairseq_dictionary, gather_rows, load_pickled, report_conversion,
                      verify_strict_load, write_dictionary)
 
 logger = logging.getLogger(__name__)
@@ -610,11 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
         clamp_len=args.eval_clamp_len, same_length=args.eval_same_length, tokens_per_sample=args.tokens_per_sample)
     if not args.no_verify:
         verify_loads(conversion)
-    model_path, dict_path = save_conversion(out_dir, conversion.checkpoint, conversion.mapping.symbols)
-    dead = [conversion.mapping.symbols[i] for i in conversion.mapping.dead]
-    print(f"wrote {model_path} ({len(conversion.checkpoint['model'])} tensors, transformer_xl_lm) and {dict_path} "
-          f"({len(conversion.mapping.symbols)} types; dead specials {dead})\n"
-          f"binarise with: {PREPROCESS_HINT.format(dict=dict_path)}")
+    report_conversion(out_dir, conversion.checkpoint, conversion.mapping, "transformer_xl_lm")
     return conversion
 
 
