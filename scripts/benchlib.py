@@ -1,11 +1,16 @@
 """Helpers shared by the benchmark scripts (scripts/bench_*.py): dtypes, device/memory descriptions, out-of-memory
-detection, GPU synchronisation and the CPU peak-memory measurement.
+detection, GPU synchronisation, the CPU peak-memory measurements (allocator replay, process peak RSS), step timing,
+and building configs the way ``fairseq-train`` does (a ``dict.txt`` of a given size, fairseq's training parser).
 
 CPU peak memory is the maximum of live tensor bytes in PyTorch's CPU allocator, replayed from ``torch.profiler``
 (``profile_memory=True``) allocation/free events -- the CPU analogue of ``torch.cuda.max_memory_allocated``.
 """
+import os
 import platform
-from typing import Dict
+import resource
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
@@ -52,3 +57,45 @@ def cpu_peak_bytes(prof: torch.profiler.profile, window: str) -> int:
         if start <= e.start_ns() <= end:
             peak = max(peak, live)
     return peak
+
+
+RSS_DESCRIPTION = ("peak resident set size of the whole worker process (resource.getrusage ru_maxrss: Python, "
+                   "torch and fairseq libraries, model, optimizer state, activations, allocator caches)")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if platform.system() == "Darwin" else int(rss) * 1024
+
+
+def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> List[float]:
+    """Seconds of each of ``steps`` calls of fn, synchronised on GPU."""
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def write_dictionary(data_dir: str, vocab: int) -> None:
+    """dict.txt with vocab - 4 types (fairseq adds the 4 specials), counts descending like a real dictionary."""
+    if vocab < 5:
+        raise ValueError(f"--vocab must be >= 5 (4 specials + 1 word), got {vocab}")
+    with open(os.path.join(data_dir, "dict.txt"), "w") as f:
+        f.writelines(f"w{i} {vocab - i}\n" for i in range(vocab - 4))
+
+
+def fairseq_config(flags: Sequence[str]) -> Any:
+    """The structured config (omegaconf DictConfig) ``fairseq-train`` runs with for these flags, arch preset
+    applied; fairseq_ext must already be imported (it registers the models, tasks and criterions)."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(), input_args=list(flags))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # hydra's deprecation notices
+        return convert_namespace_to_omegaconf(args)

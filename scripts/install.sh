@@ -5,6 +5,8 @@
 # --no-build-isolation after its runtime deps (never torchaudio), sentencepiece, tensorboardX.
 # numpy<2: fairseq-fixed 0.12.3.1 calls np.compat.long (gone since numpy 2.0) in TokenBlockDataset's "eos" break
 # mode, i.e. --sample-break-mode eos and every LM inference dataset (fairseq-interactive / fairseq-generate).
+# matplotlib (Agg backend) for scripts/plot_spans.py: none of its dependencies is torch; installed with numpy<2
+# so that pip never upgrades numpy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -17,6 +19,9 @@ if ! "$PY" -c "import torch, numpy, hydra, omegaconf, sentencepiece, tensorboard
    || [ "$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')" != "2.13.0" ]; then
   "$PY" -m pip install -q torch==2.13.0 "setuptools>=77" wheel cython "numpy<2" cffi hydra-core==1.3.2 omegaconf==2.3.0 \
     regex sacrebleu tqdm bitarray packaging scikit-learn sentencepiece tensorboardX pytest
+fi
+if ! "$PY" -c "import matplotlib" 2>/dev/null; then
+  "$PY" -m pip install -q "matplotlib>=3.7" "numpy<2"
 fi
 if ! "$PY" -c "import fairseq, fairseq.data.data_utils_fast" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1

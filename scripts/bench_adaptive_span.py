@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""Adaptive-span training cost: small vs large learned spans vs a fixed span, at the same maximum span L.
+
+Sukhbaatar et al. 2019, "Adaptive Attention Span in Transformers" (arXiv 1905.07799), Sec. 3 and Fig. 3: a head's
+span z·L only costs what it uses, because each layer trims its keys/values and cache to the largest span of its
+heads (spec adaptive_span.md §1.3-§1.5: computed window L_pos = L - trim, trim a multiple of 64; attention cost per
+layer ∝ M·(M + L_pos)·d per head; cache C = L_pos + 64). This bench measures that saving on ``adaptive_span_lm``:
+
+* ``small``  -- adaptive span, every z = 0: the soft mask keeps distances 1..R, trimming leaves L_pos = 64;
+* ``large``  -- adaptive span, every z = 1: L_pos = L (mask and renormalisation still applied);
+* ``fixed``  -- ``--fixed-span``: every head attends to all L positions, no mask (the paper's baseline);
+* ``z=F``    -- adaptive span with every z = F (e.g. ``z=0.125``), for intermediate points.
+
+Each row is one training configuration built the way ``fairseq-train`` builds it (``--task streaming_lm``,
+``--criterion lm_loss``, a ``dict.txt`` of ``--vocab`` entries) and trained on random tokens as B streams of M
+tokens with the per-layer caches carried from step to step (the decoder's "train" stream). A step is forward,
+``lm_loss`` (mean NLL + the span loss), backward, and the paper's optimizer (``AdagradClip``, lr 0.07, per-tensor
+clip 0.03). z is pinned: after every optimizer step it is reset to the configured value (a real run clamps it to
+[0, 1] there), so every step computes the same window; its gradient is still computed. Before timing, the caches
+are filled by no-grad forwards (ceil(C / M) segments) and ``--warmup`` training steps run; tokens/s = B·M / step
+time (fastest of ``--steps``, the ``timeit`` convention on a shared machine; the median is printed too).
+
+Reported per row: L, the computed window L_pos and the cache length C of every layer, the forward attention GFLOP of
+one step (``decoder.log_stats()['attn_gflop']``: content, position and value products over the materialised
+M x (L_pos + M) skew layout; backward is about twice that), tokens/s, and peak memory over the warm-up training
+steps (caches full): on CUDA ``torch.cuda.max_memory_allocated``; on CPU (a) the maximum of live tensor bytes in
+PyTorch's CPU allocator replayed from ``torch.profiler`` events and (b) the peak RSS of the worker process
+(``resource.getrusage``), each configuration in a fresh subprocess unless ``--in-process``.
+
+A second table compares the op implementations (``--attn-impl skew``, the strided skew layout, against ``naive``,
+which gathers every query's L-key window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``,
+``--impl-tgt-len``).
+
+    python scripts/bench_adaptive_span.py            # CPU defaults (about 1.5 min on 2 idle cores): enwik8_small cut to
+                                                     # 2 layers, H 256, 4 heads, B 1, M 512, L 8192
+    python scripts/bench_adaptive_span.py --quick    # tiny sizes (the test)
+    python scripts/bench_adaptive_span.py --device cuda --dtype bf16 --preset adaptive_span_enwik8 \\
+        --batch-size 8                               # the paper's enwik8 model (12 layers, H 512), 8 streams per GPU
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import traceback
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_adaptive_span.py` from a checkout
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
+from benchlib import (DTYPES, OOM_MARKERS, RSS_DESCRIPTION, cpu_peak_bytes, device_description,  # noqa: E402
+                      fairseq_config, is_oom, memory_description, peak_rss_bytes, synchronize, timed,
+                      write_dictionary)
+import fairseq  # noqa: E402
+import fairseq_ext  # noqa: E402,F401  (registers adaptive_span_lm, streaming_lm, lm_loss)
+from fairseq import tasks, utils  # noqa: E402
+from fairseq_ext.optim.adagrad_clip import AdagradClip  # noqa: E402
+
+NAMED_CONFIGS = {"small": 0.0, "large": 1.0, "fixed": None}  # z (None: --fixed-span)
+DEFAULT_CONFIGS = ("small", "large", "fixed")
+IMPLS = ("skew", "naive")
+TABLES = ("main", "impls")
+ENWIK8_VOCAB = 205  # dictionary entries incl. fairseq's 4 specials (the preset docstrings' enwik8 vocabulary)
+LR, ADAGRAD_CLIP = 0.07, 0.03  # the paper's scripts: --lr 0.07 --grad-clip 0.03 (adagrad)
+CPU_DEFAULTS = dict(layers=2, batch_size=1)
+CUDA_DEFAULTS = dict(layers=None, batch_size=8)  # None: the preset's depth
+QUICK = dict(preset="adaptive_span_tiny", layers=1, batch_size=1, tgt_len=16, attn_span=256, vocab=32, steps=2,
+             warmup=1, impl_attn_span=128, impl_tgt_len=8)
+NORMAL = dict(preset="adaptive_span_enwik8_small", tgt_len=512, attn_span=8192, vocab=ENWIK8_VOCAB, steps=3,
+              warmup=1, impl_attn_span=1024, impl_tgt_len=256)
+RESULT_PREFIX = "BENCH_SPAN_RESULT "
+MEMORY_WINDOW = "bench_span_warmup"
+
+
+# ====================================================================================================================
+# Command line
+# ====================================================================================================================
+
+def parse_config_name(name: str) -> Optional[float]:
+    """small -> 0.0, large -> 1.0, fixed -> None, z=F -> F (in [0, 1])."""
+    if name in NAMED_CONFIGS:
+        return NAMED_CONFIGS[name]
+    if name.startswith("z="):
+        try:
+            z = float(name[2:])
+        except ValueError:
+            z = -1.0
+        if 0.0 <= z <= 1.0:
+            return z
+    raise argparse.ArgumentTypeError(f"unknown config {name!r}: choose small, large, fixed or z=F with 0 <= F <= 1")
+
+
+def _names(choices: Optional[Sequence[str]] = None):
+    def parse(text: str) -> List[str]:
+        names = [v for v in text.replace(",", " ").split()]
+        if not names:
+            raise argparse.ArgumentTypeError("empty list")
+        for name in names:
+            if choices is None:
+                parse_config_name(name)
+            elif name not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {name!r}; choose from {choices}")
+        return names
+    return parse
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=None, help=f"adaptive_span_lm arch preset (default {NORMAL['preset']})")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default: 2 on CPU, the preset's on CUDA; 0 = the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="streams B (default: 1 on CPU, 8 on CUDA)")
+    p.add_argument("--tgt-len", type=int, default=None, help=f"segment length M (default {NORMAL['tgt_len']})")
+    p.add_argument("--attn-span", type=int, default=None, help=f"maximum span L (default {NORMAL['attn_span']})")
+    p.add_argument("--vocab", type=int, default=None, help=f"dictionary size incl. 4 specials (default "
+                                                            f"{ENWIK8_VOCAB}, enwik8)")
+    p.add_argument("--configs", type=_names(), default=list(DEFAULT_CONFIGS),
+                   help="comma-separated rows of the main table: small (z=0), large (z=1), fixed, z=F")
+    p.add_argument("--attn-impl", choices=IMPLS, default="skew", help="op implementation of the main table")
+    p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
+                   help="main (span configs) and/or impls (skew vs naive at --impl-attn-span / --impl-tgt-len)")
+    p.add_argument("--impl-configs", type=_names(), default=["small", "large"], help="span configs of the impls "
+                                                                                       "table")
+    p.add_argument("--impl-attn-span", type=int, default=None,
+                   help=f"L of the impls table (default {NORMAL['impl_attn_span']}; naive needs O(B·K·M·L·d) "
+                        f"memory)")
+    p.add_argument("--impl-tgt-len", type=int, default=None, help=f"M of the impls table (default "
+                                                                   f"{NORMAL['impl_tgt_len']})")
+    p.add_argument("--steps", type=int, default=None, help=f"timed training steps (default {NORMAL['steps']})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed training steps after the cache fill (default {NORMAL['warmup']}; >= 1: peak "
+                        f"memory is measured over them)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16 (fp16 "
+                                                                            "with a GradScaler)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny sizes for tests: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    p.add_argument("--in-process", action="store_true", help="run every configuration in this process (default: a "
+                                                              "fresh subprocess each, so memory numbers stay clean)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (subprocesses)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON result
+    return p
+
+
+def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
+    opts = build_arg_parser().parse_args(argv)
+    if opts.device is None:
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_defaults = CUDA_DEFAULTS if opts.device == "cuda" else CPU_DEFAULTS
+    for name, value in {**(device_defaults if not opts.quick else {}), **(QUICK if opts.quick else NORMAL)}.items():
+        if getattr(opts, name, None) is None:
+            setattr(opts, name, value)
+    if opts.layers == 0:
+        opts.layers = None
+    if opts.steps < 1 or opts.warmup < 1:
+        raise SystemExit("--steps and --warmup must be >= 1")
+    for name in ("batch_size", "tgt_len", "attn_span", "impl_attn_span", "impl_tgt_len"):
+        if getattr(opts, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    return opts
+
+
+# ====================================================================================================================
+# Building a configuration like fairseq-train
+# ====================================================================================================================
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    tgt: int
+    span: int
+    vocab: int
+
+
+def table_shape(opts: Namespace, table: str) -> Shape:
+    if table == "impls":
+        return Shape(opts.batch_size, opts.impl_tgt_len, opts.impl_attn_span, opts.vocab)
+    return Shape(opts.batch_size, opts.tgt_len, opts.attn_span, opts.vocab)
+
+
+def fairseq_flags(opts: Namespace, config: str, impl: str, shape: Shape, data_dir: str) -> List[str]:
+    z = parse_config_name(config)
+    flags = [data_dir, "--task", "streaming_lm", "--tokens-per-sample", str(shape.tgt), "--batch-size",
+             str(shape.batch), "--arch", opts.preset, "--criterion", "lm_loss", "--optimizer", "adagrad_clip",
+             "--lr", str(LR), "--adagrad-clip", str(ADAGRAD_CLIP), "--seed", str(opts.seed), "--attn-span",
+             str(shape.span), "--attn-impl", impl]
+    if opts.layers is not None:
+        flags += ["--decoder-layers", str(opts.layers)]
+    flags += ["--fixed-span"] if z is None else ["--adapt-span-init", repr(z)]
+    return flags
+
+
+def build(opts: Namespace, config: str, impl: str, shape: Shape):
+    """(cfg, task, model, criterion) on CPU in fp32, exactly as fairseq-train builds them."""
+    with tempfile.TemporaryDirectory(prefix="bench_span_dict_") as data_dir:
+        write_dictionary(data_dir, shape.vocab)
+        cfg = fairseq_config(fairseq_flags(opts, config, impl, shape, data_dir))
+        utils.set_torch_seed(opts.seed)
+        task = tasks.setup_task(cfg.task)
+        model = task.build_model(cfg.model)
+        criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
+def make_sample(tokens: Tensor, device: torch.device) -> Dict[str, Any]:
+    """A streaming_lm batch from tokens (B, M + 1)."""
+    src, tgt = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+    b, t = src.shape
+    return {"id": torch.arange(b, device=device), "nsentences": b, "ntokens": b * t,
+            "net_input": {"src_tokens": src, "src_lengths": torch.full((b,), t, dtype=torch.long, device=device)},
+            "target": tgt}
+
+
+# ====================================================================================================================
+# Training steps, timing and peak memory
+# ====================================================================================================================
+
+@dataclass
+class Trainee:
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    samples: List[Dict[str, Any]]
+    z: Optional[float]
+    device: torch.device
+    dtype: torch.dtype
+    step: int = 0
+
+    def next_sample(self) -> Dict[str, Any]:
+        self.step += 1
+        return self.samples[self.step % len(self.samples)]
+
+
+def make_trainee(opts: Namespace, config: str, impl: str, shape: Shape) -> Trainee:
+    device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
+    _, task, model, criterion = build(opts, config, impl, shape)
+    model.to(device).train()
+    criterion.to(device)
+    optimizer = AdagradClip(model.parameters(), lr=LR, grad_clip=ADAGRAD_CLIP)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    gen = torch.Generator().manual_seed(opts.seed)
+    nspecial = task.dictionary.nspecial
+    samples = [make_sample(torch.randint(nspecial, shape.vocab, (shape.batch, shape.tgt + 1), generator=gen), device)
+               for _ in range(4)]
+    return Trainee(model, criterion, optimizer, scaler, samples, parse_config_name(config), device, dtype)
+
+
+def pin_spans(t: Trainee) -> None:
+    """Reset every z to the configured value (where a real run clamps z to [0, 1])."""
+    if t.z is None:
+        return
+    with torch.no_grad():
+        for mask in t.model.decoder.span_masks():
+            mask.z.fill_(t.z)
+
+
+def train_step(t: Trainee) -> None:
+    """Forward over the carried caches + lm_loss (NLL + span loss) under autocast, backward, AdagradClip step."""
+    t.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype != torch.float32):
+        loss, sample_size, _ = t.criterion(t.model, t.next_sample())
+    t.scaler.scale(loss / sample_size).backward()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    pin_spans(t)
+
+
+def fill_caches(t: Trainee) -> int:
+    """No-grad training-mode forwards until every layer's cache holds its full length C; returns their number."""
+    longest = max(layer.self_attn.window().cache for layer in t.model.decoder.layers)
+    count = math.ceil(longest / t.samples[0]["target"].size(1))
+    with torch.no_grad(), torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype != torch.float32):
+        for _ in range(count):
+            t.model(t.next_sample()["net_input"]["src_tokens"])
+    return count
+
+
+def build_and_warm_up(opts: Namespace, config: str, impl: str, shape: Shape) -> Tuple[Trainee, int, int]:
+    """Build, fill the caches, run the warm-up steps; returns (trainee, fill forwards, peak bytes of the warm-up
+    training steps)."""
+    device = torch.device(opts.device)
+    if device.type == "cuda":
+        trainee = make_trainee(opts, config, impl, shape)
+        fills = fill_caches(trainee)
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(opts.warmup):
+            train_step(trainee)
+        synchronize(device)
+        return trainee, fills, torch.cuda.max_memory_allocated(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainee = make_trainee(opts, config, impl, shape)
+        fills = fill_caches(trainee)
+        with torch.profiler.record_function(MEMORY_WINDOW):
+            for _ in range(opts.warmup):
+                train_step(trainee)
+    return trainee, fills, cpu_peak_bytes(prof, MEMORY_WINDOW)
+
+
+def _failure(result: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
+    status = "OOM" if is_oom(exc) else "ERROR"
+    if status == "ERROR":
+        traceback.print_exc(file=sys.stderr)
+    return {**result, "status": status, "error": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
+
+
+def run_config(opts: Namespace, table: str, config: str, impl: str) -> Dict[str, Any]:
+    """Throughput, telemetry and peak memory of one (table, config, impl), in this process."""
+    shape = table_shape(opts, table)
+    result: Dict[str, Any] = {"table": table, "config": config, "impl": impl, "batch": shape.batch,
+                              "tgt": shape.tgt, "span": shape.span, "vocab": shape.vocab}
+    torch.manual_seed(opts.seed)
+    trainee = None
+    try:
+        trainee, fills, peak = build_and_warm_up(opts, config, impl, shape)
+        times = timed(lambda: train_step(trainee), opts.steps, trainee.device)
+        decoder = trainee.model.decoder
+        windows = [layer.self_attn.window() for layer in decoder.layers]
+        stats = decoder.log_stats()
+        tokens = shape.batch * shape.tgt
+        result.update(
+            status="ok", tokens_per_s=tokens / min(times), median_tokens_per_s=tokens / statistics.median(times),
+            step_ms=1000 * min(times), median_step_ms=1000 * statistics.median(times), peak_mb=peak / 2 ** 20,
+            rss_mb=None if opts.in_process else peak_rss_bytes() / 2 ** 20, fills=fills,
+            l_pos=[w.span for w in windows], cache=[w.cache for w in windows],
+            cache_held=[int(s.size(1)) for s in decoder.stream_state("train").layers],
+            attn_gflop=float(stats["attn_gflop"]), span_avg=stats.get("span_avg"),
+            params=sum(p.numel() for p in trainee.model.parameters()), layers=len(decoder.layers),
+            heads=decoder.layers[0].self_attn.num_heads, dim=decoder.embed_dim)
+    except Exception as exc:  # one failing configuration must not take down the whole table
+        result = _failure(result, exc)
+    finally:
+        trainee = None  # noqa: F841
+        gc.collect()
+        if torch.device(opts.device).type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+# ====================================================================================================================
+# Driver: one subprocess per configuration
+# ====================================================================================================================
+
+def iter_configs(opts: Namespace) -> Iterator[str]:
+    """Worker specs ``TABLE|CONFIG|IMPL``."""
+    if "main" in opts.tables:
+        for config in opts.configs:
+            yield f"main|{config}|{opts.attn_impl}"
+    if "impls" in opts.tables:
+        for config in opts.impl_configs:
+            for impl in IMPLS:
+                yield f"impls|{config}|{impl}"
+
+
+def run_spec(opts: Namespace, spec: str) -> Dict[str, Any]:
+    table, config, impl = spec.split("|")
+    return run_config(opts, table, config, impl)
+
+
+def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Dict[str, Any]:
+    """One configuration in a fresh Python process running this script with ``--worker``."""
+    table, config, impl = spec.split("|")
+    base = {"table": table, "config": config, "impl": impl}
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", spec]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "TIMEOUT"}
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+    if results and results[-1]["status"] != "ERROR":
+        return results[-1]
+    if not results and (proc.returncode == -9 or any(m in proc.stderr.lower() for m in OOM_MARKERS)):
+        return {**base, "status": "OOM", "error": f"worker exit {proc.returncode} (killed / out of memory)"}
+    sys.stderr.write(f"[bench_adaptive_span] {spec} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n")
+    return results[-1] if results else {**base, "status": "ERROR", "error": f"worker exit {proc.returncode}"}
+
+
+# ====================================================================================================================
+# Report
+# ====================================================================================================================
+
+def config_label(config: str) -> str:
+    z = parse_config_name(config)
+    if z is None:
+        return "fixed span"
+    return f"adaptive, z = {z:g}" + (f" ({config})" if config in NAMED_CONFIGS else "")
+
+
+def per_layer(values: Sequence[int]) -> str:
+    """'64 ×2' when every layer has the same value, else the comma-separated list."""
+    return f"{values[0]:,} ×{len(values)}" if len(set(values)) == 1 else ", ".join(f"{v:,}" for v in values)
+
+
+HEADER = ("| config | impl | B × M | L | L_pos per layer | cache C per layer | attn GFLOP / step (fwd) | "
+          "tokens/s (fastest) | tokens/s (median) | {ref} | peak tensor memory (MB) | peak RSS (MB) | params |")
+ALIGN = "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def table_rows(results: Sequence[Dict[str, Any]], table: str) -> List[str]:
+    rows = []
+    for r in results:
+        if r["table"] != table:
+            continue
+        shape = f"{r['batch']} × {r['tgt']} | {r['span']:,}" if "span" in r else "- | -"
+        head = f"| {config_label(r['config'])} | {r['impl']} | {shape} |"
+        if r["status"] != "ok":
+            rows.append(f"{head} {r['status']} | - | - | - | - | - | - | - | - |")
+            continue
+        if table == "main":  # the fixed-span row of the same implementation
+            ref = next((x for x in results if x["table"] == table and x["impl"] == r["impl"]
+                        and x.get("status") == "ok" and parse_config_name(x["config"]) is None), None)
+        else:  # the skew row of the same span configuration
+            ref = next((x for x in results if x["table"] == table and x["config"] == r["config"]
+                        and x.get("status") == "ok" and x["impl"] == "skew"), None)
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref is not None else "n/a"
+        rss = f"{r['rss_mb']:,.0f}" if r.get("rss_mb") is not None else "n/a (in-process)"
+        rows.append(f"{head} {per_layer(r['l_pos'])} | {per_layer(r['cache'])} | {r['attn_gflop']:.4g} | "
+                    f"{r['tokens_per_s']:,.0f} | {r['median_tokens_per_s']:,.0f} | {ratio} | {r['peak_mb']:,.1f} | "
+                    f"{rss} | {r['params'] / 1e6:.2f}M |")
+    return rows
+
+
+def model_description(results: Sequence[Dict[str, Any]], opts: Namespace) -> str:
+    r = next((x for x in results if x.get("status") == "ok"), None)
+    if r is None:
+        return f"`{opts.preset}` (no configuration succeeded)"
+    return (f"`{opts.preset}`{f' with --decoder-layers {opts.layers}' if opts.layers else ''}: {r['layers']} "
+            f"layers, H {r['dim']}, {r['heads']} heads, V {r['vocab']:,}")
+
+
+def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: str,
+                  load: Tuple[float, float] = (float("nan"), float("nan"))) -> str:
+    device = torch.device(opts.device)
+    lines = [
+        "## Adaptive-span training benchmark",
+        "",
+        f"- command: `{command}`",
+        f"- torch {torch.__version__}, fairseq {fairseq.__version__}; device: {device_description(device)}; dtype "
+        f"{opts.dtype}{' (autocast)' if opts.dtype != 'fp32' else ''}",
+        f"- host load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs; "
+        f"isolation: {'in-process' if opts.in_process else 'one fresh subprocess per row'}",
+        *([f"- **warning**: the 1-minute load average ({load[0]:.1f}) exceeded the {torch.get_num_threads()} torch "
+           f"threads at the start: other processes share these cores; rerun on an idle host"]
+          if device.type == "cpu" and load[0] > torch.get_num_threads() else []),
+        f"- model {model_description(results, opts)}; random tokens; step = forward over the carried caches + "
+        f"lm_loss (NLL + span loss) + backward + AdagradClip (lr {LR}, clip {ADAGRAD_CLIP}), z reset to its "
+        f"configured value after every step",
+        f"- caches filled by no-grad forwards, then {opts.warmup} warm-up and {opts.steps} timed training steps; "
+        f"tokens/s = B·M / step time; attn GFLOP: decoder.log_stats()['attn_gflop'] (forward, skew layout "
+        f"M x (L_pos + M); backward ≈ 2× more)",
+        f"- peak tensor memory: {memory_description(device).replace('warm-up steps', 'warm-up training steps')}"
+        + (f"; peak RSS: {RSS_DESCRIPTION}" if device.type == "cpu" else ""),
+    ]
+    if "main" in opts.tables:
+        lines += ["", f"### Span configurations at L = {opts.attn_span:,} (--attn-impl {opts.attn_impl})", "",
+                  HEADER.format(ref="vs fixed"), ALIGN, *table_rows(results, "main")]
+    if "impls" in opts.tables:
+        lines += ["", f"### Op implementations: skew vs naive at L = {opts.impl_attn_span:,}, M = "
+                      f"{opts.impl_tgt_len}", "", HEADER.format(ref="vs skew"), ALIGN, *table_rows(results, "impls")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_bench_args(argv)
+    if opts.worker is not None:
+        print(RESULT_PREFIX + json.dumps(run_spec(opts, opts.worker)), flush=True)
+        return 0
+    load_start = os.getloadavg()[0]
+    results = []
+    for spec in iter_configs(opts):
+        result = run_spec(opts, spec) if opts.in_process else run_isolated(argv, spec, opts.timeout)
+        extra = f" {result['tokens_per_s']:,.1f} tokens/s" if result.get("status") == "ok" else ""
+        print(f"[bench_adaptive_span] {spec}: {result['status']}{extra}", file=sys.stderr, flush=True)
+        results.append(result)
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
+    print(render_report(opts, results, command, (load_start, os.getloadavg()[0])), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
