@@ -21,7 +21,7 @@ are filled by no-grad forwards (ceil(C / M) segments) and ``--warmup`` training 
 time (fastest of ``--steps``, the ``timeit`` convention on a shared machine; the median is printed too).
 
 Reported per row: L, the computed window L_pos and the cache length C of every layer, the forward attention GFLOP of
-one step (``decoder.log_stats()['attn_gflop']``: content, position and value products over the materialised
+one step (``decoder.attention_gflop(B, M)``: content, position and value products over the materialised
 M x (L_pos + M) skew layout; backward is about twice that), tokens/s, and peak memory over the warm-up training
 steps (caches full): on CUDA ``torch.cuda.max_memory_allocated``; on CPU (a) the maximum of live tensor bytes in
 PyTorch's CPU allocator replayed from ``torch.profiler`` events and (b) the peak RSS of the worker process
@@ -343,7 +343,7 @@ def run_config(opts: Namespace, table: str, config: str, impl: str) -> Dict[str,
             rss_mb=None if opts.in_process else peak_rss_bytes() / 2 ** 20, fills=fills,
             l_pos=[w.span for w in windows], cache=[w.cache for w in windows],
             cache_held=[int(s.size(1)) for s in decoder.stream_state("train").layers],
-            attn_gflop=float(stats["attn_gflop"]), span_avg=stats.get("span_avg"),
+            attn_gflop=decoder.attention_gflop(shape.batch, shape.tgt), span_avg=stats.get("span_avg"),
             params=sum(p.numel() for p in trainee.model.parameters()), layers=len(decoder.layers),
             heads=decoder.layers[0].self_attn.num_heads, dim=decoder.embed_dim)
     except Exception as exc:  # one failing configuration must not take down the whole table
@@ -466,7 +466,7 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
         f"lm_loss (NLL + span loss) + backward + AdagradClip (lr {LR}, clip {ADAGRAD_CLIP}), z reset to its "
         f"configured value after every step",
         f"- caches filled by no-grad forwards, then {opts.warmup} warm-up and {opts.steps} timed training steps; "
-        f"tokens/s = B·M / step time; attn GFLOP: decoder.log_stats()['attn_gflop'] (forward, skew layout "
+        f"tokens/s = B·M / step time; attn GFLOP: decoder.attention_gflop(B, M) (forward, skew layout "
         f"M x (L_pos + M); backward ≈ 2× more)",
         f"- peak tensor memory: {memory_description(device).replace('warm-up steps', 'warm-up training steps')}"
         + (f"; peak RSS: {RSS_DESCRIPTION}" if device.type == "cpu" else ""),

@@ -137,7 +137,7 @@ class AdaptiveSpanDecoder(StatefulDecoder):
             attn = AdaptiveSpanSelfAttention(dim, heads, cfg.attn_span, cfg.dropout, span, cfg.pers_mem_size,
                                              renorm=not cfg.no_span_renorm, impl=str(cfg.attn_impl))
             self.layers.append(AdaptiveSpanLayer(attn, dim, ffn_dim, cfg.dropout))
-        self._last_shape = (0, 0)  # (B, M) of the last forward, for the FLOP telemetry
+        self._last_length = 0  # M of the last forward, for the FLOP telemetry
 
     @torch.no_grad()
     def _init_adaptive_io(self, div_val: int) -> None:
@@ -175,24 +175,30 @@ class AdaptiveSpanDecoder(StatefulDecoder):
         for layer, cache in zip(self.layers, caches):
             x, next_cache = layer(x, cache, key_pe)  # (B, M, H), (B, <= C_l, H)
             next_caches.append(next_cache)
-        self._last_shape = tuple(tokens.shape)
+        self._last_length = tokens.size(1)
         return F.dropout(x, self.emb_dropout, self.training), HiddenMemory(tuple(next_caches)), {}
 
     # -- span telemetry (logged by lm_loss) ----------------------------------------------------------------
     def span_masks(self) -> List[AdaptiveSpanMask]:
         return [layer.self_attn.span for layer in self.layers if layer.self_attn.span is not None]
 
+    def attention_gflop(self, batch: int, length: int) -> float:
+        """Attention GFLOP of a forward over a (batch, length) segment at the current windows: content, position and
+        value products over the materialised M x (L_pos + M) skew layout, 2·B·K·M·d·(2 (L_pos + M) + L_pos) per
+        layer (projections, FF and softmax excluded)."""
+        d, heads = self.key_pe.size(0), self.layers[0].self_attn.num_heads
+        windows = [layer.self_attn.window() for layer in self.layers]
+        return sum(2 * batch * heads * length * d * (2 * (w.span + length) + w.span) for w in windows) / 1e9
+
     def log_stats(self) -> Dict[str, float]:
         """span_avg: mean over layers of each layer's mean span; span_max: the largest span of any head;
-        attn_len: mean computed window L_pos; attn_gflop: attention GFLOP of the last forward (content, position
-        and value products over the materialised M x (L_pos + M) layout)."""
+        attn_len: mean computed window L_pos; attn_mflop_tok: attention MFLOP per token of the last forward's
+        segment length (``attention_gflop``; independent of the batch size and of --batch-split)."""
         spans = [mask.spans() for mask in self.span_masks()]
         windows = [layer.self_attn.window() for layer in self.layers]
-        b, m = self._last_shape
-        d = self.key_pe.size(0)
-        heads = self.layers[0].self_attn.num_heads
-        flop = sum(2 * b * heads * m * d * (2 * (w.span + m) + w.span) for w in windows)
-        stats = {"attn_len": sum(w.span for w in windows) / len(windows), "attn_gflop": flop / 1e9}
+        length = max(self._last_length, 1)
+        stats = {"attn_len": sum(w.span for w in windows) / len(windows),
+                 "attn_mflop_tok": self.attention_gflop(1, length) * 1e3 / length}
         if spans:
             stats["span_avg"] = float(torch.stack([s.mean() for s in spans]).mean())
             stats["span_max"] = float(torch.stack([s.max() for s in spans]).max())

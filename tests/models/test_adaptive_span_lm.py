@@ -296,6 +296,10 @@ def test_span_loss_telemetry_and_bounds():
     stats = model.decoder.log_stats()
     assert stats["span_avg"] == pytest.approx((82.0 + 33.0) / 2) and stats["span_max"] == 200.0
     assert stats["attn_len"] == (200 + 72) / 2
+    model(tokens(3, 10))
+    per_token = 2 * 4 * 4 * ((2 * (200 + 10) + 200) + (2 * (72 + 10) + 72)) / 1e6  # 2·K·d·(2(L_pos + M) + L_pos)
+    assert model.decoder.log_stats()["attn_mflop_tok"] == pytest.approx(per_token)
+    assert model.decoder.attention_gflop(3, 10) == pytest.approx(per_token * 30 / 1e3)
     assert [p for p, _, _ in collect_bounds(model)] == [layer.self_attn.span.z for layer in model.decoder.layers]
     model.train()
     aux = sum(m.aux_loss() for m in model.decoder.span_masks())
