@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-xl
+.PHONY: install test test-fast demo bench bench-xl bench-span
 install:
 	bash scripts/install.sh
 
@@ -20,3 +20,6 @@ bench: install
 
 bench-xl: install
 	$(PY) scripts/bench_transformer_xl.py
+
+bench-span: install
+	$(PY) scripts/bench_adaptive_span.py
