@@ -121,6 +121,15 @@ class HiddenMemory(SegmentState):
 
 
 @dataclasses.dataclass(frozen=True)
+class FastWeightState(SegmentState):
+    """Fast-weight memory of one linear-attention layer (Schlag et al. 2021): ``weight`` (B, H, D_k, D_v) in fp32 (or
+    fp64), and ``key_sum`` (B, H, D_k), the running sum of keys of the normalised variants (None otherwise)."""
+
+    weight: Tensor
+    key_sum: Optional[Tensor] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerStates(SegmentState):
     """One state per layer (each a SegmentState or None), as a decoder carries them."""
 
