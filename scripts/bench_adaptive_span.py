@@ -39,32 +39,25 @@ which gathers every query's L-key window explicitly: O(M·L·d) memory) at a mod
 """
 
 import argparse
-import gc
-import json
 import math
 import os
-import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
-import traceback
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_adaptive_span.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, OOM_MARKERS, RSS_DESCRIPTION, cpu_peak_bytes, device_description,  # noqa: E402
-                      fairseq_config, is_oom, memory_description, peak_rss_bytes, synchronize, timed,
-                      write_dictionary)
-import fairseq  # noqa: E402
+from benchlib import (DTYPES, RSS_DESCRIPTION, Result, add_run_arguments, apply_run_arguments,  # noqa: E402
+                      bench_main, fairseq_config, lm_sample, measure, memory_description, peak_rss_bytes,
+                      run_header, run_worker, speed, timed, warm_up_peak, write_dictionary)
 import fairseq_ext  # noqa: E402,F401  (registers adaptive_span_lm, streaming_lm, lm_loss)
 from fairseq import tasks, utils  # noqa: E402
 from fairseq_ext.optim.adagrad_clip import AdagradClip  # noqa: E402
@@ -144,24 +137,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help=f"untimed training steps after the cache fill (default {NORMAL['warmup']}; >= 1: peak "
                         f"memory is measured over them)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16 (fp16 "
-                                                                            "with a GradScaler)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny sizes for tests: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
-    p.add_argument("--in-process", action="store_true", help="run every configuration in this process (default: a "
-                                                              "fresh subprocess each, so memory numbers stay clean)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (subprocesses)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON result
+    add_run_arguments(p, QUICK, "fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)")
     return p
 
 
 def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     opts = build_arg_parser().parse_args(argv)
-    if opts.device is None:
-        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    apply_run_arguments(opts)
     device_defaults = CUDA_DEFAULTS if opts.device == "cuda" else CPU_DEFAULTS
     for name, value in {**(device_defaults if not opts.quick else {}), **(QUICK if opts.quick else NORMAL)}.items():
         if getattr(opts, name, None) is None:
@@ -173,8 +155,6 @@ def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     for name in ("batch_size", "tgt_len", "attn_span", "impl_attn_span", "impl_tgt_len"):
         if getattr(opts, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
     return opts
 
 
@@ -220,15 +200,6 @@ def build(opts: Namespace, config: str, impl: str, shape: Shape):
     return cfg, task, model, criterion
 
 
-def make_sample(tokens: Tensor, device: torch.device) -> Dict[str, Any]:
-    """A streaming_lm batch from tokens (B, M + 1)."""
-    src, tgt = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
-    b, t = src.shape
-    return {"id": torch.arange(b, device=device), "nsentences": b, "ntokens": b * t,
-            "net_input": {"src_tokens": src, "src_lengths": torch.full((b,), t, dtype=torch.long, device=device)},
-            "target": tgt}
-
-
 # ====================================================================================================================
 # Training steps, timing and peak memory
 # ====================================================================================================================
@@ -259,7 +230,7 @@ def make_trainee(opts: Namespace, config: str, impl: str, shape: Shape) -> Train
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     gen = torch.Generator().manual_seed(opts.seed)
     nspecial = task.dictionary.nspecial
-    samples = [make_sample(torch.randint(nspecial, shape.vocab, (shape.batch, shape.tgt + 1), generator=gen), device)
+    samples = [lm_sample(torch.randint(nspecial, shape.vocab, (shape.batch, shape.tgt + 1), generator=gen), device)
                for _ in range(4)]
     return Trainee(model, criterion, optimizer, scaler, samples, parse_config_name(config), device, dtype)
 
@@ -297,63 +268,38 @@ def fill_caches(t: Trainee) -> int:
 def build_and_warm_up(opts: Namespace, config: str, impl: str, shape: Shape) -> Tuple[Trainee, int, int]:
     """Build, fill the caches, run the warm-up steps; returns (trainee, fill forwards, peak bytes of the warm-up
     training steps)."""
-    device = torch.device(opts.device)
-    if device.type == "cuda":
+    def build_and_fill() -> Tuple[Trainee, int]:
         trainee = make_trainee(opts, config, impl, shape)
-        fills = fill_caches(trainee)
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(opts.warmup):
-            train_step(trainee)
-        synchronize(device)
-        return trainee, fills, torch.cuda.max_memory_allocated(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainee = make_trainee(opts, config, impl, shape)
-        fills = fill_caches(trainee)
-        with torch.profiler.record_function(MEMORY_WINDOW):
-            for _ in range(opts.warmup):
-                train_step(trainee)
-    return trainee, fills, cpu_peak_bytes(prof, MEMORY_WINDOW)
+        return trainee, fill_caches(trainee)
+
+    (trainee, fills), peak = warm_up_peak(torch.device(opts.device), build_and_fill,
+                                          lambda built: train_step(built[0]), opts.warmup, MEMORY_WINDOW)
+    return trainee, fills, peak
 
 
-def _failure(result: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    status = "OOM" if is_oom(exc) else "ERROR"
-    if status == "ERROR":
-        traceback.print_exc(file=sys.stderr)
-    return {**result, "status": status, "error": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
-
-
-def run_config(opts: Namespace, table: str, config: str, impl: str) -> Dict[str, Any]:
+def run_config(opts: Namespace, table: str, config: str, impl: str) -> Result:
     """Throughput, telemetry and peak memory of one (table, config, impl), in this process."""
     shape = table_shape(opts, table)
-    result: Dict[str, Any] = {"table": table, "config": config, "impl": impl, "batch": shape.batch,
-                              "tgt": shape.tgt, "span": shape.span, "vocab": shape.vocab}
+    result: Result = {"table": table, "config": config, "impl": impl, "batch": shape.batch, "tgt": shape.tgt,
+                      "span": shape.span, "vocab": shape.vocab}
     torch.manual_seed(opts.seed)
-    trainee = None
-    try:
+
+    def run() -> Result:
         trainee, fills, peak = build_and_warm_up(opts, config, impl, shape)
         times = timed(lambda: train_step(trainee), opts.steps, trainee.device)
         decoder = trainee.model.decoder
         windows = [layer.self_attn.window() for layer in decoder.layers]
         stats = decoder.log_stats()
-        tokens = shape.batch * shape.tgt
-        result.update(
-            status="ok", tokens_per_s=tokens / min(times), median_tokens_per_s=tokens / statistics.median(times),
-            step_ms=1000 * min(times), median_step_ms=1000 * statistics.median(times), peak_mb=peak / 2 ** 20,
+        return dict(
+            **speed(shape.batch * shape.tgt, times), peak_mb=peak / 2 ** 20,
             rss_mb=None if opts.in_process else peak_rss_bytes() / 2 ** 20, fills=fills,
             l_pos=[w.span for w in windows], cache=[w.cache for w in windows],
             cache_held=[int(s.size(1)) for s in decoder.stream_state("train").layers],
             attn_gflop=decoder.attention_gflop(shape.batch, shape.tgt), span_avg=stats.get("span_avg"),
             params=sum(p.numel() for p in trainee.model.parameters()), layers=len(decoder.layers),
             heads=decoder.layers[0].self_attn.num_heads, dim=decoder.embed_dim)
-    except Exception as exc:  # one failing configuration must not take down the whole table
-        result = _failure(result, exc)
-    finally:
-        trainee = None  # noqa: F841
-        gc.collect()
-        if torch.device(opts.device).type == "cuda":
-            torch.cuda.empty_cache()
-    return result
+
+    return measure(result, opts.device, run)
 
 
 # ====================================================================================================================
@@ -376,23 +322,11 @@ def run_spec(opts: Namespace, spec: str) -> Dict[str, Any]:
     return run_config(opts, table, config, impl)
 
 
-def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Dict[str, Any]:
+def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Result:
     """One configuration in a fresh Python process running this script with ``--worker``."""
     table, config, impl = spec.split("|")
-    base = {"table": table, "config": config, "impl": impl}
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", spec]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "status": "TIMEOUT"}
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(RESULT_PREFIX)]
-    if results and results[-1]["status"] != "ERROR":
-        return results[-1]
-    if not results and (proc.returncode == -9 or any(m in proc.stderr.lower() for m in OOM_MARKERS)):
-        return {**base, "status": "OOM", "error": f"worker exit {proc.returncode} (killed / out of memory)"}
-    sys.stderr.write(f"[bench_adaptive_span] {spec} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n")
-    return results[-1] if results else {**base, "status": "ERROR", "error": f"worker exit {proc.returncode}"}
+    return run_worker(__file__, argv, spec, {"table": table, "config": config, "impl": impl}, RESULT_PREFIX,
+                      timeout, spec)
 
 
 # ====================================================================================================================
@@ -454,14 +388,8 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
     lines = [
         "## Adaptive-span training benchmark",
         "",
-        f"- command: `{command}`",
-        f"- torch {torch.__version__}, fairseq {fairseq.__version__}; device: {device_description(device)}; dtype "
-        f"{opts.dtype}{' (autocast)' if opts.dtype != 'fp32' else ''}",
-        f"- host load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs; "
-        f"isolation: {'in-process' if opts.in_process else 'one fresh subprocess per row'}",
-        *([f"- **warning**: the 1-minute load average ({load[0]:.1f}) exceeded the {torch.get_num_threads()} torch "
-           f"threads at the start: other processes share these cores; rerun on an idle host"]
-          if device.type == "cpu" and load[0] > torch.get_num_threads() else []),
+        *run_header(command, device, opts.dtype, load,
+                    "in-process" if opts.in_process else "one fresh subprocess per row", "; rerun on an idle host"),
         f"- model {model_description(results, opts)}; random tokens; step = forward over the carried caches + "
         f"lm_loss (NLL + span loss) + backward + AdagradClip (lr {LR}, clip {ADAGRAD_CLIP}), z reset to its "
         f"configured value after every step",
@@ -481,21 +409,8 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = parse_bench_args(argv)
-    if opts.worker is not None:
-        print(RESULT_PREFIX + json.dumps(run_spec(opts, opts.worker)), flush=True)
-        return 0
-    load_start = os.getloadavg()[0]
-    results = []
-    for spec in iter_configs(opts):
-        result = run_spec(opts, spec) if opts.in_process else run_isolated(argv, spec, opts.timeout)
-        extra = f" {result['tokens_per_s']:,.1f} tokens/s" if result.get("status") == "ok" else ""
-        print(f"[bench_adaptive_span] {spec}: {result['status']}{extra}", file=sys.stderr, flush=True)
-        results.append(result)
-    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
-    print(render_report(opts, results, command, (load_start, os.getloadavg()[0])), end="")
-    return 0
+    return bench_main(__file__, argv, parse_bench_args, RESULT_PREFIX, iter_configs, run_spec, run_isolated,
+                      render_report)
 
 
 if __name__ == "__main__":

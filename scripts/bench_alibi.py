@@ -29,16 +29,10 @@ slower repeats measure interference from other processes on a shared machine; th
 
 import argparse
 import copy
-import gc
 import json
 import os
 import shlex
-import statistics
-import subprocess
 import sys
-import time
-import traceback
-import warnings
 from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -52,12 +46,12 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_alibi.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, OOM_MARKERS, cpu_peak_bytes, device_description, is_oom,  # noqa: E402
-                      memory_description, synchronize)
+from benchlib import (DTYPES, Result, device_description, lm_sample, measure, memory_description,  # noqa: E402
+                      namespace_config, run_worker, speed, timed, warm_up_peak)
+from benchlib import cpu_peak_bytes  # noqa: E402,F401  (the CPU peak-memory measurement, tested through this module)
 import fairseq  # noqa: E402
 import fairseq_ext  # noqa: E402,F401  (registers alibi_lm and its archs with fairseq)
 from fairseq import options, tasks, utils  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.models import ARCH_CONFIG_REGISTRY, MODEL_REGISTRY, register_model  # noqa: E402
 from fairseq.models.transformer import TransformerDecoder  # noqa: E402
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig  # noqa: E402
@@ -244,10 +238,7 @@ def model_namespace(base: Namespace, model: str) -> Namespace:
 
 def fairseq_config(opts: Namespace, model: str, seq_len: int):
     """The structured config ``fairseq-train`` would run with (``convert_namespace_to_omegaconf``)."""
-    args = model_namespace(base_namespace(opts, seq_len), model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # hydra's deprecation notices, once per configuration
-        return convert_namespace_to_omegaconf(args)
+    return namespace_config(model_namespace(base_namespace(opts, seq_len), model))
 
 
 def build_model_and_criterion(opts: Namespace, model: str, seq_len: int):
@@ -262,11 +253,7 @@ def random_sample(task, batch: int, seq_len: int, device: torch.device, seed: in
     """A language-modelling batch of random (non-special) tokens, in fairseq's sample format."""
     gen = torch.Generator().manual_seed(seed)
     vocab = task.dictionary
-    tokens = torch.randint(vocab.nspecial, len(vocab), (batch, seq_len + 1), generator=gen)
-    src, tgt = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
-    lengths = torch.full((batch,), seq_len, dtype=torch.long, device=device)
-    return {"id": torch.arange(batch, device=device), "nsentences": batch, "ntokens": batch * seq_len,
-            "net_input": {"src_tokens": src, "src_lengths": lengths}, "target": tgt}
+    return lm_sample(torch.randint(vocab.nspecial, len(vocab), (batch, seq_len + 1), generator=gen), device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -305,84 +292,32 @@ def train_step(t: Trainee) -> None:
     t.scaler.update()
 
 
-
-
-
-
 def build_and_warm_up(opts: Namespace, model_name: str, seq_len: int) -> Tuple[Trainee, int]:
     """Build the model and run the warm-up steps; return it with the peak memory (bytes) of those steps."""
-    device = torch.device(opts.device)
-    if device.type == "cuda":
-        trainee = make_trainee(opts, model_name, seq_len)
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(opts.warmup):
-            train_step(trainee)
-        synchronize(device)
-        return trainee, torch.cuda.max_memory_allocated(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainee = make_trainee(opts, model_name, seq_len)
-        with torch.profiler.record_function(MEMORY_WINDOW):
-            for _ in range(opts.warmup):
-                train_step(trainee)
-    return trainee, cpu_peak_bytes(prof, MEMORY_WINDOW)
+    return warm_up_peak(torch.device(opts.device), lambda: make_trainee(opts, model_name, seq_len), train_step,
+                        opts.warmup, MEMORY_WINDOW)
 
 
-def time_steps(trainee: Trainee, steps: int) -> List[float]:
-    """Seconds of each of ``steps`` training steps, synchronised on GPU."""
-    times = []
-    for _ in range(steps):
-        synchronize(trainee.device)
-        start = time.perf_counter()
-        train_step(trainee)
-        synchronize(trainee.device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-
-
-def run_config(opts: Namespace, model_name: str, seq_len: int) -> Dict[str, Any]:
+def run_config(opts: Namespace, model_name: str, seq_len: int) -> Result:
     """Benchmark one (model, T) in this process; a failure becomes status ``OOM`` or ``ERROR`` (traceback on stderr)."""
     batch = batch_size(opts.tokens_per_batch, seq_len)
-    result: Dict[str, Any] = {"model": model_name, "seq_len": seq_len, "batch": batch}
+    result: Result = {"model": model_name, "seq_len": seq_len, "batch": batch}
     torch.manual_seed(opts.seed)
-    try:
+
+    def run() -> Result:
         trainee, peak = build_and_warm_up(opts, model_name, seq_len)
-        times = time_steps(trainee, opts.steps)
-        params = sum(p.numel() for p in trainee.model.parameters())
-        result.update(status="ok", tokens_per_s=batch * seq_len / min(times), step_ms=1000.0 * min(times),
-                      median_step_ms=1000.0 * statistics.median(times), peak_mb=peak / 2 ** 20, params=params)
-    except Exception as exc:  # one failing configuration must not take down the whole table
-        status = "OOM" if is_oom(exc) else "ERROR"
-        if status == "ERROR":
-            traceback.print_exc(file=sys.stderr)
-        result.update(status=status, error=(str(exc).splitlines() or [type(exc).__name__])[0][:200])
-    finally:
-        trainee = None  # noqa: F841  (free before the next in-process configuration)
-        gc.collect()
-        if torch.device(opts.device).type == "cuda":
-            torch.cuda.empty_cache()
-    return result
+        times = timed(lambda: train_step(trainee), opts.steps, trainee.device)
+        return {**speed(batch * seq_len, times), "peak_mb": peak / 2 ** 20,
+                "params": sum(p.numel() for p in trainee.model.parameters())}
+
+    return measure(result, opts.device, run)
 
 
-def run_isolated(argv: Sequence[str], model_name: str, seq_len: int, timeout: Optional[float]) -> Dict[str, Any]:
+def run_isolated(argv: Sequence[str], model_name: str, seq_len: int, timeout: Optional[float]) -> Result:
     """Benchmark one (model, T) in a fresh Python process running this script with ``--worker``."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", f"{model_name}:{seq_len}"]
-    base: Dict[str, Any] = {"model": model_name, "seq_len": seq_len, "batch": None}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "status": "TIMEOUT"}
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(RESULT_PREFIX)]
-    if results and results[-1]["status"] != "ERROR":
-        return results[-1]
-    if not results and (proc.returncode == -9 or any(m in proc.stderr.lower() for m in OOM_MARKERS)):
-        return {**base, "status": "OOM", "error": f"worker exit {proc.returncode} (killed / out of memory)"}
-    sys.stderr.write(f"[bench_alibi] {model_name} T={seq_len} failed (exit {proc.returncode}):\n"
-                     f"{proc.stderr[-4000:]}\n")
-    return results[-1] if results else {**base, "status": "ERROR", "error": f"worker exit {proc.returncode}"}
+    return run_worker(__file__, argv, f"{model_name}:{seq_len}", {"model": model_name, "seq_len": seq_len,
+                                                                    "batch": None},
+                      RESULT_PREFIX, timeout, f"{model_name} T={seq_len}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,10 +331,6 @@ def model_label(model: str, opts: Namespace) -> str:
     if model == "sinusoidal":
         return "transformer_lm (sinusoidal)"
     return "fork (3-D B·H mask)"
-
-
-
-
 
 
 def dims_description(opts: Namespace) -> str:

@@ -61,18 +61,10 @@ the median is printed too.
 """
 
 import argparse
-import gc
-import json
 import math
 import os
-import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import traceback
-import warnings
 from argparse import Namespace
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -87,12 +79,11 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_transformer_xl.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, OOM_MARKERS, cpu_peak_bytes, device_description, is_oom,  # noqa: E402
-                      memory_description, synchronize)
-import fairseq  # noqa: E402
+from benchlib import (DTYPES, Result, add_run_arguments, apply_run_arguments, bench_main,  # noqa: E402
+                      fairseq_config, lm_sample, measure, memory_description, run_header, run_worker, speed, timed,
+                      warm_up_peak, write_dictionary)
 import fairseq_ext  # noqa: E402,F401  (registers transformer_xl_lm, streaming_lm, lm_loss)
-from fairseq import options, tasks, utils  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq import tasks, utils  # noqa: E402
 from fairseq_ext.criterions.lm_loss import nll_sum  # noqa: E402
 
 OURS = ("sdpa", "shift", "naive")
@@ -364,21 +355,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                                                  f"{NORMAL['eval_steps']})")
     p.add_argument("--eval-warmup", type=int, default=None,
                    help="untimed evaluation steps (default 1; streaming adds ceil(M/T_eval) to fill the memory)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny sizes for tests: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
-    p.add_argument("--in-process", action="store_true", help="run every configuration in this process (default: a "
-                                                              "fresh subprocess each, so memory numbers stay clean)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (subprocesses)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON result
+    add_run_arguments(p, QUICK, "fp32, or autocast to bf16/fp16")
     return p
 
 
 def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     opts = build_arg_parser().parse_args(argv)
+    apply_run_arguments(opts)
     for name, value in (QUICK if opts.quick else NORMAL).items():
         if getattr(opts, name, None) is None:
             setattr(opts, name, value)
@@ -386,10 +369,6 @@ def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
         opts.eval_arch = list(opts.arch)
     if opts.steps < 1 or opts.eval_steps < 1 or opts.warmup < 0 or opts.eval_warmup < 0:
         raise SystemExit("--steps and --eval-steps must be >= 1, --warmup and --eval-warmup >= 0")
-    if opts.device is None:
-        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
     return opts
 
 
@@ -444,26 +423,9 @@ def fairseq_flags(arch: str, impl: str, shape: Shape, data_dir: str, seed: int) 
             "--attn-impl", impl if impl in OURS else "shift"]  # original: our layers are built, then replaced
 
 
-def fairseq_config(flags: Sequence[str]):
-    """The structured config ``fairseq-train`` runs with for these flags (arch preset applied)."""
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, input_args=list(flags))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # hydra's deprecation notices
-        return convert_namespace_to_omegaconf(args)
-
-
 def model_config(arch: str, extra: Sequence[str] = ()):
     """``cfg.model`` of a preset without building anything (for the header and preset mem_len)."""
     return fairseq_config(["/nonexistent", "--task", "streaming_lm", "--arch", arch, *extra]).model
-
-
-def write_dictionary(data_dir: str, vocab: int) -> None:
-    """dict.txt with vocab - 4 types (fairseq adds the 4 specials), counts descending like a real dictionary."""
-    if vocab < 5:
-        raise ValueError(f"--vocab must be >= 5 (4 specials + 1 word), got {vocab}")
-    with open(os.path.join(data_dir, "dict.txt"), "w") as f:
-        f.writelines(f"w{i} {vocab - i}\n" for i in range(vocab - 4))
 
 
 def build(opts: Namespace, arch: str, impl: str, shape: Shape):
@@ -509,11 +471,9 @@ class Trainee:
 
 def make_sample(tokens: Tensor, device: torch.device) -> Dict[str, Any]:
     """A streaming_lm batch from tokens (B, T + 1); the original reads the time-first copies."""
-    src, tgt = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
-    b, t = src.shape
-    return {"id": torch.arange(b, device=device), "nsentences": b, "ntokens": b * t,
-            "net_input": {"src_tokens": src, "src_lengths": torch.full((b,), t, dtype=torch.long, device=device)},
-            "target": tgt, "data_tb": src.t().contiguous(), "target_tb": tgt.t().contiguous()}
+    sample = lm_sample(tokens, device)
+    src, tgt = sample["net_input"]["src_tokens"], sample["target"]
+    return {**sample, "data_tb": src.t().contiguous(), "target_tb": tgt.t().contiguous()}
 
 
 def make_trainee(opts: Namespace, arch: str, impl: str, shape: Shape) -> Trainee:
@@ -552,77 +512,26 @@ def train_step(t: Trainee) -> None:
         t.mems = new_mems
 
 
-
-
-
-
 def build_and_warm_up(opts: Namespace, arch: str, impl: str, shape: Shape) -> Tuple[Trainee, int]:
     """Build, run the warm-up steps, return the trainee and the peak memory (bytes) of those steps."""
-    device = torch.device(opts.device)
-    warmup = train_warmup(opts, shape)
-    if device.type == "cuda":
-        trainee = make_trainee(opts, arch, impl, shape)
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(warmup):
-            train_step(trainee)
-        synchronize(device)
-        return trainee, torch.cuda.max_memory_allocated(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainee = make_trainee(opts, arch, impl, shape)
-        with torch.profiler.record_function(MEMORY_WINDOW):
-            for _ in range(warmup):
-                train_step(trainee)
-    return trainee, cpu_peak_bytes(prof, MEMORY_WINDOW)
+    return warm_up_peak(torch.device(opts.device), lambda: make_trainee(opts, arch, impl, shape), train_step,
+                        train_warmup(opts, shape), MEMORY_WINDOW)
 
 
-def timed(fn, steps: int, device: torch.device) -> List[float]:
-    """Seconds of each of ``steps`` calls of fn, synchronised on GPU."""
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-
-
-def _failure(result: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    status = "OOM" if is_oom(exc) else "ERROR"
-    if status == "ERROR":
-        traceback.print_exc(file=sys.stderr)
-    return {**result, "status": status, "error": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
-
-
-def _cleanup(device: str) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def run_train(opts: Namespace, arch: str, impl: str) -> Dict[str, Any]:
+def run_train(opts: Namespace, arch: str, impl: str) -> Result:
     """Training throughput and peak memory of one (arch, impl), in this process."""
     shape = train_shape(opts, arch)
-    result: Dict[str, Any] = {"table": "train", "arch": arch, "impl": impl, "batch": shape.batch, "tgt": shape.tgt,
-                              "mem": shape.mem, "vocab": shape.vocab, "warmup": train_warmup(opts, shape)}
+    result: Result = {"table": "train", "arch": arch, "impl": impl, "batch": shape.batch, "tgt": shape.tgt,
+                      "mem": shape.mem, "vocab": shape.vocab, "warmup": train_warmup(opts, shape)}
     torch.manual_seed(opts.seed)
-    trainee = None
-    try:
+
+    def run() -> Result:
         trainee, peak = build_and_warm_up(opts, arch, impl, shape)
         times = timed(lambda: train_step(trainee), opts.steps, trainee.device)
-        tokens = shape.batch * shape.tgt
-        result.update(status="ok", tokens_per_s=tokens / min(times), median_tokens_per_s=tokens / statistics.median(
-            times), step_ms=1000 * min(times), median_step_ms=1000 * statistics.median(times), peak_mb=peak / 2 ** 20,
-            params=sum(p.numel() for p in trainee.model.parameters()))
-    except Exception as exc:  # one failing configuration must not take down the whole table
-        result = _failure(result, exc)
-    finally:
-        trainee = None  # noqa: F841
-        _cleanup(opts.device)
-    return result
+        return {**speed(shape.batch * shape.tgt, times), "peak_mb": peak / 2 ** 20,
+                "params": sum(p.numel() for p in trainee.model.parameters())}
+
+    return measure(result, opts.device, run)
 
 
 # ====================================================================================================================
@@ -670,29 +579,21 @@ class Evaluator:
         return float(nll)
 
 
-def run_eval(opts: Namespace, arch: str, impl: str, protocol: str) -> Dict[str, Any]:
+def run_eval(opts: Namespace, arch: str, impl: str, protocol: str) -> Result:
     shape = eval_shape(opts, arch, protocol)
-    result: Dict[str, Any] = {"table": "eval", "arch": arch, "impl": impl, "protocol": protocol,
-                              "batch": shape.batch, "tgt": opts.eval_tgt_len, "mem": opts.eval_mem_len,
-                              "vocab": shape.vocab}
+    result: Result = {"table": "eval", "arch": arch, "impl": impl, "protocol": protocol, "batch": shape.batch,
+                      "tgt": opts.eval_tgt_len, "mem": opts.eval_mem_len, "vocab": shape.vocab}
     torch.manual_seed(opts.seed)
-    ev = None
-    try:
+
+    def run() -> Result:
         ev = Evaluator(opts, arch, impl, protocol)
         for _ in range(ev.fill + opts.eval_warmup):
             ev.step()
         times = timed(ev.step, opts.eval_steps, ev.device)
-        tokens = shape.batch * opts.eval_tgt_len
-        result.update(status="ok", tokens_per_s=tokens / min(times),
-                      median_tokens_per_s=tokens / statistics.median(times), step_ms=1000 * min(times),
-                      median_step_ms=1000 * statistics.median(times),
-                      params=sum(p.numel() for p in ev.model.parameters()))
-    except Exception as exc:
-        result = _failure(result, exc)
-    finally:
-        ev = None  # noqa: F841
-        _cleanup(opts.device)
-    return result
+        return {**speed(shape.batch * opts.eval_tgt_len, times),
+                "params": sum(p.numel() for p in ev.model.parameters())}
+
+    return measure(result, opts.device, run)
 
 
 # ====================================================================================================================
@@ -722,22 +623,9 @@ def spec_stub(spec: str) -> Dict[str, Any]:
     return {"table": table, "arch": arch, "impl": impl, **({"protocol": rest[0]} if rest else {})}
 
 
-def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Dict[str, Any]:
+def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Result:
     """One configuration in a fresh Python process running this script with ``--worker``."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", spec]
-    base = spec_stub(spec)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "status": "TIMEOUT"}
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(RESULT_PREFIX)]
-    if results and results[-1]["status"] != "ERROR":
-        return results[-1]
-    if not results and (proc.returncode == -9 or any(m in proc.stderr.lower() for m in OOM_MARKERS)):
-        return {**base, "status": "OOM", "error": f"worker exit {proc.returncode} (killed / out of memory)"}
-    sys.stderr.write(f"[bench_transformer_xl] {spec} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n")
-    return results[-1] if results else {**base, "status": "ERROR", "error": f"worker exit {proc.returncode}"}
+    return run_worker(__file__, argv, spec, spec_stub(spec), RESULT_PREFIX, timeout, spec)
 
 
 # ====================================================================================================================
@@ -746,10 +634,6 @@ def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Di
 
 def impl_label(impl: str) -> str:
     return "original (kimiyoung, reproduced)" if impl == "original" else f"ours ({impl})"
-
-
-
-
 
 
 def arch_description(arch: str) -> str:
@@ -828,15 +712,10 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
     lines = [
         "## Transformer-XL benchmark",
         "",
-        f"- command: `{command}`",
-        f"- torch {torch.__version__}, fairseq {fairseq.__version__}; device: {device_description(device)}; dtype "
-        f"{opts.dtype}{' (autocast)' if opts.dtype != 'fp32' else ''}",
-        f"- host load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs; "
-        f"isolation: {'in-process' if opts.in_process else 'one fresh subprocess per row and protocol'}",
-        *([f"- **warning**: the 1-minute load average ({load[0]:.1f}) exceeded the {torch.get_num_threads()} torch "
-           f"threads at the start: other processes share these cores, and every multi-threaded op can wait for a "
-           f"descheduled thread; rerun on an idle host or with --threads 1"]
-          if device.type == "cpu" and load[0] > torch.get_num_threads() else []),
+        *run_header(command, device, opts.dtype, load,
+                    "in-process" if opts.in_process else "one fresh subprocess per row and protocol",
+                    ", and every multi-threaded op can wait for a descheduled thread; rerun on an idle host or with "
+                    "--threads 1"),
         *[f"- model {arch_description(a)}" for a in archs],
         "- implementations: `ours (impl)` = transformer_xl_lm --attn-impl impl; `original` = the layer stack of "
         "kimiyoung/transformer-xl pytorch/mem_transformer.py reproduced (time-first, one qkv_net on cat(mem, h), "
@@ -876,21 +755,8 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = parse_bench_args(argv)
-    if opts.worker is not None:
-        print(RESULT_PREFIX + json.dumps(run_spec(opts, opts.worker)), flush=True)
-        return 0
-    load_start = os.getloadavg()[0]
-    results = []
-    for spec in iter_configs(opts):
-        result = run_spec(opts, spec) if opts.in_process else run_isolated(argv, spec, opts.timeout)
-        extra = f" {result['tokens_per_s']:,.1f} tokens/s" if result.get("status") == "ok" else ""
-        print(f"[bench_transformer_xl] {spec}: {result['status']}{extra}", file=sys.stderr, flush=True)
-        results.append(result)
-    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
-    print(render_report(opts, results, command, (load_start, os.getloadavg()[0])), end="")
-    return 0
+    return bench_main(__file__, argv, parse_bench_args, RESULT_PREFIX, iter_configs, run_spec, run_isolated,
+                      render_report)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,34 @@
 """Helpers shared by the benchmark scripts (scripts/bench_*.py): dtypes, device/memory descriptions, out-of-memory
-detection, GPU synchronisation, the CPU peak-memory measurements (allocator replay, process peak RSS), step timing,
-and building configs the way ``fairseq-train`` does (a ``dict.txt`` of a given size, fairseq's training parser).
+detection, GPU synchronisation, the peak-memory measurements (CUDA allocator, CPU allocator replay, process peak RSS),
+step timing, building configs the way ``fairseq-train`` does (a ``dict.txt`` of a given size, fairseq's training
+parser, a language-modelling sample), one configuration per row in a fresh worker subprocess (result line, failure
+and out-of-memory statuses), the shared command-line flags and report header lines, and the driver ``bench_main``.
 
 CPU peak memory is the maximum of live tensor bytes in PyTorch's CPU allocator, replayed from ``torch.profiler``
 (``profile_memory=True``) allocation/free events -- the CPU analogue of ``torch.cuda.max_memory_allocated``.
 """
+import argparse
+import gc
+import json
 import os
 import platform
 import resource
+import shlex
+import statistics
+import subprocess
+import sys
 import time
+import traceback
 import warnings
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
+from torch import Tensor
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+Built = TypeVar("Built")
+Result = Dict[str, Any]
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,13 +102,189 @@ def write_dictionary(data_dir: str, vocab: int) -> None:
         f.writelines(f"w{i} {vocab - i}\n" for i in range(vocab - 4))
 
 
+def namespace_config(args: argparse.Namespace) -> Any:
+    """The structured config (omegaconf DictConfig) of a parsed ``fairseq-train`` namespace."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # hydra's deprecation notices
+        return convert_namespace_to_omegaconf(args)
+
+
 def fairseq_config(flags: Sequence[str]) -> Any:
     """The structured config (omegaconf DictConfig) ``fairseq-train`` runs with for these flags, arch preset
     applied; fairseq_ext must already be imported (it registers the models, tasks and criterions)."""
     from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    args = options.parse_args_and_arch(options.get_training_parser(), input_args=list(flags))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # hydra's deprecation notices
-        return convert_namespace_to_omegaconf(args)
+    return namespace_config(options.parse_args_and_arch(options.get_training_parser(), input_args=list(flags)))
+
+
+def lm_sample(tokens: Tensor, device: torch.device) -> Result:
+    """A language-modelling batch in fairseq's sample format from tokens (B, T + 1): inputs are the first T tokens
+    of every row, targets the last T."""
+    src, tgt = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+    b, t = src.shape
+    return {"id": torch.arange(b, device=device), "nsentences": b, "ntokens": b * t,
+            "net_input": {"src_tokens": src, "src_lengths": torch.full((b,), t, dtype=torch.long, device=device)},
+            "target": tgt}
+
+
+# ====================================================================================================================
+# Measuring one configuration
+# ====================================================================================================================
+
+def warm_up_peak(device: torch.device, build: Callable[[], Built], step: Callable[[Built], None], steps: int,
+                 window: str) -> Tuple[Built, int]:
+    """``build()``, then ``steps`` warm-up calls of ``step`` on what it built; returns that and the peak memory
+    (bytes) of the warm-up steps: ``torch.cuda.max_memory_allocated`` on CUDA, on CPU the allocator replay of the
+    ``window`` profiler range (:func:`cpu_peak_bytes`), which counts what ``build`` left allocated."""
+    if device.type == "cuda":
+        built = build()
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            step(built)
+        synchronize(device)
+        return built, torch.cuda.max_memory_allocated(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        built = build()
+        with torch.profiler.record_function(window):
+            for _ in range(steps):
+                step(built)
+    return built, cpu_peak_bytes(prof, window)
+
+
+def speed(tokens: int, times: Sequence[float]) -> Result:
+    """Throughput fields of a result: tokens per fastest / median step and those steps' milliseconds."""
+    return {"tokens_per_s": tokens / min(times), "median_tokens_per_s": tokens / statistics.median(times),
+            "step_ms": 1000 * min(times), "median_step_ms": 1000 * statistics.median(times)}
+
+
+def failure(result: Result, exc: BaseException) -> Result:
+    """``result`` with status ``OOM`` or ``ERROR`` (traceback on stderr) and the first line of the error."""
+    status = "OOM" if is_oom(exc) else "ERROR"
+    if status == "ERROR":
+        traceback.print_exc(file=sys.stderr)
+    return {**result, "status": status, "error": (str(exc).splitlines() or [type(exc).__name__])[0][:200]}
+
+
+def free_memory(device: str) -> None:
+    """Collect garbage (and empty the CUDA cache) before the next in-process configuration."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(result: Result, device: str, fn: Callable[[], Result]) -> Result:
+    """``result`` with status ``ok`` and the fields ``fn()`` measured; a failure becomes :func:`failure` (one failing
+    configuration must not take down the whole table); memory is freed either way."""
+    try:
+        return {**result, "status": "ok", **fn()}
+    except Exception as exc:
+        return failure(result, exc)
+    finally:
+        free_memory(device)
+
+
+# ====================================================================================================================
+# One configuration per worker subprocess, and the driver
+# ====================================================================================================================
+
+def script_tag(script: str) -> str:
+    """``bench_alibi`` for scripts/bench_alibi.py: the prefix of the progress and failure lines on stderr."""
+    return os.path.splitext(os.path.basename(script))[0]
+
+
+def run_worker(script: str, argv: Sequence[str], worker: str, base: Result, prefix: str,
+               timeout: Optional[float], label: str) -> Result:
+    """One configuration in a fresh Python process running ``script`` with ``argv`` and ``--worker worker``; its
+    result is the last stdout line starting with ``prefix`` (JSON). ``base`` (the configuration's keys) stands in
+    when the worker timed out, was killed or printed nothing; ``label`` names it on stderr."""
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--worker", worker]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "TIMEOUT"}
+    results = [json.loads(line[len(prefix):]) for line in proc.stdout.splitlines() if line.startswith(prefix)]
+    if results and results[-1]["status"] != "ERROR":
+        return results[-1]
+    if not results and (proc.returncode == -9 or any(m in proc.stderr.lower() for m in OOM_MARKERS)):
+        return {**base, "status": "OOM", "error": f"worker exit {proc.returncode} (killed / out of memory)"}
+    sys.stderr.write(f"[{script_tag(script)}] {label} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n")
+    return results[-1] if results else {**base, "status": "ERROR", "error": f"worker exit {proc.returncode}"}
+
+
+def bench_command(script: str, argv: Sequence[str]) -> str:
+    """The command line of this run as the report prints it (script path relative to the working directory)."""
+    return shlex.join(["python", os.path.relpath(os.path.abspath(script), os.getcwd()), *argv])
+
+
+def bench_main(script: str, argv: Optional[Sequence[str]], parse: Callable[[List[str]], argparse.Namespace],
+               prefix: str, specs: Callable[[argparse.Namespace], Iterable[str]],
+               run_spec: Callable[[argparse.Namespace, str], Result],
+               run_isolated: Callable[[Sequence[str], str, Optional[float]], Result],
+               render: Callable[[argparse.Namespace, List[Result], str, Tuple[float, float]], str]) -> int:
+    """The ``main`` of a bench script whose rows are worker specs (``argv`` None: ``sys.argv[1:]``): as ``--worker``
+    print that spec's result after ``prefix``; else run every spec (``--in-process`` or through
+    ``run_isolated(argv, spec, --timeout)``), report progress on stderr and print ``render(opts, results, command,
+    (load average at start, at end))``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse(argv)
+    if opts.worker is not None:
+        print(prefix + json.dumps(run_spec(opts, opts.worker)), flush=True)
+        return 0
+    load_start = os.getloadavg()[0]
+    results = []
+    for spec in specs(opts):
+        result = run_spec(opts, spec) if opts.in_process else run_isolated(argv, spec, opts.timeout)
+        extra = f" {result['tokens_per_s']:,.1f} tokens/s" if result.get("status") == "ok" else ""
+        print(f"[{script_tag(script)}] {spec}: {result['status']}{extra}", file=sys.stderr, flush=True)
+        results.append(result)
+    print(render(opts, results, bench_command(script, argv), (load_start, os.getloadavg()[0])), end="")
+    return 0
+
+
+# ====================================================================================================================
+# Command line and report header
+# ====================================================================================================================
+
+def add_run_arguments(p: argparse.ArgumentParser, quick: Mapping[str, Any], dtype_help: str) -> None:
+    """The flags every worker-spec bench shares: device, dtype, threads, seed, --quick (``quick``: its sizes),
+    isolation, per-configuration timeout and the internal ``--worker``."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help=dtype_help)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny sizes for tests: {', '.join(f'{k}={v}' for k, v in quick.items())}")
+    p.add_argument("--in-process", action="store_true", help="run every configuration in this process (default: a "
+                                                              "fresh subprocess each, so memory numbers stay clean)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (subprocesses)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON result
+
+
+def apply_run_arguments(opts: argparse.Namespace) -> None:
+    """Resolve the flags of :func:`add_run_arguments`: ``--device`` defaults to cuda if available, else cpu;
+    ``--threads`` sets torch's thread count."""
+    if opts.device is None:
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+
+
+def run_header(command: str, device: torch.device, dtype: str, load: Tuple[float, float], isolation: str,
+               advice: str) -> List[str]:
+    """The report's first bullet lines: command, versions, device and dtype, host load and isolation, and a warning
+    (ending in ``advice``) when the load at the start exceeded the torch threads on CPU."""
+    import fairseq
+
+    return [
+        f"- command: `{command}`",
+        f"- torch {torch.__version__}, fairseq {fairseq.__version__}; device: {device_description(device)}; dtype "
+        f"{dtype}{' (autocast)' if dtype != 'fp32' else ''}",
+        f"- host load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs; "
+        f"isolation: {isolation}",
+        *([f"- **warning**: the 1-minute load average ({load[0]:.1f}) exceeded the {torch.get_num_threads()} torch "
+           f"threads at the start: other processes share these cores{advice}"]
+          if device.type == "cpu" and load[0] > torch.get_num_threads() else []),
+    ]

@@ -40,9 +40,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT, ConversionError, VocabMapping,
-                     build_vocab_mapping, fairseq_cfg, fairseq_checkpoint, fairseq_dictionary, gather_rows,
-                     load_pickled, report_conversion, verify_strict_load)
+from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
+                     add_output_arguments, build_vocab_mapping, converter_parser, fairseq_cfg, fairseq_checkpoint,
+                     finish_conversion, gather_rows, load_pickled, verify_conversion)
 
 logger = logging.getLogger(__name__)
 
@@ -215,20 +215,14 @@ def mask_template(span: int) -> Tensor:
     return torch.linspace(1 - span, 0, span)
 
 
-class _Reader:
+class _Reader(StateReader):
     """Source weights with consumption tracking and shape checks (every key must be used or explicitly dropped)."""
 
-    def __init__(self, state: Mapping[str, Tensor], dtype: Optional[torch.dtype]) -> None:
-        self.state, self.dtype, self.used = state, dtype, set()
-
-    def get(self, key: str, shape: Sequence[int]) -> Tensor:
-        _expect(self.state, key, shape)
-        self.used.add(key)
-        value = self.state[key].detach()
-        return value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
-
-    def unused(self) -> List[str]:
-        return sorted(set(self.state) - self.used)
+    def check(self, key: str, shape: Optional[Sequence[int]]) -> None:
+        if shape is None:
+            _shape(self.state, key)
+        else:
+            _expect(self.state, key, shape)
 
 
 def _span_parameter(r: _Reader, src: AdaptiveSpanSource, layer: int) -> Tensor:
@@ -307,15 +301,6 @@ def model_fields(src: AdaptiveSpanSource, *, ramp: int = SPAN_RAMP, dropout: flo
     return fields
 
 
-@dataclass
-class Conversion:
-    """The converted checkpoint (weights-only safe), the fairseq dictionary and the id mapping."""
-
-    checkpoint: Dict[str, Any]
-    mapping: VocabMapping
-    model_cfg: Dict[str, Any]
-
-
 def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, dead_bias: float = DEAD_BIAS,
                           data: str = "data-bin", tokens_per_sample: int = BLOCK_SIZE, ramp: int = SPAN_RAMP,
                           dropout: float = 0.0, emb_dropout: float = 0.0,
@@ -358,30 +343,23 @@ def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, de
 def verify_loads(conversion: Conversion) -> None:
     """Build adaptive_span_lm from the converted config and load the weights strictly."""
     from fairseq import models
-    from omegaconf import OmegaConf
 
-    dictionary = fairseq_dictionary(conversion.mapping.symbols)
-    cfg = OmegaConf.create(conversion.checkpoint["cfg"]["model"])
-    task = argparse.Namespace(source_dictionary=dictionary, target_dictionary=dictionary, dictionary=dictionary)
-    verify_strict_load(lambda: models.build_model(cfg, task), conversion.checkpoint["model"], ARCH)
+    verify_conversion(conversion, lambda cfg, dictionary: models.build_model(cfg, argparse.Namespace(
+        source_dictionary=dictionary, target_dictionary=dictionary, dictionary=dictionary)), ARCH)
 
 
 # ======================================================================================================================
 # Command line
 # ======================================================================================================================
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Convert a released facebookresearch/adaptive-span checkpoint (enwik8.pt, text8.pt, "
-                    "enwik8_large.pt, text8_large.pt) into a fairseq checkpoint for --arch adaptive_span_lm plus the "
-                    "fairseq dict.txt it needs. The vocabulary is rebuilt from the original train.txt.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Writes OUT_DIR/model.pt and OUT_DIR/dict.txt. Binarise text with that dictionary (never build a new "
-               "one: ids must match the converted rows):\n  " + PREPROCESS_HINT.format(dict="OUT_DIR/dict.txt") +
-               "\nthen evaluate as the original (full evaluation: 8 streams, blocks of 512, cold caches):\n"
-               "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --task streaming_lm --path OUT_DIR/model.pt "
-               "--batch-size 8 --tokens-per-sample 512 --gen-subset test\nSee docs/convert-adaptive-span.md.")
-    parser.add_argument("src", help="original checkpoint (enwik8.pt, text8.pt, enwik8_large.pt, text8_large.pt)")
-    parser.add_argument("out_dir", help="output directory for model.pt and dict.txt")
+    parser = converter_parser(
+        "Convert a released facebookresearch/adaptive-span checkpoint (enwik8.pt, text8.pt, enwik8_large.pt, "
+        "text8_large.pt) into a fairseq checkpoint for --arch adaptive_span_lm plus the fairseq dict.txt it needs. "
+        "The vocabulary is rebuilt from the original train.txt.",
+        "original checkpoint (enwik8.pt, text8.pt, enwik8_large.pt, text8_large.pt)",
+        "then evaluate as the original (full evaluation: 8 streams, blocks of 512, cold caches):\n"
+        "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --task streaming_lm --path OUT_DIR/model.pt "
+        "--batch-size 8 --tokens-per-sample 512 --gen-subset test\nSee docs/convert-adaptive-span.md.")
     parser.add_argument("--train-txt", help="the preprocessed train.txt the model was trained on (original "
                                             "get_data.sh); the vocabulary is rebuilt from it")
     parser.add_argument("--valid-txt", help="valid.txt, scanned after train.txt (the original dictionary continues "
@@ -399,9 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout stored in the config (default 0; the "
                                                                    "scripts trained with 0.3 base / 0.4 large)")
     parser.add_argument("--emb-dropout", type=float, default=0.0, help="emb_dropout stored in the config (default 0)")
-    parser.add_argument("--dead-bias", type=float, default=DEAD_BIAS,
-                        help="output bias of the fairseq specials the original vocabulary lacks (default -40)")
-    parser.add_argument("--no-verify", action="store_true", help="skip building the model to check the weights fit")
+    add_output_arguments(parser, "output bias of the fairseq specials the original vocabulary lacks (default -40)")
     return parser
 
 
@@ -423,10 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     conversion = convert_adaptive_span(src, symbols, dead_bias=args.dead_bias, data=out_dir,
                                        tokens_per_sample=args.tokens_per_sample, ramp=args.adapt_span_ramp,
                                        dropout=args.dropout, emb_dropout=args.emb_dropout)
-    if not args.no_verify:
-        verify_loads(conversion)
-    report_conversion(out_dir, conversion.checkpoint, conversion.mapping, ARCH, note=f"{ORIGINAL_EOS} -> </s>; ")
-    return conversion
+    return finish_conversion(conversion, out_dir, ARCH, None if args.no_verify else verify_loads,
+                             note=f"{ORIGINAL_EOS} -> </s>; ")
 
 
 if __name__ == "__main__":  # pragma: no cover

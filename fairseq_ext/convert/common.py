@@ -5,9 +5,12 @@
 * the vocabulary mapping onto a fairseq dictionary (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3 first; original
   symbols in original order; fairseq specials the original lacks are *dead* rows: zero embedding, zero output row,
   output bias ``DEAD_BIAS``);
+* reading the source weights by name (``StateReader``: shape checks, every key used or explicitly dropped);
 * the fairseq side of the output: dictionary, ``dict.txt``, a complete config for ``--task streaming_lm``, the
-  weights-only-loadable checkpoint dict, a strict load check and the files written.
+  weights-only-loadable checkpoint dict (``Conversion``), a strict load check and the files written;
+* the command line both converters share (``converter_parser``, ``add_output_arguments``).
 """
+import argparse
 import logging
 import os
 import pickle
@@ -257,6 +260,55 @@ def gather_rows(table: Tensor, mapping: VocabMapping, fs_lo: int, fs_hi: int, or
 # ======================================================================================================================
 # The fairseq side: dictionary, config, checkpoint, files
 # ======================================================================================================================
+# ======================================================================================================================
+# Source weights and the converted result
+# ======================================================================================================================
+class StateReader:
+    """Source weights by original name with consumption tracking and shape checks (every key must be used or be one
+    of ``dropped``); floating-point tensors are cast to ``dtype`` once per tensor object, so ties stay ties."""
+
+    def __init__(self, state: Mapping[str, Tensor], dtype: Optional[torch.dtype], dropped: Sequence[str] = ()) -> None:
+        self.state = state
+        self.used: set = set()
+        self.dtype = dtype
+        self.dropped = tuple(dropped)
+        self._cast: Dict[int, Tensor] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def check(self, key: str, shape: Optional[Sequence[int]]) -> None:
+        """Raise ``ConversionError`` unless ``key`` is present (with ``shape``, when given)."""
+        if key not in self.state:
+            raise ConversionError(f"the source state dict lacks {key!r} (expected for this configuration); is the "
+                                  f"configuration right for these weights?")
+        value = self.state[key]
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ConversionError(f"{key} has shape {tuple(value.shape)}, the configuration implies {tuple(shape)}")
+
+    def get(self, key: str, shape: Optional[Sequence[int]] = None) -> Tensor:
+        self.check(key, shape)
+        value = self.state[key]
+        self.used.add(key)
+        if self.dtype is not None and value.is_floating_point() and value.dtype != self.dtype:
+            if id(value) not in self._cast:  # cast once per tensor object, so ties stay ties
+                self._cast[id(value)] = value.detach().to(self.dtype)
+            return self._cast[id(value)]
+        return value.detach()
+
+    def unused(self) -> List[str]:
+        return sorted(k for k in self.state if k not in self.used and k not in self.dropped)
+
+
+@dataclass
+class Conversion:
+    """The converted checkpoint (weights-only safe), the fairseq dictionary and the id mapping."""
+
+    checkpoint: Dict[str, Any]
+    mapping: VocabMapping
+    model_cfg: Dict[str, Any]
+
+
 def fairseq_dictionary(symbols: Sequence[str]) -> Any:
     """A fairseq Dictionary holding exactly ``symbols`` (the 4 specials first) in this order."""
     from fairseq.data import Dictionary
@@ -329,6 +381,16 @@ def verify_strict_load(build: Callable[[], nn.Module], weights: Mapping[str, Ten
                               f"{unexpected[:8]}")
 
 
+def verify_conversion(conversion: Conversion, build: Callable[[Any, Any], nn.Module], arch: str) -> None:
+    """Build the model with ``build(cfg.model as a DictConfig, fairseq dictionary)`` from the converted config and
+    load the converted weights strictly (``verify_strict_load``)."""
+    from omegaconf import OmegaConf
+
+    dictionary = fairseq_dictionary(conversion.mapping.symbols)
+    cfg = OmegaConf.create(conversion.checkpoint["cfg"]["model"])
+    verify_strict_load(lambda: build(cfg, dictionary), conversion.checkpoint["model"], arch)
+
+
 def save_conversion(out_dir: str, checkpoint: Dict[str, Any], symbols: Sequence[str]) -> Tuple[str, str]:
     """Write OUT_DIR/model.pt and OUT_DIR/dict.txt; re-read model.pt the way fairseq does (weights only)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -337,6 +399,15 @@ def save_conversion(out_dir: str, checkpoint: Dict[str, Any], symbols: Sequence[
     write_dictionary(dict_path, symbols)
     torch.load(model_path, map_location="cpu", weights_only=True)
     return model_path, dict_path
+
+
+def finish_conversion(conversion: Conversion, out_dir: str, arch: str,
+                      verify: Optional[Callable[[Conversion], None]], note: str = "") -> Conversion:
+    """``verify(conversion)`` (unless None: ``--no-verify``), then save and report it (``report_conversion``)."""
+    if verify is not None:
+        verify(conversion)
+    report_conversion(out_dir, conversion.checkpoint, conversion.mapping, arch, note=note)
+    return conversion
 
 
 def report_conversion(out_dir: str, checkpoint: Dict[str, Any], mapping: VocabMapping, arch: str,
@@ -348,3 +419,25 @@ def report_conversion(out_dir: str, checkpoint: Dict[str, Any], mapping: VocabMa
           f"({len(mapping.symbols)} types; {note}dead specials {dead})\n"
           f"binarise with: {PREPROCESS_HINT.format(dict=dict_path)}")
     return model_path, dict_path
+
+
+# ======================================================================================================================
+# Command line
+# ======================================================================================================================
+def converter_parser(description: str, src_help: str, evaluate: str) -> argparse.ArgumentParser:
+    """A converter's parser with its ``src`` and ``out_dir`` arguments; the epilog says what is written, how to
+    binarise text with the written dictionary and then ``evaluate`` (the text after that)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Writes OUT_DIR/model.pt and OUT_DIR/dict.txt. Binarise text with that dictionary (never build a new "
+               "one: ids must match the converted rows):\n  " + PREPROCESS_HINT.format(dict="OUT_DIR/dict.txt") +
+               "\n" + evaluate)
+    parser.add_argument("src", help=src_help)
+    parser.add_argument("out_dir", help="output directory for model.pt and dict.txt")
+    return parser
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, dead_bias_help: str) -> None:
+    """``--dead-bias`` (``dead_bias_help``) and ``--no-verify``, the last options of both converters."""
+    parser.add_argument("--dead-bias", type=float, default=DEAD_BIAS, help=dead_bias_help)
+    parser.add_argument("--no-verify", action="store_true", help="skip building the model to check the weights fit")

@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT,  # noqa: F401 (re-exports)
-                     ConversionError, PickledStub, ShimUnpickler, VocabMapping, build_vocab_mapping, fairseq_cfg,
-                     fairseq_checkpoint, fairseq_dictionary, gather_rows, load_pickled, report_conversion,
-                     verify_strict_load, write_dictionary)
+                     Conversion, ConversionError, PickledStub, ShimUnpickler, StateReader, VocabMapping,
+                     add_output_arguments, build_vocab_mapping, converter_parser, fairseq_cfg, fairseq_checkpoint,
+                     fairseq_dictionary, finish_conversion, gather_rows, load_pickled, report_conversion,
+                     verify_conversion, verify_strict_load, write_dictionary)
 
 logger = logging.getLogger(__name__)
 
@@ -316,50 +317,11 @@ def choose_tie_projs(source_flags: Sequence[bool], tie_weight: bool) -> str:
     return "none"
 
 
-class _Reader:
-    """Original-name state dict with consumption tracking and shape checks."""
-
-    def __init__(self, state: Mapping[str, Tensor], dtype: Optional[torch.dtype]) -> None:
-        self.state = state
-        self.used: set = set()
-        self.dtype = dtype
-        self._cast: Dict[int, Tensor] = {}
-
-    def has(self, key: str) -> bool:
-        return key in self.state
-
-    def get(self, key: str, shape: Optional[Sequence[int]] = None) -> Tensor:
-        if key not in self.state:
-            raise ConversionError(f"the source state dict lacks {key!r} (expected for this configuration); is the "
-                                  f"configuration right for these weights?")
-        value = self.state[key]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            raise ConversionError(f"{key} has shape {tuple(value.shape)}, the configuration implies {tuple(shape)}")
-        self.used.add(key)
-        if self.dtype is not None and value.is_floating_point() and value.dtype != self.dtype:
-            if id(value) not in self._cast:  # cast once per tensor object, so ties stay ties
-                self._cast[id(value)] = value.detach().to(self.dtype)
-            return self._cast[id(value)]
-        return value.detach()
-
-    def unused(self) -> List[str]:
-        return sorted(k for k in self.state if k not in self.used and k not in DROPPED_KEYS)
-
-
-@dataclass
-class Conversion:
-    """The converted checkpoint (weights-only safe), the fairseq dictionary and the id mapping."""
-
-    checkpoint: Dict[str, Any]
-    mapping: VocabMapping
-    model_cfg: Dict[str, Any]
-
-
 def convert_weights(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode: str, dead_bias: float,
                     dtype: Optional[torch.dtype] = torch.float32) -> Dict[str, Tensor]:
     """Original-name weights -> transformer_xl_lm state dict (keys ``decoder.*``), vocabulary rows permuted."""
     cfg, layout = src.config, src.layout
-    r = _Reader(src.state, dtype)
+    r = StateReader(src.state, dtype, DROPPED_KEYS)
     d, de, hd = cfg.d_model, cfg.d_embed, cfg.n_head * cfg.d_head
     out: Dict[str, Tensor] = {}
     out[PREFIX + "content_bias"] = r.get("r_w_bias", (cfg.n_head, cfg.d_head))
@@ -526,14 +488,11 @@ def convert_transformer_xl(src: SourceCheckpoint, symbols: Optional[Sequence[str
 def verify_loads(conversion: Conversion) -> None:
     """Build transformer_xl_lm from the converted config and load the weights strictly (catches any name/shape
     disagreement between converter and model before the user does)."""
-    from omegaconf import OmegaConf
-
     from fairseq_ext.models.transformer_xl_lm import TransformerXLDecoder, TransformerXLLanguageModel
 
-    dictionary = fairseq_dictionary(conversion.mapping.symbols)
-    cfg = OmegaConf.create(conversion.checkpoint["cfg"]["model"])
-    verify_strict_load(lambda: TransformerXLLanguageModel(TransformerXLDecoder(cfg, dictionary)),
-                       conversion.checkpoint["model"], "transformer_xl_lm")
+    verify_conversion(conversion, lambda cfg, dictionary: TransformerXLLanguageModel(TransformerXLDecoder(cfg,
+                                                                                                       dictionary)),
+                      "transformer_xl_lm")
 
 
 # ======================================================================================================================
@@ -558,20 +517,16 @@ def _on_off(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Convert a Transformer-XL checkpoint (original kimiyoung/transformer-xl model.pt, or NVIDIA "
-                    "DeepLearningExamples checkpoint_*.pt) into a fairseq checkpoint for --arch transformer_xl_lm "
-                    "plus the fairseq dict.txt it needs.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Writes OUT_DIR/model.pt and OUT_DIR/dict.txt. Binarise text with that dictionary (never build a new "
-               "one: ids must match the converted rows):\n  " + PREPROCESS_HINT.format(dict="OUT_DIR/dict.txt") +
-               "\nthen evaluate, e.g. NVIDIA base at 64/640/400 with NVIDIA's warm-up protocol:\n"
-               "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --task streaming_lm --path OUT_DIR/model.pt "
-               "--tokens-per-sample 64 --batch-size 16 --eval-warmup-tokens 640 --gen-subset test\n"
-               "(with --eval-mem-len 640 --eval-clamp-len 400 --eval-same-length on given here, or the same values "
-               "in --model-overrides). See docs/convert-transformer-xl.md.")
-    parser.add_argument("src", help="original model.pt (pickled MemTransformerLM) or NVIDIA checkpoint_*.pt")
-    parser.add_argument("out_dir", help="output directory for model.pt and dict.txt")
+    parser = converter_parser(
+        "Convert a Transformer-XL checkpoint (original kimiyoung/transformer-xl model.pt, or NVIDIA "
+        "DeepLearningExamples checkpoint_*.pt) into a fairseq checkpoint for --arch transformer_xl_lm plus the "
+        "fairseq dict.txt it needs.",
+        "original model.pt (pickled MemTransformerLM) or NVIDIA checkpoint_*.pt",
+        "then evaluate, e.g. NVIDIA base at 64/640/400 with NVIDIA's warm-up protocol:\n"
+        "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --task streaming_lm --path OUT_DIR/model.pt "
+        "--tokens-per-sample 64 --batch-size 16 --eval-warmup-tokens 640 --gen-subset test\n"
+        "(with --eval-mem-len 640 --eval-clamp-len 400 --eval-same-length on given here, or the same values in "
+        "--model-overrides). See docs/convert-transformer-xl.md.")
     parser.add_argument("--vocab", help="vocabulary: the original cache.pt (pickled corpus) or a text file with one "
                                         "symbol per line in index order; required for the original model.pt, "
                                         "overrides an NVIDIA checkpoint's vocab")
@@ -590,9 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same_length window (default: the source's, nvidia for NVIDIA checkpoints)")
     parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
                                                               "training tgt_len)")
-    parser.add_argument("--dead-bias", type=float, default=DEAD_BIAS,
-                        help="output bias of fairseq specials the original vocabulary lacks (default -40)")
-    parser.add_argument("--no-verify", action="store_true", help="skip building the model to check the weights fit")
+    add_output_arguments(parser, "output bias of fairseq specials the original vocabulary lacks (default -40)")
     return parser
 
 
@@ -608,10 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
         src, symbols, symbol_map=_symbol_map(args.map_symbol), dead_bias=args.dead_bias, data=out_dir,
         same_length_convention=args.same_length_convention, mem_len=args.eval_mem_len,
         clamp_len=args.eval_clamp_len, same_length=args.eval_same_length, tokens_per_sample=args.tokens_per_sample)
-    if not args.no_verify:
-        verify_loads(conversion)
-    report_conversion(out_dir, conversion.checkpoint, conversion.mapping, "transformer_xl_lm")
-    return conversion
+    return finish_conversion(conversion, out_dir, "transformer_xl_lm", None if args.no_verify else verify_loads)
 
 
 if __name__ == "__main__":  # pragma: no cover

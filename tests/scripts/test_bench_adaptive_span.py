@@ -3,14 +3,13 @@ run prints both tables with a row per configuration, and the small-span configur
 and reports fewer attention GFLOP than the large-span and fixed-span ones."""
 import importlib.util
 import os
-import re
 import sys
 from types import ModuleType
-from typing import Dict, List
 
 import pytest
 
 from tests.harness import REPO_ROOT
+from tests.scripts.tables import number, parse_tables
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_adaptive_span.py")
 
@@ -25,23 +24,6 @@ def bench() -> ModuleType:
     sys.modules["bench_adaptive_span"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def parse_tables(stdout: str) -> List[List[Dict[str, str]]]:
-    """Every markdown table in the output, as a list of row dicts."""
-    tables, current = [], []
-    for line in stdout.splitlines() + [""]:
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            header = [c.strip() for c in current[0].strip("|").split("|")]
-            tables.append([dict(zip(header, (c.strip() for c in row.strip("|").split("|")))) for row in current[2:]])
-            current = []
-    return tables
-
-
-def number(text: str) -> float:
-    return float(re.sub(r"[,×]", "", text))
 
 
 def test_config_names(bench):

@@ -2,7 +2,6 @@
 benchmark prints a complete table."""
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from types import ModuleType
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from tests.harness import REPO_ROOT, assert_close
+from tests.scripts.tables import number, parse_tables
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_alibi.py")
 TINY = ["--layers", "2", "--embed-dim", "32", "--heads", "4", "--ffn-dim", "64", "--vocab", "64"]
@@ -91,21 +91,11 @@ def test_cpu_peak_replays_allocations_inside_the_window(bench):
     assert bench.cpu_peak_bytes(prof, "window") == 3 * mib
 
 
-def parse_table(stdout: str) -> List[Dict[str, str]]:
-    lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
-
-
-def number(text: str) -> float:
-    return float(re.sub(r"[,×M]", "", text))
-
-
 def run_bench(*args: str) -> Tuple[str, List[Dict[str, str]]]:
     proc = subprocess.run([sys.executable, SCRIPT, *TINY, "--steps", "2", "--warmup", "1", *args],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, parse_table(proc.stdout)
+    return proc.stdout, parse_tables(proc.stdout)[0]
 
 
 @pytest.mark.slow

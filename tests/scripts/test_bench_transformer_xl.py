@@ -2,16 +2,16 @@
 speed comparison compares equal work), and the benchmark prints a complete table for every implementation."""
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from types import ModuleType
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
 
 from tests.harness import REPO_ROOT, assert_close
+from tests.scripts.tables import number, parse_tables
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_transformer_xl.py")
 IMPL_PREFIX = {"sdpa": "ours (sdpa)", "shift": "ours (shift)", "original": "original"}
@@ -95,23 +95,6 @@ def test_zipf_tokens_and_dictionary(bench, tmp_path):
     from fairseq.data import Dictionary
 
     assert len(Dictionary.load(str(tmp_path / "dict.txt"))) == 50
-
-
-def parse_tables(stdout: str) -> List[List[Dict[str, str]]]:
-    """Every markdown table in the output, as a list of row dicts."""
-    tables, current = [], []
-    for line in stdout.splitlines() + [""]:
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            header = [c.strip() for c in current[0].strip("|").split("|")]
-            tables.append([dict(zip(header, (c.strip() for c in row.strip("|").split("|")))) for row in current[2:]])
-            current = []
-    return tables
-
-
-def number(text: str) -> float:
-    return float(re.sub(r"[,×M]", "", text))
 
 
 def run_bench(*args: str) -> str:
