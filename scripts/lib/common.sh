@@ -1,4 +1,5 @@
-# Shell helpers shared by the recipe libraries scripts/lib/{transformer-xl,adaptive-span}.sh; sourced, not run.
+# Shell helpers shared by the recipe libraries scripts/lib/{transformer-xl,adaptive-span,fast-weights}.sh; sourced,
+# not run.
 # Expects the repository root as the working directory (tool looks for .venv there).
 
 die() { echo "$*" >&2; exit 2; }
@@ -25,3 +26,14 @@ split_global_batch() {
 }
 
 print_cmd() { printf '%q ' "$@"; echo; }  # one shell-quoted command line (DRY_RUN=1)
+
+# run_or_print CMD...: the shell-quoted command line with DRY_RUN=1, else exec it (the last step of a recipe)
+run_or_print() {
+  if [ "${DRY_RUN:-0}" = 1 ]; then print_cmd "$@"; exit 0; fi
+  exec "$@"
+}
+
+# require_data DIR HINT: dies unless DIR holds a binarised corpus (dict.txt); HINT says how to make one
+require_data() {
+  [ -f "$1/dict.txt" ] || die "no binarised corpus in $1: $2"
+}

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Evaluate a fast weight programmers "medium-transformer-xl" checkpoint (default PROTOCOL=stream; protocols: scripts/lib/fast-weights.sh).
+#   bash scripts/eval-fast-weights-medium-transformer-xl.sh CHECKPOINT [fairseq-eval-lm flags, e.g. --cpu]
+# Variables: DATA, SPLIT (test), PROTOCOL, BATCH, DRY_RUN=1 (see scripts/lib/fast-weights.sh).
+exec bash "$(dirname "$0")/lib/fast-weights.sh" eval medium-transformer-xl "$@"
