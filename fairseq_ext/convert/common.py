@@ -27,6 +27,8 @@ FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0
 DEFAULT_SYMBOL_MAP = {"<eos>": "</s>", "<unk>": "<unk>", "<s>": "<s>", "<pad>": "<pad>", "</s>": "</s>"}
 DEAD_BIAS = -40.0
 PREFIX = "decoder."
+TIE_PROJ_MODES = {"none": lambda n: [False] * n, "tails": lambda n: [False] + [True] * (n - 1),
+                  "all": lambda n: [True] * n}  # tie_projs modes -> one flag per cluster
 PREPROCESS_HINT = ("fairseq-preprocess --only-source --srcdict {dict} --trainpref <train.txt> --validpref "
                    "<valid.txt> --testpref <test.txt> --destdir <data-bin dir>")
 
@@ -155,6 +157,108 @@ def load_pickled(path: str, trust_pickle: bool = False, what: str = "checkpoint"
     if ShimUnpickler.stubbed:
         logger.info("stubbed classes: %s", ", ".join(sorted(ShimUnpickler.stubbed)))
     return obj
+
+
+
+# ======================================================================================================================
+# Pickled model objects (stubs): weights, attributes, vocabularies
+# ======================================================================================================================
+def module_state(module: nn.Module, prefix: str = "") -> Dict[str, Tensor]:
+    """state_dict read straight from ``_parameters`` / ``_buffers`` / ``_modules`` (robust to stubs and to modules
+    pickled by old torch versions); None entries (the original's empty ParameterList slots) are skipped."""
+    out: Dict[str, Tensor] = {}
+    state = module.__dict__
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if value is None:
+                continue
+            if not torch.is_tensor(value):
+                raise ConversionError(f"{prefix}{name} is a {type(value).__name__}, not a tensor: the pickle rebuilt "
+                                      f"it with a function the shim does not allow ({sorted(ShimUnpickler.stubbed)})")
+            out[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(module_state(child, f"{prefix}{name}."))
+    return out
+
+
+def pickled_attr(obj: Any, name: str, default: Any = None) -> Any:
+    """A plain attribute of a (stubbed) pickled object; ``default`` when absent or None."""
+    value = obj.__dict__.get(name, default) if hasattr(obj, "__dict__") else default
+    return default if value is None else value
+
+
+def pickled_child(module: Any, name: str) -> Any:
+    """A submodule of a (stubbed) pickled module, or None."""
+    return (module.__dict__.get("_modules") or {}).get(name)
+
+
+def pickled_class_name(obj: Any) -> str:
+    """The original class name of a (stubbed) object."""
+    return getattr(type(obj), "_stub_name", type(obj).__name__).rsplit(".", 1)[-1]
+
+
+def same_tensor(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    """Same storage, same view (tied tensors survive torch.save/torch.load this way)."""
+    return (a is not None and b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def unwrap_pickled_model(root: Any, expected: str, what: str) -> Any:
+    """The pickled ``expected`` model (a ``DataParallel`` wrapper's ``module`` unwrapped); ``what`` names the file
+    in the error."""
+    if "DataParallel" in pickled_class_name(root) and pickled_child(root, "module") is not None:
+        root = pickled_child(root, "module")
+    if pickled_class_name(root) != expected:
+        raise ConversionError(f"expected a pickled {expected} ({what}), got {pickled_class_name(root)}")
+    return root
+
+
+def pickled_adaptive_softmax(root: Any, arch: str) -> Tuple[int, List[int]]:
+    """(n_token, crit.cutoffs ending with n_token) of a pickled Transformer-XL-style ``MemTransformerLM``; an error
+    when it has no ``crit`` (sampled softmax) or inconsistent cutoffs. ``arch`` names the target in the error."""
+    crit = pickled_child(root, "crit")
+    if crit is None:
+        raise ConversionError("the model has no adaptive softmax 'crit' (sampled softmax, sample_softmax > 0?): "
+                              f"{arch} needs the full / adaptive softmax weights")
+    n_token = int(pickled_attr(root, "n_token"))
+    crit_cutoffs = [int(c) for c in pickled_attr(crit, "cutoffs", [n_token])]
+    if not crit_cutoffs or crit_cutoffs[-1] != n_token:
+        raise ConversionError(f"crit.cutoffs {crit_cutoffs} should end with n_token {n_token}")
+    return n_token, crit_cutoffs
+
+
+def vocab_symbols(vocab: Any, what: str) -> Optional[List[str]]:
+    """Symbols in index order from a (stubbed) Vocab / Corpus object, a list, or None."""
+    if vocab is None:
+        return None
+    if isinstance(vocab, (list, tuple)):
+        return [str(s) for s in vocab]
+    inner = pickled_attr(vocab, "vocab")  # a pickled Corpus (the original cache.pt)
+    if inner is not None and pickled_attr(vocab, "idx2sym") is None:
+        return vocab_symbols(inner, what)
+    idx2sym = pickled_attr(vocab, "idx2sym")
+    if idx2sym is None:
+        raise ConversionError(f"{what} ({pickled_class_name(vocab)}) has no idx2sym list (a BPE OpenAIVocab?); pass the "
+                              f"symbols in index order with --vocab <file with one symbol per line>")
+    return [str(s) for s in idx2sym]
+
+
+def read_vocab_file(path: str, trust_pickle: bool = False) -> List[str]:
+    """``--vocab``: the original ``cache.pt`` (pickled Corpus) or a text file, one symbol per line in index order
+    (the first whitespace-separated field of each line, as the original ``Vocab._build_from_file`` reads it)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip or legacy pickle
+        return vocab_symbols(load_pickled(path, trust_pickle, "vocabulary"), path)
+    symbols = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                raise ConversionError(f"{path}:{number} is empty; the vocabulary file needs one symbol per line")
+            symbols.append(fields[0])
+    return symbols
 
 
 
@@ -300,6 +404,88 @@ class StateReader:
         return sorted(k for k in self.state if k not in self.used and k not in self.dropped)
 
 
+def convert_adaptive_weights(r: StateReader, mapping: VocabMapping, *, n_token: int, cutoffs: Sequence[int],
+                             d_model: int, d_embed: int, div_val: int, tie_weight: bool, source_tie_projs: Sequence[bool],
+                             tie_projs_mode: str, dead_bias: float, layout: str = "original") -> Dict[str, Tensor]:
+    """Transformer-XL's ``AdaptiveEmbedding`` (``word_emb.*``) and ``ProjectedAdaptiveLogSoftmax`` (``crit.*``; NVIDIA
+    names with ``layout="nvidia"``) -> ``decoder.embed_tokens.*`` / ``decoder.adaptive_softmax.*`` in fairseq order.
+    ``crit.cluster_{weight,bias}`` keep their rows (the model reads them in reverse, as the original does); the output
+    biases are concatenated in vocabulary order; tied output matrices / projections (``tie_weight``,
+    ``tie_projs_mode``) are the very tensors of ``embed_tokens`` (one tensor, two keys); a projection tied in the
+    source (``source_tie_projs``) but not in the target mode is copied."""
+    out: Dict[str, Tensor] = {}
+    n_clusters = len(list(cutoffs))
+    orig_ends = [0] + list(cutoffs) + [n_token]
+    fs_ends = [0] + mapping.cutoffs + [len(mapping.symbols)]
+    tables = [(0, 0, len(mapping.symbols), 0, n_token, d_embed)] if div_val == 1 else [
+        (i, fs_ends[i], fs_ends[i + 1], orig_ends[i], orig_ends[i + 1], d_embed // div_val ** i)
+        for i in range(n_clusters + 1)]
+    has_projs = div_val > 1 or d_embed != d_model
+    # input embeddings and projections
+    emb_keys: Dict[int, str] = {}
+    proj_keys: Dict[int, str] = {}
+    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
+        table = r.get(f"word_emb.emb_layers.{i}.weight", (orig_hi - orig_lo, dim))
+        emb_keys[i] = f"{PREFIX}embed_tokens.emb_layers.{i}.weight"
+        out[emb_keys[i]] = gather_rows(table, mapping, fs_lo, fs_hi, orig_lo, 0.0)
+        if has_projs:
+            proj_keys[i] = f"{PREFIX}embed_tokens.emb_projs.{i}"
+            out[proj_keys[i]] = r.get(f"word_emb.emb_projs.{i}", (d_model, dim))
+    # softmax: clusters, biases, word matrices
+    if n_clusters:
+        out[PREFIX + "adaptive_softmax.cluster_weight"] = r.get("crit.cluster_weight", (n_clusters, d_embed))
+        out[PREFIX + "adaptive_softmax.cluster_bias"] = r.get("crit.cluster_bias", (n_clusters,))
+    biases = []
+    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
+        key = f"crit.out_layers.{i}.bias" if layout == "original" else f"crit.out_layers_biases.{i}"
+        biases.append(r.get(key, (orig_hi - orig_lo,)))
+    full_bias = torch.cat(biases)  # (V_orig,) in original vocabulary order
+    out[PREFIX + "adaptive_softmax.bias"] = gather_rows(full_bias, mapping, 0, len(mapping.symbols), 0, dead_bias)
+    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
+        dst = f"{PREFIX}adaptive_softmax.weights.{i}"
+        if layout == "original":
+            key = f"crit.out_layers.{i}.weight"
+        else:
+            key = f"word_emb.emb_layers.{i}.weight" if tie_weight else f"crit.out_layers_weights.{i}"
+        weight = r.get(key, (orig_hi - orig_lo, dim))
+        out[dst] = out[emb_keys[i]] if tie_weight else gather_rows(weight, mapping, fs_lo, fs_hi, orig_lo, 0.0)
+    # softmax projections (one per cluster when present)
+    if has_projs:
+        source_flags = list(source_tie_projs)
+        target_flags = TIE_PROJ_MODES[tie_projs_mode](n_clusters + 1)
+        for i in range(n_clusters + 1):
+            j = 0 if div_val == 1 else i  # the embedding projection a tied softmax projection is
+            dim = tables[j][5]
+            dst = f"{PREFIX}adaptive_softmax.out_projs.{i}"
+            if target_flags[i]:
+                out[dst] = out[proj_keys[j]]
+                if layout == "original":
+                    r.get(f"crit.out_projs.{i}", (d_model, dim))  # the same tensor, stored a second time
+                continue
+            if source_flags[i]:  # tied in the source, copied here
+                out[dst] = out[proj_keys[j]].clone()
+                if layout == "original":
+                    r.get(f"crit.out_projs.{i}", (d_model, dim))
+            else:
+                out[dst] = r.get(f"crit.out_projs.{i}", (d_model, dim))
+    return out
+
+
+def convert_layer_norms_and_ffn(r: StateReader, src_p: str, dst_p: str, d_model: int, d_inner: int) -> Dict[str, Tensor]:
+    """One Transformer-XL-style layer's ``dec_attn.layer_norm`` and ``pos_ff.{CoreNet.0, CoreNet.3, layer_norm}``
+    (prefix ``src_p``) -> ``self_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm`` (prefix ``dst_p``)."""
+    out: Dict[str, Tensor] = {}
+    d = d_model
+    for src_name, dst_name, shapes in (
+            ("dec_attn.layer_norm", "self_attn_layer_norm", ((d,), (d,))),
+            ("pos_ff.CoreNet.0", "fc1", ((d_inner, d), (d_inner,))),
+            ("pos_ff.CoreNet.3", "fc2", ((d, d_inner), (d,))),
+            ("pos_ff.layer_norm", "final_layer_norm", ((d,), (d,)))):
+        out[dst_p + dst_name + ".weight"] = r.get(src_p + src_name + ".weight", shapes[0])
+        out[dst_p + dst_name + ".bias"] = r.get(src_p + src_name + ".bias", shapes[1])
+    return out
+
+
 @dataclass
 class Conversion:
     """The converted checkpoint (weights-only safe), the fairseq dictionary and the id mapping."""
@@ -441,3 +627,32 @@ def add_output_arguments(parser: argparse.ArgumentParser, dead_bias_help: str) -
     """``--dead-bias`` (``dead_bias_help``) and ``--no-verify``, the last options of both converters."""
     parser.add_argument("--dead-bias", type=float, default=DEAD_BIAS, help=dead_bias_help)
     parser.add_argument("--no-verify", action="store_true", help="skip building the model to check the weights fit")
+
+
+def symbol_map_from_pairs(pairs: Sequence[str]) -> Dict[str, str]:
+    """``--map-symbol ORIG=SPECIAL`` pairs on top of ``DEFAULT_SYMBOL_MAP`` (``ORIG=`` removes a mapping)."""
+    mapping = dict(DEFAULT_SYMBOL_MAP)
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConversionError(f"--map-symbol {pair!r}: expected ORIGINAL=FAIRSEQ_SPECIAL (or ORIGINAL= to unmap)")
+        orig, special = pair.split("=", 1)
+        mapping[orig] = special
+    return mapping
+
+def add_vocab_arguments(parser: argparse.ArgumentParser, vocab_help: str, trust_help: str) -> None:
+    """``--vocab``, ``--trust-pickle`` and ``--map-symbol`` (converters of pickled originals with an external
+    vocabulary)."""
+    parser.add_argument("--vocab", help=vocab_help)
+    parser.add_argument("--trust-pickle", action="store_true", help=trust_help)
+    parser.add_argument("--map-symbol", action="append", default=[], metavar="ORIG=SPECIAL",
+                        help="map an original symbol onto a fairseq special (<s>, <pad>, </s>, <unk>); defaults: "
+                             "<eos>=</s>, <unk>=<unk> (<UNK>=<unk> for lm1b); ORIG= removes a default")
+
+
+def parse_on_off(value: str) -> bool:
+    """argparse type for on/off flags (on/true/1/yes, off/false/0/no)."""
+    if value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if value.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")

@@ -37,17 +37,18 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT,  # noqa: F401 (re-exports)
+from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT, TIE_PROJ_MODES,  # noqa: F401 (re-exports)
                      Conversion, ConversionError, PickledStub, ShimUnpickler, StateReader, VocabMapping,
-                     add_output_arguments, build_vocab_mapping, converter_parser, fairseq_cfg, fairseq_checkpoint,
-                     fairseq_dictionary, finish_conversion, gather_rows, load_pickled, report_conversion,
-                     verify_conversion, verify_strict_load, write_dictionary)
+                     add_output_arguments, add_vocab_arguments, build_vocab_mapping, convert_adaptive_weights,
+                     convert_layer_norms_and_ffn, converter_parser, fairseq_cfg, fairseq_checkpoint,
+                     fairseq_dictionary, finish_conversion, gather_rows, load_pickled, module_state, pickled_attr,
+                     pickled_child, pickled_class_name, read_vocab_file, report_conversion, same_tensor,
+                     parse_on_off, pickled_adaptive_softmax, symbol_map_from_pairs, unwrap_pickled_model, verify_conversion, verify_strict_load, vocab_symbols,
+                     write_dictionary)
 
 logger = logging.getLogger(__name__)
 
 DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
-TIE_PROJ_MODES = {"none": lambda n: [False] * n, "tails": lambda n: [False] + [True] * (n - 1),
-                  "all": lambda n: [True] * n}
 
 
 # ======================================================================================================================
@@ -117,49 +118,11 @@ class SourceCheckpoint:
     description: str = ""
 
 
-def module_state(module: nn.Module, prefix: str = "") -> Dict[str, Tensor]:
-    """state_dict read straight from ``_parameters`` / ``_buffers`` / ``_modules`` (robust to stubs and to modules
-    pickled by old torch versions); None entries (the original's empty ParameterList slots) are skipped."""
-    out: Dict[str, Tensor] = {}
-    state = module.__dict__
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is None:
-                continue
-            if not torch.is_tensor(value):
-                raise ConversionError(f"{prefix}{name} is a {type(value).__name__}, not a tensor: the pickle rebuilt "
-                                      f"it with a function the shim does not allow ({sorted(ShimUnpickler.stubbed)})")
-            out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            out.update(module_state(child, f"{prefix}{name}."))
-    return out
-
-
-def _attr(obj: Any, name: str, default: Any = None) -> Any:
-    value = obj.__dict__.get(name, default) if hasattr(obj, "__dict__") else default
-    return default if value is None else value
-
-
-def _child(module: Any, name: str) -> Any:
-    return (module.__dict__.get("_modules") or {}).get(name)
-
-
-def _class_name(obj: Any) -> str:
-    return getattr(type(obj), "_stub_name", type(obj).__name__).rsplit(".", 1)[-1]
-
-
-def _aliases(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
-    """Same storage, same view (tied tensors survive torch.save/torch.load this way)."""
-    return (a is not None and b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
-            and a.stride() == b.stride() and a.dtype == b.dtype)
-
-
 def detect_original_ties(state: Mapping[str, Tensor], cfg: OriginalConfig) -> Tuple[bool, List[bool]]:
     """(tie_weight, tie_projs per cluster) of an original-layout state dict, from tensor identity."""
     n = len(cfg.cutoffs) + 1
     n_out = 1 if cfg.div_val == 1 else n
-    tied = [_aliases(state.get(f"crit.out_layers.{i}.weight"), state.get(f"word_emb.emb_layers.{i}.weight"))
+    tied = [same_tensor(state.get(f"crit.out_layers.{i}.weight"), state.get(f"word_emb.emb_layers.{i}.weight"))
             for i in range(n_out)]
     if any(tied) and not all(tied):
         raise ConversionError(f"only some output matrices are tied to the embeddings ({tied}); transformer_xl_lm ties "
@@ -167,51 +130,41 @@ def detect_original_ties(state: Mapping[str, Tensor], cfg: OriginalConfig) -> Tu
     projs = []
     for i in range(n):
         j = 0 if cfg.div_val == 1 else i
-        projs.append(_aliases(state.get(f"crit.out_projs.{i}"), state.get(f"word_emb.emb_projs.{j}")))
+        projs.append(same_tensor(state.get(f"crit.out_projs.{i}"), state.get(f"word_emb.emb_projs.{j}")))
     return all(tied), projs
 
 
 def read_original_model(root: Any) -> SourceCheckpoint:
     """The original ``model.pt`` (a pickled MemTransformerLM, loaded with the shim) -> SourceCheckpoint."""
-    if "DataParallel" in _class_name(root) and _child(root, "module") is not None:
-        root = _child(root, "module")
-    if _class_name(root) != "MemTransformerLM":
-        raise ConversionError(f"expected a pickled MemTransformerLM (the original train.py's model.pt), got "
-                              f"{_class_name(root)}")
+    root = unwrap_pickled_model(root, "MemTransformerLM", "the original train.py's model.pt")
     state = module_state(root)
-    layers = _child(root, "layers")
-    layer0 = _child(layers, "0") if layers is not None else None
-    attn0 = _child(layer0, "dec_attn") if layer0 is not None else None
-    crit = _child(root, "crit")
-    word_emb = _child(root, "word_emb")
-    attn_type = int(_attr(root, "attn_type", 0))
-    sample_softmax = int(_attr(root, "sample_softmax", -1))
+    layers = pickled_child(root, "layers")
+    layer0 = pickled_child(layers, "0") if layers is not None else None
+    attn0 = pickled_child(layer0, "dec_attn") if layer0 is not None else None
+    crit = pickled_child(root, "crit")
+    word_emb = pickled_child(root, "word_emb")
+    attn_type = int(pickled_attr(root, "attn_type", 0))
+    sample_softmax = int(pickled_attr(root, "sample_softmax", -1))
     if attn_type != 0:
         _reject_attn_type(attn_type)
     if attn0 is None or "r_w_bias" not in state:
         raise ConversionError("the pickled MemTransformerLM has no layers.0.dec_attn / r_w_bias: not a relative-"
                               "attention (attn_type 0) Transformer-XL")
-    if crit is None:
-        raise ConversionError("the model has no adaptive softmax 'crit' (sampled softmax, sample_softmax > 0?): "
-                              "transformer_xl_lm needs the full / adaptive softmax weights")
-    n_token = int(_attr(root, "n_token"))
-    crit_cutoffs = list(_attr(crit, "cutoffs", [n_token]))
-    if not crit_cutoffs or crit_cutoffs[-1] != n_token:
-        raise ConversionError(f"crit.cutoffs {crit_cutoffs} should end with n_token {n_token}")
-    drop = _child(root, "drop")
-    dropatt = _child(attn0, "dropatt")
+    n_token, crit_cutoffs = pickled_adaptive_softmax(root, "transformer_xl_lm")
+    drop = pickled_child(root, "drop")
+    dropatt = pickled_child(attn0, "dropatt")
     cfg = OriginalConfig(
-        n_token=n_token, n_layer=int(_attr(root, "n_layer", len(_attr(layers, "_modules", {})))),
-        n_head=int(_attr(root, "n_head")), d_model=int(_attr(root, "d_model")), d_head=int(_attr(root, "d_head")),
+        n_token=n_token, n_layer=int(pickled_attr(root, "n_layer", len(pickled_attr(layers, "_modules", {})))),
+        n_head=int(pickled_attr(root, "n_head")), d_model=int(pickled_attr(root, "d_model")), d_head=int(pickled_attr(root, "d_head")),
         d_inner=int(state["layers.0.pos_ff.CoreNet.0.weight"].shape[0]),
-        d_embed=int(_attr(root, "d_embed", _attr(word_emb, "d_embed", _attr(root, "d_model")))),
-        div_val=int(_attr(crit, "div_val", _attr(word_emb, "div_val", 1))), cutoffs=crit_cutoffs[:-1],
-        pre_lnorm=bool(_attr(attn0, "pre_lnorm", False)), tgt_len=int(_attr(root, "tgt_len", 0)),
-        ext_len=int(_attr(root, "ext_len", 0)), mem_len=int(_attr(root, "mem_len", 0)),
-        same_length=bool(_attr(root, "same_length", False)), attn_type=attn_type,
-        clamp_len=int(_attr(root, "clamp_len", -1)), sample_softmax=sample_softmax,
-        dropout=float(_attr(drop, "p", 0.0)) if drop is not None else 0.0,
-        dropatt=float(_attr(dropatt, "p", 0.0)) if dropatt is not None else 0.0)
+        d_embed=int(pickled_attr(root, "d_embed", pickled_attr(word_emb, "d_embed", pickled_attr(root, "d_model")))),
+        div_val=int(pickled_attr(crit, "div_val", pickled_attr(word_emb, "div_val", 1))), cutoffs=crit_cutoffs[:-1],
+        pre_lnorm=bool(pickled_attr(attn0, "pre_lnorm", False)), tgt_len=int(pickled_attr(root, "tgt_len", 0)),
+        ext_len=int(pickled_attr(root, "ext_len", 0)), mem_len=int(pickled_attr(root, "mem_len", 0)),
+        same_length=bool(pickled_attr(root, "same_length", False)), attn_type=attn_type,
+        clamp_len=int(pickled_attr(root, "clamp_len", -1)), sample_softmax=sample_softmax,
+        dropout=float(pickled_attr(drop, "p", 0.0)) if drop is not None else 0.0,
+        dropatt=float(pickled_attr(dropatt, "p", 0.0)) if dropatt is not None else 0.0)
     cfg.tie_weight, cfg.tie_projs = detect_original_ties(state, cfg)
     return SourceCheckpoint("original", cfg, state, description="original MemTransformerLM (pickled model.pt)")
 
@@ -227,7 +180,7 @@ def read_nvidia_checkpoint(ckpt: Mapping[str, Any]) -> SourceCheckpoint:
         state = {k[len("module."):]: v for k, v in state.items()}
     args = ckpt.get("args")
     return SourceCheckpoint("nvidia", cfg, state, symbols=vocab_symbols(ckpt.get("vocab"), "the checkpoint's vocab"),
-                            init_std=_attr(args, "init_std"), proj_init_std=_attr(args, "proj_init_std"),
+                            init_std=pickled_attr(args, "init_std"), proj_init_std=pickled_attr(args, "proj_init_std"),
                             description="NVIDIA DeepLearningExamples checkpoint")
 
 
@@ -246,39 +199,6 @@ def read_source(obj: Any) -> SourceCheckpoint:
     raise ConversionError(f"unrecognised checkpoint ({type(obj).__name__}"
                           f"{' with keys ' + str(sorted(map(str, obj))[:10]) if isinstance(obj, Mapping) else ''}); "
                           f"expected the original model.pt or an NVIDIA checkpoint_*.pt")
-
-
-def vocab_symbols(vocab: Any, what: str) -> Optional[List[str]]:
-    """Symbols in index order from a (stubbed) Vocab / Corpus object, a list, or None."""
-    if vocab is None:
-        return None
-    if isinstance(vocab, (list, tuple)):
-        return [str(s) for s in vocab]
-    inner = _attr(vocab, "vocab")  # a pickled Corpus (the original cache.pt)
-    if inner is not None and _attr(vocab, "idx2sym") is None:
-        return vocab_symbols(inner, what)
-    idx2sym = _attr(vocab, "idx2sym")
-    if idx2sym is None:
-        raise ConversionError(f"{what} ({_class_name(vocab)}) has no idx2sym list (a BPE OpenAIVocab?); pass the "
-                              f"symbols in index order with --vocab <file with one symbol per line>")
-    return [str(s) for s in idx2sym]
-
-
-def read_vocab_file(path: str, trust_pickle: bool = False) -> List[str]:
-    """``--vocab``: the original ``cache.pt`` (pickled Corpus) or a text file, one symbol per line in index order
-    (the first whitespace-separated field of each line, as the original ``Vocab._build_from_file`` reads it)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip or legacy pickle
-        return vocab_symbols(load_pickled(path, trust_pickle, "vocabulary"), path)
-    symbols = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                raise ConversionError(f"{path}:{number} is empty; the vocabulary file needs one symbol per line")
-            symbols.append(fields[0])
-    return symbols
 
 
 # ======================================================================================================================
@@ -333,72 +253,16 @@ def convert_weights(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode
             out[dst_p + f"self_attn.{name}_proj.weight"] = part.clone()
         out[dst_p + "self_attn.r_proj.weight"] = r.get(src_p + "dec_attn.r_net.weight", (hd, d))
         out[dst_p + "self_attn.out_proj.weight"] = r.get(src_p + "dec_attn.o_net.weight", (d, hd))
-        for src_name, dst_name, shapes in (
-                ("dec_attn.layer_norm", "self_attn_layer_norm", ((d,), (d,))),
-                ("pos_ff.CoreNet.0", "fc1", ((cfg.d_inner, d), (cfg.d_inner,))),
-                ("pos_ff.CoreNet.3", "fc2", ((d, cfg.d_inner), (d,))),
-                ("pos_ff.layer_norm", "final_layer_norm", ((d,), (d,)))):
-            out[dst_p + dst_name + ".weight"] = r.get(src_p + src_name + ".weight", shapes[0])
-            out[dst_p + dst_name + ".bias"] = r.get(src_p + src_name + ".bias", shapes[1])
+        out.update(convert_layer_norms_and_ffn(r, src_p, dst_p, d, cfg.d_inner))
 
-    n_clusters = len(cfg.cutoffs)
-    orig_ends = [0] + cfg.cutoffs + [cfg.n_token]
-    fs_ends = [0] + mapping.cutoffs + [len(mapping.symbols)]
-    tables = [(0, 0, len(mapping.symbols), 0, cfg.n_token, de)] if cfg.div_val == 1 else [
-        (i, fs_ends[i], fs_ends[i + 1], orig_ends[i], orig_ends[i + 1], de // cfg.div_val ** i)
-        for i in range(n_clusters + 1)]
-    has_projs = cfg.div_val > 1 or de != d
-    # input embeddings and projections
-    emb_keys: Dict[int, str] = {}
-    proj_keys: Dict[int, str] = {}
-    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
-        table = r.get(f"word_emb.emb_layers.{i}.weight", (orig_hi - orig_lo, dim))
-        emb_keys[i] = f"{PREFIX}embed_tokens.emb_layers.{i}.weight"
-        out[emb_keys[i]] = gather_rows(table, mapping, fs_lo, fs_hi, orig_lo, 0.0)
-        if has_projs:
-            proj_keys[i] = f"{PREFIX}embed_tokens.emb_projs.{i}"
-            out[proj_keys[i]] = r.get(f"word_emb.emb_projs.{i}", (d, dim))
-    # softmax: clusters, biases, word matrices
-    if n_clusters:
-        out[PREFIX + "adaptive_softmax.cluster_weight"] = r.get("crit.cluster_weight", (n_clusters, de))
-        out[PREFIX + "adaptive_softmax.cluster_bias"] = r.get("crit.cluster_bias", (n_clusters,))
-    biases = []
-    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
-        key = f"crit.out_layers.{i}.bias" if layout == "original" else f"crit.out_layers_biases.{i}"
-        biases.append(r.get(key, (orig_hi - orig_lo,)))
-    full_bias = torch.cat(biases)  # (V_orig,) in original vocabulary order
-    out[PREFIX + "adaptive_softmax.bias"] = gather_rows(full_bias, mapping, 0, len(mapping.symbols), 0, dead_bias)
-    for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
-        dst = f"{PREFIX}adaptive_softmax.weights.{i}"
-        if layout == "original":
-            key = f"crit.out_layers.{i}.weight"
-        else:
-            key = f"word_emb.emb_layers.{i}.weight" if cfg.tie_weight else f"crit.out_layers_weights.{i}"
-        weight = r.get(key, (orig_hi - orig_lo, dim))
-        out[dst] = out[emb_keys[i]] if cfg.tie_weight else gather_rows(weight, mapping, fs_lo, fs_hi, orig_lo, 0.0)
-    # softmax projections (one per cluster when present)
-    if has_projs:
-        source_flags = cfg.tie_projs_per_cluster
-        target_flags = TIE_PROJ_MODES[tie_projs_mode](n_clusters + 1)
-        for i in range(n_clusters + 1):
-            j = 0 if cfg.div_val == 1 else i  # the embedding projection a tied softmax projection is
-            dim = tables[j][5]
-            dst = f"{PREFIX}adaptive_softmax.out_projs.{i}"
-            if target_flags[i]:
-                out[dst] = out[proj_keys[j]]
-                if layout == "original":
-                    r.get(f"crit.out_projs.{i}", (d, dim))  # the same tensor, stored a second time
-                continue
-            if source_flags[i]:  # tied in the source, copied here
-                out[dst] = out[proj_keys[j]].clone()
-                if layout == "original":
-                    r.get(f"crit.out_projs.{i}", (d, dim))
-            else:
-                out[dst] = r.get(f"crit.out_projs.{i}", (d, dim))
+    out.update(convert_adaptive_weights(r, mapping, n_token=cfg.n_token, cutoffs=cfg.cutoffs, d_model=d, d_embed=de,
+                                        div_val=cfg.div_val, tie_weight=cfg.tie_weight,
+                                        source_tie_projs=cfg.tie_projs_per_cluster, tie_projs_mode=tie_projs_mode,
+                                        dead_bias=dead_bias, layout=layout))
     if layout == "nvidia":
         for key in [k for k in src.state if k.startswith("crit.shared_out_projs.")]:
             j = int(key.rsplit(".", 1)[1])
-            if not _aliases(src.state[key], src.state.get(f"word_emb.emb_projs.{j}")) and not torch.equal(
+            if not same_tensor(src.state[key], src.state.get(f"word_emb.emb_projs.{j}")) and not torch.equal(
                     src.state[key], src.state.get(f"word_emb.emb_projs.{j}", torch.empty(0))):
                 raise ConversionError(f"{key} differs from word_emb.emb_projs.{j}; NVIDIA's shared_out_projs must be "
                                       f"the embedding projections")
@@ -498,24 +362,6 @@ def verify_loads(conversion: Conversion) -> None:
 # ======================================================================================================================
 # Command line
 # ======================================================================================================================
-def _symbol_map(pairs: Sequence[str]) -> Dict[str, str]:
-    mapping = dict(DEFAULT_SYMBOL_MAP)
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConversionError(f"--map-symbol {pair!r}: expected ORIGINAL=FAIRSEQ_SPECIAL (or ORIGINAL= to unmap)")
-        orig, special = pair.split("=", 1)
-        mapping[orig] = special
-    return mapping
-
-
-def _on_off(value: str) -> bool:
-    if value.lower() in ("on", "true", "1", "yes"):
-        return True
-    if value.lower() in ("off", "false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = converter_parser(
         "Convert a Transformer-XL checkpoint (original kimiyoung/transformer-xl model.pt, or NVIDIA "
@@ -527,20 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-sample 64 --batch-size 16 --eval-warmup-tokens 640 --gen-subset test\n"
         "(with --eval-mem-len 640 --eval-clamp-len 400 --eval-same-length on given here, or the same values in "
         "--model-overrides). See docs/convert-transformer-xl.md.")
-    parser.add_argument("--vocab", help="vocabulary: the original cache.pt (pickled corpus) or a text file with one "
-                                        "symbol per line in index order; required for the original model.pt, "
-                                        "overrides an NVIDIA checkpoint's vocab")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow unpickling SRC / --vocab through the class shim (both formats pickle Python "
-                             "objects; only for files you trust)")
+    add_vocab_arguments(parser, "vocabulary: the original cache.pt (pickled corpus) or a text file with one symbol per "
+                                "line in index order; required for the original model.pt, overrides an NVIDIA "
+                                "checkpoint's vocab",
+                        "allow unpickling SRC / --vocab through the class shim (both formats pickle Python objects; "
+                        "only for files you trust)")
     parser.add_argument("--format", choices=("auto", "original", "nvidia"), default="auto",
                         help="source format (auto: detected)")
-    parser.add_argument("--map-symbol", action="append", default=[], metavar="ORIG=SPECIAL",
-                        help="map an original symbol onto a fairseq special (<s>, <pad>, </s>, <unk>); defaults: "
-                             "<eos>=</s>, <unk>=<unk> (<UNK>=<unk> for lm1b); ORIG= removes a default")
     parser.add_argument("--eval-mem-len", type=int, help="mem_len stored in the converted config (default: training)")
     parser.add_argument("--eval-clamp-len", type=int, help="clamp_len stored in the converted config")
-    parser.add_argument("--eval-same-length", type=_on_off, metavar="on|off", help="same_length in the config")
+    parser.add_argument("--eval-same-length", type=parse_on_off, metavar="on|off", help="same_length in the config")
     parser.add_argument("--same-length-convention", choices=("original", "nvidia"),
                         help="same_length window (default: the source's, nvidia for NVIDIA checkpoints)")
     parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
@@ -558,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     symbols = read_vocab_file(args.vocab, args.trust_pickle) if args.vocab else None
     out_dir = os.path.abspath(args.out_dir)
     conversion = convert_transformer_xl(
-        src, symbols, symbol_map=_symbol_map(args.map_symbol), dead_bias=args.dead_bias, data=out_dir,
+        src, symbols, symbol_map=symbol_map_from_pairs(args.map_symbol), dead_bias=args.dead_bias, data=out_dir,
         same_length_convention=args.same_length_convention, mem_len=args.eval_mem_len,
         clamp_len=args.eval_clamp_len, same_length=args.eval_same_length, tokens_per_sample=args.tokens_per_sample)
     return finish_conversion(conversion, out_dir, "transformer_xl_lm", None if args.no_verify else verify_loads)

@@ -1,0 +1,415 @@
+"""Convert IDSIA/lmtool-fwms checkpoints (Schlag, Irie, Schmidhuber 2021) to ``fast_weight_lm``.
+
+Source (spec fast_weights.md §6): ``train.py`` saves the whole pickled ``MemTransformerLM`` (``best_model.pt`` /
+``latest_model.pt``). It is read through the unpickling shim of ``common`` (``model_main.*``,
+``utils.cuda_fast_weight_layer.*``, ``utils.proj_adaptive_softmax.*``, ``utils.model_utils.*``, ... become stubs), so
+neither lmtool nor its CUDA extensions need to be importable; only with ``trust_pickle`` / ``--trust-pickle``. The
+configuration comes from module attributes (``attn_type``, ``n_layer``, ``n_head``, ``d_head``, ``d_model``,
+``tgt_len``, ``clamp_len``, ``no_pos``; per layer ``normalize_attn_scores``, ``proj_dim``/``proj_matrix``,
+``n_roll``, ``use_sum_norm``; dropout rates from the ``Dropout`` modules), ties from tensor identity. The vocabulary is
+not in the file (it is in the corpus cache, as for Transformer-XL): pass ``--vocab``.
+
+Weights (spec §1.2; original name -> ``decoder.layers.{i}.``...):
+
+* ``dec_attn.qkvb_net`` (24/25/26/44/45/46) [H (3d+1), C] viewed (H, 3d+1, C), per head rows [q | k | v | beta] ->
+  ``self_attn.{q,k,v}_proj`` (H d, C) head-major and ``self_attn.beta_proj`` (H, C);
+* ``dec_attn.qkv_net`` (34/35) [H 3d, C] viewed (H, 3d, C), per head [q | k | v];
+* ``dec_attn.q_net`` / ``dec_attn.kv_net`` (2/4/5/6): q as is, kv's first half K, second half V (head-major);
+* ``o_net`` -> ``out_proj``; ``dec_attn.layer_norm`` / ``pos_ff.*`` as in the Transformer-XL converter;
+* Performer (5/25/35/45): Omega is the plain attribute ``proj_matrix`` (d, m) of every attention module, used as
+  u = x Omega (§1.3), not in the state dict -> the persistent buffer ``self_attn.feature_map.omega`` (d, m), same
+  orientation; ``performer_orthogonal_compat`` is set so later redraws use lmtool's construction;
+* ``word_emb.*`` / ``crit.*``: Transformer-XL's adaptive embedding and softmax (``convert_adaptive_weights``; tied
+  output matrix = one tensor, two keys; cluster rows unchanged); ``pos_emb.inv_freq`` dropped (recomputed).
+
+Attention semantics go through the model's ``lmtool_attn_type`` alias plus ``skip_attn_normalization`` (read from
+the layers' ``normalize_attn_scores``: lmtool passes its CLI flag, default off, so 24/25/26 without the flag are
+output-normalised, spec §1.5). The quadratic sum-rule layers 4/5/6 divide the *scaled* scores by their row sum plus
+1e-5, which cancels 1/sqrt(d) up to the epsilon: their ``o_net`` is multiplied by sqrt(d) so the converted model
+(1/sqrt(d) always applied, §1.4) gives the same outputs up to a 1e-5 (sqrt(d) - 1) relative term in the
+denominator (a warning says so). Unsupported codes (0/1/3 Transformer-XL family, 10/14/16/36, follow-up codes) are
+refused with the reason.
+"""
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping, add_output_arguments,
+                     add_vocab_arguments, build_vocab_mapping, convert_adaptive_weights, convert_layer_norms_and_ffn,
+                     converter_parser, fairseq_cfg, fairseq_checkpoint, finish_conversion, load_pickled, module_state,
+                     parse_on_off, pickled_adaptive_softmax, pickled_attr, pickled_child, pickled_class_name, read_vocab_file, same_tensor,
+                     symbol_map_from_pairs, unwrap_pickled_model, verify_conversion)
+
+logger = logging.getLogger(__name__)
+
+ARCH = "fast_weight_lm"
+DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
+# attn_type -> (projection layout, feature map, lmtool attention classes)
+QKVB, QKV, Q_KV = "qkvb_net", "qkv_net", "q_net/kv_net"
+LAYOUTS = {
+    2: (Q_KV, "softmax", ("MultiHeadAttn",)),
+    4: (Q_KV, "linear", ("LinearMultiHeadAttn",)),
+    5: (Q_KV, "performer", ("PerformerMultiHeadAttn",)),
+    6: (Q_KV, "dpfp", ("DPFPMultiHeadAttn",)),
+    24: (QKVB, "linear", ("CudaFastWeightLinearTransformerLayer",)),
+    25: (QKVB, "performer", ("CudaFastWeightPerformerLayer",)),
+    26: (QKVB, "dpfp", ("CudaFastWeightDPFPTransformerLayer",)),
+    34: (QKV, "linear", ("CudaFastWeightSumLinearTransformerLayer",)),
+    35: (QKV, "performer", ("CudaFastWeightSumPerformerLayer",)),
+    44: (QKVB, "linear", ("CudaNormFastWeightLinearTransformerLayer",)),
+    45: (QKVB, "performer", ("CudaNormFastWeightPerformerLayer",)),
+    46: (QKVB, "dpfp", ("CudaNormFastWeightDPFPTransformerLayer",)),
+}
+QUADRATIC_SUM = (4, 5, 6)
+TXL_FAMILY = (0, 1, 3)
+
+
+# ======================================================================================================================
+# Reading the source
+# ======================================================================================================================
+@dataclass
+class LmtoolConfig:
+    """What the conversion needs from lmtool's ``MemTransformerLM`` (original names)."""
+
+    attn_type: int
+    n_token: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_head: int
+    d_inner: int
+    d_embed: Optional[int] = None
+    div_val: int = 1
+    cutoffs: List[int] = field(default_factory=list)
+    tgt_len: int = 0
+    mem_len: int = 0
+    clamp_len: int = -1
+    no_pos: bool = False
+    pre_lnorm: bool = False
+    sample_softmax: int = -1
+    dropout: float = 0.0
+    dropatt: float = 0.0
+    skip_attn_normalization: bool = False
+    performer_proj_dim: int = 16
+    dpfp_n_roll: int = 2
+    carry_over_fast_weight: bool = False
+    tie_weight: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_embed is None or self.d_embed < 0:
+            self.d_embed = self.d_model
+        self.cutoffs = [int(c) for c in self.cutoffs]
+
+
+@dataclass
+class LmtoolSource:
+    """An lmtool checkpoint in original key names, its configuration and the Performer matrices per layer."""
+
+    config: LmtoolConfig
+    state: Dict[str, Tensor]
+    omegas: List[Optional[Tensor]] = field(default_factory=list)  # per layer (d, m) or None
+    description: str = "lmtool-fwms MemTransformerLM (pickled best_model.pt / latest_model.pt)"
+
+
+def reject_attn_type(code: int) -> None:
+    """A clear error for every lmtool attention type ``fast_weight_lm`` does not load."""
+    from fairseq_ext.models.fast_weight_lm import LMTOOL_UNSUPPORTED
+
+    if code == 0:
+        raise ConversionError("lmtool attn_type 0 is Transformer-XL's relative attention with memory (medium_"
+                              "transformer-xl_baseline.sh): its MemTransformerLM is Transformer-XL's; convert it with "
+                              "scripts/convert_transformer_xl_checkpoint.py (--arch transformer_xl_lm)")
+    reason = LMTOOL_UNSUPPORTED.get(code, "not one of the paper's attention types (follow-up recurrent-fwp codes such "
+                                          "as 54, 64, 124, 224-254, 934 are not implemented)")
+    raise ConversionError(f"lmtool attn_type {code} cannot be converted to {ARCH}: {reason}; supported: "
+                          f"{sorted(LAYOUTS)}")
+
+
+def _layer_attr(attns: Sequence[Any], name: str, what: str) -> Any:
+    """An attribute every attention module has with one value (None when none has it)."""
+    values = [pickled_attr(a, name) for a in attns]
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values) or len({repr(v) for v in values}) != 1:
+        raise ConversionError(f"the layers disagree on {name} ({what}): {values}")
+    return values[0]
+
+
+def read_lmtool_model(root: Any, carry_over_fast_weight: Optional[bool] = None,
+                      assume_raw_sum_features: bool = False) -> LmtoolSource:
+    """The pickled ``MemTransformerLM`` (loaded with the shim) -> LmtoolSource. ``carry_over_fast_weight`` is a
+    training flag, not a model attribute: None reads an attribute of that name if present, else False."""
+    root = unwrap_pickled_model(root, "MemTransformerLM", "lmtool's train.py best_model.pt / latest_model.pt")
+    code = int(pickled_attr(root, "attn_type", 0))
+    if code not in LAYOUTS:
+        reject_attn_type(code)
+    layout, feature_map, classes = LAYOUTS[code]
+    state = module_state(root)
+    layers = pickled_child(root, "layers")
+    n_layer = int(pickled_attr(root, "n_layer", len(pickled_attr(layers, "_modules", {}))))
+    attns = [pickled_child(pickled_child(layers, str(i)), "dec_attn") for i in range(n_layer)]
+    if any(a is None for a in attns):
+        raise ConversionError(f"the pickled model lacks layers.{{0..{n_layer - 1}}}.dec_attn")
+    for i, attn in enumerate(attns):
+        if pickled_class_name(attn) not in classes:
+            raise ConversionError(f"layers.{i}.dec_attn is a {pickled_class_name(attn)}, but attn_type {code} builds "
+                                  f"{' / '.join(classes)}; the checkpoint's code differs from lmtool-fwms")
+    crit = pickled_child(root, "crit")
+    n_token, crit_cutoffs = pickled_adaptive_softmax(root, ARCH)
+    normalize = _layer_attr(attns, "normalize_attn_scores", "skip_attn_normalization")
+    d_head = int(pickled_attr(root, "d_head"))
+    omegas: List[Optional[Tensor]] = [None] * n_layer
+    proj_dim = 16
+    if feature_map == "performer":
+        for i, attn in enumerate(attns):
+            omega = pickled_attr(attn, "proj_matrix")
+            if not torch.is_tensor(omega) or omega.dim() != 2 or omega.shape[0] != d_head:
+                raise ConversionError(f"layers.{i}.dec_attn.proj_matrix should be the Performer matrix (d_head "
+                                      f"{d_head}, proj_dim), got {getattr(omega, 'shape', omega)!r}")
+            omegas[i] = omega.detach()
+        proj_dim = int(omegas[0].shape[1])
+        if any(o.shape != omegas[0].shape for o in omegas):
+            raise ConversionError(f"the layers' proj_matrix shapes differ: {[tuple(o.shape) for o in omegas]}")
+        stored = _layer_attr(attns, "proj_dim", "performer_proj_dim")
+        if stored is not None and int(stored) != proj_dim:
+            raise ConversionError(f"proj_dim {stored} but proj_matrix has {proj_dim} columns")
+    n_roll = _layer_attr(attns, "n_roll", "dpfp_n_roll") if feature_map == "dpfp" else None
+    if feature_map == "dpfp" and n_roll is None:
+        raise ConversionError("the DPFP attention modules have no n_roll attribute")
+    if code in (34, 35):
+        sum_norm = _layer_attr(attns, "use_sum_norm", "use_sum_norm")
+        if sum_norm:
+            raise ConversionError(f"attn_type {code} with use_sum_norm=True (sum-normalised phi in the sum rule) is not "
+                                  f"implemented by {ARCH} (its sum rule uses the raw feature map, lmtool's default)")
+        if sum_norm is None and not assume_raw_sum_features:
+            raise ConversionError(f"the attn_type {code} layers have no use_sum_norm attribute: lmtool versions before "
+                                  f"that flag sum-normalised phi(q), phi(k) in the sum rule, which {ARCH} does not "
+                                  f"implement. If this checkpoint used raw features, pass --assume-raw-sum-features")
+    if carry_over_fast_weight is None:
+        carry_over_fast_weight = bool(pickled_attr(root, "carry_over_fast_weight", False))
+    drop = pickled_child(root, "drop")
+    dropatt = pickled_child(attns[0], "dropatt")
+    word_emb = pickled_child(root, "word_emb")
+    cfg = LmtoolConfig(
+        attn_type=code, n_token=n_token, n_layer=n_layer, n_head=int(pickled_attr(root, "n_head")),
+        d_model=int(pickled_attr(root, "d_model")), d_head=d_head,
+        d_inner=int(state["layers.0.pos_ff.CoreNet.0.weight"].shape[0]),
+        d_embed=int(pickled_attr(root, "d_embed", pickled_attr(word_emb, "d_embed", pickled_attr(root, "d_model")))),
+        div_val=int(pickled_attr(crit, "div_val", pickled_attr(word_emb, "div_val", 1))), cutoffs=crit_cutoffs[:-1],
+        tgt_len=int(pickled_attr(root, "tgt_len", 0)), mem_len=int(pickled_attr(root, "mem_len", 0)),
+        clamp_len=int(pickled_attr(root, "clamp_len", -1)), no_pos=bool(pickled_attr(root, "no_pos", False)),
+        pre_lnorm=bool(pickled_attr(attns[0], "pre_lnorm", False)),
+        sample_softmax=int(pickled_attr(root, "sample_softmax", -1)),
+        dropout=float(pickled_attr(drop, "p", 0.0)) if drop is not None else 0.0,
+        dropatt=float(pickled_attr(dropatt, "p", 0.0)) if dropatt is not None else 0.0,
+        skip_attn_normalization=normalize is not None and not normalize, performer_proj_dim=proj_dim,
+        dpfp_n_roll=int(n_roll) if n_roll is not None else 2, carry_over_fast_weight=bool(carry_over_fast_weight),
+        tie_weight=same_tensor(state.get("crit.out_layers.0.weight"), state.get("word_emb.emb_layers.0.weight")))
+    return LmtoolSource(cfg, state, omegas)
+
+
+def read_source(obj: Any, carry_over_fast_weight: Optional[bool] = None,
+                assume_raw_sum_features: bool = False) -> LmtoolSource:
+    """Detect the format of a loaded checkpoint object (only lmtool's pickled model is convertible)."""
+    if hasattr(obj, "__dict__") and "_modules" in obj.__dict__:
+        return read_lmtool_model(obj, carry_over_fast_weight, assume_raw_sum_features)
+    if isinstance(obj, Mapping) and any(str(k).startswith("word_emb.") for k in obj):
+        raise ConversionError("this file is a bare MemTransformerLM state dict without its configuration; convert the "
+                              "pickled best_model.pt / latest_model.pt instead, or call convert_fast_weight() with an "
+                              "LmtoolSource from Python")
+    if isinstance(obj, Mapping) and "optimizer_state_dict" in obj:
+        raise ConversionError("this is lmtool's best_opt.pt / latest_opt.pt (optimizer state); convert "
+                              "best_model.pt / latest_model.pt")
+    raise ConversionError(f"unrecognised checkpoint ({type(obj).__name__}); expected lmtool's pickled "
+                          f"best_model.pt / latest_model.pt")
+
+
+# ======================================================================================================================
+# Conversion
+# ======================================================================================================================
+def validate_source(cfg: LmtoolConfig) -> None:
+    if cfg.attn_type not in LAYOUTS:
+        reject_attn_type(cfg.attn_type)
+    if cfg.sample_softmax > 0:
+        raise ConversionError(f"sample_softmax {cfg.sample_softmax} > 0: the model keeps its output layer in "
+                              f"'out_layer', not the adaptive softmax; {ARCH} cannot load it")
+    if cfg.pre_lnorm:
+        raise ConversionError(f"pre_lnorm checkpoints are not supported: {ARCH} is post-LN, and lmtool's pre-LN fast "
+                              f"weight layers add the residual to the normalised input (spec §6)")
+    if cfg.mem_len > 0:
+        raise ConversionError(f"mem_len {cfg.mem_len} > 0: {ARCH} has no Transformer-XL memory (every lmtool fast "
+                              f"weight / standard Transformer script uses mem_len 0; carry-over needs mem_len 0)")
+    if cfg.div_val != 1 or cfg.d_embed != cfg.d_model:
+        raise ConversionError(f"div_val {cfg.div_val} / d_embed {cfg.d_embed} (d_model {cfg.d_model}): {ARCH} embeds "
+                              f"at d_model with div_val 1, as every lmtool script does")
+    if cfg.cutoffs and (cfg.cutoffs != sorted(set(cfg.cutoffs)) or cfg.cutoffs[-1] >= cfg.n_token):
+        raise ConversionError(f"cutoffs {cfg.cutoffs} must increase and stay below n_token {cfg.n_token}")
+    if cfg.carry_over_fast_weight and LAYOUTS[cfg.attn_type][0] == Q_KV:
+        raise ConversionError(f"carry_over_fast_weight needs a CUDA fast weight layer (24/25/26/34/35/44/45/46); "
+                              f"lmtool asserts it is off for attn_type {cfg.attn_type}")
+
+
+def _split_heads(weight: Tensor, heads: int, sizes: Sequence[int]) -> List[Tensor]:
+    """(H * sum(sizes), C) with per-head row blocks of ``sizes`` -> one (H * size, C) tensor per block, head-major."""
+    parts = weight.view(heads, sum(sizes), weight.shape[-1]).split(list(sizes), dim=1)  # (H, size, C) each
+    return [p.reshape(heads * p.shape[1], weight.shape[-1]).clone() for p in parts]
+
+
+def convert_weights(src: LmtoolSource, mapping: VocabMapping, dead_bias: float,
+                    dtype: Optional[torch.dtype] = torch.float32) -> Dict[str, Tensor]:
+    """Original-name weights -> fast_weight_lm state dict (keys ``decoder.*``), vocabulary rows permuted."""
+    cfg = src.config
+    layout, feature_map, _ = LAYOUTS[cfg.attn_type]
+    r = StateReader(src.state, dtype, DROPPED_KEYS)
+    c, h, d = cfg.d_model, cfg.n_head, cfg.d_head
+    out: Dict[str, Tensor] = {}
+    for layer in range(cfg.n_layer):
+        src_p, dst_p = f"layers.{layer}.", f"{PREFIX}layers.{layer}."
+        attn = dst_p + "self_attn."
+        if layout == QKVB:
+            q, k, v, beta = _split_heads(r.get(src_p + "dec_attn.qkvb_net.weight", (h * (3 * d + 1), c)), h,
+                                         (d, d, d, 1))
+            out[attn + "beta_proj.weight"] = beta  # (H, C)
+        elif layout == QKV:
+            q, k, v = _split_heads(r.get(src_p + "dec_attn.qkv_net.weight", (h * 3 * d, c)), h, (d, d, d))
+        else:
+            q = r.get(src_p + "dec_attn.q_net.weight", (h * d, c))
+            k, v = (part.clone() for part in r.get(src_p + "dec_attn.kv_net.weight", (2 * h * d, c)).chunk(2, dim=0))
+        out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
+        o_net = r.get(src_p + "dec_attn.o_net.weight", (c, h * d))
+        # 4/5/6: lmtool's row-normalised scaled scores cancel 1/sqrt(d) (module docstring)
+        out[attn + "out_proj.weight"] = o_net * math.sqrt(d) if cfg.attn_type in QUADRATIC_SUM else o_net
+        if feature_map == "performer":
+            omega = src.omegas[layer]
+            out[attn + "feature_map.omega"] = omega.to(dtype) if dtype is not None else omega.clone()
+        out.update(convert_layer_norms_and_ffn(r, src_p, dst_p, c, cfg.d_inner))
+    out.update(convert_adaptive_weights(r, mapping, n_token=cfg.n_token, cutoffs=cfg.cutoffs, d_model=c,
+                                        d_embed=c, div_val=1, tie_weight=cfg.tie_weight, source_tie_projs=[False],
+                                        tie_projs_mode="tails", dead_bias=dead_bias, layout="original"))
+    unused = r.unused()
+    if unused:
+        raise ConversionError(f"the source has weights this configuration does not use: {unused[:8]}"
+                              f"{' ...' if len(unused) > 8 else ''} (wrong n_layer / cutoffs / attn_type?)")
+    return out
+
+
+def model_fields(cfg: LmtoolConfig, cutoffs: Sequence[int], tokens_per_sample: Optional[int] = None
+                 ) -> Dict[str, Any]:
+    """``FastWeightLMConfig`` values (plain types) for the converted model."""
+    feature_map = LAYOUTS[cfg.attn_type][1]
+    return {
+        "decoder_layers": cfg.n_layer, "decoder_embed_dim": cfg.d_model, "decoder_attention_heads": cfg.n_head,
+        "decoder_attention_head_dim": cfg.d_head, "decoder_ffn_embed_dim": cfg.d_inner,
+        "dropout": float(cfg.dropout),
+        # dropatt acts on softmax probabilities only (0 in every lmtool script)
+        "attention_dropout": float(cfg.dropatt) if feature_map == "softmax" else 0.0,
+        "lmtool_attn_type": cfg.attn_type, "skip_attn_normalization": bool(cfg.skip_attn_normalization),
+        "performer_proj_dim": int(cfg.performer_proj_dim), "performer_orthogonal_compat": feature_map == "performer",
+        "dpfp_n_roll": int(cfg.dpfp_n_roll), "no_pos": bool(cfg.no_pos), "clamp_len": int(cfg.clamp_len),
+        "carry_over_fast_weight": bool(cfg.carry_over_fast_weight),
+        "adaptive_softmax_cutoff": ",".join(map(str, cutoffs)) if cutoffs else None,
+        "adaptive_softmax_factor": 1, "untie_adaptive_weights": not cfg.tie_weight,
+        "tokens_per_sample": int(tokens_per_sample or cfg.tgt_len or 256),
+    }
+
+
+def convert_fast_weight(src: LmtoolSource, symbols: Optional[Sequence[str]], *,
+                        symbol_map: Optional[Mapping[str, str]] = None, dead_bias: float = DEAD_BIAS,
+                        data: str = "data-bin", tokens_per_sample: Optional[int] = None,
+                        dtype: Optional[torch.dtype] = torch.float32) -> Conversion:
+    """LmtoolSource + vocabulary -> fairseq checkpoint for ``fast_weight_lm`` (weights-only safe)."""
+    cfg = src.config
+    validate_source(cfg)
+    symbols = list(symbols or [])
+    if not symbols:
+        raise ConversionError("no vocabulary: lmtool's model file does not contain one; pass --vocab (the corpus "
+                              "cache.pt of the training data directory, or a text file with one symbol per line in "
+                              "index order)")
+    if len(symbols) != cfg.n_token:
+        raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
+                              f"{cfg.n_token}; pass the vocabulary the model was trained with")
+    if dead_bias >= -10:
+        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+    if cfg.attn_type in QUADRATIC_SUM:
+        logger.warning("attn_type %d (quadratic sum rule): o_net is scaled by sqrt(d_head) = %.4g so that the 1/sqrt(d) "
+                       "of %s cancels as lmtool's row normalisation does; the denominator epsilon differs (1e-5 vs "
+                       "1e-5 sqrt(d)), a relative difference of about 1e-5 (sqrt(d) - 1) / (phi(q) . sum phi(k))",
+                       cfg.attn_type, math.sqrt(cfg.d_head), ARCH)
+    mapping = build_vocab_mapping(symbols, cfg.cutoffs, symbol_map)
+    weights = convert_weights(src, mapping, dead_bias, dtype)
+    fields = model_fields(cfg, mapping.cutoffs, tokens_per_sample)
+    provenance = {
+        "source": src.description, "source_config": asdict(cfg), "mapped_symbols": dict(mapping.mapped),
+        "dead_ids": mapping.dead, "dead_bias": float(dead_bias), "original_cutoffs": list(cfg.cutoffs),
+        "fairseq_cutoffs": list(mapping.cutoffs), "out_proj_scaled_by_sqrt_d_head": cfg.attn_type in QUADRATIC_SUM,
+    }
+    checkpoint = fairseq_checkpoint(fairseq_cfg(fields, data, ARCH, fields["tokens_per_sample"]), weights,
+                                    mapping.symbols, "converted_from_lmtool_fwms", provenance)
+    logger.info("converted %s: attn_type %d, %d layers, d_model %d, %d x %d heads, vocabulary %d -> %d (mapped %s, "
+                "dead ids %s), cutoffs %s -> %s, skip_attn_normalization %s, carry_over_fast_weight %s",
+                src.description, cfg.attn_type, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_head, cfg.n_token,
+                len(mapping.symbols), mapping.mapped, mapping.dead, cfg.cutoffs, mapping.cutoffs,
+                cfg.skip_attn_normalization, cfg.carry_over_fast_weight)
+    return Conversion(checkpoint, mapping, fields)
+
+
+def verify_loads(conversion: Conversion) -> None:
+    """Build fast_weight_lm from the converted config and load the weights strictly."""
+    from fairseq_ext.models.fast_weight_lm import FastWeightDecoder, FastWeightLanguageModel
+
+    verify_conversion(conversion, lambda cfg, dictionary: FastWeightLanguageModel(FastWeightDecoder(cfg, dictionary)),
+                      ARCH)
+
+
+# ======================================================================================================================
+# Command line
+# ======================================================================================================================
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(
+        "Convert an IDSIA/lmtool-fwms checkpoint (the pickled MemTransformerLM of train.py: best_model.pt / "
+        "latest_model.pt) into a fairseq checkpoint for --arch fast_weight_lm plus the fairseq dict.txt it needs.",
+        "lmtool best_model.pt or latest_model.pt (pickled MemTransformerLM)",
+        "then evaluate, e.g. the paper's sliding window (spec §4):\n"
+        "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --path OUT_DIR/model.pt --tokens-per-sample 256 "
+        "--context-window 255 --batch-size 1 --gen-subset test\n"
+        "or, for carry-over models, --task streaming_lm --batch-size 1. See docs/convert-fast-weight.md.")
+    add_vocab_arguments(parser, "vocabulary (required): lmtool's corpus cache.pt (pickled corpus) or a text file with "
+                                "one symbol per line in index order",
+                        "allow unpickling SRC / --vocab through the class shim (lmtool pickles the whole model; only "
+                        "for files you trust)")
+    parser.add_argument("--carry-over-fast-weight", type=parse_on_off, metavar="on|off",
+                        help="the model was trained with --carry_over_fast_weight (a train.py flag, not stored in the "
+                             "model; default: off)")
+    parser.add_argument("--assume-raw-sum-features", action="store_true",
+                        help="attn_type 34/35 without a use_sum_norm attribute: assume raw (not sum-normalised) "
+                             "feature maps, as lmtool-fwms' default")
+    parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
+                                                              "training tgt_len)")
+    add_output_arguments(parser, "output bias of fairseq specials the original vocabulary lacks (default -40)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Conversion:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    src = read_source(load_pickled(args.src, args.trust_pickle, contents="the whole lmtool MemTransformerLM"),
+                      args.carry_over_fast_weight, args.assume_raw_sum_features)
+    symbols = read_vocab_file(args.vocab, args.trust_pickle) if args.vocab else None
+    out_dir = os.path.abspath(args.out_dir)
+    conversion = convert_fast_weight(src, symbols, symbol_map=symbol_map_from_pairs(args.map_symbol),
+                                     dead_bias=args.dead_bias, data=out_dir, tokens_per_sample=args.tokens_per_sample)
+    return finish_conversion(conversion, out_dir, ARCH, None if args.no_verify else verify_loads)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        main()
+    except ConversionError as err:
+        sys.exit(f"error: {err}")
