@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-xl bench-span
+.PHONY: install test test-fast demo bench bench-xl bench-span bench-fw
 install:
 	bash scripts/install.sh
 
@@ -23,3 +23,6 @@ bench-xl: install
 
 bench-span: install
 	$(PY) scripts/bench_adaptive_span.py
+
+bench-fw: install
+	$(PY) scripts/bench_fast_weights.py
