@@ -35,7 +35,7 @@ import statistics
 import sys
 from argparse import Namespace
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -268,15 +268,15 @@ def status_cell(r: Result) -> str:
     return r["status"]
 
 
+def table_rows(results: Sequence[Result], table: str, head: Callable[[Result], str],
+               cells: Callable[[Result], str], columns: int) -> List[str]:
+    """The markdown rows of ``table``: ``head`` cells, then ``cells`` (ok rows) or the status and dashes."""
+    return [f"| {head(r)} | {cells(r) if r['status'] == 'ok' else status_cell(r) + ' |' + ' - |' * (columns - 1)}"
+            for r in results if r["table"] == table]
+
+
 def train_rows(results: Sequence[Result]) -> List[str]:
-    rows = []
-    for r in results:
-        if r["table"] != "train":
-            continue
-        head = f"| {r['batch']} | {r['length']:,} | {r['impl']} |"
-        if r["status"] != "ok":
-            rows.append(f"{head} {status_cell(r)} | - | - | - | - |")
-            continue
+    def cells(r: Result) -> str:
         mark = "≈ " if r["extrapolated"] else ""
         chunked = next((x for x in results if x["table"] == "train" and x["impl"] == "chunked"
                         and x["batch"] == r["batch"] and x["length"] == r["length"] and x.get("status") == "ok"),
@@ -284,23 +284,18 @@ def train_rows(results: Sequence[Result]) -> List[str]:
         ratio = f"{r['step_ms'] / chunked['step_ms']:.2f}×" if chunked is not None else "n/a"
         note = f" (extrapolated ×{r['length'] / r['ran_length']:g} from T = {r['ran_length']:,})" if (
             r["extrapolated"]) else ""
-        rows.append(f"{head} {mark}{r['step_ms']:,.1f}{note} | {mark}{r['median_step_ms']:,.1f} | "
-                    f"{mark}{r['tokens_per_s']:,.0f} | {ratio} | {mark}{r['peak_mb']:,.1f} |")
-    return rows
+        return (f"{mark}{r['step_ms']:,.1f}{note} | {mark}{r['median_step_ms']:,.1f} | {mark}{r['tokens_per_s']:,.0f} "
+                f"| {ratio} | {mark}{r['peak_mb']:,.1f} |")
+
+    return table_rows(results, "train", lambda r: f"{r['batch']} | {r['length']:,} | {r['impl']}", cells, 5)
 
 
 def decode_rows(results: Sequence[Result]) -> List[str]:
-    rows = []
-    for r in results:
-        if r["table"] != "decode":
-            continue
-        head = f"| {r['batch']} | {r['impl']} |"
-        if r["status"] != "ok":
-            rows.append(f"{head} {status_cell(r)} | - | - | - |")
-            continue
-        rows.append(f"{head} {1000 * r['step_ms']:,.1f} | {r['tokens_per_s']:,.0f} | "
-                    f"{r['median_tokens_per_s']:,.0f} | {r['held_kib']:,.1f} |")
-    return rows
+    def cells(r: Result) -> str:
+        return (f"{1000 * r['step_ms']:,.1f} | {r['tokens_per_s']:,.0f} | {r['median_tokens_per_s']:,.0f} | "
+                f"{r['held_kib']:,.1f} |")
+
+    return table_rows(results, "decode", lambda r: f"{r['batch']} | {r['impl']}", cells, 4)
 
 
 def render_report(opts: Namespace, results: Sequence[Result], command: str,
