@@ -25,14 +25,12 @@ Weights (spec §1.2; original name -> ``decoder.layers.{i}.``...):
 Attention semantics go through the model's ``lmtool_attn_type`` alias plus ``skip_attn_normalization`` (read from
 the layers' ``normalize_attn_scores``: lmtool passes its CLI flag, default off, so 24/25/26 without the flag are
 output-normalised, spec §1.5). The quadratic sum-rule layers 4/5/6 divide the *scaled* scores by their row sum plus
-1e-5, which cancels 1/sqrt(d) up to the epsilon: their ``o_net`` is multiplied by sqrt(d) so the converted model
-(1/sqrt(d) always applied, §1.4) gives the same outputs up to a 1e-5 (sqrt(d) - 1) relative term in the
-denominator (a warning says so). Unsupported codes (0/1/3 Transformer-XL family, 10/14/16/36, follow-up codes) are
-refused with the reason.
+1e-5, which cancels 1/sqrt(d) except inside the epsilon; the model reproduces that exactly for these aliases (output
+scale 1, epsilon 1e-5 sqrt(d)), so their weights convert unchanged. Unsupported codes (0/1/3 Transformer-XL family,
+10/14/16/36, follow-up codes) are refused with the reason.
 """
 import argparse
 import logging
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -67,7 +65,6 @@ LAYOUTS = {
     45: (QKVB, "performer", ("CudaNormFastWeightPerformerLayer",)),
     46: (QKVB, "dpfp", ("CudaNormFastWeightDPFPTransformerLayer",)),
 }
-QUADRATIC_SUM = (4, 5, 6)
 TXL_FAMILY = (0, 1, 3)
 
 
@@ -284,8 +281,7 @@ def convert_weights(src: LmtoolSource, mapping: VocabMapping, dead_bias: float,
             k, v = (part.clone() for part in r.get(src_p + "dec_attn.kv_net.weight", (2 * h * d, c)).chunk(2, dim=0))
         out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
         o_net = r.get(src_p + "dec_attn.o_net.weight", (c, h * d))
-        # 4/5/6: lmtool's row-normalised scaled scores cancel 1/sqrt(d) (module docstring)
-        out[attn + "out_proj.weight"] = o_net * math.sqrt(d) if cfg.attn_type in QUADRATIC_SUM else o_net
+        out[attn + "out_proj.weight"] = o_net
         if feature_map == "performer":
             omega = src.omegas[layer]
             out[attn + "feature_map.omega"] = omega.to(dtype) if dtype is not None else omega.clone()
@@ -337,18 +333,13 @@ def convert_fast_weight(src: LmtoolSource, symbols: Optional[Sequence[str]], *,
                               f"{cfg.n_token}; pass the vocabulary the model was trained with")
     if dead_bias >= -10:
         raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
-    if cfg.attn_type in QUADRATIC_SUM:
-        logger.warning("attn_type %d (quadratic sum rule): o_net is scaled by sqrt(d_head) = %.4g so that the 1/sqrt(d) "
-                       "of %s cancels as lmtool's row normalisation does; the denominator epsilon differs (1e-5 vs "
-                       "1e-5 sqrt(d)), a relative difference of about 1e-5 (sqrt(d) - 1) / (phi(q) . sum phi(k))",
-                       cfg.attn_type, math.sqrt(cfg.d_head), ARCH)
     mapping = build_vocab_mapping(symbols, cfg.cutoffs, symbol_map)
     weights = convert_weights(src, mapping, dead_bias, dtype)
     fields = model_fields(cfg, mapping.cutoffs, tokens_per_sample)
     provenance = {
         "source": src.description, "source_config": asdict(cfg), "mapped_symbols": dict(mapping.mapped),
         "dead_ids": mapping.dead, "dead_bias": float(dead_bias), "original_cutoffs": list(cfg.cutoffs),
-        "fairseq_cutoffs": list(mapping.cutoffs), "out_proj_scaled_by_sqrt_d_head": cfg.attn_type in QUADRATIC_SUM,
+        "fairseq_cutoffs": list(mapping.cutoffs),
     }
     checkpoint = fairseq_checkpoint(fairseq_cfg(fields, data, ARCH, fields["tokens_per_sample"]), weights,
                                     mapping.symbols, "converted_from_lmtool_fwms", provenance)

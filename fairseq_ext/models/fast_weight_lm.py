@@ -53,9 +53,9 @@ ATTN_IMPLS = ("auto", "recurrent", "chunked")
 # lmtool --attn_type code -> (attn_type, update_rule, normalisation without / with --skip_attn_normalization)
 LMTOOL_ATTN_TYPES = {
     2: ("softmax", None, None, None),
-    4: ("linear", "sum", "output", "none"),
+    4: ("linear", "sum", "output", "output"),  # lmtool's quadratic classes take no skip flag: always normalised
     5: ("performer", "sum", "output", None),  # lmtool asserts skip_attn_normalization is off
-    6: ("dpfp", "sum", "output", "none"),
+    6: ("dpfp", "sum", "output", "output"),
     34: ("linear", "sum", "output", "none"),
     35: ("performer", "sum", "output", "none"),
     24: ("linear", "delta", "output", "none"),
@@ -65,6 +65,7 @@ LMTOOL_ATTN_TYPES = {
     45: ("performer", "delta", "full", "none"),
     46: ("dpfp", "delta", "full", "none"),
 }
+LMTOOL_QUADRATIC = (4, 5, 6)  # output scale 1, epsilon 1e-5 sqrt(d): see FastWeightSelfAttention
 LMTOOL_UNSUPPORTED = {
     0: "Transformer-XL relative-position softmax attention with memory (use --arch transformer_xl_lm, e.g. "
        "mem_len 384 for medium_transformer-xl_baseline.sh)",
@@ -234,7 +235,8 @@ class FastWeightDecoder(StatefulDecoder):
         self.layers = nn.ModuleList(
             FastWeightLayer(dim, heads, head_dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.attention_dropout,
                             attn_type, rule, normalize, cfg.performer_proj_dim, cfg.performer_orthogonal_compat,
-                            cfg.dpfp_n_roll, str(cfg.attn_impl), cfg.fwp_chunk_size)
+                            cfg.dpfp_n_roll, str(cfg.attn_impl), cfg.fwp_chunk_size,
+                            lmtool_quadratic=cfg.lmtool_attn_type in LMTOOL_QUADRATIC)
             for _ in range(cfg.decoder_layers))
         tied = not cfg.untie_adaptive_weights
         self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(

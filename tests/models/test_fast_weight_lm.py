@@ -90,7 +90,8 @@ def test_state_dict_names_and_shapes():
 @pytest.mark.parametrize("code,skip,expected", [
     (2, False, ("softmax", "delta", "none")),
     (4, False, ("linear", "sum", "output")), (5, False, ("performer", "sum", "output")),
-    (6, False, ("dpfp", "sum", "output")), (34, False, ("linear", "sum", "output")),
+    (6, False, ("dpfp", "sum", "output")), (6, True, ("dpfp", "sum", "output")),  # quadratic: no skip option
+    (34, False, ("linear", "sum", "output")),
     (35, False, ("performer", "sum", "output")),
     (24, False, ("linear", "delta", "output")), (24, True, ("linear", "delta", "none")),
     (25, False, ("performer", "delta", "output")), (26, True, ("dpfp", "delta", "none")),
@@ -103,6 +104,9 @@ def test_lmtool_aliases(code, skip, expected):
     d = model.decoder
     got = (d.attn_type, d.update_rule, d.fwp_normalize)
     assert got[0] == expected[0] and (expected[0] == "softmax" or got == expected)
+    if code in (4, 5, 6):  # lmtool divides the 1/sqrt(d)-scaled scores by their row sum + 1e-5: scale 1, eps 1e-5 sqrt(d)
+        attn = d.layers[0].self_attn
+        assert attn.scale == 1.0 and attn.eps == pytest.approx(1e-5 * math.sqrt(attn.head_dim))
 
 
 @pytest.mark.parametrize("code,match", [(0, "transformer_xl_lm"), (1, "learnable relative"), (3, "learned absolute"),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fairseq_ext.modules.feature_maps import build_feature_map, sum_normalize
-from fairseq_ext.ops.fast_weights import IMPLS, NORMALIZATIONS, RULES, fast_weight_attention
+from fairseq_ext.ops.fast_weights import EPS, IMPLS, NORMALIZATIONS, RULES, fast_weight_attention
 from fairseq_ext.state import FastWeightState
 
 
@@ -34,7 +34,10 @@ class FastWeightSelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, feature_map: str = "linear",
                  update_rule: str = "delta", normalize: str = "none", performer_proj_dim: int = 16,
                  performer_orthogonal_compat: bool = False, dpfp_n_roll: int = 2, attn_impl: str = "auto",
-                 chunk_size: int = 64) -> None:
+                 chunk_size: int = 64, lmtool_quadratic: bool = False) -> None:
+        """lmtool_quadratic: lmtool's quadratic sum-rule layers (attn_type 4/5/6) scale the scores by 1/sqrt(d) and
+        then divide by their row sum + 1e-5, so the scale cancels except inside the epsilon: output scale 1 and
+        denominator epsilon 1e-5 sqrt(d) reproduce them exactly."""
         super().__init__()
         if update_rule not in RULES:
             raise ValueError(f"unknown update rule {update_rule!r}; choose one of {RULES}")
@@ -52,7 +55,10 @@ class FastWeightSelfAttention(nn.Module):
         self.normalize = normalize
         self.attn_impl = attn_impl
         self.chunk_size = chunk_size
-        self.scale = 1.0 / math.sqrt(head_dim)  # independent of D_phi (lmtool)
+        if lmtool_quadratic and (update_rule, normalize) != ("sum", "output"):
+            raise ValueError("lmtool's quadratic layers (attn_type 4/5/6) are the output-normalised sum rule")
+        self.scale = 1.0 if lmtool_quadratic else 1.0 / math.sqrt(head_dim)  # independent of D_phi (lmtool)
+        self.eps = EPS * math.sqrt(head_dim) if lmtool_quadratic else EPS
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(embed_dim, inner, bias=False)
         self.k_proj = nn.Linear(embed_dim, inner, bias=False)
@@ -84,7 +90,8 @@ class FastWeightSelfAttention(nn.Module):
         self.feature_map.new_draw()  # FAVOR+: a fresh Omega per training forward
         q, k, v, beta = self.features(x)
         out, new_state = fast_weight_attention(q, k, v.to(q.dtype), beta, state, rule=self.update_rule,
-                                               normalize=self.normalize, scale=self.scale, impl=self.attn_impl,
+                                               normalize=self.normalize, scale=self.scale, eps=self.eps,
+                                               impl=self.attn_impl,
                                                chunk_size=self.chunk_size)  # (B, H, T, d)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # (B, T, H d)
         return self.out_proj(out.to(x.dtype)), new_state

@@ -26,7 +26,7 @@ class FastWeightLayer(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, ffn_dim: int, dropout: float,
                  attention_dropout: float, attn_type: str, update_rule: str = "delta", normalize: str = "none",
                  performer_proj_dim: int = 16, performer_orthogonal_compat: bool = False, dpfp_n_roll: int = 2,
-                 attn_impl: str = "auto", chunk_size: int = 64) -> None:
+                 attn_impl: str = "auto", chunk_size: int = 64, lmtool_quadratic: bool = False) -> None:
         super().__init__()
         self.dropout = dropout
         self.attn_type = attn_type
@@ -36,7 +36,7 @@ class FastWeightLayer(nn.Module):
         else:
             self.self_attn = FastWeightSelfAttention(embed_dim, num_heads, head_dim, attn_type, update_rule, normalize,
                                                      performer_proj_dim, performer_orthogonal_compat, dpfp_n_roll,
-                                                     attn_impl, chunk_size)
+                                                     attn_impl, chunk_size, lmtool_quadratic)
         self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
