@@ -43,9 +43,9 @@ def sum_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, state: Optional[Tensor] 
     s = initial_state(q, v, state)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     outs = []
-    for t in range(q.size(2)):
-        s = s + ka[:, :, t, :, None] * va[:, :, t, None, :]  # (B, H, D_k, D_v)
-        outs.append(torch.einsum("bhkv,bhk->bhv", s, qa[:, :, t]))  # (B, H, D_v)
+    for qt, kt, vt in zip(qa.unbind(2), ka.unbind(2), va.unbind(2)):  # (B, H, D) per token; unbind: one backward
+        s = s + kt[..., :, None] * vt[..., None, :]  # (B, H, D_k, D_v)
+        outs.append(torch.einsum("bhkv,bhk->bhv", s, qt))  # (B, H, D_v)
     out = torch.stack(outs, dim=2) if outs else va.new_zeros(va.shape)  # (B, H, T, D_v)
     return (out * scale).to(q.dtype), s
 
@@ -58,11 +58,10 @@ def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: O
     s = initial_state(q, v, state)
     qa, ka, va, ba = q.to(acc), k.to(acc), v.to(acc), beta.to(acc)
     outs = []
-    for t in range(q.size(2)):
-        kt = ka[:, :, t]  # (B, H, D_k)
+    for qt, kt, vt, bt in zip(qa.unbind(2), ka.unbind(2), va.unbind(2), ba.unbind(2)):  # (B, H, D) / (B, H)
         retrieved = torch.einsum("bhkv,bhk->bhv", s, kt)  # (B, H, D_v) vbar_t = S^T k_t
-        update = ba[:, :, t, None] * (va[:, :, t] - retrieved)  # (B, H, D_v)
+        update = bt[..., None] * (vt - retrieved)  # (B, H, D_v)
         s = s + kt[..., :, None] * update[..., None, :]  # (B, H, D_k, D_v)
-        outs.append(torch.einsum("bhkv,bhk->bhv", s, qa[:, :, t]))  # (B, H, D_v)
+        outs.append(torch.einsum("bhkv,bhk->bhv", s, qt))  # (B, H, D_v)
     out = torch.stack(outs, dim=2) if outs else va.new_zeros(va.shape)  # (B, H, T, D_v)
     return (out * scale).to(q.dtype), s
