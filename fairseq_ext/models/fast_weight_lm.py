@@ -25,7 +25,7 @@ State (docs/design.md, "Fast weights"):
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -275,16 +275,18 @@ class FastWeightDecoder(StatefulDecoder):
 
     # ------------------------------------------------------------------------------------------------------
     def forward_segment(self, tokens: Tensor, state: Optional[LayerStates]) -> SegmentOutput:
-        """One segment (streaming): tokens (B, T) -> features (B, T, C), positions T - 1 .. 0. Carry-over models
-        continue ``state`` and return the fast weights after the segment; the others start fresh and return None."""
+        """One segment (streaming): tokens (B, T) -> features (B, T, C). Positions run n_b - 1 .. 0 over each row's
+        n_b real tokens (rows are end-padded: the last segment of a stream, the first windows of a sliding-window
+        batch), so a row's result does not depend on what it is batched with. Carry-over models continue ``state``
+        and return the fast weights after the segment; the others start fresh and return None."""
         if not self.carry_over:
             if state is not None:
                 raise ValueError("this fast_weight_lm has no carry_over_fast_weight: segments are independent, so "
                                  "forward_segment takes no state")
-            features, _ = self._forward(tokens, (None,) * len(self.layers), None)
+            features, _ = self._forward(tokens, (None,) * len(self.layers), self._row_positions(tokens))
             return features, None, {}
         layer_states = state.layers if state is not None else (None,) * len(self.layers)
-        features, new_states = self._forward(tokens, layer_states, None)
+        features, new_states = self._forward(tokens, layer_states, self._row_positions(tokens))
         return features, LayerStates(new_states), {}
 
     def forward_incremental(self, tokens: Tensor, state: Optional[FastWeightDecodeState]) -> SegmentOutput:
@@ -312,16 +314,25 @@ class FastWeightDecoder(StatefulDecoder):
             start += width
         return torch.cat(outputs, dim=1), FastWeightDecodeState(tuple(layer_states), offset), {}
 
+    def _row_positions(self, tokens: Tensor) -> Tensor:
+        """(B, T) descending indices n_b - 1 .. 0 over each row's non-pad prefix (0 on the end padding)."""
+        lengths = tokens.ne(self.dictionary.pad()).sum(1, keepdim=True)  # (B, 1)
+        columns = torch.arange(tokens.size(1), device=tokens.device)[None, :]  # (1, T)
+        return (lengths - 1 - columns).clamp(min=0)  # (B, T)
+
     def _forward(self, tokens: Tensor, layer_states: Tuple[Optional[SegmentState], ...],
-                 first_position: Optional[int]) -> Tuple[Tensor, Tuple[SegmentState, ...]]:
+                 first_position: Union[int, Tensor, None]) -> Tuple[Tensor, Tuple[SegmentState, ...]]:
         """tokens (B, T) from the given per-layer states -> (features (B, T, C), per-layer states after them).
-        Positions first_position, first_position - 1, ... (None: T - 1 down to 0)."""
+        Positions first_position, first_position - 1, ... (None: T - 1 down to 0), or a (B, T) index tensor."""
         if len(layer_states) != len(self.layers):
             raise ValueError(f"state has {len(layer_states)} layers, the model {len(self.layers)}")
         x = self.embed_tokens(tokens)  # (B, T, C), scaled by sqrt(C)
         if self.positions is not None:
-            indices = descending_indices(tokens.size(1), first_position, tokens.device)  # (T,)
-            x = x + self.positions(indices, self.clamp_len, x.dtype)[None]  # (B, T, C)
+            if isinstance(first_position, Tensor):
+                indices = first_position  # (B, T)
+            else:
+                indices = descending_indices(tokens.size(1), first_position, tokens.device)[None]  # (1, T)
+            x = x + self.positions(indices, self.clamp_len, x.dtype)  # (B, T, C)
         x = F.dropout(x, self.dropout, self.training)
         new_states = []
         for layer, layer_state in zip(self.layers, layer_states):

@@ -41,8 +41,8 @@
 #              with inputs [</s>, t_0 .. t_{j-1}] (one token more, j + 1 inputs at positions j..0, the last input
 #              always at position 0). So fairseq scores N targets, lmtool N - 1, and the first L - 1 scored targets
 #              see a different context; all later ones are identical. With BATCH > 1 the short windows of the first
-#              batch are right-padded to the longest, which shifts their descending positions: BATCH changes only
-#              those first L - 1 targets. Cost: N forwards of L tokens (WikiText-103 test: 245,569 targets).
+#              batch are right-padded to the longest; the model's descending positions run over each row's real
+#              tokens, so BATCH changes nothing. Cost: N forwards of L tokens (WikiText-103 test: 245,569 targets).
 #   stream     eval.py --carry_over_fast_weight --batch_size 1: --task streaming_lm --batch-size 1
 #              --tokens-per-sample L, one cold stream, state carried, every token scored once (O(N)). For a model
 #              without carry-over each segment starts fresh: the same numbers as nonoverlap(L).

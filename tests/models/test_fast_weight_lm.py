@@ -345,3 +345,19 @@ def test_paper_parameter_counts(arch, total, embedding, qkvb_rows):
                if m is not None)
     assert rows == qkvb_rows and len(d.layers) == 16
     assert d.adaptive_softmax.cluster_weight.shape == (3, d.embed_dim)
+
+
+@pytest.mark.parametrize("extra", [[], ["--attn-type", "softmax"], ["--carry-over-fast-weight", "--no-pos"]])
+def test_end_padded_rows_do_not_depend_on_their_batch(extra):
+    """Descending positions run over each row's real tokens, so an end-padded row (a stream's last segment, the first
+    windows of a batched sliding-window evaluation) gives what it gives alone."""
+    decoder = make(extra).decoder
+    x = tokens(3, 9)
+    lengths = [9, 4, 6]
+    padded = x.clone()
+    for row, n in enumerate(lengths):
+        padded[row, n:] = decoder.dictionary.pad()
+    batched, _, _ = decoder.forward_segment(padded, None)
+    for row, n in enumerate(lengths):
+        alone, _, _ = decoder.forward_segment(x[row:row + 1, :n], None)
+        assert_close(batched[row, :n], alone[0])

@@ -34,10 +34,10 @@ class DescendingSinusoid(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, indices: Tensor, clamp_len: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """indices (T,) -> encodings (T, C) in ``dtype`` (computed in fp32 at least)."""
+        """indices (T,) or (B, T) -> encodings (T, C) or (B, T, C) in ``dtype`` (computed in fp32 at least)."""
         acc = torch.promote_types(dtype, torch.float32)
-        position = indices.to(acc)  # (T,)
+        position = indices.to(acc)  # (T,) or (B, T)
         if clamp_len is not None and clamp_len > 0:
             position = position.clamp(max=clamp_len)
-        angles = position[:, None] * self.inv_freq.to(device=position.device, dtype=acc)[None, :]  # (T, C/2)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)  # (T, C)
+        angles = position[..., None] * self.inv_freq.to(device=position.device, dtype=acc)  # (..., T, C/2)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)  # (..., T, C)
