@@ -221,6 +221,11 @@ def test_train_then_evaluate_under_every_protocol(tmp_path) -> None:
     # a stateless model: one stream of fresh segments == independent blocks (same blocks, same positions)
     assert results["small-fwm", "stream"] == pytest.approx(results["small-fwm", "nonoverlap"], abs=1e-4)
     assert results["small-fwm", "sliding"] != pytest.approx(results["small-fwm", "nonoverlap"], abs=1e-4)
+    # batched sliding windows (the first ones end-padded) == one window at a time
+    proc = run("eval-fast-weights-small-fwm.sh", str(tmp_path / "small-fwm" / "checkpoint_last.pt"), "--cpu",
+               "--no-progress-bar", SPLIT="valid", PROTOCOL="sliding", BATCH="1", **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert evaluated(proc) == (tokens, pytest.approx(results["small-fwm", "sliding"], abs=1e-5))
     # the carry-over model's stream continues its fast weights: not the fresh-block numbers
     carried = results["small-fwm-carry-over", "stream"]
     assert carried != pytest.approx(results["small-fwm-carry-over", "nonoverlap"], abs=1e-2)
