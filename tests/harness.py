@@ -5,10 +5,13 @@ Per-model test files stay thin and call these helpers.
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from fairseq.data import Dictionary
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO_ROOT, "fairseq_ext")
@@ -65,6 +68,13 @@ def run_in_segments(step: Callable[[Tensor, object], Tuple[Tensor, object]], tok
         out, state = step(seg, state)
         outs.append(out)
     return torch.cat(outs, dim=1), state
+
+
+def stream_segments(decoder: torch.nn.Module, tokens: Tensor, lengths: Sequence[int],
+                    state: object = None) -> Tuple[Tensor, object]:
+    """A stateful decoder's ``forward_segment`` over consecutive segments of ``tokens`` (B, N), the state carried
+    from one to the next: (features (B, N, C), final state)."""
+    return run_in_segments(lambda seg, carried: decoder.forward_segment(seg, carried)[:2], tokens, lengths, state)
 
 
 def tiny_dictionary(num_words: int = 50):
@@ -185,3 +195,32 @@ def streaming_eval_lm(data: str, checkpoint: str, caplog, *extra: str, split: st
         result = fairseq_eval_lm(args)
     scored = int(re.search(r"Evaluated ([0-9,]+) tokens", caplog.text).group(1).replace(",", ""))
     return float(result["loss"]), scored, caplog.text
+
+
+def whole_stream_loss(model: torch.nn.Module, dictionary: "Dictionary", data: str, num_streams: int,
+                      split: str = "valid") -> float:
+    """Bits/token on ``split`` when each of the ``num_streams`` streams streaming_lm cuts it into (the lines
+    concatenated, split into equal parts, the first ``N % B`` one token longer) is read in ONE forward pass of
+    ``model.decoder.forward_segment`` with no carried state: the reference for streaming evaluation."""
+    import math
+
+    import numpy as np
+    from fairseq.data import data_utils
+
+    from fairseq_ext.data import concat_lines
+
+    lines = data_utils.load_indexed_dataset(os.path.join(data, split), dictionary)
+    stream = torch.from_numpy(concat_lines(lines, len(dictionary)).astype(np.int64))  # (N,)
+    inputs = torch.cat([torch.tensor([dictionary.eos()]), stream[:-1]])  # (N,)
+    n = len(stream)
+    base, extra = divmod(n, num_streams)
+    nll, start = 0.0, 0
+    with torch.no_grad():
+        for s in range(num_streams):
+            length = base + (s < extra)
+            x, y = inputs[start:start + length][None], stream[start:start + length][None]
+            feats, _, _ = model.decoder.forward_segment(x, None)
+            lprobs = model.get_normalized_probs((feats, {}), log_probs=True)  # (1, L, V)
+            nll -= lprobs.gather(-1, y[..., None]).sum().item()
+            start += length
+    return nll / n / math.log(2)

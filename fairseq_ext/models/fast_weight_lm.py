@@ -40,6 +40,7 @@ from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.models.transformer_xl_lm import parse_cutoffs
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.blocks.fast_weight_layer import FastWeightLayer
+from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
 from fairseq_ext.state import FastWeightState, LayerStates, SegmentState
 
@@ -248,23 +249,7 @@ class FastWeightDecoder(StatefulDecoder):
     def reset_parameters(self, init_std: float, proj_init_std: float) -> None:
         """Transformer-XL's ``weights_init`` (lmtool's): N(0, init_std) weights, N(1, init_std) LayerNorm gains,
         zero biases, N(0, proj_init_std) adaptive projections; tied tensors initialised once as embeddings."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.normal_(module.weight, 1.0, init_std)
-                nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name == "adaptive_softmax.cluster_weight":
-                nn.init.normal_(param, 0.0, init_std)
-            elif name in ("adaptive_softmax.cluster_bias", "adaptive_softmax.bias"):
-                nn.init.zeros_(param)
-            elif name.startswith("adaptive_softmax.weights."):  # untied output word matrices
-                nn.init.normal_(param, 0.0, init_std)
-            elif name.startswith(("embed_tokens.emb_projs.", "adaptive_softmax.out_projs.")):
-                nn.init.normal_(param, 0.0, proj_init_std)
+        xl_weights_init(self, init_std, proj_init_std)
 
     def max_positions(self) -> int:
         return MAX_POSITIONS

@@ -31,6 +31,7 @@ from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer
+from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
 from fairseq_ext.state import HiddenMemory
@@ -163,24 +164,7 @@ class TransformerXLDecoder(StatefulDecoder):
     def reset_parameters(self, init_std: float, proj_init_std: float) -> None:
         """The original ``weights_init`` (spec §4): N(0, init_std) weights, N(1, init_std) LayerNorm gains, zero
         biases, N(0, proj_init_std) adaptive projections; tied tensors are initialised once as embeddings."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.normal_(module.weight, 1.0, init_std)
-                nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("content_bias", "position_bias", "cluster_weight"):
-                nn.init.normal_(param, 0.0, init_std)
-            elif leaf == "cluster_bias" or name == "adaptive_softmax.bias":
-                nn.init.zeros_(param)
-            elif name.startswith("adaptive_softmax.weights."):  # untied output word matrices
-                nn.init.normal_(param, 0.0, init_std)
-            elif name.startswith(("embed_tokens.emb_projs.", "adaptive_softmax.out_projs.")):
-                nn.init.normal_(param, 0.0, proj_init_std)
+        xl_weights_init(self, init_std, proj_init_std, normal_leaves=("content_bias", "position_bias"))
 
     def max_positions(self) -> int:
         return MAX_POSITIONS

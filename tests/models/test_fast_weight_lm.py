@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from fairseq_ext.models.fast_weight_lm import FastWeightDecodeState, FastWeightLanguageModel
 from fairseq_ext.state import FastWeightState, KVCache, LayerStates
-from tests.harness import assert_close, build_model, single_thread, tiny_dictionary
+from tests.harness import assert_close, build_model, single_thread, split_segments, stream_segments, tiny_dictionary
 
 VOCAB = 40  # 4 specials + 36 words
 one_thread = pytest.fixture(autouse=True)(single_thread)
@@ -37,13 +37,6 @@ def make(extra=(), dtype=torch.float64, tokens_per_sample=4, arch="fast_weight_t
 def tokens(b, t, seed=1):
     return torch.randint(4, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
 
-
-def stream(decoder, x, lengths, state=None):
-    outs = []
-    for seg in torch.split(x, list(lengths), dim=1):
-        feats, state, _ = decoder.forward_segment(seg, state)
-        outs.append(feats)
-    return torch.cat(outs, dim=1), state
 
 
 def incremental(decoder, x, prompt=1):
@@ -180,7 +173,7 @@ def test_carry_over_equals_one_pass_with_no_pos(kind, normalize):
     x = tokens(3, 11)
     whole, whole_state = decoder.forward_segment(x, None)[:2]
     for lengths in ((4, 7), (3, 3, 5), (1, 9, 1)):
-        carried, state = stream(decoder, x, lengths)
+        carried, state = stream_segments(decoder, x, lengths)
         assert isinstance(state, LayerStates) and all(isinstance(s, FastWeightState) for s in state.layers)
         assert_close(carried, whole)
         for a, b in zip(state.tensors(), whole_state.tensors()):
@@ -195,7 +188,7 @@ def test_non_carry_segments_are_independent_and_stateless():
     x = tokens(2, 8)
     feats, state, _ = decoder.forward_segment(x[:, 4:], None)
     assert state is None
-    both, _ = stream(decoder, x, (4, 4))
+    both, _ = stream_segments(decoder, x, (4, 4))
     assert_close(both[:, 4:], feats)
     with pytest.raises(ValueError, match="no carry_over_fast_weight"):
         decoder.forward_segment(x, LayerStates((None, None)))
@@ -206,7 +199,7 @@ def test_stream_api_carries_detached_state_in_training():
     model.decoder.attach_streams("tests")
     model.train()
     x = tokens(2, 8)
-    for seg in torch.split(x, [4, 4], dim=1):
+    for seg in split_segments(x, [4, 4]):
         out, _ = model(seg)
         model.get_normalized_probs((out, {}), log_probs=True).mean().backward()
     state = model.decoder.stream_state("train")
@@ -227,7 +220,7 @@ def test_incremental_decoding_equals_streaming_over_full_segments(kind, carry, p
     args = ATTENTION[kind] + (["--carry-over-fast-weight"] if carry else [])
     decoder = make(args, tokens_per_sample=4).decoder
     x = tokens(2, 12)
-    streamed, _ = stream(decoder, x, (4, 4, 4))
+    streamed, _ = stream_segments(decoder, x, (4, 4, 4))
     decoded, state = incremental(decoder, x, prompt)
     assert_close(decoded, streamed)
     assert isinstance(state, FastWeightDecodeState) and state.offset == 0

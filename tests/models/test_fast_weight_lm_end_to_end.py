@@ -9,17 +9,15 @@
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from fairseq import checkpoint_utils
-from fairseq.data import data_utils
 
-from fairseq_ext.data import concat_lines
 from fairseq_ext.models.fast_weight_lm import FastWeightLanguageModel
 from fairseq_ext.state import LayerStates, state_from_plain
 from tests.harness import (USER_DIR, fairseq_eval_lm, fairseq_preprocess, fairseq_train, random_corpus,
                            split_token_count, streaming_eval_lm)
+from tests.harness import whole_stream_loss as harness_whole_stream_loss
 
 pytestmark = pytest.mark.slow
 COMMON = ["--user-dir", USER_DIR, "--arch", "fast_weight_tiny", "--tokens-per-sample", "12", "--batch-size", "4",
@@ -68,21 +66,7 @@ def load(data, ckpt):
 def whole_stream_loss(data, ckpt, num_streams):
     """Bits/token when each of the B streams is read in ONE forward pass (carry-over with no_pos = one pass)."""
     model, task = load(data, ckpt)
-    lines = data_utils.load_indexed_dataset(os.path.join(data, "valid"), task.dictionary)
-    stream = torch.from_numpy(concat_lines(lines, len(task.dictionary)).astype(np.int64))  # (N,)
-    inputs = torch.cat([torch.tensor([task.dictionary.eos()]), stream[:-1]])  # (N,)
-    n = len(stream)
-    base, extra = divmod(n, num_streams)
-    nll, start = 0.0, 0
-    with torch.no_grad():
-        for s in range(num_streams):
-            length = base + (s < extra)
-            x, y = inputs[start:start + length][None], stream[start:start + length][None]
-            feats, _, _ = model.decoder.forward_segment(x, None)
-            lprobs = model.get_normalized_probs((feats, {}), log_probs=True)  # (1, L, V)
-            nll -= lprobs.gather(-1, y[..., None]).sum().item()
-            start += length
-    return nll / n / math.log(2)
+    return harness_whole_stream_loss(model, task.dictionary, data, num_streams)
 
 
 def test_carry_over_training_saves_the_fast_weights(data, carry_ckpt):

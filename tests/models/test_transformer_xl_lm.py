@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
 from fairseq_ext.state import HiddenMemory
-from tests.harness import assert_close, build_model, single_thread, tiny_dictionary
+from tests.harness import assert_close, build_model, single_thread, split_segments, stream_segments, tiny_dictionary
 
 VOCAB = 60  # 4 specials + 56 words
 
@@ -69,14 +69,6 @@ def reference_features(decoder, x, visible):
     return h
 
 
-def stream(decoder, x, lengths, state=None):
-    """forward_segment over consecutive segments of x: (features (B, N, C), final state)."""
-    outs = []
-    for seg in torch.split(x, list(lengths), dim=1):
-        feats, state, _ = decoder.forward_segment(seg, state)
-        outs.append(feats)
-    return torch.cat(outs, dim=1), state
-
 
 # ----------------------------------------------------------------------------------------------------------------
 def test_positional_encoding_layout_order_and_clamp():
@@ -106,7 +98,7 @@ def test_segments_with_long_memory_equal_one_pass(lengths):
     decoder = make(("--mem-len", "20")).decoder
     x = tokens(2, sum(lengths))
     whole, _, _ = decoder.forward_segment(x, None)
-    carried, _ = stream(decoder, x, lengths)
+    carried, _ = stream_segments(decoder, x, lengths)
     assert_close(carried, whole)
 
 
@@ -119,7 +111,7 @@ def test_short_memory_equals_one_pass_restricted_to_memory_window(mem_len, lengt
     x = tokens(2, sum(lengths))
     starts = [sum(lengths[:k]) for k in range(len(lengths))]
     segment_start = {n: s for s, l in zip(starts, lengths) for n in range(s, s + l)}
-    carried, _ = stream(decoder, x, lengths)
+    carried, _ = stream_segments(decoder, x, lengths)
     expected = reference_features(decoder, x, lambda i, j: segment_start[i] - mem_len <= j <= i)
     assert_close(carried, expected)
 
@@ -132,7 +124,7 @@ def test_same_length_equals_one_pass_with_fixed_window(convention, extra_key):
     x = tokens(2, sum(lengths))
     starts = {n: s for s in (0, 4, 8) for n in range(s, s + 4)}
     window = mem_len + extra_key
-    carried, _ = stream(decoder, x, lengths)
+    carried, _ = stream_segments(decoder, x, lengths)
     expected = reference_features(decoder, x, lambda i, j: max(starts[i] - mem_len, i - window + 1) <= j <= i)
     assert_close(carried, expected)
 
@@ -148,7 +140,7 @@ def test_memory_update_lengths_contents_and_no_grad():
     hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach()))
              for layer in decoder.layers]
     seen = 0
-    for seg in torch.split(x, [4, 4, 4], dim=1):
+    for seg in split_segments(x, [4, 4, 4]):
         inputs.clear()
         feats, state, _ = decoder.forward_segment(seg, state)
         feats.sum().backward()
@@ -166,7 +158,7 @@ def test_memory_persists_through_the_stream_api_in_training_and_is_detached():
     model.decoder.attach_streams("tests")  # consecutive calls continue the same streams (as streaming_lm does)
     model.train()
     x = tokens(2, 8)
-    for seg in torch.split(x, [4, 4], dim=1):
+    for seg in split_segments(x, [4, 4]):
         logits, _ = model(seg)
         model.get_normalized_probs((logits, {}), log_probs=True).sum().backward()
     state = model.decoder.stream_state("train")
@@ -181,8 +173,8 @@ def test_causality(mem_len):
     x = tokens(1, 10)
     y = x.clone()
     y[0, 6] = 4 if x[0, 6] != 4 else 5
-    a, _ = stream(decoder, x, (5, 5))
-    b, _ = stream(decoder, y, (5, 5))
+    a, _ = stream_segments(decoder, x, (5, 5))
+    b, _ = stream_segments(decoder, y, (5, 5))
     assert_close(a[:, :6], b[:, :6])
     assert (a[:, 6] - b[:, 6]).abs().max() > 1e-6
 
@@ -269,7 +261,7 @@ def test_incremental_decoding_equals_streaming(mem_len, tps, extra):
     model = make(("--mem-len", str(mem_len), *extra), tokens_per_sample=tps)
     x = tokens(2, 11)
     lengths = [tps] * (11 // tps) + ([11 % tps] if 11 % tps else [])
-    streamed, _ = stream(model.decoder, x, lengths)
+    streamed, _ = stream_segments(model.decoder, x, lengths)
     incremental_state = {}
     steps = []
     for t in range(11):
@@ -303,9 +295,9 @@ def test_incremental_state_reorders_for_beam_search():
 def test_half_precision_forward_is_finite_with_narrow_windows(dtype, impl):
     """§14.12: fp16/bf16 forward, same_length with a 1-key memory (rows with the fewest visible keys)."""
     model = make(("--mem-len", "1", "--same-length", "--attn-impl", impl), dtype=torch.float32)
-    ref, _ = stream(model.decoder, tokens(2, 9), (3, 3, 3))
+    ref, _ = stream_segments(model.decoder, tokens(2, 9), (3, 3, 3))
     model = model.to(dtype)
-    out, _ = stream(model.decoder, tokens(2, 9), (3, 3, 3))
+    out, _ = stream_segments(model.decoder, tokens(2, 9), (3, 3, 3))
     assert torch.isfinite(out).all()
     assert_close(out.float(), ref, atol=0.1 if dtype == torch.bfloat16 else 0.02)
 
@@ -314,11 +306,11 @@ def test_half_precision_forward_is_finite_with_narrow_windows(dtype, impl):
 def test_kernels_agree_in_the_model_with_gradients(impl):
     model = make(("--mem-len", "3", "--dropout", "0.0", "--adaptive-softmax-cutoff", "10,30"))
     x = tokens(2, 8)
-    ref = model.get_normalized_probs((stream(model.decoder, x, (4, 4))[0], {}), log_probs=True)
+    ref = model.get_normalized_probs((stream_segments(model.decoder, x, (4, 4))[0], {}), log_probs=True)
     ref_grads = torch.autograd.grad(ref.pow(2).sum(), list(model.parameters()))
     for layer in model.decoder.layers:
         layer.self_attn.attn_impl = impl
-    out = model.get_normalized_probs((stream(model.decoder, x, (4, 4))[0], {}), log_probs=True)
+    out = model.get_normalized_probs((stream_segments(model.decoder, x, (4, 4))[0], {}), log_probs=True)
     grads = torch.autograd.grad(out.pow(2).sum(), list(model.parameters()))
     assert_close(out, ref)
     for g, rg in zip(grads, ref_grads):

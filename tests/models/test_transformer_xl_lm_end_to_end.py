@@ -8,15 +8,14 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from fairseq import checkpoint_utils
 from omegaconf import OmegaConf
 
-from fairseq_ext.data import concat_lines
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
 from tests.harness import USER_DIR, fairseq_eval_lm, streaming_eval_lm, fairseq_preprocess, fairseq_train, random_corpus, split_token_count
+from tests.harness import whole_stream_loss as harness_whole_stream_loss
 
 pytestmark = pytest.mark.slow
 TRAIN_T = 12
@@ -46,23 +45,7 @@ def whole_stream_loss(data, ckpt, num_streams):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": data})
     model = models[0].eval()
     assert isinstance(model, TransformerXLLanguageModel)
-    from fairseq.data import data_utils
-
-    lines = data_utils.load_indexed_dataset(os.path.join(data, "valid"), task.dictionary)
-    stream = torch.from_numpy(concat_lines(lines, len(task.dictionary)).astype(np.int64))  # (N,)
-    inputs = torch.cat([torch.tensor([task.dictionary.eos()]), stream[:-1]])  # (N,)
-    n = len(stream)
-    base, extra = divmod(n, num_streams)
-    nll, start = 0.0, 0
-    with torch.no_grad():
-        for s in range(num_streams):
-            length = base + (s < extra)
-            x, y = inputs[start:start + length][None], stream[start:start + length][None]
-            feats, _, _ = model.decoder.forward_segment(x, None)
-            lprobs = model.get_normalized_probs((feats, {}), log_probs=True)  # (1, L, V)
-            nll -= lprobs.gather(-1, y[..., None]).sum().item()
-            start += length
-    return nll / n / math.log(2)
+    return harness_whole_stream_loss(model, task.dictionary, data, num_streams)
 
 
 def test_streaming_eval_with_long_memory_equals_reading_each_stream_at_once(trained, caplog):

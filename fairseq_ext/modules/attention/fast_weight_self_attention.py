@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fairseq_ext.modules.feature_maps import build_feature_map, sum_normalize
-from fairseq_ext.ops.fast_weights import EPS, IMPLS, NORMALIZATIONS, RULES, fast_weight_attention
+from fairseq_ext.ops.fast_weights import EPS, IMPLS, fast_weight_attention, validate_rule
 from fairseq_ext.state import FastWeightState
 
 
@@ -39,13 +39,7 @@ class FastWeightSelfAttention(nn.Module):
         then divide by their row sum + 1e-5, so the scale cancels except inside the epsilon: output scale 1 and
         denominator epsilon 1e-5 sqrt(d) reproduce them exactly."""
         super().__init__()
-        if update_rule not in RULES:
-            raise ValueError(f"unknown update rule {update_rule!r}; choose one of {RULES}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"unknown fast-weight normalisation {normalize!r}; choose one of {NORMALIZATIONS}")
-        if update_rule == "sum" and normalize == "full":
-            raise ValueError("normalisation 'full' normalises the delta rule's retrieval key; the sum rule has none "
-                             "(use 'output' or 'none')")
+        validate_rule(update_rule, normalize)
         if attn_impl not in IMPLS:
             raise ValueError(f"unknown attn_impl {attn_impl!r} for fast-weight attention; choose one of {IMPLS}")
         self.embed_dim = embed_dim

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fairseq_ext.modules.attention.fast_weight_self_attention import FastWeightSelfAttention
 from fairseq_ext.modules.attention.softmax_self_attention import SoftmaxSelfAttention
+from fairseq_ext.modules.blocks.feed_forward import FeedForwardBlock
 from fairseq_ext.state import FastWeightState, KVCache
 
 LayerState = Union[FastWeightState, KVCache]
 
 
-class FastWeightLayer(nn.Module):
+class FastWeightLayer(FeedForwardBlock):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, ffn_dim: int, dropout: float,
                  attention_dropout: float, attn_type: str, update_rule: str = "delta", normalize: str = "none",
                  performer_proj_dim: int = 16, performer_orthogonal_compat: bool = False, dpfp_n_roll: int = 2,
@@ -37,17 +37,11 @@ class FastWeightLayer(nn.Module):
             self.self_attn = FastWeightSelfAttention(embed_dim, num_heads, head_dim, attn_type, update_rule, normalize,
                                                      performer_proj_dim, performer_orthogonal_compat, dpfp_n_roll,
                                                      attn_impl, chunk_size, lmtool_quadratic)
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
-        self.fc1 = nn.Linear(embed_dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim)
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
-
-    def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, p=self.dropout, training=self.training)
+        self._build_feed_forward(embed_dim, ffn_dim)
 
     def forward(self, x: Tensor, state: Optional[LayerState] = None) -> Tuple[Tensor, LayerState]:
         """x (B, T, C); the attention's state after earlier tokens or None -> (y (B, T, C), new attention state)."""
         attn, new_state = self.self_attn(x, state)  # (B, T, C)
         x = self.self_attn_layer_norm(x + self._drop(attn))  # (B, T, C)
-        x = self.final_layer_norm(x + self._drop(self.fc2(self._drop(F.relu(self.fc1(x))))))  # (B, T, C)
+        x = self.final_layer_norm(x + self._feed_forward(x))  # (B, T, C)
         return x, new_state

@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fairseq_ext.modules.attention.xl_relative_self_attention import XLRelativeSelfAttention
+from fairseq_ext.modules.blocks.feed_forward import FeedForwardBlock
 
 
-class TransformerXLLayer(nn.Module):
+class TransformerXLLayer(FeedForwardBlock):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, ffn_dim: int, dropout: float,
                  attention_dropout: float, normalize_before: bool, attn_impl: str = "auto",
                  own_biases: bool = False) -> None:
@@ -27,13 +27,7 @@ class TransformerXLLayer(nn.Module):
         self.normalize_before = normalize_before
         self.self_attn = XLRelativeSelfAttention(embed_dim, num_heads, head_dim, attention_dropout, attn_impl,
                                                  own_biases)
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
-        self.fc1 = nn.Linear(embed_dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim)
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
-
-    def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, p=self.dropout, training=self.training)
+        self._build_feed_forward(embed_dim, ffn_dim)
 
     def forward(self, x: Tensor, memory: Optional[Tensor], positions: Tensor,
                 content_bias: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
@@ -44,7 +38,7 @@ class TransformerXLLayer(nn.Module):
         if self.normalize_before:
             kv = self.self_attn_layer_norm(kv)  # (B, S, C)
             x = x + self._drop(self.self_attn(kv[:, -t:], kv, positions, content_bias, position_bias, window))
-            return x + self._drop(self.fc2(self._drop(F.relu(self.fc1(self.final_layer_norm(x))))))
+            return x + self._feed_forward(self.final_layer_norm(x))
         x = self.self_attn_layer_norm(x + self._drop(self.self_attn(x, kv, positions, content_bias,
                                                                     position_bias, window)))  # (B, T, C)
-        return self.final_layer_norm(x + self._drop(self.fc2(self._drop(F.relu(self.fc1(x))))))
+        return self.final_layer_norm(x + self._feed_forward(x))

@@ -38,7 +38,8 @@ EPS = 1e-5  # the original's denominator epsilon
 resolve_impl = ImplResolver("fast-weight attention", IMPLS, "chunked", "chunkwise-parallel form, any chunk size")
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], rule: str, normalize: str) -> None:
+def validate_rule(rule: str, normalize: str) -> None:
+    """Clear errors for an unknown update rule or normalisation and for the sum rule with ``full``."""
     if rule not in RULES:
         raise ValueError(f"unknown fast-weight update rule {rule!r}; choose one of {RULES}")
     if normalize not in NORMALIZATIONS:
@@ -46,6 +47,10 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], rule: str
     if rule == "sum" and normalize == "full":
         raise ValueError("normalisation 'full' normalises the delta rule's retrieval key; the sum rule has none "
                          "(use 'output' or 'none')")
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], rule: str, normalize: str) -> None:
+    validate_rule(rule, normalize)
     if q.dim() != 4 or k.shape != q.shape[:3] + k.shape[3:] or k.size(-1) != q.size(-1):
         raise ValueError(f"q and k must be (B, H, T, D_k) alike, got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
@@ -99,6 +104,6 @@ def fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor
     return out.to(q.dtype), FastWeightState(weight, new_sum)
 
 
-__all__ = ["fast_weight_attention", "sum_rule_recurrent", "delta_rule_recurrent", "sum_rule_chunked",
+__all__ = ["fast_weight_attention", "validate_rule", "sum_rule_recurrent", "delta_rule_recurrent", "sum_rule_chunked",
            "delta_rule_chunked", "check_keys", "RULES", "NORMALIZATIONS", "IMPLS", "EPS", "DEFAULT_CHUNK",
            "resolve_impl"]
