@@ -294,7 +294,9 @@ def test_bf16_autocast_keeps_carried_state_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, state = model.decoder.forward_segment(x, None)[:2]
     assert all(t.dtype == torch.float32 for t in state.tensors())
-    assert_close(out.float(), ref, atol=0.1)
+    assert_close(out.float(), ref, atol=2e-3)  # measured 1.1e-4 on LayerNorm outputs of magnitude ~2.5
+    for a, b in zip(state.tensors(), ref_state.tensors()):
+        assert_close(a, b, atol=5e-3)  # measured 4.4e-4
 
 
 def test_context_window_only_rejected_with_carry_over():

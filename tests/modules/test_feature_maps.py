@@ -153,5 +153,5 @@ def test_autocast_bf16_keeps_the_state_fp32():
         out2, state2 = attn(x[:, :1], state)
     assert state.weight.dtype == torch.float32 and state.key_sum.dtype == torch.float32
     assert state2.weight.dtype == torch.float32
-    assert_close(state.weight, ref_state.weight, atol=2e-2)
-    assert_close(out.float(), ref, atol=5e-2)
+    assert_close(state.weight, ref_state.weight, atol=1e-2)  # measured 3.3e-3
+    assert_close(out.float(), ref, atol=5e-3)  # outputs are ~0.08 in magnitude; measured 4.5e-4

@@ -53,10 +53,14 @@ def test_chunked_equals_recurrent_with_gradients(t, chunk, rule, with_state):
     out_c, final_c, grads_c = run("chunked")
     assert_close(out_c, out_r, atol=1e-12, rtol=0)
     assert_close(final_c, final_r, atol=1e-12, rtol=0)
+    unused = {"beta"} if rule == "sum" else set()  # the sum rule has no write strength
+    if not with_state:
+        unused.add("s0")
     for name, gr, gc in zip("q k v beta s0".split(), grads_r, grads_c):
-        if gr is None:
-            assert gc is None or gc.abs().max() == 0, name
+        if name in unused:
+            assert gr is None and gc is None, name
             continue
+        assert gr is not None and gc is not None, name
         assert_close(gc, gr, atol=1e-11, rtol=0)
 
 
@@ -154,21 +158,28 @@ def test_delta_state_bounded_with_normalised_keys_and_refused_without_spec_check
     beta = torch.rand(1, 1, 512, generator=g, dtype=torch.float64)
     q = raw / raw.sum(-1, keepdim=True)
     _, state = delta_rule_chunked(q, raw / raw.sum(-1, keepdim=True), v, beta, None, 0.25)
-    assert state.abs().max() < 10  # O(1) with sum-normalised keys
+    assert state.abs().max() < 3  # O(1) with sum-normalised keys (spec: ~1.7)
+    eye = torch.eye(16, dtype=torch.float64)
+    keys = raw[0, 0] / raw[0, 0].sum(-1, keepdim=True)  # (T, D)
+    transitions = eye - beta[0, 0, :, None, None] * keys[:, :, None] * keys[:, None, :]  # (T, D, D) I - beta k k^T
+    assert torch.linalg.matrix_norm(transitions, ord=2).max() <= 1 + 1e-12  # non-expansive
     _, exploded = delta_rule_recurrent(q, raw, v, beta, None, 0.25)
     assert not torch.isfinite(exploded).all() or exploded.abs().max() > 1e6  # raw ELU+1 keys diverge
     with pytest.raises(ValueError, match="unnormalised keys"):
         delta_rule_chunked(q, raw, v, beta, None, 0.25)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_state_accumulates_in_fp32_under_half_inputs(dtype):
+@pytest.mark.parametrize("dtype,out_tol,state_tol", [
+    (torch.bfloat16, 1.8e-3 * 8, 1e-2),  # bf16 inputs alone are rounded to ~3 digits (measured 1.2e-2, 4.6e-3)
+    (torch.float16, 1.8e-3, 1e-3),  # §10.16: below the fp16-rounded-state drift (measured 1.4e-3, 5.8e-4)
+])
+def test_state_accumulates_in_fp32_under_half_inputs(dtype, out_tol, state_tol):
     q, k, v, beta, _ = inputs(b=1, h=2, t=512, dk=16, dv=16, dtype=torch.float32, positive_q=True)
     ref, ref_state = fast_weight_attention(q, k, v, beta, rule="delta", normalize="none", scale=0.25)
     out, state = fast_weight_attention(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), rule="delta",
                                        normalize="none", scale=0.25)
     assert out.dtype == dtype and state.weight.dtype == torch.float32
-    assert (out.float() - ref).abs().max() < 1.8e-3 * 8 and (state.weight - ref_state.weight).abs().max() < 0.05
+    assert (out.float() - ref).abs().max() < out_tol and (state.weight - ref_state.weight).abs().max() < state_tol
 
 
 def test_errors_name_the_fix():
