@@ -61,6 +61,24 @@ def test_favor_approximates_the_exponential_kernel():
         assert torch.stack(estimates).mean().item() == pytest.approx(math.exp(q.dot(k).item()), rel=0.05)
 
 
+def test_favor_exact_formula_with_offset():
+    """§1.3: phi(x) = (2m)^(-1/2) ([exp(u - |x|^2/2), exp(-u - |x|^2/2)] + 1e-4), u = x Omega, no pre-scaling."""
+    torch.manual_seed(5)
+    fmap = FavorFeatureMap(4, 3).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    omega = fmap.omega  # (d, m)
+    for i, j in ((0, 0), (1, 4)):
+        row = x[i, j]
+        u = [float(row @ omega[:, c]) for c in range(3)]
+        half = 0.5 * float(row @ row)
+        expected = [(math.exp(uc - half) + 1e-4) / math.sqrt(6) for uc in u] + \
+                   [(math.exp(-uc - half) + 1e-4) / math.sqrt(6) for uc in u]
+        assert_close(fmap(x)[i, j], torch.tensor(expected, dtype=torch.float64), atol=1e-15, rtol=0)
+    # the offset is there: x far from every projection still has features 1e-4 / sqrt(2m)
+    far = torch.full((4,), 30.0, dtype=torch.float64)
+    assert_close(fmap(far), torch.full((6,), 1e-4 / math.sqrt(6), dtype=torch.float64), atol=1e-18, rtol=0)
+
+
 def test_favor_orthogonal_blocks_reference_and_lmtool_compat():
     """Reference: the m features (columns of Omega (d, m)) come from d x d orthogonal blocks; compat (lmtool): the
     d rows come from m x m orthogonal blocks."""
