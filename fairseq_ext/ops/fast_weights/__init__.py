@@ -77,6 +77,10 @@ def fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor
     if normalize != "none" and state is not None and key_sum is None:
         raise ValueError(f"normalisation {normalize!r} needs the running key sum, but the carried state has none "
                          f"(it was produced with normalisation 'none')")
+    if normalize != "none" and key_sum is not None and key_sum.shape != (q.size(0), q.size(1), k.size(-1)):
+        # checked here: a wrong batch would broadcast silently against the (B, H, T, D_k) cumsum
+        raise ValueError(f"the carried key sum must be (B, H, D_k) = {(q.size(0), q.size(1), k.size(-1))}, got "
+                         f"{tuple(key_sum.shape)} (slice the state to the batch, e.g. state.rows(0, B))")
     z0 = key_sum.to(acc)[:, :, None] if key_sum is not None else qa.new_zeros(())  # (B, H, 1, D_k) or scalar
     z = z0 + torch.cumsum(ka, dim=2) if normalize != "none" else None  # (B, H, T, D_k) z_t, inclusive
     if rule == "sum":

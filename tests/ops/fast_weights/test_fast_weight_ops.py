@@ -191,5 +191,8 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="running key sum"):
         state = FastWeightState(torch.zeros(2, 3, 5, 4, dtype=torch.float64))
         fast_weight_attention(q, k, v, beta, state, rule="delta", normalize="output", scale=1.0)
+    with pytest.raises(ValueError, match=r"key sum must be \(B, H, D_k\) = \(2, 3, 5\), got \(1, 3, 5\)"):
+        state = FastWeightState(torch.zeros(2, 3, 5, 4, dtype=torch.float64), torch.zeros(1, 3, 5, dtype=torch.float64))
+        fast_weight_attention(q, k, v, beta, state, rule="delta", normalize="output", scale=1.0)
     with pytest.raises(ValueError, match="unknown attn_impl"):
         fast_weight_attention(q, k, v, beta, rule="delta", normalize="none", scale=1.0, impl="cuda")
