@@ -31,7 +31,9 @@ def build_feature_map(kind: str, head_dim: int, performer_proj_dim: int = 16, dp
 
 
 def sum_normalize(x: Tensor) -> Tensor:
-    """x (..., D) -> x / sum_j x_j (no epsilon, as lmtool 24/25/26: every feature map here is positive)."""
+    """x (..., D) -> x / sum_j x_j (no epsilon, as lmtool 24/25/26). ELU+1 and FAVOR+ (1e-4 offset) are strictly
+    positive; DPFP is only non-negative: an input with a single nonzero coordinate has phi = 0 and gives NaN here,
+    exactly as in lmtool (kept for parity; such inputs have measure zero)."""
     return x / x.sum(-1, keepdim=True)  # (..., D)
 
 

@@ -19,6 +19,7 @@ all heads and batch rows, as lmtool's ``redraw = self.training``); in eval mode 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 FAVOR_EPS = 1e-4
 
 
-def orthogonal_gaussian(rows: int, cols: int, generator: torch.Generator = None) -> Tensor:
+def orthogonal_gaussian(rows: int, cols: int, generator: Optional[torch.Generator] = None) -> Tensor:
     """(rows, cols) fp32 CPU: rows taken from cols x cols orthogonal blocks (QR of Gaussian blocks; the last block
     truncated), row r rescaled by the norm of an independent Gaussian vector in R^cols."""
     blocks = []
