@@ -147,7 +147,7 @@ def read_lmtool_model(root: Any, carry_over_fast_weight: Optional[bool] = None,
     code = int(pickled_attr(root, "attn_type", 0))
     if code not in LAYOUTS:
         reject_attn_type(code)
-    layout, feature_map, classes = LAYOUTS[code]
+    _, feature_map, classes = LAYOUTS[code]
     state = module_state(root)
     layers = pickled_child(root, "layers")
     n_layer = int(pickled_attr(root, "n_layer", len(pickled_attr(layers, "_modules", {}))))
