@@ -173,3 +173,22 @@ def test_autocast_bf16_keeps_the_state_fp32():
     assert state2.weight.dtype == torch.float32
     assert_close(state.weight, ref_state.weight, atol=1e-2)  # measured 3.3e-3
     assert_close(out.float(), ref, atol=5e-3)  # outputs are ~0.08 in magnitude; measured 4.5e-4
+
+
+def test_softmax_attention_equals_explicit_causal_softmax_and_its_cache():
+    """SoftmaxSelfAttention (SDPA) == softmax(Q K^T / sqrt(d) + causal mask) V written out, fp64, odd sizes; feeding
+    the same tokens in pieces through its KVCache gives the same outputs."""
+    from fairseq_ext.modules.attention.softmax_self_attention import SoftmaxSelfAttention
+
+    torch.manual_seed(0)
+    attn = SoftmaxSelfAttention(embed_dim=10, num_heads=2, head_dim=3).double().eval()
+    x = torch.randn(2, 7, 10, dtype=torch.float64)
+    out, cache = attn(x)
+    q, k, v = (p(x).view(2, 7, 2, 3).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(3)  # (B, H, T, T)
+    scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    expected = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 6))
+    assert torch.allclose(out, expected, atol=1e-12, rtol=0)
+    first, part = attn(x[:, :3])
+    rest, _ = attn(x[:, 3:], part)
+    assert torch.allclose(torch.cat([first, rest], 1), expected, atol=1e-12, rtol=0) and cache.length == 7
