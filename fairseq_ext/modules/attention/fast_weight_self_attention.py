@@ -85,6 +85,7 @@ class FastWeightSelfAttention(nn.Module):
         q, k, v, beta = self.features(x)
         out, new_state = fast_weight_attention(q, k, v.to(q.dtype), beta, state, rule=self.update_rule,
                                                normalize=self.normalize, scale=self.scale, eps=self.eps,
+                                               keys_normalized=self.beta_proj is not None,  # sum-normalised, sigmoid
                                                impl=self.attn_impl,
                                                chunk_size=self.chunk_size)  # (B, H, T, d)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # (B, T, H d)

@@ -196,3 +196,16 @@ def test_errors_name_the_fix():
         fast_weight_attention(q, k, v, beta, state, rule="delta", normalize="output", scale=1.0)
     with pytest.raises(ValueError, match="unknown attn_impl"):
         fast_weight_attention(q, k, v, beta, rule="delta", normalize="none", scale=1.0, impl="cuda")
+
+
+def test_keys_normalized_skips_only_the_check():
+    g = torch.Generator().manual_seed(5)
+    raw = torch.rand(1, 1, 9, 4, generator=g, dtype=torch.float64) * 3  # beta ||k||^2 > 2: refused by default
+    v, beta, q = (torch.rand(1, 1, 9, 4, generator=g, dtype=torch.float64), torch.full((1, 1, 9), 0.9,
+                                                                                  dtype=torch.float64), raw)
+    kw = dict(rule="delta", normalize="none", scale=0.5, impl="chunked", chunk_size=4)
+    with pytest.raises(ValueError, match="unnormalised keys"):
+        fast_weight_attention(q, raw, v, beta, **kw)
+    out, _ = fast_weight_attention(q, raw, v, beta, keys_normalized=True, **kw)  # trusted: no check, same maths
+    ref, _ = fast_weight_attention(q, raw, v, beta, **{**kw, "impl": "recurrent"})
+    assert_close(out, ref, atol=1e-9, rtol=1e-9)
