@@ -1,0 +1,206 @@
+"""``sha_rnn_lm``: the Single Headed Attention RNN (Merity 2019, "Single Headed Attention RNN: Stop Thinking With
+Your Head", arXiv 1911.11423) as a fairseq language model, written from the spec (sha_rnn.md §1).
+
+Stack (§1.1): embedding V x d -> dropouti -> n ``SHARNNBlock``s (LSTM, optional single-headed attention over a
+memory of up to ``max_memory`` positions, Boom) -> dropout -> output tied to the embedding with its own bias. No
+positional encoding. Init (§1.4): every Linear / Embedding weight N(0, 0.1/sqrt(d)), biases 0, LayerNorm gains 1
+and biases 0 (the original's apex LayerNorm escapes its init; this project keeps gains at 1), gates qs/ks/vs 0,
+the LSTM at PyTorch's default.
+
+Attention placement (``--attn-layers``): "auto" = block n-2 only (the published single-head model), "all" (one
+head per layer), "none", or a comma list of block indices. ``--collapse-value-gate`` builds the attention with the
+Overparam value gate already collapsed (``vs`` used as is, no ``vq``: the form of a collapsed checkpoint);
+``SHARNNDecoder.collapse_value_gate()`` folds a trained gate.
+
+State: ``LayerStates`` of one ``SHARNNBlockState`` per block (LSTM (h, c), attention memory); streaming carries it
+across segments and the decoder base stores it detached after every call (the original detaches after each step).
+The attention memory is trimmed to ``max_memory - T`` at the start of every segment of T tokens, so what a query
+sees depends on where segments start. Incremental decoding (``forward_incremental``) therefore reproduces the
+streaming pass over segments of ``tokens_per_sample`` tokens exactly: the memory is trimmed for a segment of
+``tokens_per_sample`` tokens whenever a new segment starts (``pending`` = 0) and grows untrimmed inside it.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.utils import safe_getattr
+from omegaconf import II
+from torch import Tensor, nn
+
+from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base.stateful_decoder import SegmentOutput
+from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock, SHARNNBlockState
+from fairseq_ext.state import LayerStates
+
+MAX_POSITIONS = 1_000_000  # no positions: no bound on the length
+
+
+@dataclass
+class SHARNNConfig(FairseqDataclass):
+    """Defaults are the published enwik8 model (spec §1, §2)."""
+
+    decoder_layers: int = field(default=4, metadata={"help": "number of blocks n (original --nlayers)"})
+    decoder_embed_dim: int = field(default=1024, metadata={"help": "model dim d (--emsize)"})
+    decoder_ffn_embed_dim: int = field(default=4096, metadata={"help": "Boom inner dim d_ff (--nhid), a multiple "
+                                                                       "of d"})
+    dropout: float = field(default=0.1, metadata={"help": "final dropout before the output layer"})
+    dropouti: float = field(default=0.1, metadata={"help": "dropout after the embedding"})
+    dropouth: float = field(default=0.1, metadata={"help": "dropout after the LSTM, on q, v and the attention "
+                                                           "probabilities, after attention, inside and after Boom"})
+    attn_layers: str = field(default="auto", metadata={"help": "blocks with attention: auto (block n-2), all, "
+                                                               "none, or comma-separated indices"})
+    max_memory: int = field(default=5000, metadata={"help": "attention window W: keys seen by a query"})
+    collapse_value_gate: bool = field(default=False, metadata={"help": "build the Overparam value gate collapsed "
+                                                                       "(vs used as is, no vq)"})
+    tokens_per_sample: int = II("task.tokens_per_sample")
+
+
+def parse_attn_layers(spec: str, num_layers: int) -> List[int]:
+    """``--attn-layers`` -> sorted block indices with attention."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return [max(num_layers - 2, 0)]
+    if spec == "all":
+        return list(range(num_layers))
+    if spec in ("none", ""):
+        return []
+    try:
+        indices = sorted({int(i) for i in spec.split(",")})
+    except ValueError:
+        raise ValueError(f"--attn-layers {spec!r}: expected auto, all, none or comma-separated block indices")
+    if indices[0] < 0 or indices[-1] >= num_layers:
+        raise ValueError(f"--attn-layers {spec!r}: indices must lie in [0, {num_layers - 1}]")
+    return indices
+
+
+class SHARNNDecoder(StatefulDecoder):
+    """Embedding -> dropouti -> blocks -> dropout -> tied output with its own bias."""
+
+    def __init__(self, cfg: SHARNNConfig, dictionary) -> None:
+        super().__init__(dictionary)
+        vocab, dim = len(dictionary), cfg.decoder_embed_dim
+        if cfg.decoder_layers < 1 or dim < 1 or cfg.max_memory < 1:
+            raise ValueError("decoder_layers, decoder_embed_dim and max_memory must be >= 1")
+        self.embed_dim = dim
+        self.dropout = cfg.dropout
+        self.dropouti = cfg.dropouti
+        self.max_memory = cfg.max_memory
+        self.tokens_per_sample: Optional[int] = safe_getattr(cfg, "tokens_per_sample", None)
+        self.attn_layers = parse_attn_layers(cfg.attn_layers, cfg.decoder_layers)
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.output_bias = nn.Parameter(torch.zeros(vocab))
+        self.layers = nn.ModuleList(
+            SHARNNBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropouth, i in self.attn_layers, cfg.max_memory,
+                        collapsed=cfg.collapse_value_gate)
+            for i in range(cfg.decoder_layers))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Spec §1.4: Linear / Embedding weights N(0, 0.1/sqrt(d)), biases 0, LN (1, 0), gates 0, LSTM default."""
+        std = 0.1 / math.sqrt(self.embed_dim)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, SingleHeadAttention):
+                for gate in (module.qs, module.ks, module.vs):
+                    nn.init.zeros_(gate)
+        nn.init.zeros_(self.output_bias)
+
+    def collapse_value_gate(self) -> None:
+        """Fold every attention's Overparam value gate into its ``vs`` (the original's ``vq_collapse``)."""
+        for layer in self.layers:
+            if layer.attn is not None:
+                layer.attn.collapse_value_gate()
+
+    def max_positions(self) -> int:
+        return MAX_POSITIONS
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        """features (B, T, d) -> logits (B, T, V) through the tied embedding and the output bias."""
+        return F.linear(features, self.embed_tokens.weight, self.output_bias)
+
+    def _run(self, tokens: Tensor, state: Optional[LayerStates], trim_to: Optional[int],
+             pending: int) -> SegmentOutput:
+        """tokens (B, T) -> (features (B, T, d), LayerStates, {}); see ``SHARNNBlock.forward`` for trim_to."""
+        if state is not None and len(state.layers) != len(self.layers):
+            raise ValueError(f"state has {len(state.layers)} blocks, the model {len(self.layers)}")
+        states = list(state.layers) if state is not None else [None] * len(self.layers)
+        h = F.dropout(self.embed_tokens(tokens), self.dropouti, self.training)  # (B, T, d)
+        new_states = []
+        for layer, layer_state in zip(self.layers, states):
+            h, new_state = layer(h, layer_state, trim_to, pending)
+            new_states.append(new_state)
+        return F.dropout(h, self.dropout, self.training), LayerStates(tuple(new_states)), {}
+
+    def forward_segment(self, tokens: Tensor, state: Optional[LayerStates]) -> SegmentOutput:
+        """One segment tokens (B, T) continuing ``state`` (None: cold start): memory trimmed to max_memory - T."""
+        return self._run(tokens, state, None, 0)
+
+    def forward_incremental(self, tokens: Tensor, state: Optional[LayerStates]) -> SegmentOutput:
+        """New tokens (B, T_new) of generation, reproducing the streaming pass over segments of
+        ``tokens_per_sample`` tokens: at each segment start the memory is trimmed for a whole segment, inside a
+        segment it grows untrimmed."""
+        seg_len = self.tokens_per_sample
+        if seg_len is None or seg_len < 1:
+            raise ValueError("incremental decoding needs tokens_per_sample >= 1 (the segment length whose memory "
+                             "trimming it reproduces); set --tokens-per-sample")
+        outputs = []
+        start = 0
+        while start < tokens.size(1):
+            pending = state.layers[0].pending if state is not None else 0
+            width = min(tokens.size(1) - start, seg_len - pending)
+            trim_to = seg_len if pending == 0 else 0
+            features, state, _ = self._run(tokens[:, start:start + width], state, trim_to,
+                                           (pending + width) % seg_len)
+            outputs.append(features)
+            start += width
+        return torch.cat(outputs, dim=1), state, {}
+
+
+@register_model("sha_rnn_lm", dataclass=SHARNNConfig)
+class SHARNNLanguageModel(StatefulLanguageModel):
+    """SHA-RNN LM; see the module docstring. Presets: ``sha_rnn_enwik8``, ``sha_rnn_enwik8_full_attn``,
+    ``sha_rnn_tiny``."""
+
+    @classmethod
+    def build_model(cls, cfg: SHARNNConfig, task) -> "SHARNNLanguageModel":
+        return cls(SHARNNDecoder(cfg, task.target_dictionary))
+
+
+def _set(args, **values) -> None:
+    """Preset values that the command line did not set."""
+    for name, value in values.items():
+        setattr(args, name, safe_getattr(args, name, value))
+
+
+@register_model_architecture("sha_rnn_lm", "sha_rnn_enwik8")
+def sha_rnn_enwik8(args):
+    """The published single-head model: 4 blocks, d 1024, d_ff 4096, attention in block 2 only, W 5000, dropouts
+    0.1 (53.8M parameters with V = 205; 51.7M collapsed)."""
+    _set(args, decoder_layers=4, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, attn_layers="auto",
+         max_memory=5000, dropout=0.1, dropouti=0.1, dropouth=0.1)
+
+
+@register_model_architecture("sha_rnn_lm", "sha_rnn_enwik8_full_attn")
+def sha_rnn_enwik8_full_attn(args):
+    """Attention in every block (the paper's 4-head variant; 63.3M, 54.9M collapsed)."""
+    _set(args, attn_layers="all")
+    sha_rnn_enwik8(args)
+
+
+@register_model_architecture("sha_rnn_lm", "sha_rnn_tiny")
+def sha_rnn_tiny(args):
+    """Tests and the demo: 2 blocks, d 32, d_ff 128, attention in both, W 40."""
+    _set(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=128, attn_layers="all",
+         max_memory=40)

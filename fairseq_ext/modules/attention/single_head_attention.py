@@ -1,0 +1,87 @@
+"""Single-headed attention of the SHA-RNN (Merity 2019, "Single Headed Attention RNN: Stop Thinking With Your Head",
+arXiv 1911.11423; spec sha_rnn.md §1.3), written from the spec.
+
+One head of width d, no key, value or output projection. With the memory stream m (B, S, d) (the block's ``lnmem``
+outputs: carried memory followed by the current segment) and the query stream x (B, T, d):
+
+    q_i = dropout(σ(qs) ⊙ LN_q(W_q x_i + b_q))        (LN_q = ``qln``, computed in fp32)
+    k_j = σ(ks) ⊙ m_j
+    v_j = dropout(g_v ⊙ m_j),  g_v = σ(f)·tanh(c), [c; f] = vq.l1(σ(vs))   (the Overparam gate)
+    out_i = Σ_j dropout(softmax_j(q_i·k_j / √d + mask_ij)) v_j
+
+``collapse_value_gate()`` stores g_v into ``vs`` and deletes ``vq``; a collapsed module uses ``vs`` as is (no
+sigmoid), as the original's ``vq_collapse``. The mask: the first S - T keys (memory) are visible to every query,
+the last T (current segment) causally.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Overparam(nn.Module):
+    """The Overparam gate: Linear(d, 2d) -> split into (c, f) -> σ(f)·tanh(c)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.l1 = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., d) -> (..., d)."""
+        c, f = self.l1(x).split(self.dim, dim=-1)
+        return torch.sigmoid(f) * torch.tanh(c)
+
+
+class SingleHeadAttention(nn.Module):
+    """Pure single-headed attention; see the module docstring. Parameters: qs, ks, vs (d,), q (Linear d -> d),
+    qln (LayerNorm d, eps 1e-12), vq.l1 (Linear d -> 2d; absent when collapsed)."""
+
+    def __init__(self, dim: int, dropout: float, collapsed: bool = False, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dim = dim
+        self.dropout = dropout
+        self.qs = nn.Parameter(torch.zeros(dim))
+        self.ks = nn.Parameter(torch.zeros(dim))
+        self.vs = nn.Parameter(torch.zeros(dim))
+        self.q = nn.Linear(dim, dim)
+        self.qln = nn.LayerNorm(dim, eps=eps)
+        self.vq: Optional[Overparam] = None if collapsed else Overparam(dim)
+
+    @property
+    def collapsed(self) -> bool:
+        return self.vq is None
+
+    def value_gate(self) -> Tensor:
+        """g_v (d,): Overparam(σ(vs)), or ``vs`` as is once collapsed."""
+        if self.vq is None:
+            return self.vs
+        return self.vq(torch.sigmoid(self.vs))
+
+    @torch.no_grad()
+    def collapse_value_gate(self) -> None:
+        """Fold the Overparam gate into ``vs`` and delete ``vq`` (the original's ``vq_collapse``)."""
+        if self.vq is None:
+            return
+        self.vs.copy_(self.value_gate())
+        self.vq = None
+
+    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
+        """query (B, T, d) (the ``lnmid`` stream), memory (B, S, d) with S >= T (carried memory then the current
+        segment's ``lnmem`` stream) -> (B, T, d)."""
+        t, s = query.size(1), memory.size(1)
+        q = self.q(query)  # (B, T, d)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # the LN in (at least) fp32, as the original
+        q = F.layer_norm(q.to(dtype), (self.dim,), self.qln.weight.to(dtype), self.qln.bias.to(dtype),
+                         self.qln.eps).to(query.dtype)
+        q = F.dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)
+        k = torch.sigmoid(self.ks) * memory  # (B, S, d)
+        v = F.dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
+        scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(self.dim)  # (B, T, S)
+        rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
+        cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
+        scores = scores.masked_fill(cols > rows, float("-inf"))
+        probs = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+        return torch.matmul(probs, v)  # (B, T, d)

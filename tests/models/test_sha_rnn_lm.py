@@ -1,0 +1,229 @@
+"""sha_rnn_lm: the spec's acceptance checks (sha_rnn.md §8, checks 1-7) on tiny float64 models with dropout off,
+plus incremental decoding == streaming and the value-gate collapse."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairseq_ext.models.sha_rnn_lm import SHARNNLanguageModel
+from fairseq_ext.modules.blocks.sha_rnn_block import Boom, gelu_1702
+from tests.harness import assert_close, build_model, single_thread, stream_segments, tiny_dictionary
+
+VOCAB = 40  # 4 specials + 36 words
+one_thread = pytest.fixture(autouse=True)(single_thread)
+NO_DROPOUT = ["--dropout", "0", "--dropouti", "0", "--dropouth", "0"]
+
+
+def make(extra=(), max_memory=40, tokens_per_sample=8, randomize=True, arch="sha_rnn_tiny",
+         vocab=VOCAB) -> SHARNNLanguageModel:
+    """Tiny float64 model (2 blocks, d 32, attention in both); randomize: gates and LN parameters drawn at random
+    so that every path carries signal (at init the collapsed value gate would be 0)."""
+    torch.manual_seed(0)
+    model = build_model(arch, tiny_dictionary(vocab - 4),
+                        [*NO_DROPOUT, "--max-memory", str(max_memory), "--tokens-per-sample", str(tokens_per_sample),
+                         *extra])
+    model = model.double().eval()
+    if randomize:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("qs", "ks", "vs")) or "ln" in name:
+                    param.add_(0.5 * torch.randn_like(param))
+            model.decoder.output_bias.normal_()
+            for layer in model.decoder.layers:  # stronger weights: keep the attention far from uniform
+                if layer.attn is not None:
+                    layer.attn.q.weight.mul_(30)
+    model.decoder.attach_streams("test")
+    return model
+
+
+def tokens(b, t, seed=1):
+    return torch.randint(4, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checks 1-3: init, gates, Boom
+# ----------------------------------------------------------------------------------------------------------------------
+def test_init_layernorm_gains_one_weights_std_gates_zero():
+    torch.manual_seed(0)
+    model = build_model("sha_rnn_tiny", tiny_dictionary(200), ["--decoder-embed-dim", "256",
+                                                                "--decoder-ffn-embed-dim", "1024"])
+    std = 0.1 / math.sqrt(256)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+            assert module.eps == 1e-12
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            assert module.weight.std().item() == pytest.approx(std, rel=0.05), name
+            assert getattr(module, "bias", None) is None or torch.all(module.bias == 0), name
+    for layer in model.decoder.layers:
+        for gate in (layer.attn.qs, layer.attn.ks, layer.attn.vs):
+            assert torch.all(gate == 0)
+    assert torch.all(model.decoder.output_bias == 0)
+    assert model.decoder.embed_tokens.weight.data_ptr() == model.decoder.embed_tokens.weight.data_ptr()
+
+
+def test_gate_values_at_init():
+    model = make(randomize=False)
+    attn = model.decoder.layers[0].attn
+    assert torch.all(torch.sigmoid(attn.qs) == 0.5) and torch.all(torch.sigmoid(attn.ks) == 0.5)
+    c_f = attn.vq.l1.weight @ torch.full((32,), 0.5, dtype=torch.float64) + attn.vq.l1.bias  # (2d,)
+    expected = torch.sigmoid(c_f[32:]) * torch.tanh(c_f[:32])
+    assert_close(attn.value_gate(), expected)
+
+
+def test_boom_is_chunk_sum_of_gelu_without_second_linear():
+    assert gelu_1702(torch.tensor(1.0, dtype=torch.float64)).item() == pytest.approx(0.845796, abs=1e-6)
+    torch.manual_seed(0)
+    boom = Boom(8, 32, 0.0).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    z = boom.linear1(x)
+    z = z * torch.sigmoid(1.702 * z)
+    assert_close(boom(x), sum(z[..., 8 * i:8 * (i + 1)] for i in range(4)))
+    assert [n for n, _ in boom.named_parameters()] == ["linear1.weight", "linear1.bias"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# check 4: memory window
+# ----------------------------------------------------------------------------------------------------------------------
+def test_memory_lengths_and_keys_seen_over_batches(monkeypatch):
+    model = make(max_memory=40)
+    seen = []
+    attn_cls = type(model.decoder.layers[0].attn)
+    forward = attn_cls.forward
+
+    def spy(self, query, memory):
+        seen.append(memory.size(1))
+        return forward(self, query, memory)
+
+    monkeypatch.setattr(attn_cls, "forward", spy)
+    model.train()  # dropout is 0; memories must come back detached after every training step
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = tokens(2, 16 * 6 + 5)
+    for k, length in enumerate([16] * 6 + [5], start=1):
+        seen.clear()
+        logits, _ = model(x[:, 16 * (k - 1):16 * (k - 1) + length])
+        logits.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        state = model.decoder.stream_state("train")
+        total = 16 * (k - 1) + length
+        assert [s.memory.size(1) for s in state.layers] == [min(40, total)] * 2, k
+        assert all(not s.memory.requires_grad and s.memory.grad_fn is None for s in state.layers)
+        assert all(not s.h.requires_grad and not s.c.requires_grad for s in state.layers)
+        assert seen == [min(40, total)] * 2 and max(seen) <= 40, (k, seen)
+
+
+def test_single_attention_preset_places_attention_in_block_n_minus_2():
+    model = make(["--decoder-layers", "4", "--attn-layers", "auto"], randomize=False)
+    assert [layer.attn is not None for layer in model.decoder.layers] == [False, False, True, False]
+    model = make(["--decoder-layers", "4", "--attn-layers", "0,3"], randomize=False)
+    assert [layer.attn is not None for layer in model.decoder.layers] == [True, False, False, True]
+    with pytest.raises(ValueError, match="indices"):
+        make(["--decoder-layers", "4", "--attn-layers", "4"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# check 5: causality, memory visible
+# ----------------------------------------------------------------------------------------------------------------------
+def test_causality_within_segment():
+    model = make()
+    x = tokens(2, 12)
+    state = stream_segments(model.decoder, tokens(2, 10, seed=5), [10])[1]
+    base = model.decoder.forward_segment(x, state)[0]
+    for t in (0, 5, 11):
+        y = x.clone()
+        y[:, t] = 4 + (y[:, t] - 4 + 7) % (VOCAB - 4)
+        out = model.decoder.forward_segment(y, state)[0]
+        assert_close(out[:, :t], base[:, :t], atol=0, rtol=0)
+        assert (out[:, t] - base[:, t]).abs().max() > 1e-6
+
+
+def test_memory_fully_visible_current_segment_causal():
+    model = make()
+    attn = model.decoder.layers[0].attn
+    query = torch.randn(2, 4, 32, dtype=torch.float64)
+    memory = torch.randn(2, 10, 32, dtype=torch.float64, requires_grad=True)  # 6 memory + 4 current
+    for i in range(4):
+        (grad,) = torch.autograd.grad(attn(query, memory)[:, i].sum(), memory)
+        norms = grad.abs().sum(dim=(0, 2))  # (10,)
+        assert torch.all(norms[:6 + i + 1] > 0) and torch.all(norms[6 + i + 1:] == 0), (i, norms)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# check 6 and incremental decoding
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lengths", [[13, 17], [1] * 6 + [24], [10, 10, 10]])
+def test_carried_state_equals_one_pass(lengths):
+    model = make(max_memory=40)
+    x = tokens(3, 30)
+    whole = model.decoder.forward_segment(x, None)[0]
+    assert_close(stream_segments(model.decoder, x, lengths)[0], whole, atol=1e-10, rtol=0)
+
+
+def test_trimming_changes_outputs_when_memory_is_short():
+    """With W < total the streaming pass differs from one pass (memory is really cut), and stays finite."""
+    model = make(max_memory=12)
+    x = tokens(2, 24)
+    out = stream_segments(model.decoder, x, [8, 8, 8])[0]
+    whole = model.decoder.forward_segment(x, None)[0]
+    assert torch.isfinite(out).all() and (out[:, 16:] - whole[:, 16:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_incremental_decoding_equals_streaming(step):
+    model = make(max_memory=12, tokens_per_sample=8)  # W - T = 4: the memory is trimmed at every segment start
+    x = tokens(3, 24)
+    model.decoder.reset_state()
+    expected = torch.cat([model(x[:, i:i + 8])[0] for i in range(0, 24, 8)], dim=1)
+    incremental_state = {}
+    outs = []
+    for t in range(0, 24, step):
+        logits, _ = model(x[:, :t + step], incremental_state=incremental_state)
+        outs.append(logits)
+    assert_close(torch.cat(outs, dim=1), expected, atol=1e-10, rtol=0)
+    # beam search: reordered rows continue their own state
+    model.decoder.reorder_incremental_state(incremental_state, torch.tensor([2, 0]))
+    nxt = torch.cat([x[[2, 0]], tokens(2, 1, seed=9)], dim=1)
+    logits, _ = model(nxt, incremental_state=incremental_state)
+    ref_state = model.decoder.stream_state("eval").reorder(torch.tensor([2, 0]))
+    ref = model.decoder.forward_incremental(nxt[:, 24:], ref_state)[0]  # a new segment starts: trim for T = 8
+    assert_close(logits, model.decoder.output_layer(ref), atol=1e-10, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# check 7: parameter counts; value-gate collapse
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,extra,expected", [
+    ("sha_rnn_enwik8", [], 53.8), ("sha_rnn_enwik8", ["--collapse-value-gate"], 51.7),
+    ("sha_rnn_enwik8_full_attn", [], 63.3), ("sha_rnn_enwik8_full_attn", ["--collapse-value-gate"], 54.9),
+    ("sha_rnn_enwik8", ["--attn-layers", "none"], 50.6)])
+def test_preset_parameter_counts(arch, extra, expected):
+    with torch.device("meta"):
+        model = build_model(arch, tiny_dictionary(205 - 4), extra)
+    count = sum(p.numel() for p in model.parameters())  # the tied output weight once
+    # the spec's counts include the original's unused lnout (2d per block), qkvs (3d) and r_gate (d) per attention
+    # module, which this model does not build: 63.25M here vs 63.27M (all-attention, uncollapsed)
+    assert abs(count / 1e6 - expected) < 0.06, count
+
+
+def test_collapse_value_gate_preserves_outputs_and_state_dict_names():
+    model = make()
+    x = tokens(2, 20)
+    before = model.decoder.forward_segment(x, None)[0]
+    model.decoder.collapse_value_gate()
+    assert not any(".vq." in name for name in model.state_dict())
+    assert_close(model.decoder.forward_segment(x, None)[0], before, atol=1e-12, rtol=0)
+    collapsed = make(["--collapse-value-gate"], randomize=False)
+    assert set(collapsed.state_dict()) == set(model.state_dict())
+    collapsed.load_state_dict(model.state_dict())
+    assert_close(collapsed.decoder.forward_segment(x, None)[0], before, atol=1e-12, rtol=0)
+
+
+def test_output_tied_to_embedding_with_own_bias():
+    model = make()
+    feats = torch.randn(2, 3, 32, dtype=torch.float64)
+    expected = feats @ model.decoder.embed_tokens.weight.t() + model.decoder.output_bias
+    assert_close(model.decoder.output_layer(feats), expected)
+    names = [n for n, _ in model.named_parameters()]
+    assert "decoder.output_bias" in names and not any("output_projection" in n for n in names)
