@@ -32,6 +32,10 @@ Start offset (``start_offset`` o, 0 <= o < T; training only, ``--train-stream-of
 its first o targets (they are not read this epoch) and starts there; the original adaptive-span trainer restarts
 all streams at a random column offset in [0, M) whenever they wrap, so block boundaries move between epochs.
 
+Segment lengths (``segment_lengths``, training only, ``--variable-bptt``): scored segment j covers targets
+[offsets[j], offsets[j + 1]) of every stream, offsets the cumulative sums of the given lengths (each in [1, T]) cut
+at L, so the last segment holds what is left; the default is T for every segment (offsets 0, T, 2T, ..., L).
+
 NVIDIA's ``LMOrderedIterator`` (DeepLearningExamples, ``PyTorch/LanguageModeling/Transformer-XL/pytorch/
 data_utils.py``) differs in two ways, both kept out of this layout: it trims the ``n mod B`` remainder tokens
 (``data[:n_step * bsz]``) and never scores the first token of each stream (it is the target of the last warm-up
@@ -40,7 +44,7 @@ batch), so it scores ``B * (n // B - 1)`` tokens; here every one of the n tokens
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -79,10 +83,13 @@ class StreamDataset(FairseqDataset):
         warmup_tokens: W, a multiple of T and at most n: unscored positions that precede every stream (module
             docstring); 0 is the cold layout.
         start_offset: o in [0, T): targets skipped at the start of every stream (module docstring).
+        segment_lengths: (m,) lengths in [1, T] of the scored segments, the same for every stream, covering at
+            least the longest stream (module docstring); None: every segment T wide. Not with a warm-up.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, tokens_per_sample: int, pad: int, eos: int,
-                 num_shards: int = 1, warmup_tokens: int = 0, start_offset: int = 0) -> None:
+                 num_shards: int = 1, warmup_tokens: int = 0, start_offset: int = 0,
+                 segment_lengths: Optional[np.ndarray] = None) -> None:
         super().__init__()
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be a flat (n,) array, got shape {tokens.shape}")
@@ -95,6 +102,8 @@ class StreamDataset(FairseqDataset):
             raise ValueError(f"start_offset must be in [0, tokens_per_sample={tokens_per_sample}), got {start_offset}")
         if start_offset and warmup_tokens:
             raise ValueError("a start offset (training) and a warm-up (evaluation) do not combine")
+        if segment_lengths is not None and warmup_tokens:
+            raise ValueError("variable segment lengths (training) and a warm-up (evaluation) do not combine")
         self.tokens = tokens
         self.batch_size = batch_size
         self.tokens_per_sample = tokens_per_sample
@@ -110,10 +119,29 @@ class StreamDataset(FairseqDataset):
         self.stream_starts = stream_ids * base + np.minimum(stream_ids, extra) + start_offset  # (S,)
         self.max_stream_length = int(self.stream_lengths.max())  # L
         self.start_offset = start_offset
-        self.num_scored_segments = math.ceil(self.max_stream_length / tokens_per_sample)
+        self.segment_lengths = segment_lengths
+        # (num_scored_segments + 1,) start of every scored segment, then L; None: j * T (no array for fixed T)
+        self.segment_offsets = None if segment_lengths is None else self._segment_offsets(segment_lengths)
+        self.num_scored_segments = (math.ceil(self.max_stream_length / tokens_per_sample)
+                                    if self.segment_offsets is None else len(self.segment_offsets) - 1)
         self.warmup_tokens = warmup_tokens
         self.warmup_segments = warmup_tokens // tokens_per_sample
         self.num_segments = self.warmup_segments + self.num_scored_segments
+
+    def _segment_offsets(self, segment_lengths: np.ndarray) -> np.ndarray:
+        """Start offset of every scored segment within each stream, then L: (num_scored_segments + 1,)."""
+        length, width = self.max_stream_length, self.tokens_per_sample
+        lengths = np.asarray(segment_lengths, dtype=np.int64)  # (m,)
+        if lengths.ndim != 1 or (len(lengths) and (lengths.min() < 1 or lengths.max() > width)):
+            raise ValueError(f"segment_lengths must be a flat array of lengths in [1, tokens_per_sample={width}]")
+        if length == 0:
+            return np.zeros(1, dtype=np.int64)
+        ends = np.cumsum(lengths)  # (m,) end offset of every segment
+        count = int(np.searchsorted(ends, length))  # the first segment that reaches L is the last one
+        if count == len(ends):
+            raise ValueError(f"segment_lengths cover {int(ends[-1]) if len(ends) else 0} targets of every stream, "
+                             f"fewer than the longest stream ({length}); draw lengths for at least {length}")
+        return np.concatenate([[0], ends[:count], [length]]).astype(np.int64)
 
     @staticmethod
     def _check_warmup(warmup_tokens: int, tokens_per_sample: int, num_tokens: int) -> None:
@@ -131,14 +159,22 @@ class StreamDataset(FairseqDataset):
         if batch_size == self.batch_size and num_shards == self.num_shards:
             return self
         return StreamDataset(self.tokens, batch_size, self.tokens_per_sample, self.pad, self.eos, num_shards,
-                             self.warmup_tokens, self.start_offset)
+                             self.warmup_tokens, self.start_offset, self.segment_lengths)
 
     def with_start_offset(self, start_offset: int) -> "StreamDataset":
         """The same tokens and layout, every stream starting ``start_offset`` targets later (no copy)."""
         if start_offset == self.start_offset:
             return self
         return StreamDataset(self.tokens, self.batch_size, self.tokens_per_sample, self.pad, self.eos,
-                             self.num_shards, self.warmup_tokens, start_offset)
+                             self.num_shards, self.warmup_tokens, start_offset, self.segment_lengths)
+
+    def with_segment_lengths(self, segment_lengths: Optional[np.ndarray]) -> "StreamDataset":
+        """The same tokens and layout cut into segments of the given lengths (each in [1, T], covering the
+        longest stream; None: T wide) instead of T wide ones (no copy of the tokens)."""
+        if segment_lengths is None and self.segment_lengths is None:
+            return self
+        return StreamDataset(self.tokens, self.batch_size, self.tokens_per_sample, self.pad, self.eos,
+                             self.num_shards, self.warmup_tokens, self.start_offset, segment_lengths)
 
     def with_warmup(self, warmup_tokens: int) -> "StreamDataset":
         """The same tokens and layout with another warm-up (no copy)."""
@@ -155,9 +191,19 @@ class StreamDataset(FairseqDataset):
         return self.num_segments * self.num_shards
 
     def segment_width(self, segment: int) -> int:
-        """Width of segment j: T, except the last segment, which holds what is left of the longest stream."""
-        scored = segment - self.warmup_segments  # warm-up segments (scored < 0) are T wide
-        return min(self.tokens_per_sample, self.max_stream_length - scored * self.tokens_per_sample)
+        """Width of segment j: T (or its given length), except the last segment, which holds what is left of the
+        longest stream; warm-up segments are T wide."""
+        scored = segment - self.warmup_segments
+        if scored < 0:
+            return self.tokens_per_sample
+        return self.segment_start(scored + 1) - self.segment_start(scored)
+
+    def segment_start(self, scored: int) -> int:
+        """Offset of scored segment ``scored`` (0 <= scored <= num_scored_segments, the last one: L) in every
+        stream."""
+        if self.segment_offsets is None:
+            return min(scored * self.tokens_per_sample, self.max_stream_length)
+        return int(self.segment_offsets[scored])
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
@@ -167,7 +213,7 @@ class StreamDataset(FairseqDataset):
         streams = np.arange(shard * self.batch_size, (shard + 1) * self.batch_size)  # (B,)
         if segment < self.warmup_segments:
             return self._warmup_item(streams, segment)
-        offset = (segment - self.warmup_segments) * self.tokens_per_sample
+        offset = self.segment_start(segment - self.warmup_segments)
         valid = np.clip(self.stream_lengths[streams] - offset, 0, width)  # (B,) real targets per row
         columns = np.arange(width)  # (T,)
         keep = columns[None, :] < valid[:, None]  # (B, T) False on the end padding

@@ -25,6 +25,9 @@ B is the total number of streams (``--batch-size`` / ``--batch-size-valid`` time
 After each optimizer step, the parameters that modules declare with ``parameter_bounds()`` are clamped, together with
 their fp32 master copies under ``--fp16``/``--bf16`` (``fairseq_ext.optim.bounds``; e.g. adaptive-span z in [0, 1]),
 never inside ``forward``.
+``--variable-bptt`` cuts the training streams into segments of SHA-RNN / AWD-LSTM random lengths (about T with
+probability 0.95, else about T/2; at most T), the same for every stream of a batch and drawn per (seed, epoch), so
+every worker and a resumed run read the same segments; validation and evaluation keep T.
 ``--batch-split K`` runs every training batch as K row slices (forward and backward each, the carried state sliced
 the same way and joined back in row order): the same losses, gradients and carried state as K = 1, with less
 peak memory (the original adaptive-span trainer's micro-batching). Validation and evaluation are not split.
@@ -105,6 +108,14 @@ class StreamingLMConfig(FairseqDataclass):
                           "the original adaptive-span trainer does when its streams wrap, so segment boundaries "
                           "move between epochs (seeded by --seed and the epoch); 'none': the same boundaries "
                           "every epoch"})
+    variable_bptt: bool = field(
+        default=False,
+        metadata={"help": "training only: SHA-RNN / AWD-LSTM variable BPTT: every training segment (the same for "
+                          "all streams of the batch) is round(N(base, 5)) tokens long, clipped to [5, "
+                          "--tokens-per-sample], with base = --tokens-per-sample with probability 0.95, else half "
+                          "of it; drawn per epoch from --seed and the epoch (the same on every worker and on "
+                          "resume); the learning rate is not rescaled by the length. Validation and evaluation "
+                          "keep --tokens-per-sample"})
     batch_size: Optional[int] = II("dataset.batch_size")
     dataset_impl: Optional[ChoiceEnum(get_available_dataset_impl())] = II("dataset.dataset_impl")
     train_subset: str = II("dataset.train_subset")
@@ -114,6 +125,34 @@ def train_stream_offset(seed: int, epoch: int, tokens_per_sample: int) -> int:
     """The start offset of epoch ``epoch`` (> 1) under ``--train-stream-offset random``: uniform in [0, T),
     the same on every worker and on resume."""
     return int(np.random.default_rng([seed, epoch]).integers(tokens_per_sample))
+
+
+BPTT_FULL_PROBABILITY = 0.95  # variable BPTT: base = T with this probability, else T / 2
+BPTT_STD = 5.0  # standard deviation of a segment length around its base
+BPTT_MIN = 5  # shortest segment (or T, if shorter)
+
+
+def sample_bptt_lengths(rng: np.random.Generator, tokens_per_sample: int, count: int) -> np.ndarray:
+    """``count`` variable-BPTT segment lengths (SHA-RNN / AWD-LSTM): base = T with probability 0.95, else T / 2;
+    length = round(N(base, 5)) clipped to [5, T] (to [T, T] when T < 5). Returns (count,) int64."""
+    full = rng.random(count) < BPTT_FULL_PROBABILITY  # (count,)
+    base = np.where(full, float(tokens_per_sample), tokens_per_sample / 2.0)  # (count,)
+    lengths = np.rint(rng.normal(base, BPTT_STD)).astype(np.int64)  # (count,)
+    return np.clip(lengths, min(BPTT_MIN, tokens_per_sample), tokens_per_sample)
+
+
+def variable_bptt_lengths(seed: int, epoch: int, tokens_per_sample: int, total: int) -> np.ndarray:
+    """``--variable-bptt``: the segment lengths of epoch ``epoch``, enough to cover ``total`` targets of every
+    stream (their sum is >= total); the same on every worker and on resume. Returns (m,) int64."""
+    rng = np.random.default_rng([seed, epoch, 0xB977])  # a stream apart from train_stream_offset's
+    parts: List[np.ndarray] = []
+    covered = 0
+    while covered < total:
+        count = math.ceil((total - covered) / max(tokens_per_sample / 2.0, 1.0)) + 1  # usually one round
+        part = sample_bptt_lengths(rng, tokens_per_sample, count)  # (count,)
+        parts.append(part)
+        covered += int(part.sum())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def protocol_label(dataset: StreamDataset) -> str:
@@ -203,6 +242,7 @@ class StreamingLMTask(FairseqTask):
         self.dictionary = dictionary
         self._resumable: List[StatefulDecoder] = []  # see begin_epoch / train_step
         self._split_decoders: Optional[Tuple[nn.Module, List[StatefulDecoder]]] = None  # (model, its decoders)
+        self._evaluating = False  # inside eval_lm_dataloader: no training-only layout (--variable-bptt)
         self.batch_split = getattr(cfg, "batch_split", 1)  # absent from older checkpoints' task configs
         if self.batch_split < 1:
             raise ValueError(f"--batch-split must be >= 1 (row slices per training batch), got {self.batch_split}")
@@ -322,6 +362,13 @@ class StreamingLMTask(FairseqTask):
             laid_out = laid_out.with_start_offset(offset)
             logger.info("epoch %d: the training streams start %d tokens in (--train-stream-offset random)", epoch,
                         offset)
+        if split == self.train_subset and not self._evaluating and getattr(self.cfg, "variable_bptt", False):
+            lengths = variable_bptt_lengths(seed, epoch, laid_out.tokens_per_sample, laid_out.max_stream_length)
+            laid_out = laid_out.with_segment_lengths(lengths)
+            widths = np.diff(laid_out.segment_offsets)  # (segments,)
+            logger.info("epoch %d: variable BPTT, %d training segments of %d to %d tokens (mean %.1f, T=%d)", epoch,
+                        laid_out.num_segments, int(widths.min()), int(widths.max()),
+                        float(widths.mean()), laid_out.tokens_per_sample)
         return iterators.EpochBatchIterator(
             dataset=laid_out,
             collate_fn=laid_out.collater,
@@ -352,10 +399,15 @@ class StreamingLMTask(FairseqTask):
         dataset = self.with_eval_warmup(dataset)
         logger.info("evaluation protocol: %s, %s tokens scored",
                     protocol_label(dataset.with_layout(batch_size, num_shards)), f"{len(dataset.tokens):,}")
-        return self.get_batch_iterator(
-            dataset=dataset, max_sentences=batch_size, num_shards=num_shards, shard_id=shard_id,
-            num_workers=num_workers, data_buffer_size=data_buffer_size,
-        ).next_epoch_itr(shuffle=False)
+        self._evaluating = True
+        try:
+            iterator = self.get_batch_iterator(
+                dataset=dataset, max_sentences=batch_size, num_shards=num_shards, shard_id=shard_id,
+                num_workers=num_workers, data_buffer_size=data_buffer_size,
+            )
+        finally:
+            self._evaluating = False
+        return iterator.next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg: FairseqDataclass, from_checkpoint: bool = False) -> nn.Module:
         model = super().build_model(cfg, from_checkpoint)

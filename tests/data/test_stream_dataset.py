@@ -247,3 +247,47 @@ def test_start_offset_skips_the_first_targets_of_every_stream(n, batch, length, 
     assert shifted.with_layout(batch + 1, shards).start_offset == offset
     with pytest.raises(ValueError, match="start_offset"):
         base.with_start_offset(length)
+
+
+@pytest.mark.parametrize("n,batch,length,shards,offset", [
+    (100, 1, 7, 1, 0), (101, 3, 8, 1, 0), (251, 2, 9, 3, 0), (250, 3, 8, 2, 5), (7, 3, 4, 1, 0),
+])
+def test_variable_segment_lengths_keep_every_target_once_in_contiguous_streams(n, batch, length, shards, offset):
+    tokens = unique_tokens(n)
+    base = StreamDataset(tokens, batch, length, pad=PAD, eos=EOS, num_shards=shards).with_start_offset(offset)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, length + 1, size=base.max_stream_length + 1)  # (m,) covers the longest stream
+    varied = base.with_segment_lengths(lengths)
+    assert varied.tokens is base.tokens and varied.start_offset == offset
+    widths = [varied.segment_width(j) for j in range(varied.num_segments)]
+    assert widths[:-1] == lengths[:len(widths) - 1].tolist()  # the given lengths, the last one what is left
+    assert 1 <= widths[-1] <= lengths[len(widths) - 1] and sum(widths) == base.max_stream_length
+    for index in range(len(varied)):
+        item = varied[index]
+        assert item["target"].shape == (batch, widths[index // shards]) == item["net_input"]["src_tokens"].shape
+    cold, moved = rows_by_stream(base), rows_by_stream(varied)
+    assert sorted(moved) == sorted(cold)
+    for stream in cold:  # the same targets and inputs per stream, in order, only cut elsewhere
+        for key in ("source", "target"):
+            assert torch.equal(torch.cat([p[key] for p in moved[stream]]), torch.cat([p[key] for p in cold[stream]]))
+    assert sum(varied[i]["ntokens"] for i in range(len(varied))) == sum(base[i]["ntokens"] for i in range(len(base)))
+    if offset == 0:
+        scored = torch.cat([torch.cat([p["target"] for p in moved[s]]) for s in range(batch * shards)])
+        assert torch.equal(scored, torch.from_numpy(tokens).long())  # every target exactly once
+    relaid = varied.with_layout(batch, shards + 1)  # the lengths travel with the layout
+    assert relaid.segment_lengths is lengths
+    assert varied.with_segment_lengths(None).segment_width(0) == min(length, base.max_stream_length)
+
+
+def test_variable_segment_lengths_are_checked():
+    base = StreamDataset(unique_tokens(100), 2, 8, pad=PAD, eos=EOS)  # streams of 50 targets
+    with pytest.raises(ValueError, match="fewer than the longest stream"):
+        base.with_segment_lengths(np.full(6, 8))  # 48 < 50
+    with pytest.raises(ValueError, match=r"in \[1, tokens_per_sample=8\]"):
+        base.with_segment_lengths(np.full(10, 9))
+    with pytest.raises(ValueError, match=r"in \[1, tokens_per_sample=8\]"):
+        base.with_segment_lengths(np.array([0] + [8] * 7))
+    with pytest.raises(ValueError, match="warm-up"):
+        StreamDataset(unique_tokens(100), 2, 8, pad=PAD, eos=EOS, warmup_tokens=8, segment_lengths=np.full(7, 8))
+    assert base.with_segment_lengths(np.full(7, 8)).num_segments == base.num_segments  # fixed T is the default
+    assert base.with_segment_lengths(None) is base

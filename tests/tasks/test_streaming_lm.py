@@ -256,3 +256,85 @@ def test_random_train_stream_offset_moves_boundaries_between_epochs(data_dir):
     plain.load_dataset("train")
     iterator = plain.get_batch_iterator(plain.dataset("train"), max_sentences=3, epoch=3, seed=7)
     assert torch.equal(next(iter(iterator.next_epoch_itr(shuffle=False)))["target"][:, 0], epoch1)  # default: none
+
+
+def test_variable_bptt_lengths_follow_the_sha_rnn_rule():
+    """Spec check 9: over 10,000 draws with T = 1024, about 95% centred at 1024 and 5% at 512, all in [5, T]."""
+    import numpy as np
+
+    from fairseq_ext.tasks.streaming_lm import sample_bptt_lengths
+
+    lengths = sample_bptt_lengths(np.random.default_rng(1234), 1024, 10_000)  # (10000,)
+    assert lengths.shape == (10_000,) and lengths.dtype == np.int64
+    assert lengths.min() >= 5 and lengths.max() <= 1024
+    full, half = lengths[lengths > 768], lengths[lengths <= 768]
+    assert len(full) / 10_000 == pytest.approx(0.95, abs=0.01)
+    assert len(half) / 10_000 == pytest.approx(0.05, abs=0.01)
+    assert half.mean() == pytest.approx(512, abs=1.0) and 3.5 < half.std() < 6.5  # N(512, 5), rounded
+    assert full.min() > 1024 - 40 and (full == 1024).mean() == pytest.approx(0.5, abs=0.03)  # N(1024, 5) clipped at T
+    assert np.array_equal(np.unique(sample_bptt_lengths(np.random.default_rng(0), 4, 100)), [4])  # T < 5: T
+
+
+def test_variable_bptt_lengths_are_deterministic_per_seed_and_epoch():
+    import numpy as np
+
+    from fairseq_ext.tasks.streaming_lm import variable_bptt_lengths
+
+    lengths = variable_bptt_lengths(7, 3, 64, 10_000)  # (m,)
+    assert lengths.sum() >= 10_000 and lengths.min() >= 5 and lengths.max() <= 64
+    assert np.array_equal(lengths, variable_bptt_lengths(7, 3, 64, 10_000))  # every worker, and on resume
+    assert not np.array_equal(lengths[:50], variable_bptt_lengths(7, 4, 64, 10_000)[:50])  # another epoch
+    assert not np.array_equal(lengths[:50], variable_bptt_lengths(8, 3, 64, 10_000)[:50])  # another seed
+    assert len(variable_bptt_lengths(7, 3, 64, 0)) == 0
+
+
+def test_variable_bptt_varies_training_segments_only_and_streams_stay_continuous(data_dir):
+    from fairseq_ext.tasks.streaming_lm import variable_bptt_lengths
+
+    length = 12
+    task, cfg = make_task(data_dir, batch_size=3, tokens_per_sample=length, extra=["--variable-bptt"])
+    assert cfg.task.variable_bptt is True and make_task(data_dir)[1].task.variable_bptt is False
+    for split in ("train", "valid", "test"):
+        task.load_dataset(split)
+    model, criterion = task.build_model(cfg.model), LMLossCriterion(task, sentence_avg=False)
+    vocab = len(task.dictionary)
+
+    def epoch_batches(split: str, epoch: int, seed: int = 7, num_shards: int = 1, shard_id: int = 0) -> List:
+        iterator = task.get_batch_iterator(task.dataset(split), max_sentences=3, epoch=epoch, seed=seed,
+                                           num_shards=num_shards, shard_id=shard_id)
+        return list(iterator.next_epoch_itr(shuffle=False))
+
+    widths = {}
+    for epoch in (1, 2):
+        task.begin_epoch(epoch, model)
+        seen, previous, targets, pieces = torch.zeros(3, vocab), None, 0, defaultdict(list)
+        samples = epoch_batches("train", epoch)
+        widths[epoch] = [s["target"].size(1) for s in samples]
+        assert all(5 <= w <= length for w in widths[epoch][:-1]) and 1 <= widths[epoch][-1] <= length
+        stream_length = task.get_batch_iterator(task.dataset("train"), max_sentences=3).dataset.max_stream_length
+        expected = variable_bptt_lengths(7, epoch, length, stream_length)
+        assert widths[epoch][:-1] == expected[:len(samples) - 1].tolist()
+        for sample in samples:
+            source = sample["net_input"]["src_tokens"]  # (B, T_j): every row of the batch is T_j wide
+            if previous is not None:
+                assert torch.equal(source[:, 0], previous["target"][:, -1])  # each row continues its stream
+            task.train_step(sample, model, criterion, no_optimizer(), update_num=0)
+            seen += one_hot_counts(source, vocab)
+            assert torch.equal(model.decoder.stream_state("train").counts, seen)  # state carried across lengths
+            for row, stream in enumerate(sample["id"].tolist()):
+                pieces[stream].append(sample["target"][row][sample["target"][row] != task.dictionary.pad()])
+            targets += sample["ntokens"]
+            previous = sample
+        assert targets == split_token_count(data_dir, "train")
+        scored = torch.cat([torch.cat(pieces[stream]) for stream in range(3)])
+        assert torch.equal(scored, split_tokens(data_dir, "train"))  # every target exactly once, in order
+        assert [s["target"].size(1) for s in epoch_batches("train", epoch)] == widths[epoch]  # rebuilt: same
+    assert widths[1] != widths[2] and len(set(widths[1][:-1])) > 1  # lengths vary, and differ across epochs
+    shard_widths = [[s["target"].size(1) for s in epoch_batches("train", 1, num_shards=2, shard_id=shard)]
+                    for shard in (0, 1)]
+    assert shard_widths[0] == shard_widths[1] and len(set(shard_widths[0][:-1])) > 1  # every worker: same lengths
+    for split in ("valid", "test"):  # validation and evaluation never vary
+        assert {s["target"].size(1) for s in epoch_batches(split, 2)[:-1]} == {length}
+    evaluated = list(task.eval_lm_dataloader(task.dataset("train"), batch_size=3, num_workers=0))
+    assert {s["target"].size(1) for s in evaluated[:-1]} == {length}  # fairseq-eval-lm even on the train split
+    assert task.dataset("train").segment_lengths is None  # the loaded dataset is untouched
