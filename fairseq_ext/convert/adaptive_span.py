@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
-                     add_output_arguments, build_vocab_mapping, converter_parser, fairseq_cfg, fairseq_checkpoint,
-                     finish_conversion, gather_rows, load_pickled, verify_conversion)
+                     add_output_arguments, build_registered_model, build_vocab_mapping, converter_parser, fairseq_cfg,
+                     fairseq_checkpoint, finish_conversion, gather_rows, load_pickled, verify_conversion)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,32 @@ def scan_vocabulary(paths: Sequence[str], read_chars: int = _READ_CHARS) -> List
             if line_open:  # the last line has no newline: the original still appends <eos>
                 vocab.add(([pending] if pending else []) + [ORIGINAL_EOS])
     return list(vocab.ids)
+
+
+def check_text_vocabulary(symbols: Sequence[str], rows: int, rows_name: str, hint: str, dead_bias: float) -> None:
+    """The rebuilt vocabulary fits the checkpoint's ``rows`` (named ``rows_name``; ``hint`` says which text to pass)
+    and the dead-special bias keeps them improbable."""
+    if len(symbols) != rows:
+        raise ConversionError(f"vocabulary size mismatch: the text gives {len(symbols)} types (incl. {ORIGINAL_EOS}), "
+                              f"the checkpoint's {rows_name} has {rows} rows. {hint}")
+    if ORIGINAL_EOS not in symbols:
+        raise ConversionError(f"the vocabulary has no {ORIGINAL_EOS}; it was not built like the original data.py")
+    if dead_bias >= -10:
+        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+
+
+def add_text_vocab_arguments(parser: argparse.ArgumentParser, train_required: bool) -> None:
+    """``--train-txt`` / ``--valid-txt`` / ``--test-txt``: the text files ``scan_vocabulary`` reads, in that order."""
+    parser.add_argument("--train-txt", required=train_required,
+                        help="the preprocessed train.txt the model was trained on; the vocabulary is rebuilt from it")
+    parser.add_argument("--valid-txt", help="valid.txt, scanned after train.txt (the original dictionary continues "
+                                            "over it; needed only if it has types train.txt lacks)")
+    parser.add_argument("--test-txt", help="test.txt, scanned after valid.txt (as --valid-txt)")
+
+
+def text_vocabulary(train_txt: str, valid_txt: Optional[str], test_txt: Optional[str]) -> List[str]:
+    """``scan_vocabulary`` over the given files (train, then valid, then test)."""
+    return scan_vocabulary([p for p in (train_txt, valid_txt, test_txt) if p])
 
 
 def corpus_vocabulary(path: str, trust_pickle: bool) -> List[str]:
@@ -307,16 +333,10 @@ def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, de
                           dtype: Optional[torch.dtype] = torch.float32) -> Conversion:
     """AdaptiveSpanSource + the rebuilt vocabulary -> fairseq checkpoint for ``adaptive_span_lm``."""
     symbols = list(symbols)
-    if len(symbols) != src.vocab_size:
-        raise ConversionError(
-            f"vocabulary size mismatch: the text gives {len(symbols)} types (incl. {ORIGINAL_EOS}), the checkpoint's "
-            f"in_emb has {src.vocab_size} rows. Pass the preprocessed train.txt of the original get_data.sh (enwik8: "
-            f"205 types, newlines kept as lines; text8: 28); the original dictionary also continues over valid.txt "
-            f"and test.txt (--valid-txt, --test-txt), or pass its corpus.pt (--corpus-pt)")
-    if ORIGINAL_EOS not in symbols:
-        raise ConversionError(f"the vocabulary has no {ORIGINAL_EOS}; it was not built like the original data.py")
-    if dead_bias >= -10:
-        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+    check_text_vocabulary(symbols, src.vocab_size, "in_emb",
+                          "Pass the preprocessed train.txt of the original get_data.sh (enwik8: 205 types, newlines "
+                          "kept as lines; text8: 28); the original dictionary also continues over valid.txt and "
+                          "test.txt (--valid-txt, --test-txt), or pass its corpus.pt (--corpus-pt)", dead_bias)
     if ramp < 1:
         raise ConversionError(f"--adapt-span-ramp {ramp} must be >= 1")
     mapping = build_vocab_mapping(symbols, [], DEFAULT_SYMBOL_MAP)
@@ -342,10 +362,7 @@ def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, de
 
 def verify_loads(conversion: Conversion) -> None:
     """Build adaptive_span_lm from the converted config and load the weights strictly."""
-    from fairseq import models
-
-    verify_conversion(conversion, lambda cfg, dictionary: models.build_model(cfg, argparse.Namespace(
-        source_dictionary=dictionary, target_dictionary=dictionary, dictionary=dictionary)), ARCH)
+    verify_conversion(conversion, build_registered_model, ARCH)
 
 
 # ======================================================================================================================
@@ -360,11 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then evaluate as the original (full evaluation: 8 streams, blocks of 512, cold caches):\n"
         "  fairseq-eval-lm <data-bin dir> --user-dir fairseq_ext --task streaming_lm --path OUT_DIR/model.pt "
         "--batch-size 8 --tokens-per-sample 512 --gen-subset test\nSee docs/convert-adaptive-span.md.")
-    parser.add_argument("--train-txt", help="the preprocessed train.txt the model was trained on (original "
-                                            "get_data.sh); the vocabulary is rebuilt from it")
-    parser.add_argument("--valid-txt", help="valid.txt, scanned after train.txt (the original dictionary continues "
-                                            "over it; needed only if it has types train.txt lacks)")
-    parser.add_argument("--test-txt", help="test.txt, scanned after valid.txt (as --valid-txt)")
+    add_text_vocab_arguments(parser, train_required=False)
     parser.add_argument("--corpus-pt", help="instead of the text files: the original's pickled corpus.pt (needs "
                                             "--trust-pickle)")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -394,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     if args.corpus_pt:
         symbols = corpus_vocabulary(args.corpus_pt, args.trust_pickle)
     else:
-        symbols = scan_vocabulary([p for p in (args.train_txt, args.valid_txt, args.test_txt) if p])
+        symbols = text_vocabulary(args.train_txt, args.valid_txt, args.test_txt)
     out_dir = os.path.abspath(args.out_dir)
     conversion = convert_adaptive_span(src, symbols, dead_bias=args.dead_bias, data=out_dir,
                                        tokens_per_sample=args.tokens_per_sample, ramp=args.adapt_span_ramp,

@@ -577,6 +577,15 @@ def verify_conversion(conversion: Conversion, build: Callable[[Any, Any], nn.Mod
     verify_strict_load(lambda: build(cfg, dictionary), conversion.checkpoint["model"], arch)
 
 
+def build_registered_model(cfg: Any, dictionary: Any) -> nn.Module:
+    """``build`` for ``verify_conversion``: fairseq's registry builds the model of ``cfg`` (a language model over
+    ``dictionary``)."""
+    from fairseq import models
+
+    return models.build_model(cfg, argparse.Namespace(source_dictionary=dictionary, target_dictionary=dictionary,
+                                                      dictionary=dictionary))
+
+
 def save_conversion(out_dir: str, checkpoint: Dict[str, Any], symbols: Sequence[str]) -> Tuple[str, str]:
     """Write OUT_DIR/model.pt and OUT_DIR/dict.txt; re-read model.pt the way fairseq does (weights only)."""
     os.makedirs(out_dir, exist_ok=True)
