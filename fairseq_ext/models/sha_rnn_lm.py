@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
-from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock, SHARNNBlockState
+from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock
 from fairseq_ext.state import LayerStates
 
 MAX_POSITIONS = 1_000_000  # no positions: no bound on the length

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fairseq_ext.models.sha_rnn_lm import SHARNNLanguageModel
 from fairseq_ext.modules.blocks.sha_rnn_block import Boom, gelu_1702
