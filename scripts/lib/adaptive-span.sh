@@ -134,10 +134,6 @@ case "$MODE" in
     CKPT=${1:?usage: $0 eval CONFIG CHECKPOINT [fairseq-eval-lm flags...]}
     shift
     BATCH=${BATCH:-8}
-    cmd=("${FAIRSEQ_EVAL_LM:-$(tool fairseq-eval-lm)}" "$DATA" --user-dir fairseq_ext --task streaming_lm --path "$CKPT"
-      --gen-subset "${SPLIT:-test}" --batch-size "$BATCH" --tokens-per-sample "$BLOCK" --eval-warmup-tokens 0 "$@")
-    if [ "${DRY_RUN:-0}" = 1 ]; then print_cmd "${cmd[@]}"; exit 0; fi
-    echo "protocol: stream(B=$BATCH, T=$BLOCK, cold): memory zero-initialised and carried, every position scored (original full evaluation), split ${SPLIT:-test}"
-    exec "${cmd[@]}" ;;
+    streaming_eval "$CKPT" "${SPLIT:-test}" "$BATCH" "$BLOCK" 0 "protocol: stream(B=$BATCH, T=$BLOCK, cold): memory zero-initialised and carried, every position scored (original full evaluation), split ${SPLIT:-test}" "$@" ;;
   *) die "usage: $0 train|eval CONFIG ..." ;;
 esac

@@ -1,5 +1,5 @@
-# Shell helpers shared by the recipe libraries scripts/lib/{transformer-xl,adaptive-span,fast-weights}.sh; sourced,
-# not run.
+# Shell helpers shared by the recipe libraries scripts/lib/{transformer-xl,adaptive-span,fast-weights,sha-rnn}.sh;
+# sourced, not run.
 # Expects the repository root as the working directory (tool looks for .venv there).
 
 die() { echo "$*" >&2; exit 2; }
@@ -36,4 +36,16 @@ run_or_print() {
 # require_data DIR HINT: dies unless DIR holds a binarised corpus (dict.txt); HINT says how to make one
 require_data() {
   [ -f "$1/dict.txt" ] || die "no binarised corpus in $1: $2"
+}
+
+# streaming_eval CKPT SPLIT BATCH T WARMUP_TOKENS PROTOCOL_LINE [fairseq-eval-lm flags...]: fairseq-eval-lm over $DATA
+# with --task streaming_lm (BATCH streams, segments of T, state carried); prints the command with DRY_RUN=1, else
+# echoes PROTOCOL_LINE and execs it (the last step of an eval recipe)
+streaming_eval() {
+  local ckpt=$1 split=$2 batch=$3 tgt=$4 warm=$5 label=$6; shift 6
+  local cmd=("${FAIRSEQ_EVAL_LM:-$(tool fairseq-eval-lm)}" "$DATA" --user-dir fairseq_ext --task streaming_lm
+    --path "$ckpt" --gen-subset "$split" --batch-size "$batch" --tokens-per-sample "$tgt" --eval-warmup-tokens "$warm"
+    "$@")
+  [ "${DRY_RUN:-0}" = 1 ] || echo "$label"
+  run_or_print "${cmd[@]}"
 }

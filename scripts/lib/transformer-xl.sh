@@ -93,11 +93,7 @@ case "$MODE" in
       warmup) WARMUP=$EVAL_MEM ;;  # NVIDIA eval.py: each stream first reads ceil(M/T)*T preceding tokens, unscored
       *) die "PROTOCOL must be cold or warmup, got '$PROTOCOL'" ;;
     esac
-    cmd=("${FAIRSEQ_EVAL_LM:-$(tool fairseq-eval-lm)}" "$DATA" --user-dir fairseq_ext --task streaming_lm --path "$CKPT"
-      --gen-subset "${SPLIT:-test}" --batch-size "$BATCH" --tokens-per-sample "$EVAL_TGT" --eval-warmup-tokens "$WARMUP"
-      --model-overrides "{'mem_len': $EVAL_MEM, 'clamp_len': $EVAL_CLAMP, 'same_length': True}" "$@")
-    if [ "${DRY_RUN:-0}" = 1 ]; then print_cmd "${cmd[@]}"; exit 0; fi
-    echo "protocol: stream(B=$BATCH, T=$EVAL_TGT, M=$EVAL_MEM, clamp=$EVAL_CLAMP, same_length, $PROTOCOL), split ${SPLIT:-test}"
-    exec "${cmd[@]}" ;;
+    streaming_eval "$CKPT" "${SPLIT:-test}" "$BATCH" "$EVAL_TGT" "$WARMUP" "protocol: stream(B=$BATCH, T=$EVAL_TGT, M=$EVAL_MEM, clamp=$EVAL_CLAMP, same_length, $PROTOCOL), split ${SPLIT:-test}" \
+      --model-overrides "{'mem_len': $EVAL_MEM, 'clamp_len': $EVAL_CLAMP, 'same_length': True}" "$@" ;;
   *) die "usage: $0 train|eval CONFIG ..." ;;
 esac
