@@ -220,7 +220,8 @@ def whole_stream_loss(model: torch.nn.Module, dictionary: "Dictionary", data: st
             length = base + (s < extra)
             x, y = inputs[start:start + length][None], stream[start:start + length][None]
             feats, _, _ = model.decoder.forward_segment(x, None)
-            lprobs = model.get_normalized_probs((feats, {}), log_probs=True)  # (1, L, V)
+            logits = model.decoder.output_layer(feats)  # (1, L, V) (features as they are with an adaptive softmax)
+            lprobs = model.get_normalized_probs((logits, {}), log_probs=True)  # (1, L, V)
             nll -= lprobs.gather(-1, y[..., None]).sum().item()
             start += length
     return nll / n / math.log(2)
