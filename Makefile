@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-xl bench-span bench-fw
+.PHONY: install test test-fast demo bench bench-xl bench-span bench-fw bench-sha
 install:
 	bash scripts/install.sh
 
@@ -26,3 +26,6 @@ bench-span: install
 
 bench-fw: install
 	$(PY) scripts/bench_fast_weights.py
+
+bench-sha: install
+	$(PY) scripts/bench_sha_rnn.py

@@ -2,7 +2,8 @@
 detection, GPU synchronisation, the peak-memory measurements (CUDA allocator, CPU allocator replay, process peak RSS),
 step timing, building configs the way ``fairseq-train`` does (a ``dict.txt`` of a given size, fairseq's training
 parser, a language-modelling sample), one configuration per row in a fresh worker subprocess (result line, failure
-and out-of-memory statuses), the shared command-line flags and report header lines, and the driver ``bench_main``.
+and out-of-memory statuses), the shared command-line flags and report header lines, the driver ``bench_main``,
+and training a stateful LM on carried streams (``StreamTrainer``, ``random_lm_samples``, ``resolve_defaults``).
 
 CPU peak memory is the maximum of live tensor bytes in PyTorch's CPU allocator, replayed from ``torch.profiler``
 (``profile_memory=True``) allocation/free events -- the CPU analogue of ``torch.cuda.max_memory_allocated``.
@@ -288,3 +289,61 @@ def run_header(command: str, device: torch.device, dtype: str, load: Tuple[float
            f"threads at the start: other processes share these cores{advice}"]
           if device.type == "cpu" and load[0] > torch.get_num_threads() else []),
     ]
+
+
+# ====================================================================================================================
+# Training on carried streams (stateful language models)
+# ====================================================================================================================
+
+def resolve_defaults(opts: argparse.Namespace, quick: Mapping[str, Any], normal: Mapping[str, Any],
+                     cpu: Mapping[str, Any], cuda: Mapping[str, Any]) -> None:
+    """Fill every option still None: ``quick`` under --quick, else the device's defaults (``cuda`` / ``cpu``) and
+    ``normal``; call after :func:`apply_run_arguments`."""
+    defaults = dict(quick) if opts.quick else {**(cuda if opts.device == "cuda" else cpu), **normal}
+    for name, value in defaults.items():
+        if getattr(opts, name, None) is None:
+            setattr(opts, name, value)
+
+
+def random_lm_samples(vocab: int, nspecial: int, batch: int, tgt: int, seed: int, device: torch.device,
+                      count: int = 4) -> List[Result]:
+    """``count`` :func:`lm_sample` batches of B x T random non-special tokens (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [lm_sample(torch.randint(nspecial, vocab, (batch, tgt + 1), generator=gen), device) for _ in range(count)]
+
+
+class StreamTrainer:
+    """A model trained on B carried streams: cycles through ``samples``; a step is forward + criterion under
+    autocast (``dtype``; fp16 with a GradScaler), backward of loss / sample_size, optional gradient-norm clip and
+    the optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 samples: List[Result], device: torch.device, dtype: torch.dtype,
+                 clip_norm: Optional[float] = None) -> None:
+        self.model, self.criterion, self.optimizer, self.samples = model, criterion, optimizer, samples
+        self.device, self.dtype, self.clip_norm, self.step = device, dtype, clip_norm, 0
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def next_sample(self) -> Result:
+        self.step += 1
+        return self.samples[self.step % len(self.samples)]
+
+    def train_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss, sample_size, _ = self.criterion(self.model, self.next_sample())
+        self.scaler.scale(loss / sample_size).backward()
+        if self.clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def fill_streams(self, count: int) -> None:
+        """``count`` no-grad training-mode forwards: the carried state (caches, memories) grows without a step."""
+        with torch.no_grad(), self.autocast():
+            for _ in range(count):
+                self.model(self.next_sample()["net_input"]["src_tokens"])
