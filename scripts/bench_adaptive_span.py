@@ -48,16 +48,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_adaptive_span.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, RSS_DESCRIPTION, Result, add_run_arguments, apply_run_arguments,  # noqa: E402
-                      bench_main, fairseq_config, lm_sample, measure, memory_description, peak_rss_bytes,
-                      run_header, run_worker, speed, timed, warm_up_peak, write_dictionary)
+from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream_run_arguments,  # noqa: E402
+                      bench_main, fairseq_config, measure_stream_training, memory_description, parse_stream_args,
+                      random_lm_samples, run_header, run_worker, write_dictionary)
 import fairseq_ext  # noqa: E402,F401  (registers adaptive_span_lm, streaming_lm, lm_loss)
 from fairseq import tasks, utils  # noqa: E402
 from fairseq_ext.optim.adagrad_clip import AdagradClip  # noqa: E402
@@ -133,25 +132,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         f"memory)")
     p.add_argument("--impl-tgt-len", type=int, default=None, help=f"M of the impls table (default "
                                                                    f"{NORMAL['impl_tgt_len']})")
-    p.add_argument("--steps", type=int, default=None, help=f"timed training steps (default {NORMAL['steps']})")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed training steps after the cache fill (default {NORMAL['warmup']}; >= 1: peak "
-                        f"memory is measured over them)")
-    add_run_arguments(p, QUICK, "fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)")
+    add_stream_run_arguments(p, QUICK, NORMAL, "cache")
     return p
 
 
 def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
-    opts = build_arg_parser().parse_args(argv)
-    apply_run_arguments(opts)
-    device_defaults = CUDA_DEFAULTS if opts.device == "cuda" else CPU_DEFAULTS
-    for name, value in {**(device_defaults if not opts.quick else {}), **(QUICK if opts.quick else NORMAL)}.items():
-        if getattr(opts, name, None) is None:
-            setattr(opts, name, value)
+    opts = parse_stream_args(build_arg_parser(), argv, QUICK, NORMAL, CPU_DEFAULTS, CUDA_DEFAULTS)
     if opts.layers == 0:
         opts.layers = None
-    if opts.steps < 1 or opts.warmup < 1:
-        raise SystemExit("--steps and --warmup must be >= 1")
     for name in ("batch_size", "tgt_len", "attn_span", "impl_attn_span", "impl_tgt_len"):
         if getattr(opts, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -204,35 +192,27 @@ def build(opts: Namespace, config: str, impl: str, shape: Shape):
 # Training steps, timing and peak memory
 # ====================================================================================================================
 
-@dataclass
-class Trainee:
-    model: nn.Module
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Any
-    samples: List[Dict[str, Any]]
-    z: Optional[float]
-    device: torch.device
-    dtype: torch.dtype
-    step: int = 0
+class Trainee(StreamTrainer):
+    """A StreamTrainer (forward over the carried caches + lm_loss (NLL + span loss) under autocast, backward,
+    AdagradClip step, no norm clip) that resets every z to the configured value after each step."""
 
-    def next_sample(self) -> Dict[str, Any]:
-        self.step += 1
-        return self.samples[self.step % len(self.samples)]
+    def __init__(self, z: Optional[float], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.z = z
+
+    def train_step(self) -> None:
+        super().train_step()
+        pin_spans(self)
 
 
 def make_trainee(opts: Namespace, config: str, impl: str, shape: Shape) -> Trainee:
-    device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
+    device = torch.device(opts.device)
     _, task, model, criterion = build(opts, config, impl, shape)
     model.to(device).train()
     criterion.to(device)
     optimizer = AdagradClip(model.parameters(), lr=LR, grad_clip=ADAGRAD_CLIP)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    gen = torch.Generator().manual_seed(opts.seed)
-    nspecial = task.dictionary.nspecial
-    samples = [lm_sample(torch.randint(nspecial, shape.vocab, (shape.batch, shape.tgt + 1), generator=gen), device)
-               for _ in range(4)]
-    return Trainee(model, criterion, optimizer, scaler, samples, parse_config_name(config), device, dtype)
+    samples = random_lm_samples(shape.vocab, task.dictionary.nspecial, shape.batch, shape.tgt, opts.seed, device)
+    return Trainee(parse_config_name(config), model, criterion, optimizer, samples, device, DTYPES[opts.dtype])
 
 
 def pin_spans(t: Trainee) -> None:
@@ -244,62 +224,36 @@ def pin_spans(t: Trainee) -> None:
             mask.z.fill_(t.z)
 
 
-def train_step(t: Trainee) -> None:
-    """Forward over the carried caches + lm_loss (NLL + span loss) under autocast, backward, AdagradClip step."""
-    t.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype != torch.float32):
-        loss, sample_size, _ = t.criterion(t.model, t.next_sample())
-    t.scaler.scale(loss / sample_size).backward()
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    pin_spans(t)
-
-
 def fill_caches(t: Trainee) -> int:
     """No-grad training-mode forwards until every layer's cache holds its full length C; returns their number."""
     longest = max(layer.self_attn.window().cache for layer in t.model.decoder.layers)
     count = math.ceil(longest / t.samples[0]["target"].size(1))
-    with torch.no_grad(), torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype != torch.float32):
-        for _ in range(count):
-            t.model(t.next_sample()["net_input"]["src_tokens"])
+    t.fill_streams(count)
     return count
 
 
-def build_and_warm_up(opts: Namespace, config: str, impl: str, shape: Shape) -> Tuple[Trainee, int, int]:
-    """Build, fill the caches, run the warm-up steps; returns (trainee, fill forwards, peak bytes of the warm-up
-    training steps)."""
+def run_config(opts: Namespace, table: str, config: str, impl: str) -> Result:
+    """Throughput, telemetry and peak memory of one (table, config, impl), in this process: build, fill the caches,
+    the warm-up steps (peak memory) and the timed steps."""
+    shape = table_shape(opts, table)
+    result: Result = {"table": table, "config": config, "impl": impl, "batch": shape.batch, "tgt": shape.tgt,
+                      "span": shape.span, "vocab": shape.vocab}
+
     def build_and_fill() -> Tuple[Trainee, int]:
         trainee = make_trainee(opts, config, impl, shape)
         return trainee, fill_caches(trainee)
 
-    (trainee, fills), peak = warm_up_peak(torch.device(opts.device), build_and_fill,
-                                          lambda built: train_step(built[0]), opts.warmup, MEMORY_WINDOW)
-    return trainee, fills, peak
-
-
-def run_config(opts: Namespace, table: str, config: str, impl: str) -> Result:
-    """Throughput, telemetry and peak memory of one (table, config, impl), in this process."""
-    shape = table_shape(opts, table)
-    result: Result = {"table": table, "config": config, "impl": impl, "batch": shape.batch, "tgt": shape.tgt,
-                      "span": shape.span, "vocab": shape.vocab}
-    torch.manual_seed(opts.seed)
-
-    def run() -> Result:
-        trainee, fills, peak = build_and_warm_up(opts, config, impl, shape)
-        times = timed(lambda: train_step(trainee), opts.steps, trainee.device)
+    def telemetry(trainee: Trainee) -> Result:
         decoder = trainee.model.decoder
         windows = [layer.self_attn.window() for layer in decoder.layers]
         stats = decoder.log_stats()
         return dict(
-            **speed(shape.batch * shape.tgt, times), peak_mb=peak / 2 ** 20,
-            rss_mb=None if opts.in_process else peak_rss_bytes() / 2 ** 20, fills=fills,
             l_pos=[w.span for w in windows], cache=[w.cache for w in windows],
             cache_held=[int(s.size(1)) for s in decoder.stream_state("train").layers],
             attn_gflop=decoder.attention_gflop(shape.batch, shape.tgt), span_avg=stats.get("span_avg"),
-            params=sum(p.numel() for p in trainee.model.parameters()), layers=len(decoder.layers),
-            heads=decoder.layers[0].self_attn.num_heads, dim=decoder.embed_dim)
+            layers=len(decoder.layers), heads=decoder.layers[0].self_attn.num_heads, dim=decoder.embed_dim)
 
-    return measure(result, opts.device, run)
+    return measure_stream_training(result, opts, build_and_fill, shape.batch * shape.tgt, MEMORY_WINDOW, telemetry)
 
 
 # ====================================================================================================================

@@ -41,10 +41,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_sha_rnn.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_run_arguments,  # noqa: E402
-                      apply_run_arguments, bench_main, fairseq_config, measure, memory_description, peak_rss_bytes,
-                      random_lm_samples, resolve_defaults, run_header, run_worker, speed, timed, warm_up_peak,
-                      write_dictionary)
+from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream_run_arguments,  # noqa: E402
+                      bench_main, fairseq_config, measure_stream_training, memory_description, parse_stream_args,
+                      random_lm_samples, run_header, run_worker, write_dictionary)
 import fairseq_ext  # noqa: E402,F401  (registers sha_rnn_lm, streaming_lm, lm_loss, lamb_torch)
 from fairseq import optim, tasks, utils  # noqa: E402
 
@@ -96,20 +95,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt-len", type=int, default=None, help="segment length T (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--vocab", type=int, default=None, help=f"dictionary size incl. 4 specials (default "
                                                             f"{ENWIK8_VOCAB}, enwik8)")
-    p.add_argument("--steps", type=int, default=None, help=f"timed training steps (default {NORMAL['steps']})")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed training steps after the memory fill (default {NORMAL['warmup']}; >= 1: peak "
-                        f"memory is measured over them)")
-    add_run_arguments(p, QUICK, "fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)")
+    add_stream_run_arguments(p, QUICK, NORMAL, "memory")
     return p
 
 
 def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
-    opts = build_arg_parser().parse_args(argv)
-    apply_run_arguments(opts)
-    resolve_defaults(opts, QUICK, NORMAL, CPU_DEFAULTS, CUDA_DEFAULTS)
-    if opts.steps < 1 or opts.warmup < 1:
-        raise SystemExit("--steps and --warmup must be >= 1")
+    opts = parse_stream_args(build_arg_parser(), argv, QUICK, NORMAL, CPU_DEFAULTS, CUDA_DEFAULTS)
     if opts.batch_size < 1 or opts.tgt_len < 1 or min(opts.memories) < 1:
         raise SystemExit("--batch-size, --tgt-len and every --memories value must be >= 1")
     return opts
@@ -153,37 +144,25 @@ def memory_lengths(t: StreamTrainer) -> List[int]:
     return [] if state is None else [int(s.memory.size(1)) for s in state.layers if s.memory is not None]
 
 
-def build_and_warm_up(opts: Namespace, preset: str, memory: Optional[int]) -> Tuple[StreamTrainer, int, int]:
-    """Build, fill the attention memories to max_memory (ceil(W / T) no-grad forwards), run the warm-up steps;
-    returns (trainer, fill forwards, peak bytes of the warm-up training steps)."""
+def run_config(opts: Namespace, table: str, preset: str, memory: Optional[int]) -> Result:
+    """Throughput and peak memory of one row, in this process: build, fill the attention memories to max_memory
+    (ceil(W / T) no-grad forwards), the warm-up steps (peak memory) and the timed steps."""
+    result: Result = {"table": table, "preset": preset, "batch": opts.batch_size, "tgt": opts.tgt_len}
+
     def build_and_fill() -> Tuple[StreamTrainer, int]:
         trainer = make_trainee(opts, preset, memory)
         fills = math.ceil(trainer.model.decoder.max_memory / opts.tgt_len)
         trainer.fill_streams(fills)
         return trainer, fills
 
-    (trainer, fills), peak = warm_up_peak(torch.device(opts.device), build_and_fill,
-                                          lambda built: built[0].train_step(), opts.warmup, MEMORY_WINDOW)
-    return trainer, fills, peak
+    def telemetry(trainer: StreamTrainer) -> Result:
+        decoder = trainer.model.decoder
+        return dict(max_memory=decoder.max_memory, memory_held=memory_lengths(trainer),
+                    attn_layers=list(decoder.attn_layers), layers=len(decoder.layers),
+                    dim=decoder.embed_tokens.embedding_dim)
 
-
-def run_config(opts: Namespace, table: str, preset: str, memory: Optional[int]) -> Result:
-    """Throughput and peak memory of one row, in this process."""
-    result: Result = {"table": table, "preset": preset, "batch": opts.batch_size, "tgt": opts.tgt_len}
-    torch.manual_seed(opts.seed)
-
-    def run() -> Result:
-        trainee, fills, peak = build_and_warm_up(opts, preset, memory)
-        times = timed(trainee.train_step, opts.steps, trainee.device)
-        decoder = trainee.model.decoder
-        return dict(
-            **speed(opts.batch_size * opts.tgt_len, times), peak_mb=peak / 2 ** 20,
-            rss_mb=None if opts.in_process else peak_rss_bytes() / 2 ** 20, fills=fills,
-            max_memory=decoder.max_memory, memory_held=memory_lengths(trainee), attn_layers=list(decoder.attn_layers),
-            layers=len(decoder.layers), dim=decoder.embed_tokens.embedding_dim,
-            params=sum(p.numel() for p in trainee.model.parameters()))
-
-    return measure(result, opts.device, run)
+    return measure_stream_training(result, opts, build_and_fill, opts.batch_size * opts.tgt_len, MEMORY_WINDOW,
+                                   telemetry)
 
 
 # ====================================================================================================================

@@ -3,7 +3,8 @@ detection, GPU synchronisation, the peak-memory measurements (CUDA allocator, CP
 step timing, building configs the way ``fairseq-train`` does (a ``dict.txt`` of a given size, fairseq's training
 parser, a language-modelling sample), one configuration per row in a fresh worker subprocess (result line, failure
 and out-of-memory statuses), the shared command-line flags and report header lines, the driver ``bench_main``,
-and training a stateful LM on carried streams (``StreamTrainer``, ``random_lm_samples``, ``resolve_defaults``).
+and training a stateful LM on carried streams (``StreamTrainer``, ``random_lm_samples``, ``resolve_defaults``,
+``add_stream_run_arguments``, ``parse_stream_args``, ``measure_stream_training``).
 
 CPU peak memory is the maximum of live tensor bytes in PyTorch's CPU allocator, replayed from ``torch.profiler``
 (``profile_memory=True``) allocation/free events -- the CPU analogue of ``torch.cuda.max_memory_allocated``.
@@ -305,6 +306,28 @@ def resolve_defaults(opts: argparse.Namespace, quick: Mapping[str, Any], normal:
             setattr(opts, name, value)
 
 
+def add_stream_run_arguments(p: argparse.ArgumentParser, quick: Mapping[str, Any], normal: Mapping[str, Any],
+                             filled: str) -> None:
+    """--steps and --warmup (defaults None: :func:`resolve_defaults`) and :func:`add_run_arguments`, for a bench
+    whose warm-up steps follow a fill of the carried ``filled`` (cache, memory)."""
+    p.add_argument("--steps", type=int, default=None, help=f"timed training steps (default {normal['steps']})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed training steps after the {filled} fill (default {normal['warmup']}; >= 1: peak "
+                        f"memory is measured over them)")
+    add_run_arguments(p, quick, "fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)")
+
+
+def parse_stream_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], quick: Mapping[str, Any],
+                      normal: Mapping[str, Any], cpu: Mapping[str, Any], cuda: Mapping[str, Any]) -> argparse.Namespace:
+    """Parse, :func:`apply_run_arguments`, :func:`resolve_defaults` and check --steps / --warmup >= 1."""
+    opts = p.parse_args(argv)
+    apply_run_arguments(opts)
+    resolve_defaults(opts, quick, normal, cpu, cuda)
+    if opts.steps < 1 or opts.warmup < 1:
+        raise SystemExit("--steps and --warmup must be >= 1")
+    return opts
+
+
 def random_lm_samples(vocab: int, nspecial: int, batch: int, tgt: int, seed: int, device: torch.device,
                       count: int = 4) -> List[Result]:
     """``count`` :func:`lm_sample` batches of B x T random non-special tokens (seeded)."""
@@ -347,3 +370,22 @@ class StreamTrainer:
         with torch.no_grad(), self.autocast():
             for _ in range(count):
                 self.model(self.next_sample()["net_input"]["src_tokens"])
+
+
+def measure_stream_training(result: Result, opts: argparse.Namespace,
+                            build_and_fill: Callable[[], Tuple[StreamTrainer, int]], tokens: int, window: str,
+                            telemetry: Callable[[StreamTrainer], Result]) -> Result:
+    """Seed, build and fill (``build_and_fill`` -> (trainer, fill forwards)), run the warm-up steps (peak memory over
+    them, profiler ``window``) and ``opts.steps`` timed steps of ``tokens`` tokens each, in this process; ``result``
+    gains speed, peak_mb, rss_mb, fills, ``telemetry(trainer)`` and params (see :func:`measure`)."""
+    torch.manual_seed(opts.seed)
+
+    def run() -> Result:
+        (trainer, fills), peak = warm_up_peak(torch.device(opts.device), build_and_fill,
+                                              lambda built: built[0].train_step(), opts.warmup, window)
+        times = timed(trainer.train_step, opts.steps, trainer.device)
+        return dict(**speed(tokens, times), peak_mb=peak / 2 ** 20,
+                    rss_mb=None if opts.in_process else peak_rss_bytes() / 2 ** 20, fills=fills,
+                    **telemetry(trainer), params=sum(p.numel() for p in trainer.model.parameters()))
+
+    return measure(result, opts.device, run)

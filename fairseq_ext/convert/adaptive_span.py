@@ -40,9 +40,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
-                     add_output_arguments, build_registered_model, build_vocab_mapping, converter_parser, fairseq_cfg,
-                     fairseq_checkpoint, finish_conversion, gather_rows, load_pickled, verify_conversion)
+from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping, add_output_arguments,
+                     build_registered_model, converter_parser, finish_conversion, gather_rows, load_pickled,
+                     verify_conversion, plain_vocab_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -339,17 +339,13 @@ def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, de
                           "test.txt (--valid-txt, --test-txt), or pass its corpus.pt (--corpus-pt)", dead_bias)
     if ramp < 1:
         raise ConversionError(f"--adapt-span-ramp {ramp} must be >= 1")
-    mapping = build_vocab_mapping(symbols, [], DEFAULT_SYMBOL_MAP)
-    weights = convert_weights(src, mapping, dead_bias, dtype)
     fields = model_fields(src, ramp=ramp, dropout=dropout, emb_dropout=emb_dropout)
-    provenance = {
-        "source": "facebookresearch/adaptive-span checkpoint", **src.info,
-        "sizes": {"vocab": src.vocab_size, "hidden": src.hidden, "heads": src.heads, "span": src.span,
-                  "layers": src.layers, "ffn": src.ffn, "pers_mem": src.pers_mem},
-        "mapped_symbols": dict(mapping.mapped), "dead_ids": mapping.dead, "dead_bias": float(dead_bias),
-    }
-    checkpoint = fairseq_checkpoint(fairseq_cfg(fields, data, ARCH, tokens_per_sample), weights, mapping.symbols,
-                                    "converted_from_adaptive_span", provenance)
+    checkpoint, mapping, weights = plain_vocab_checkpoint(
+        symbols, lambda m: convert_weights(src, m, dead_bias, dtype), fields, data=data, arch=ARCH,
+        tokens_per_sample=tokens_per_sample, provenance_key="converted_from_adaptive_span",
+        source="facebookresearch/adaptive-span checkpoint", info=src.info, dead_bias=dead_bias,
+        sizes={"vocab": src.vocab_size, "hidden": src.hidden, "heads": src.heads, "span": src.span,
+               "layers": src.layers, "ffn": src.ffn, "pers_mem": src.pers_mem})
     if src.adaptive_span:
         z = torch.stack([weights[f"{PREFIX}layers.{i}.self_attn.span.z"] for i in range(src.layers)]).double()
         logger.info("spans (z L, tokens): mean %.1f, max %.1f of L = %d", float(z.mean()) * src.span,
@@ -360,9 +356,11 @@ def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, de
     return Conversion(checkpoint, mapping, fields)
 
 
-def verify_loads(conversion: Conversion) -> None:
-    """Build adaptive_span_lm from the converted config and load the weights strictly."""
-    verify_conversion(conversion, build_registered_model, ARCH)
+def finish_text_conversion(conversion: Conversion, out_dir: str, arch: str, no_verify: bool) -> Conversion:
+    """Unless ``no_verify``: build ``arch`` from the converted config and load the weights strictly; then save and
+    report the conversion (noting that the original's <eos> became </s>). Shared with convert/sha_rnn.py."""
+    verify = None if no_verify else lambda c: verify_conversion(c, build_registered_model, arch)
+    return finish_conversion(conversion, out_dir, arch, verify, note=f"{ORIGINAL_EOS} -> </s>; ")
 
 
 # ======================================================================================================================
@@ -412,8 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     conversion = convert_adaptive_span(src, symbols, dead_bias=args.dead_bias, data=out_dir,
                                        tokens_per_sample=args.tokens_per_sample, ramp=args.adapt_span_ramp,
                                        dropout=args.dropout, emb_dropout=args.emb_dropout)
-    return finish_conversion(conversion, out_dir, ARCH, None if args.no_verify else verify_loads,
-                             note=f"{ORIGINAL_EOS} -> </s>; ")
+    return finish_text_conversion(conversion, out_dir, ARCH, args.no_verify)
 
 
 if __name__ == "__main__":  # pragma: no cover

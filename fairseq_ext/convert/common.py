@@ -544,6 +544,23 @@ def fairseq_checkpoint(cfg: Dict[str, Any], weights: Dict[str, Tensor], symbols:
     }
 
 
+def plain_vocab_checkpoint(symbols: Sequence[str], convert: Callable[[VocabMapping], Dict[str, Tensor]],
+                           fields: Dict[str, Any], *, data: str, arch: str, tokens_per_sample: int,
+                           provenance_key: str, source: str, info: Mapping[str, Any], sizes: Dict[str, Any],
+                           dead_bias: float) -> Tuple[Dict[str, Any], VocabMapping, Dict[str, Tensor]]:
+    """Map a rebuilt vocabulary without clusters (default specials), convert the weights into it (``convert``) and
+    wrap them in a fairseq checkpoint with the usual provenance. Returns (checkpoint, mapping, weights)."""
+    mapping = build_vocab_mapping(symbols, [], DEFAULT_SYMBOL_MAP)
+    weights = convert(mapping)
+    provenance = {
+        "source": source, **info, "sizes": sizes,
+        "mapped_symbols": dict(mapping.mapped), "dead_ids": mapping.dead, "dead_bias": float(dead_bias),
+    }
+    checkpoint = fairseq_checkpoint(fairseq_cfg(fields, data, arch, tokens_per_sample), weights, mapping.symbols,
+                                    provenance_key, provenance)
+    return checkpoint, mapping, weights
+
+
 def write_dictionary(path: str, symbols: Sequence[str]) -> None:
     """fairseq dict.txt: every symbol after the 4 specials, in id order; counts decrease so that even a
     count-sorting ``Dictionary.finalize`` would keep the order."""

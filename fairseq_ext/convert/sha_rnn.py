@@ -35,11 +35,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .adaptive_span import ORIGINAL_EOS, add_text_vocab_arguments, check_text_vocabulary, text_vocabulary
-from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
-                     add_output_arguments, build_registered_model, build_vocab_mapping, converter_parser, fairseq_cfg,
-                     fairseq_checkpoint, finish_conversion, gather_rows, load_pickled, module_state,
-                     pickled_class_name, verify_conversion)
+from .adaptive_span import add_text_vocab_arguments, check_text_vocabulary, finish_text_conversion, text_vocabulary
+from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping, add_output_arguments,
+                     converter_parser, gather_rows, load_pickled, module_state, pickled_class_name,
+                     plain_vocab_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -187,26 +186,17 @@ def convert_sha_rnn(src: ShaRnnSource, symbols: Sequence[str], *, dead_bias: flo
                           "(--valid-txt, --test-txt)", dead_bias)
     if max_memory < 1:
         raise ConversionError(f"--max-memory {max_memory} must be >= 1")
-    mapping = build_vocab_mapping(symbols, [], DEFAULT_SYMBOL_MAP)
-    weights = convert_weights(src, mapping, dead_bias, dtype)
     fields = model_fields(src, max_memory=max_memory, dropout=dropout, dropouti=dropouti, dropouth=dropouth)
-    provenance = {
-        "source": "Smerity/sha-rnn checkpoint", **src.info,
-        "sizes": {"vocab": src.vocab_size, "dim": src.dim, "ffn": src.ffn, "layers": src.layers,
-                  "attn_layers": list(src.attn_layers), "collapsed": src.collapsed},
-        "mapped_symbols": dict(mapping.mapped), "dead_ids": mapping.dead, "dead_bias": float(dead_bias),
-    }
-    checkpoint = fairseq_checkpoint(fairseq_cfg(fields, data, ARCH, tokens_per_sample), weights, mapping.symbols,
-                                    "converted_from_sha_rnn", provenance)
+    checkpoint, mapping, _ = plain_vocab_checkpoint(
+        symbols, lambda m: convert_weights(src, m, dead_bias, dtype), fields, data=data, arch=ARCH,
+        tokens_per_sample=tokens_per_sample, provenance_key="converted_from_sha_rnn",
+        source="Smerity/sha-rnn checkpoint", info=src.info, dead_bias=dead_bias,
+        sizes={"vocab": src.vocab_size, "dim": src.dim, "ffn": src.ffn, "layers": src.layers,
+               "attn_layers": list(src.attn_layers), "collapsed": src.collapsed})
     logger.info("converted: %d blocks, d %d, d_ff %d, attention in %s (%s value gate), vocabulary %d -> %d (dead ids "
                 "%s)", src.layers, src.dim, src.ffn, src.attn_layers or "none",
                 "collapsed" if src.collapsed else "Overparam", src.vocab_size, len(mapping.symbols), mapping.dead)
     return Conversion(checkpoint, mapping, fields)
-
-
-def verify_loads(conversion: Conversion) -> None:
-    """Build sha_rnn_lm from the converted config and load the weights strictly."""
-    verify_conversion(conversion, build_registered_model, ARCH)
 
 
 # ======================================================================================================================
@@ -246,8 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     conversion = convert_sha_rnn(src, symbols, dead_bias=args.dead_bias, data=out_dir,
                                  tokens_per_sample=args.tokens_per_sample, max_memory=args.max_memory,
                                  dropout=args.dropout, dropouti=args.dropouti, dropouth=args.dropouth)
-    return finish_conversion(conversion, out_dir, ARCH, None if args.no_verify else verify_loads,
-                             note=f"{ORIGINAL_EOS} -> </s>; ")
+    return finish_text_conversion(conversion, out_dir, ARCH, args.no_verify)
 
 
 if __name__ == "__main__":  # pragma: no cover
