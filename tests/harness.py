@@ -163,23 +163,27 @@ def split_token_count(data_dir: str, split: str) -> int:
 
 
 def fairseq_train(args: Sequence[str]) -> None:
-    """``fairseq-train ARGS`` in this process (single worker)."""
+    """``fairseq-train ARGS`` in this process (single worker), through ``call_main`` like the command line (so the
+    ``fairseq_ext.compat`` config checks run)."""
     from fairseq import options
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import train
 
     parsed = options.parse_args_and_arch(options.get_training_parser(), list(args))
-    train.main(convert_namespace_to_omegaconf(parsed))
+    distributed_utils.call_main(convert_namespace_to_omegaconf(parsed), train.main)  # as fairseq-train's cli_main
 
 
 def fairseq_eval_lm(args: Sequence[str]) -> dict:
-    """``fairseq-eval-lm ARGS`` in this process; returns fairseq's result: {"loss": bits/token, "perplexity"}."""
+    """``fairseq-eval-lm ARGS`` in this process, through ``call_main`` like the command line; returns fairseq's
+    result: {"loss": bits/token, "perplexity"}."""
     from fairseq import options
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import eval_lm
 
     parsed = options.parse_args_and_arch(options.get_eval_lm_parser(), list(args))
-    return eval_lm.main(convert_namespace_to_omegaconf(parsed))
+    return distributed_utils.call_main(convert_namespace_to_omegaconf(parsed), eval_lm.main)  # returns main's result
 
 
 def streaming_eval_lm(data: str, checkpoint: str, caplog, *extra: str, split: str = "valid") -> Tuple[float, int, str]:

@@ -1,0 +1,31 @@
+"""Shims for fairseq 0.12.3.1 (``fairseq-fixed``) bugs that break a documented flow, applied once at import.
+
+Each submodule patches one area and says which fairseq function it wraps and why; every shim has a test that
+fails without it (``tests/compat/``). ``apply()`` is idempotent: importing ``fairseq_ext`` twice (``--user-dir``
+after a plain import) patches nothing twice.
+
+* ``errors``     -- a ``fairseq_ext.errors.UserError`` reaching the top of a command prints one line, no traceback.
+* ``launch``     -- ``distributed_utils.call_main``: the entry point of every fairseq command; runs the config
+                    checks of the other shims (``CONFIG_CHECKS``) before anything is built.
+"""
+from typing import Callable, List
+
+from omegaconf import DictConfig
+
+# Functions cfg -> None run on the whole config by the patched ``call_main`` before any process is started or model
+# built; they may fix fields that fairseq derives wrongly or raise a ConfigError naming what works.
+CONFIG_CHECKS: List[Callable[[DictConfig], None]] = []
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Install every shim (once per process)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from . import errors, launch, precision
+
+    for module in (errors, precision, launch):
+        module.apply()
+    _APPLIED = True
