@@ -229,3 +229,50 @@ def whole_stream_loss(model: torch.nn.Module, dictionary: "Dictionary", data: st
             nll -= lprobs.gather(-1, y[..., None]).sum().item()
             start += length
     return nll / n / math.log(2)
+
+
+# ======================================================================================================================
+# fairseq commands in subprocesses (several workers, signals, exit status)
+# ======================================================================================================================
+
+LAUNCH_ENV_DROP = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_JOB_NODELIST",
+                   "SLURM_STEP_NODELIST")
+
+
+def command_env(**extra: str) -> dict:
+    """The environment for a fairseq command in a subprocess: no inherited torchrun/SLURM variables, one OpenMP
+    thread per process (several workers share the CI machine's 2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_DROP}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def fairseq_command(program: str, args: Sequence[str], timeout: float = 300, env: Optional[dict] = None,
+                    check: bool = True):
+    """Run ``.venv/bin/<program> ARGS`` (e.g. ``fairseq-train``, ``torchrun``); returns the CompletedProcess (stdout
+    and stderr as text). With ``check``, a non-zero exit fails with the end of the output."""
+    import subprocess
+    import sys
+
+    executable = os.path.join(os.path.dirname(sys.executable), program)
+    proc = subprocess.run([executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=command_env() if env is None else env, cwd=REPO_ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{program} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def logged_updates(log: str) -> dict:
+    """{num_updates: loss} from fairseq-train's ``train_inner`` lines (``--log-format simple --log-interval 1``)."""
+    import re
+
+    pattern = re.compile(r"train_inner \| .*?loss=([-0-9.e+]+|nan|inf).*?num_updates=(\d+)")
+    return {int(m.group(2)): float(m.group(1)) for m in pattern.finditer(log)}
+
+
+def checkpoint_weights(path: str) -> dict:
+    """The tensors of a checkpoint's model state (extra state left out)."""
+    from fairseq import checkpoint_utils
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)["model"]
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
