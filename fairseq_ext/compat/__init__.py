@@ -5,6 +5,9 @@ fails without it (``tests/compat/``). ``apply()`` is idempotent: importing ``fai
 after a plain import) patches nothing twice.
 
 * ``errors``     -- a ``fairseq_ext.errors.UserError`` reaching the top of a command prints one line, no traceback.
+* ``inputs``     -- ``indexed_dataset.make_dataset`` and ``checkpoint_utils.load_checkpoint_to_cpu``: a truncated or
+                    corrupt binarised split, or a file that is no checkpoint, is a ``DataError`` naming the file and
+                    the fix (helpers ``check_torch_file`` / ``damaged_file_errors`` serve the converters).
 * ``launch``     -- ``distributed_utils.call_main``: the entry point of every fairseq command; runs the config
                     checks of the other shims (``CONFIG_CHECKS``) before anything is built.
 """
@@ -24,8 +27,8 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    from . import errors, launch, precision
+    from . import errors, inputs, launch, precision
 
-    for module in (errors, precision, launch):
+    for module in (errors, precision, inputs, launch):
         module.apply()
     _APPLIED = True
