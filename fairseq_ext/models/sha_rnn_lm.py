@@ -15,7 +15,9 @@ Overparam value gate already collapsed (``vs`` used as is, no ``vq``: the form o
 State: ``LayerStates`` of one ``SHARNNBlockState`` per block (LSTM (h, c), attention memory); streaming carries it
 across segments and the decoder base stores it detached after every call (the original detaches after each step).
 The attention memory is trimmed to ``max_memory - T`` at the start of every segment of T tokens, so what a query
-sees depends on where segments start. Incremental decoding (``forward_incremental``) therefore reproduces the
+sees depends on where segments start; ``max_memory`` below the segment length (``--tokens-per-sample``, at training or
+evaluation) is refused (``check_memory_window``): no memory would survive the trim and queries would see more than
+``max_memory`` keys. Incremental decoding (``forward_incremental``) therefore reproduces the
 streaming pass over segments of ``tokens_per_sample`` tokens exactly: the memory is trimmed for a segment of
 ``tokens_per_sample`` tokens whenever a new segment starts (``pending`` = 0) and grows untrimmed inside it.
 """
@@ -31,6 +33,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
+from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
@@ -78,19 +81,35 @@ def parse_attn_layers(spec: str, num_layers: int) -> List[int]:
     return indices
 
 
+def check_memory_window(max_memory: int, tokens_per_sample: Optional[int]) -> None:
+    """Refuse an attention window W = ``max_memory`` below the segment length T = ``tokens_per_sample`` (None: not
+    known here). Before every segment the memory is trimmed to its last max(W - T, 0) positions, so with W < T a query
+    would see up to T keys of its own segment (more than W) and never a position of an earlier segment."""
+    if max_memory < 1:
+        raise ConfigError(f"--max-memory {max_memory} must be >= 1 (the attention window: keys a query sees)")
+    if tokens_per_sample is not None and max_memory < tokens_per_sample:
+        raise ConfigError(
+            f"--max-memory {max_memory} is smaller than --tokens-per-sample {tokens_per_sample}: SHA-RNN trims its "
+            f"attention memory to max_memory - T positions before every segment of T tokens, so queries would see up "
+            f"to {tokens_per_sample} keys of their own segment and no memory at all. Use --max-memory >= "
+            f"{tokens_per_sample} (the published model: 5000 with T 1024; for a trained checkpoint --model-overrides "
+            f"\"{{'max_memory': N}}\"), or a shorter --tokens-per-sample")
+
+
 class SHARNNDecoder(StatefulDecoder):
     """Embedding -> dropouti -> blocks -> dropout -> tied output with its own bias."""
 
     def __init__(self, cfg: SHARNNConfig, dictionary) -> None:
         super().__init__(dictionary)
         vocab, dim = len(dictionary), cfg.decoder_embed_dim
-        if cfg.decoder_layers < 1 or dim < 1 or cfg.max_memory < 1:
-            raise ValueError("decoder_layers, decoder_embed_dim and max_memory must be >= 1")
+        if cfg.decoder_layers < 1 or dim < 1:
+            raise ValueError("decoder_layers and decoder_embed_dim must be >= 1")
         self.embed_dim = dim
         self.dropout = cfg.dropout
         self.dropouti = cfg.dropouti
         self.max_memory = cfg.max_memory
         self.tokens_per_sample: Optional[int] = safe_getattr(cfg, "tokens_per_sample", None)
+        check_memory_window(self.max_memory, self.tokens_per_sample)
         self.attn_layers = parse_attn_layers(cfg.attn_layers, cfg.decoder_layers)
         self.embed_tokens = nn.Embedding(vocab, dim)
         self.output_bias = nn.Parameter(torch.zeros(vocab))
@@ -175,6 +194,9 @@ class SHARNNLanguageModel(StatefulLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: SHARNNConfig, task) -> "SHARNNLanguageModel":
+        """The model for ``task``; its segment length (the task's --tokens-per-sample, which fairseq-eval-lm may set
+        apart from the checkpoint's) must fit the attention window as well (``check_memory_window``)."""
+        check_memory_window(cfg.max_memory, safe_getattr(safe_getattr(task, "cfg", None), "tokens_per_sample", None))
         return cls(SHARNNDecoder(cfg, task.target_dictionary))
 
 

@@ -46,7 +46,8 @@ def tokens(b, t, seed=1):
 def test_init_layernorm_gains_one_weights_std_gates_zero():
     torch.manual_seed(0)
     model = build_model("sha_rnn_tiny", tiny_dictionary(200), ["--decoder-embed-dim", "256",
-                                                                "--decoder-ffn-embed-dim", "1024"])
+                                                                "--decoder-ffn-embed-dim", "1024",
+                                                                "--tokens-per-sample", "8"])
     std = 0.1 / math.sqrt(256)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.LayerNorm):
@@ -269,3 +270,47 @@ def test_bfloat16_forward_keeps_query_layernorm_in_fp32():
     model = make().to(torch.bfloat16)
     logits, _ = model(tokens(2, 6))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --max-memory below the segment length: refused (the memory is trimmed to max_memory - T before every segment)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_max_memory_below_tokens_per_sample_is_refused_at_build():
+    from fairseq_ext.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--max-memory 7 is smaller than --tokens-per-sample 8: .* Use --max-memory "
+                                          r">= 8"):
+        make(max_memory=7, tokens_per_sample=8)
+    with pytest.raises(ConfigError, match="--max-memory 0 must be >= 1"):
+        make(max_memory=0, tokens_per_sample=8)
+    assert make(max_memory=8, tokens_per_sample=8).decoder.max_memory == 8  # W = T: no memory kept, still <= W keys
+
+
+def test_evaluation_segment_longer_than_the_window_is_refused():
+    """fairseq-eval-lm builds the checkpoint's model for the evaluation task, whose --tokens-per-sample may differ."""
+    from types import SimpleNamespace
+
+    from fairseq_ext.errors import ConfigError
+    from tests.harness import training_cfg
+
+    cfg = training_cfg("sha_rnn_tiny", ["--max-memory", "12", "--tokens-per-sample", "8"], task="streaming_lm").model
+    dictionary = tiny_dictionary(VOCAB - 4)
+    task = SimpleNamespace(cfg=SimpleNamespace(tokens_per_sample=16), target_dictionary=dictionary)
+    with pytest.raises(ConfigError, match="--max-memory 12 is smaller than --tokens-per-sample 16.*--model-overrides"):
+        SHARNNLanguageModel.build_model(cfg, task)
+    task.cfg.tokens_per_sample = 12
+    assert isinstance(SHARNNLanguageModel.build_model(cfg, task), SHARNNLanguageModel)
+
+
+@pytest.mark.slow
+def test_fairseq_train_refuses_max_memory_below_tokens_per_sample(tmp_path):
+    from fairseq_ext.errors import ConfigError
+    from tests.harness import USER_DIR, fairseq_preprocess, fairseq_train, random_corpus
+
+    data = fairseq_preprocess(str(tmp_path / "bin"), random_corpus(str(tmp_path / "train.txt"), 20),
+                              random_corpus(str(tmp_path / "valid.txt"), 5, seed=1))
+    with pytest.raises(ConfigError, match="--max-memory 10 is smaller than --tokens-per-sample 12"):
+        fairseq_train([data, "--user-dir", USER_DIR, "--task", "streaming_lm", "--arch", "sha_rnn_tiny",
+                       "--max-memory", "10", "--tokens-per-sample", "12", "--batch-size", "2", "--criterion",
+                       "lm_loss", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "1", "--cpu",
+                       "--num-workers", "0", "--save-dir", str(tmp_path / "ck"), "--no-save"])
