@@ -49,11 +49,18 @@ class AlibiLanguageModelConfig(TransformerLanguageModelConfig):
     attn_impl: ChoiceEnum(IMPLS) = field(
         default="auto",
         metadata={"help": "attention kernel: naive (explicit reference), sdpa (scaled_dot_product_attention with "
-                          "a broadcast (1,H,T,S) bias), flex (FlexAttention score_mod), auto (logs its choice)"},
+                          "a broadcast (1,H,T,S) bias), chunked (sdpa per block of query rows, bias built per "
+                          "block: memory O(chunk x S)), flex (FlexAttention score_mod), auto (sdpa; chunked "
+                          "without gradients when T exceeds one chunk; logs its choice)"},
+    )
+    alibi_chunk_size: int = field(
+        default=0,
+        metadata={"help": "query rows per block of the chunked kernel; 0: as many as keep one block's fp32 bias "
+                          "(H x rows x S) under 16M values (64 MiB)"},
     )
 
 
-_ALIBI_FIELDS = ("alibi_bias_form", "attn_impl")
+_ALIBI_FIELDS = ("alibi_bias_form", "attn_impl", "alibi_chunk_size")
 
 
 @with_incremental_state
@@ -95,16 +102,18 @@ class AlibiMultiheadAttention(AlibiSelfAttention):
 class AlibiDecoderLayer(TransformerDecoderLayerBase):
     """fairseq's pre-norm decoder layer with ALiBi self-attention."""
 
-    def __init__(self, cfg: TransformerConfig, bias_form: str, attn_impl: str) -> None:
+    def __init__(self, cfg: TransformerConfig, bias_form: str, attn_impl: str, chunk_size: int = 0) -> None:
         self._alibi_bias_form = bias_form  # read by build_self_attention during the base constructor
         self._attn_impl = attn_impl
+        self._chunk_size = chunk_size
         super().__init__(cfg, no_encoder_attn=True)
 
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         if add_bias_kv or add_zero_attn or cfg.cross_self_attention:
             raise ValueError("alibi_lm does not support add_bias_kv, add_zero_attn or cross_self_attention")
         return AlibiMultiheadAttention(embed_dim, cfg.decoder.attention_heads, dropout=cfg.attention_dropout,
-                                       bias_form=self._alibi_bias_form, attn_impl=self._attn_impl)
+                                       bias_form=self._alibi_bias_form, attn_impl=self._attn_impl,
+                                       chunk_size=self._chunk_size)
 
 
 class AlibiDecoder(TransformerDecoder):
@@ -123,7 +132,7 @@ class AlibiDecoder(TransformerDecoder):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         # fairseq's base constructor passes a TransformerConfig, which drops our fields: read them from self.args.
         cfg = TransformerConfig.from_namespace(cfg)
-        layer = AlibiDecoderLayer(cfg, self.args.alibi_bias_form, self.args.attn_impl)
+        layer = AlibiDecoderLayer(cfg, self.args.alibi_bias_form, self.args.attn_impl, self.args.alibi_chunk_size)
         if cfg.checkpoint_activations:
             layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
         return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)

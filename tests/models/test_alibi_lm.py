@@ -196,3 +196,44 @@ def test_one_bias_tensor_is_shared_by_all_layers():
     assert len(saved) == 1
     assert model.decoder._shared_bias is None
     out.sum().backward()
+
+
+def test_chunked_attention_matches_sdpa_in_float64_logits_gradients_and_decoding():
+    """--attn-impl chunked (5-row query blocks) is the sdpa model's function: logits, every parameter's gradient, and
+    token-by-token decoding (one query per step) equal to rounding."""
+    x = tokens(2, 13)
+    sdpa = tiny("--attn-impl", "sdpa").double()
+    chunked = tiny("--attn-impl", "chunked", "--alibi-chunk-size", "5").double()
+    chunked.load_state_dict(sdpa.state_dict())
+    assert chunked.decoder.layers[0].self_attn.chunk_size == 5
+    assert_close(logits(chunked, x), logits(sdpa, x))
+    assert_close(incremental_logits(chunked, x), logits(sdpa, x))
+    grads = []
+    for model in (sdpa, chunked):
+        model.zero_grad()
+        model(x)[0].square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for ga, gb in zip(*grads):
+        assert_close(ga, gb)
+
+
+def test_auto_evaluation_chunks_long_inputs_without_a_shared_bias():
+    """Without gradients and T beyond one chunk, ``auto`` builds no (1, H, T, T) bias and gives sdpa's logits bitwise
+    (8-row chunks); with gradients it keeps the shared sdpa bias."""
+    auto = tiny("--alibi-chunk-size", "8")
+    sdpa = tiny("--attn-impl", "sdpa")
+    sdpa.load_state_dict(auto.state_dict())
+    x = tokens(2, 40)
+    shared = []
+    original = auto.decoder.buffered_future_mask
+    auto.decoder.buffered_future_mask = lambda tensor: shared.append(original(tensor)) or shared[-1]
+    assert torch.equal(logits(auto, x), logits(sdpa, x))
+    assert shared and all(bias is None for bias in shared)
+    shared.clear()
+    auto(x)[0].sum().backward()  # gradients recorded: sdpa with the shared bias
+    assert shared and all(bias is not None and bias.shape == (1, 4, 40, 40) for bias in shared)
+
+
+def test_negative_chunk_size_is_refused():
+    with pytest.raises(ValueError, match="chunk_size"):
+        tiny("--alibi-chunk-size", "-1")

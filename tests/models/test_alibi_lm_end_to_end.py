@@ -72,6 +72,29 @@ def test_train_short_evaluate_4x_longer_without_overrides(trained, caplog):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_chunked_attention_gives_the_identical_eval_lm_loss(trained, caplog, monkeypatch):
+    """Issue 11: fairseq-eval-lm over 4x-long windows with the full-bias kernel (sdpa), the chunked kernel forced
+    (16-row query blocks) and auto (chunked: no gradients, T > one chunk) gives the same loss, bit for bit."""
+    import fairseq_ext.ops.alibi as alibi_ops
+
+    data, ckpt = trained
+    ran = []
+    for name in ("sdpa", "chunked"):
+        kernel = alibi_ops._KERNELS[name]
+        monkeypatch.setitem(alibi_ops._KERNELS, name,
+                            lambda *a, _name=name, _kernel=kernel, **kw: ran.append(_name) or _kernel(*a, **kw))
+    losses = {}
+    for label, overrides in [("sdpa", "{'attn_impl': 'sdpa'}"),
+                             ("chunked", "{'attn_impl': 'chunked', 'alibi_chunk_size': 16}"),
+                             ("auto", "{'alibi_chunk_size': 16}")]:
+        ran.clear()
+        losses[label], scored = eval_lm(data, ckpt, caplog, "--tokens-per-sample", str(4 * TRAIN_L),
+                                        "--context-window", "0", "--model-overrides", overrides)
+        assert scored == split_token_count(data, "valid")
+        assert set(ran) == {"sdpa" if label == "sdpa" else "chunked"}, (label, set(ran))
+    assert losses["chunked"] == losses["sdpa"] and losses["auto"] == losses["sdpa"], losses
+
+
 def test_sliding_window_scores_every_target_once(trained, caplog):
     data, ckpt = trained
     n = split_token_count(data, "valid")

@@ -4,7 +4,10 @@
 
 ``forward(x, state) -> (y, new_state)``: ``state`` is the KVCache of earlier tokens (incremental decoding) or
 None; the query offset for the bias is the cache length, so token-by-token decoding equals the full pass. A
-decoder may build the sdpa bias once per forward (``shared_bias``) and pass it to every layer. The
+decoder may build the sdpa bias once per forward (``shared_bias``) and pass it to every layer; when the kernel
+choice (``ops.alibi.select_impl``: ``chunked`` for long no-grad passes under ``auto``) builds the bias per query
+chunk instead, ``shared_bias`` returns None. ``chunk_size`` (query rows per chunk, 0 = from the bias budget) only
+matters for the chunked kernel. The
 projections are named ``q_proj/k_proj/v_proj/out_proj`` and initialised like fairseq's MultiheadAttention, so
 ``transformer_lm`` checkpoints load unchanged.
 """
@@ -13,29 +16,31 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from fairseq_ext.modules.positional.alibi import AlibiPositionalBias
-import torch
-
-from fairseq_ext.ops.alibi import IMPLS, alibi_attention, alibi_sdpa_bias, resolve_impl
+from fairseq_ext.ops.alibi import IMPLS, alibi_attention, alibi_sdpa_bias, select_impl
 from fairseq_ext.state import KVCache
 
 
 class AlibiSelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias_form: str = "relative",
-                 attn_impl: str = "auto", bias: bool = True) -> None:
+                 attn_impl: str = "auto", bias: bool = True, chunk_size: int = 0) -> None:
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by the number of attention heads "
                              f"({num_heads}); change --decoder-embed-dim or --decoder-attention-heads")
         if attn_impl not in IMPLS:
             raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {IMPLS}")
+        if chunk_size < 0:
+            raise ValueError(f"ALiBi chunk_size must be >= 1 query row, or 0 for the default; got {chunk_size}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
         self.attn_impl = attn_impl
+        self.chunk_size = chunk_size
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -51,13 +56,17 @@ class AlibiSelfAttention(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.constant_(self.out_proj.bias, 0.0)
 
+    def _chunk_rows(self) -> Optional[int]:
+        return self.chunk_size or None  # 0: the chunked kernel sizes chunks from its bias budget
+
     def _heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
 
     def shared_bias(self, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
-        """The (1, H, T, S) sdpa bias for a full causal pass, to share across layers; None for other kernels."""
-        if resolve_impl(self.attn_impl) != "sdpa":
+        """The (1, H, T, S) sdpa bias for a full causal pass, to share across layers; None when the kernel
+        ``forward`` will select for these lengths is not sdpa (same rule, same grad mode)."""
+        if select_impl(self.attn_impl, self.num_heads, q_len, k_len, self._chunk_rows()) != "sdpa":
             return None
         return alibi_sdpa_bias(self.positional.slopes, q_len, k_len, form=self.positional.form,
                                dtype=dtype)
@@ -79,6 +88,6 @@ class AlibiSelfAttention(nn.Module):
         out = alibi_attention(q, cache.key, cache.value, self.positional.slopes, q_offset=q_offset,
                               key_padding_mask=cache.key_padding_mask, causal=True, form=self.positional.form,
                               dropout_p=self.dropout if self.training else 0.0, impl=self.attn_impl,
-                              sdpa_bias=shared_bias)  # (B, H, T, D)
+                              sdpa_bias=shared_bias, chunk_size=self._chunk_rows())  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.out_proj(out), cache
