@@ -16,10 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fairseq_ext.convert.sha_rnn import ConversionError, main  # noqa: E402
+from fairseq_ext.convert.sha_rnn import main  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConversionError as err:
-        sys.exit(f"error: {err}")
+    main()  # a bad input prints one line "error: ..." and exits 1 (fairseq_ext.compat.errors), no traceback

@@ -33,18 +33,22 @@ were never released and are refused.
 import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping, add_output_arguments,
-                     build_registered_model, converter_parser, finish_conversion, gather_rows, load_pickled,
-                     verify_conversion, plain_vocab_checkpoint)
+from fairseq_ext.errors import MissingFileError
+
+from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, ConversionFlagError, StateReader, VocabMapping,
+                     add_output_arguments, build_registered_model, converter_parser, finish_conversion, gather_rows,
+                     load_pickled, verify_conversion, plain_vocab_checkpoint)
 
 logger = logging.getLogger(__name__)
+
+SOURCE_FILE = ("a checkpoint released by facebookresearch/adaptive-span (enwik8.pt, text8.pt, enwik8_large.pt, "
+               "text8_large.pt) or saved by its main.py")
 
 ARCH = "adaptive_span_lm"
 ORIGINAL_EOS = "<eos>"
@@ -84,24 +88,35 @@ def scan_vocabulary(paths: Sequence[str], read_chars: int = _READ_CHARS) -> List
     vocab = _FirstAppearance()
     for path in paths:
         if not os.path.isfile(path):
-            raise ConversionError(f"{path} does not exist: pass --train-txt <the preprocessed train.txt the model was "
-                                  f"trained on> (written by the original get_data.sh: prep_enwik8.py / prep_text8.py; "
-                                  f"scripts/prepare-enwik8.sh / prepare-text8.sh here), or --corpus-pt <its corpus.pt>")
-        with open(path, "r", encoding="utf-8") as f:
-            pending, line_open = "", False  # pending: a token cut by the piece boundary
-            while True:
-                piece = f.readline(read_chars)
-                if not piece:
-                    break
-                text = pending + piece
-                ends_line = text.endswith("\n")
-                tokens = text.split()
-                pending = tokens.pop() if tokens and not ends_line and not text[-1].isspace() else ""
-                vocab.add(tokens + [ORIGINAL_EOS] if ends_line else tokens)
-                line_open = not ends_line
-            if line_open:  # the last line has no newline: the original still appends <eos>
-                vocab.add(([pending] if pending else []) + [ORIGINAL_EOS])
+            raise MissingFileError(f"{path} does not exist: pass {TRAIN_TXT_HINT}")
+        try:
+            _scan_text_file(path, vocab, read_chars)
+        except UnicodeDecodeError as err:
+            raise ConversionError(f"{path} is not UTF-8 text ({err.reason}): pass {TRAIN_TXT_HINT}") from err
     return list(vocab.ids)
+
+
+TRAIN_TXT_HINT = ("--train-txt <the preprocessed train.txt the model was trained on> (written by the original "
+                  "get_data.sh: prep_enwik8.py / prep_text8.py; scripts/prepare-enwik8.sh / prepare-text8.sh here), or "
+                  "--corpus-pt <its corpus.pt>")
+
+
+def _scan_text_file(path: str, vocab: _FirstAppearance, read_chars: int) -> None:
+    """Add the symbols of one text file to ``vocab`` (``scan_vocabulary``)."""
+    with open(path, "r", encoding="utf-8") as f:
+        pending, line_open = "", False  # pending: a token cut by the piece boundary
+        while True:
+            piece = f.readline(read_chars)
+            if not piece:
+                break
+            text = pending + piece
+            ends_line = text.endswith("\n")
+            tokens = text.split()
+            pending = tokens.pop() if tokens and not ends_line and not text[-1].isspace() else ""
+            vocab.add(tokens + [ORIGINAL_EOS] if ends_line else tokens)
+            line_open = not ends_line
+        if line_open:  # the last line has no newline: the original still appends <eos>
+            vocab.add(([pending] if pending else []) + [ORIGINAL_EOS])
 
 
 def check_text_vocabulary(symbols: Sequence[str], rows: int, rows_name: str, hint: str, dead_bias: float) -> None:
@@ -113,7 +128,7 @@ def check_text_vocabulary(symbols: Sequence[str], rows: int, rows_name: str, hin
     if ORIGINAL_EOS not in symbols:
         raise ConversionError(f"the vocabulary has no {ORIGINAL_EOS}; it was not built like the original data.py")
     if dead_bias >= -10:
-        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+        raise ConversionFlagError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
 
 
 def add_text_vocab_arguments(parser: argparse.ArgumentParser, train_required: bool) -> None:
@@ -132,7 +147,8 @@ def text_vocabulary(train_txt: str, valid_txt: Optional[str], test_txt: Optional
 
 def corpus_vocabulary(path: str, trust_pickle: bool) -> List[str]:
     """``idx2word`` of the original's pickled ``corpus.pt`` (a ``data.Corpus``; read through the class shim)."""
-    corpus = load_pickled(path, trust_pickle, "corpus", contents="the original data.Corpus and data.Dictionary")
+    corpus = load_pickled(path, trust_pickle, "corpus", contents="the original data.Corpus and data.Dictionary",
+                          expected="the corpus.pt the original adaptive-span code wrote beside its data")
     dictionary = getattr(corpus, "dictionary", None)
     words = getattr(dictionary, "idx2word", None)
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
@@ -338,7 +354,7 @@ def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, de
                           "kept as lines; text8: 28); the original dictionary also continues over valid.txt and "
                           "test.txt (--valid-txt, --test-txt), or pass its corpus.pt (--corpus-pt)", dead_bias)
     if ramp < 1:
-        raise ConversionError(f"--adapt-span-ramp {ramp} must be >= 1")
+        raise ConversionFlagError(f"--adapt-span-ramp {ramp} must be >= 1")
     fields = model_fields(src, ramp=ramp, dropout=dropout, emb_dropout=emb_dropout)
     checkpoint, mapping, weights = plain_vocab_checkpoint(
         symbols, lambda m: convert_weights(src, m, dead_bias, dtype), fields, data=data, arch=ARCH,
@@ -396,12 +412,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.corpus_pt and (args.train_txt or args.valid_txt or args.test_txt):
-        raise ConversionError("pass either --corpus-pt or the text files (--train-txt ...), not both")
+        raise ConversionFlagError("pass either --corpus-pt or the text files (--train-txt ...), not both")
     if not args.corpus_pt and not args.train_txt:
-        raise ConversionError("no vocabulary source: the checkpoint holds no vocabulary; pass --train-txt <the "
+        raise ConversionFlagError("no vocabulary source: the checkpoint holds no vocabulary; pass --train-txt <the "
                               "preprocessed train.txt the model was trained on> (or --corpus-pt <corpus.pt>)")
     src = read_source(load_pickled(args.src, args.trust_pickle, contents="plain Python objects in the optimizer or "
-                                                                         "logger state"))
+                                                                         "logger state", expected=SOURCE_FILE))
     if args.corpus_pt:
         symbols = corpus_vocabulary(args.corpus_pt, args.trust_pickle)
     else:
@@ -413,8 +429,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     return finish_text_conversion(conversion, out_dir, ARCH, args.no_verify)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    try:
-        main()
-    except ConversionError as err:
-        sys.exit(f"error: {err}")
+if __name__ == "__main__":  # pragma: no cover  (a UserError prints as one line: fairseq_ext.compat.errors)
+    main()

@@ -21,6 +21,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
+from fairseq_ext.compat.inputs import check_torch_file, damaged_file_errors
+from fairseq_ext.errors import ConfigError, DataError, MissingFileError
+
 logger = logging.getLogger(__name__)
 
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0..3
@@ -33,8 +36,13 @@ PREPROCESS_HINT = ("fairseq-preprocess --only-source --srcdict {dict} --trainpre
                    "<valid.txt> --testpref <test.txt> --destdir <data-bin dir>")
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(DataError):
+    """The source files cannot be converted as given; the message names the fix (a user error: one line, no
+    traceback)."""
+
+
+class ConversionFlagError(ConversionError, ConfigError):
+    """A converter option that cannot work with this source (or at all)."""
 
 
 # ======================================================================================================================
@@ -137,13 +145,17 @@ def _shim_pickle_module() -> types.ModuleType:
 
 
 def load_pickled(path: str, trust_pickle: bool = False, what: str = "checkpoint",
-                 contents: str = "the original code's classes, argparse args, a Vocab") -> Any:
+                 contents: str = "the original code's classes, argparse args, a Vocab",
+                 expected: str = "the file the original code saved") -> Any:
     """torch's weights-only loader first; the shim (full unpickling with stub classes) only when trusted.
-    ``contents`` names what the file is expected to pickle (for the error message)."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"{what} {path} does not exist")
+    ``contents`` names what the file is expected to pickle, ``expected`` the file to pass instead of one that is no
+    torch file at all (empty, truncated, text: ``DataError`` from ``fairseq_ext.compat.inputs``)."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"{what} {path} does not exist; pass {expected}")
+    check_torch_file(path, expected)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with damaged_file_errors(path, expected):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise ConversionError(
@@ -153,7 +165,8 @@ def load_pickled(path: str, trust_pickle: bool = False, what: str = "checkpoint"
                 f"importable. ({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from err
     logger.warning("loading %s with full unpickling through the class shim (--trust-pickle)", path)
     ShimUnpickler.stubbed = set()
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_shim_pickle_module())
+    with damaged_file_errors(path, expected):
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_shim_pickle_module())
     if ShimUnpickler.stubbed:
         logger.info("stubbed classes: %s", ", ".join(sorted(ShimUnpickler.stubbed)))
     return obj
@@ -244,13 +257,21 @@ def vocab_symbols(vocab: Any, what: str) -> Optional[List[str]]:
     return [str(s) for s in idx2sym]
 
 
+VOCAB_FILE = ("the vocabulary the model was trained with: the original cache.pt (a pickled Corpus) or a text file "
+              "with one symbol per line in index order")
+
+
 def read_vocab_file(path: str, trust_pickle: bool = False) -> List[str]:
     """``--vocab``: the original ``cache.pt`` (pickled Corpus) or a text file, one symbol per line in index order
     (the first whitespace-separated field of each line, as the original ``Vocab._build_from_file`` reads it)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"--vocab {path} does not exist; pass {VOCAB_FILE}")
     with open(path, "rb") as f:
         head = f.read(4)
+    if not head:
+        raise ConversionError(f"--vocab {path} is empty; pass {VOCAB_FILE}")
     if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip or legacy pickle
-        return vocab_symbols(load_pickled(path, trust_pickle, "vocabulary"), path)
+        return vocab_symbols(load_pickled(path, trust_pickle, "vocabulary", expected=VOCAB_FILE), path)
     symbols = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -288,8 +309,8 @@ def build_vocab_mapping(symbols: Sequence[str], cutoffs: Sequence[int],
         symbol_map["<UNK>"] = "<unk>"  # lm1b's vocabulary spells it <UNK>: the <unk> mapping applies to it
     for orig, special in symbol_map.items():
         if special and special not in FAIRSEQ_SPECIALS:
-            raise ConversionError(f"--map-symbol {orig}={special}: the target must be a fairseq special "
-                                  f"{FAIRSEQ_SPECIALS}")
+            raise ConversionFlagError(f"--map-symbol {orig}={special}: the target must be a fairseq special "
+                                      f"{FAIRSEQ_SPECIALS}")
     seen: Dict[str, int] = {}
     for i, sym in enumerate(symbols):
         if not sym or any(c.isspace() for c in sym):
@@ -503,7 +524,7 @@ def fairseq_dictionary(symbols: Sequence[str]) -> Any:
     for sym in symbols[len(FAIRSEQ_SPECIALS):]:
         dictionary.add_symbol(sym)
     if dictionary.symbols != list(symbols):
-        raise ConversionError("fairseq's Dictionary reorders the converted symbols; this is a converter bug")
+        raise RuntimeError("fairseq's Dictionary reorders the converted symbols; this is a converter bug")
     return dictionary
 
 
@@ -521,7 +542,7 @@ def fairseq_cfg(fields: Mapping[str, Any], data: str, arch: str, tokens_per_samp
     cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True)
     unknown = set(fields) - set(cfg["model"])
     if unknown:
-        raise ConversionError(f"{arch} has no config fields {sorted(unknown)}; converter and model disagree")
+        raise RuntimeError(f"{arch} has no config fields {sorted(unknown)}; converter and model disagree (a bug)")
     cfg["model"].update(fields)
     return cfg
 
@@ -578,10 +599,10 @@ def verify_strict_load(build: Callable[[], nn.Module], weights: Mapping[str, Ten
     try:  # nn.Module's own loader (fairseq's takes no ``assign``); assign: the meta model gets the real tensors
         missing, unexpected = nn.Module.load_state_dict(model, weights, strict=False, assign=True)
     except RuntimeError as err:
-        raise ConversionError(f"converted weights do not fit {arch}: {err}") from err
+        raise RuntimeError(f"converted weights do not fit {arch} (a converter bug): {err}") from err
     if missing or unexpected:
-        raise ConversionError(f"converted weights do not fit {arch}: missing {missing[:8]}, unexpected "
-                              f"{unexpected[:8]}")
+        raise RuntimeError(f"converted weights do not fit {arch} (a converter bug): missing {missing[:8]}, "
+                           f"unexpected {unexpected[:8]}")
 
 
 def verify_conversion(conversion: Conversion, build: Callable[[Any, Any], nn.Module], arch: str) -> None:
@@ -660,7 +681,8 @@ def symbol_map_from_pairs(pairs: Sequence[str]) -> Dict[str, str]:
     mapping = dict(DEFAULT_SYMBOL_MAP)
     for pair in pairs:
         if "=" not in pair:
-            raise ConversionError(f"--map-symbol {pair!r}: expected ORIGINAL=FAIRSEQ_SPECIAL (or ORIGINAL= to unmap)")
+            raise ConversionFlagError(f"--map-symbol {pair!r}: expected ORIGINAL=FAIRSEQ_SPECIAL (or ORIGINAL= to "
+                                      f"unmap)")
         orig, special = pair.split("=", 1)
         mapping[orig] = special
     return mapping

@@ -32,20 +32,23 @@ scale 1, epsilon 1e-5 sqrt(d)), so their weights convert unchanged. Unsupported 
 import argparse
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping, add_output_arguments,
+from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, ConversionFlagError, StateReader, VocabMapping,
+                     add_output_arguments,
                      add_vocab_arguments, build_vocab_mapping, convert_adaptive_weights, convert_layer_norms_and_ffn,
                      converter_parser, fairseq_cfg, fairseq_checkpoint, finish_conversion, load_pickled, module_state,
                      parse_on_off, pickled_adaptive_softmax, pickled_attr, pickled_child, pickled_class_name, read_vocab_file, same_tensor,
                      symbol_map_from_pairs, unwrap_pickled_model, verify_conversion)
 
 logger = logging.getLogger(__name__)
+
+SOURCE_FILE = ("lmtool-fwms's pickled model, best_model.pt or latest_model.pt from its work_dir (not the optimizer "
+               "state *_opt.pt)")
 
 ARCH = "fast_weight_lm"
 DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
@@ -325,14 +328,14 @@ def convert_fast_weight(src: LmtoolSource, symbols: Optional[Sequence[str]], *,
     validate_source(cfg)
     symbols = list(symbols or [])
     if not symbols:
-        raise ConversionError("no vocabulary: lmtool's model file does not contain one; pass --vocab (the corpus "
+        raise ConversionFlagError("no vocabulary: lmtool's model file does not contain one; pass --vocab (the corpus "
                               "cache.pt of the training data directory, or a text file with one symbol per line in "
                               "index order)")
     if len(symbols) != cfg.n_token:
         raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
                               f"{cfg.n_token}; pass the vocabulary the model was trained with")
     if dead_bias >= -10:
-        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+        raise ConversionFlagError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
     mapping = build_vocab_mapping(symbols, cfg.cutoffs, symbol_map)
     weights = convert_weights(src, mapping, dead_bias, dtype)
     fields = model_fields(cfg, mapping.cutoffs, tokens_per_sample)
@@ -390,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    src = read_source(load_pickled(args.src, args.trust_pickle, contents="the whole lmtool MemTransformerLM"),
+    src = read_source(load_pickled(args.src, args.trust_pickle, contents="the whole lmtool MemTransformerLM",
+                                   expected=SOURCE_FILE),
                       args.carry_over_fast_weight, args.assume_raw_sum_features)
     symbols = read_vocab_file(args.vocab, args.trust_pickle) if args.vocab else None
     out_dir = os.path.abspath(args.out_dir)
@@ -399,8 +403,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     return finish_conversion(conversion, out_dir, ARCH, None if args.no_verify else verify_loads)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    try:
-        main()
-    except ConversionError as err:
-        sys.exit(f"error: {err}")
+if __name__ == "__main__":  # pragma: no cover  (a UserError prints as one line: fairseq_ext.compat.errors)
+    main()

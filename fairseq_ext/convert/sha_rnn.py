@@ -28,23 +28,25 @@ appearance), with the scanner of convert/adaptive_span.py (the same ``data.py``)
 import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from fairseq_ext.models.sha_rnn_lm import check_memory_window
+
 from .adaptive_span import add_text_vocab_arguments, check_text_vocabulary, finish_text_conversion, text_vocabulary
-from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping, add_output_arguments,
-                     converter_parser, gather_rows, load_pickled, module_state, pickled_class_name,
-                     plain_vocab_checkpoint)
+from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
+                     add_output_arguments, converter_parser, gather_rows, load_pickled, module_state,
+                     pickled_class_name, plain_vocab_checkpoint)
 
 logger = logging.getLogger(__name__)
 
 ARCH = "sha_rnn_lm"
 BPTT = 1024  # --bptt of the README commands
 MAX_MEMORY = 5000  # num_max_positions (len(pos_emb)), not stored in the checkpoint
+SOURCE_FILE = "the checkpoint Smerity/sha-rnn's main.py saved (--save ENWIK8.pt) or a SHARNN state dict"
 LAYER_NORMS = ("lnstart", "lnmid", "lnmem", "lnff", "lnxff")
 UNUSED_LAYER_NORM = "lnout"
 LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -184,8 +186,7 @@ def convert_sha_rnn(src: ShaRnnSource, symbols: Sequence[str], *, dead_bias: flo
                           "Pass the preprocessed train.txt the model was trained on (enwik8: 205 types, newlines kept "
                           "as lines); the original dictionary also continues over valid.txt and test.txt "
                           "(--valid-txt, --test-txt)", dead_bias)
-    if max_memory < 1:
-        raise ConversionError(f"--max-memory {max_memory} must be >= 1")
+    check_memory_window(max_memory, tokens_per_sample)
     fields = model_fields(src, max_memory=max_memory, dropout=dropout, dropouti=dropouti, dropouth=dropouth)
     checkpoint, mapping, _ = plain_vocab_checkpoint(
         symbols, lambda m: convert_weights(src, m, dead_bias, dtype), fields, data=data, arch=ARCH,
@@ -230,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     src = read_source(load_pickled(args.src, args.trust_pickle,
-                                   contents="the original model.SHARNN and splitcross.SplitCrossEntropyLoss modules"))
+                                   contents="the original model.SHARNN and splitcross.SplitCrossEntropyLoss modules",
+                                   expected=SOURCE_FILE))
     symbols = text_vocabulary(args.train_txt, args.valid_txt, args.test_txt)
     out_dir = os.path.abspath(args.out_dir)
     conversion = convert_sha_rnn(src, symbols, dead_bias=args.dead_bias, data=out_dir,
@@ -239,8 +241,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     return finish_text_conversion(conversion, out_dir, ARCH, args.no_verify)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    try:
-        main()
-    except ConversionError as err:
-        sys.exit(f"error: {err}")
+if __name__ == "__main__":  # pragma: no cover  (a UserError prints as one line: fairseq_ext.compat.errors)
+    main()

@@ -30,7 +30,6 @@ by the number of dead rows. Binarise text with ``fairseq-preprocess --only-sourc
 import argparse
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -38,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT, TIE_PROJ_MODES,  # noqa: F401 (re-exports)
-                     Conversion, ConversionError, PickledStub, ShimUnpickler, StateReader, VocabMapping,
+                     Conversion, ConversionError, ConversionFlagError, PickledStub, ShimUnpickler, StateReader,
+                     VocabMapping,
                      add_output_arguments, add_vocab_arguments, build_vocab_mapping, convert_adaptive_weights,
                      convert_layer_norms_and_ffn, converter_parser, fairseq_cfg, fairseq_checkpoint,
                      fairseq_dictionary, finish_conversion, gather_rows, load_pickled, module_state, pickled_attr,
@@ -47,6 +47,9 @@ from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT, TIE
                      write_dictionary)
 
 logger = logging.getLogger(__name__)
+
+SOURCE_FILE = ("the model.pt saved by the original Transformer-XL train.py (kimiyoung/transformer-xl) or an NVIDIA "
+               "checkpoint_*.pt (DeepLearningExamples)")
 
 DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
 
@@ -300,7 +303,7 @@ def model_fields(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode: s
         "tokens_per_sample": int(tokens_per_sample or cfg.tgt_len or 128),
     }
     if fields["same_length"] and fields["mem_len"] < 1:
-        raise ConversionError("same_length needs mem_len >= 1; pass --eval-mem-len")
+        raise ConversionFlagError("same_length needs mem_len >= 1; pass --eval-mem-len")
     return fields
 
 
@@ -315,13 +318,13 @@ def convert_transformer_xl(src: SourceCheckpoint, symbols: Optional[Sequence[str
     validate_source(cfg)
     symbols = list(symbols if symbols is not None else (src.symbols or []))
     if not symbols:
-        raise ConversionError("no vocabulary: the original model.pt does not contain one; pass --vocab (the original "
+        raise ConversionFlagError("no vocabulary: the original model.pt does not contain one; pass --vocab (the original "
                               "cache.pt, or a text file with one symbol per line in index order)")
     if len(symbols) != cfg.n_token:
         raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
                               f"{cfg.n_token}; pass the vocabulary the model was trained with")
     if dead_bias >= -10:
-        raise ConversionError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+        raise ConversionFlagError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
     mapping = build_vocab_mapping(symbols, cfg.cutoffs, symbol_map)
     if src.layout == "original":
         tie_weight, flags = detect_original_ties(src.state, cfg)
@@ -394,9 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    src = read_source(load_pickled(args.src, args.trust_pickle))
+    src = read_source(load_pickled(args.src, args.trust_pickle, expected=SOURCE_FILE))
     if args.format != "auto" and src.layout != args.format:
-        raise ConversionError(f"{args.src} is a {src.layout} checkpoint, not {args.format}")
+        raise ConversionFlagError(f"{args.src} is a {src.layout} checkpoint, not {args.format}: drop --format or "
+                                  f"pass --format {src.layout}")
     symbols = read_vocab_file(args.vocab, args.trust_pickle) if args.vocab else None
     out_dir = os.path.abspath(args.out_dir)
     conversion = convert_transformer_xl(
@@ -406,8 +410,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
     return finish_conversion(conversion, out_dir, "transformer_xl_lm", None if args.no_verify else verify_loads)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    try:
-        main()
-    except ConversionError as err:
-        sys.exit(f"error: {err}")
+if __name__ == "__main__":  # pragma: no cover  (a UserError prints as one line: fairseq_ext.compat.errors)
+    main()

@@ -17,6 +17,7 @@ import torch
 from fairseq_ext.convert.adaptive_span import (ConversionError, convert_adaptive_span, main, read_source,
                                                scan_vocabulary)
 from fairseq_ext.convert.common import DEAD_BIAS, save_conversion
+from fairseq_ext.errors import MissingFileError
 from tests.convert.adaptive_span_reference import ReferenceAdaptiveSpan
 from tests.harness import REPO_ROOT, assert_close, single_thread
 
@@ -236,7 +237,7 @@ def test_cli_errors_and_pickled_checkpoints(tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(ConversionError, match="--train-txt"):
         main([str(src), out])
-    with pytest.raises(ConversionError, match="does not exist: pass --train-txt"):
+    with pytest.raises(MissingFileError, match="does not exist: pass --train-txt"):
         main([str(src), out, "--train-txt", str(tmp_path / "missing.txt")])
     short = tmp_path / "short.txt"
     short.write_text("60 61\n")

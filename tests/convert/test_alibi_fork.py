@@ -122,3 +122,25 @@ def test_converter_rejects_other_archs_and_double_conversion(fork_checkpoint):
         convert_alibi_fork_state(state)
     with pytest.raises(ConversionError, match="argparse Namespace"):
         convert_alibi_fork_state({"args": argparse.Namespace(arch="transformer_lm"), "model": {}})
+
+
+def test_stock_transformer_lm_checkpoint_is_refused_unless_acknowledged(fork_checkpoint, tmp_path):
+    """Same weights, same arch name: only the fork's cfg.model.max_tokens tells a fork checkpoint from a stock one;
+    without it the conversion needs --trained-with-alibi (a stock model converted would score a wrong ppl)."""
+    from fairseq_ext.errors import ConfigError
+
+    src, _, _ = fork_checkpoint
+    state = torch.load(src, weights_only=False)
+    del state["cfg"]["model"]["max_tokens"]
+    stock = tmp_path / "transformer_lm_wiki103.pt"
+    torch.save(state, stock)
+    dst = tmp_path / "converted.pt"
+    with pytest.raises(ConfigError, match=r"looks like stock fairseq's, not the ALiBi fork's: its cfg\['model'\] lacks "
+                                          r"'max_tokens'.*re-run with --trained-with-alibi") as error:
+        main([str(stock), str(dst), "--trust-pickle"])
+    assert isinstance(error.value, ConversionError) and not dst.exists()
+    main([str(stock), str(dst), "--trust-pickle", "--trained-with-alibi"])
+    assert torch.load(dst, weights_only=True)["cfg"]["model"]["_name"] == "alibi_lm_wiki103"
+    with pytest.raises(ConversionError, match="lacks 'max_tokens'"):
+        convert_alibi_fork_state(state)
+    assert convert_alibi_fork_state(state, trained_with_alibi=True)["cfg"]["model"]["_name"] == "alibi_lm_wiki103"

@@ -167,11 +167,12 @@ def test_converted_model_equals_original_algorithm(name, window, tmp_path):
     src = read_source(state)
     assert (src.layers, src.dim, src.ffn, src.attn_layers, src.collapsed) == (LAYERS, DIM, FFN, case["attn"],
                                                                               case["collapsed"])
+    segment = 1024 if window >= 1024 else SEG  # the stored T may not exceed the window (check_memory_window)
     conversion = convert_sha_rnn(src, scan_vocabulary([write_train(tmp_path)]), data=str(tmp_path),
-                                 max_memory=window)
+                                 max_memory=window, tokens_per_sample=segment)
     cfg = conversion.model_cfg
     assert cfg["attn_layers"] == ",".join(map(str, case["attn"])) and cfg["collapse_value_gate"] == case["collapsed"]
-    assert cfg["max_memory"] == window and conversion.checkpoint["cfg"]["task"]["tokens_per_sample"] == 1024
+    assert cfg["max_memory"] == window and conversion.checkpoint["cfg"]["task"]["tokens_per_sample"] == segment
     weights = conversion.checkpoint["model"]
     assert not any("lnout" in k or "qkvs" in k or "r_gate" in k for k in weights)
     assert weights["decoder.layers.0.attn.qs"].shape == (DIM,)
