@@ -53,11 +53,18 @@ def _not_a_checkpoint(path: str, reason: str, expected: str) -> DataError:
     return DataError(f"{path} is not a PyTorch checkpoint ({reason}); pass {expected}")
 
 
+def _as_text(head: bytes) -> Optional[str]:
+    """``head`` as UTF-8 text (a character cut at the end of the read is dropped), or None."""
+    for cut in range(4):
+        try:
+            return head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
 def _describe_bytes(head: bytes) -> str:
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
+    text = _as_text(head)
     if text is not None and all(c.isprintable() or c.isspace() for c in text):
         first = text.strip().splitlines()[0][:40] if text.strip() else ""
         return f"a text file starting with {first!r}"
