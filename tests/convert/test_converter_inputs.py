@@ -12,14 +12,12 @@ from fairseq_ext.errors import DataError, MissingFileError
 
 def args(module, src: str, tmp_path) -> List[str]:
     """Command lines that get as far as reading ``src``."""
-    out = str(tmp_path / "out")
-    if module is alibi_fork:
-        return [src, out, "--trust-pickle"]
-    if module in (adaptive_span, sha_rnn):
+    command = [src, str(tmp_path / "out"), "--trust-pickle"]
+    if module in (adaptive_span, sha_rnn):  # they need the training text before reading the checkpoint
         train = tmp_path / "train.txt"
         train.write_text("a b\n")
-        return [src, out, "--train-txt", str(train), "--trust-pickle"]
-    return [src, out, "--trust-pickle"]
+        command += ["--train-txt", str(train)]
+    return command
 
 
 CONVERTERS = {"alibi": alibi_fork, "adaptive_span": adaptive_span, "fast_weight": fast_weight, "sha_rnn": sha_rnn,
