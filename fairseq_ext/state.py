@@ -57,6 +57,10 @@ class SegmentState:
     def to(self: S, device: Union[str, torch.device]) -> S:
         return self._map(lambda t: t.to(device))
 
+    def contiguous(self: S) -> S:
+        """Every tensor contiguous (a view of a larger buffer is copied: a checkpoint then holds only its rows)."""
+        return self._map(lambda t: t.contiguous())
+
     def tensors(self):
         """Yield every tensor held, depth first."""
         stack = [getattr(self, f.name) for f in reversed(dataclasses.fields(self))]

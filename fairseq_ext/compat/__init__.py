@@ -5,6 +5,13 @@ fails without it (``tests/compat/``). ``apply()`` is idempotent: importing ``fai
 after a plain import) patches nothing twice.
 
 * ``errors``     -- a ``fairseq_ext.errors.UserError`` reaching the top of a command prints one line, no traceback.
+* ``distributed``-- data-parallel training on CPU (DDP without device ids), fully_sharded refused where it cannot
+                    run, multi-worker resume (weights_only broadcast), per-rank dropout seeds.
+* ``checkpoints``-- atomic checkpoint files (no retry into the same handle, atomic copies), Ctrl-C deferred until a
+                    save completes then a non-zero exit, nothing written under ``--no-save`` (crash.pt), and a
+                    pre-save hook on every rank for the task's per-rank state.
+* ``tasks``      -- fairseq's ``language_modeling`` refuses data binarised with another dictionary than the
+                    checkpoint's (evaluation and resume), as ``streaming_lm`` does.
 * ``inputs``     -- ``indexed_dataset.make_dataset`` and ``checkpoint_utils.load_checkpoint_to_cpu``: a truncated or
                     corrupt binarised split, or a file that is no checkpoint, is a ``DataError`` naming the file and
                     the fix (helpers ``check_torch_file`` / ``damaged_file_errors`` serve the converters).
@@ -27,8 +34,8 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    from . import errors, inputs, launch, precision
+    from . import checkpoints, distributed, errors, inputs, launch, precision, tasks
 
-    for module in (errors, precision, inputs, launch):
+    for module in (errors, precision, distributed, checkpoints, tasks, inputs, launch):
         module.apply()
     _APPLIED = True

@@ -10,7 +10,9 @@
 * Resuming with several workers: rank 0 loads the checkpoint and ``distributed_utils._broadcast_object_slow``
   sends its non-tensor part with ``torch.save`` / ``torch.load``; torch >= 2.6 loads weights-only by default and
   refuses the omegaconf ``DictConfig`` inside (``UnpicklingError`` on rank 1). The bytes come from rank 0 of the
-  same job, so the receivers load them with ``weights_only=False``.
+  same job, so the receivers load them with ``weights_only=False``. Its tensors go through
+  ``distributed_utils.broadcast_tensors``, which sends a non-contiguous tensor (a view, e.g. a slice of carried
+  memory) as its raw storage: the receivers got other numbers (measured with gloo). They are sent contiguous.
 * Dropout on several workers: ``Trainer._set_seed`` seeds every rank with ``seed + num_updates``, so every rank draws
   the same dropout masks (and the same Performer redraws) for different data. Rank r > 0 is seeded with a number
   derived from (seed + num_updates, r) instead; rank 0 keeps fairseq's seed, so single-worker runs are unchanged
@@ -18,7 +20,7 @@
 """
 import io
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,11 +97,23 @@ def _broadcast_object_slow(obj: Any, src_rank: int, group: object, dist_device: 
     return torch.load(io.BytesIO(data.cpu().numpy()), map_location="cpu", weights_only=False)
 
 
+_fairseq_broadcast_tensors = distributed_utils.broadcast_tensors
+
+
+def broadcast_tensors(tensors: Optional[List[torch.Tensor]], src_rank: int, group: object,
+                      dist_device: Optional[torch.device] = None) -> List[torch.Tensor]:
+    """fairseq's ``broadcast_tensors`` with the source's tensors made contiguous first."""
+    if tensors is not None:
+        tensors = [tensor.contiguous() for tensor in tensors]
+    return _fairseq_broadcast_tensors(tensors, src_rank, group, dist_device)
+
+
 def apply() -> None:
     from fairseq_ext.compat import CONFIG_CHECKS
 
     distributed_fairseq_model.DistributedDataParallel = DistributedDataParallel
     distributed_utils._broadcast_object_slow = _broadcast_object_slow
+    distributed_utils.broadcast_tensors = broadcast_tensors
     fairseq_trainer.Trainer._set_seed = _set_seed
     if refuse_unusable_fsdp not in CONFIG_CHECKS:
         CONFIG_CHECKS.append(refuse_unusable_fsdp)

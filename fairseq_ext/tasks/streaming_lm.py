@@ -35,7 +35,6 @@ peak memory (the original adaptive-span trainer's micro-batching). Validation an
 
 import contextlib
 import glob
-import hashlib
 import logging
 import math
 import os
@@ -56,8 +55,11 @@ from torch import Tensor, nn
 
 from fairseq_ext.criterions.lm_loss import STAT_COUNT, STAT_PREFIX
 from fairseq_ext.data import StreamDataset, concat_lines
+from fairseq_ext.errors import ConfigError, DataError, MissingFileError
 from fairseq_ext.models.base import StatefulDecoder, reset_stream_state
 from fairseq_ext.optim.bounds import clamp_parameters
+from fairseq_ext.tasks.dictionary_check import (  # noqa: F401  (dictionary_fingerprint: used by the converters)
+    STATE_KEY, DictionaryCheckedTask, dictionary_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +163,51 @@ def protocol_label(dataset: StreamDataset) -> str:
     return f"stream(B={dataset.batch_size * dataset.num_shards}, T={dataset.tokens_per_sample}, {warmup})"
 
 
-def dictionary_fingerprint(dictionary: Dictionary) -> Dict[str, Any]:
-    """Size and SHA-1 of the symbol list: enough to tell two dictionaries apart."""
-    digest = hashlib.sha1("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
-    return {"size": len(dictionary), "sha1": digest}
+def stream_cursor(layout: StreamDataset, segment: int) -> Dict[str, int]:
+    """Where scored segment ``segment`` of ``layout`` starts: the target offset in every stream (the same for every
+    stream and worker), the number of streams and the split length. Two cursors are equal exactly when a state
+    carried to the one continues the text at the other."""
+    return {"streams": layout.batch_size * layout.num_shards, "tokens": len(layout.tokens),
+            "offset": layout.start_offset + layout.segment_start(segment)}
+
+
+def cursor_mismatch(saved: Optional[Dict[str, int]], here: Dict[str, int]) -> Optional[str]:
+    """Why training at cursor ``here`` does not continue a state that ended at ``saved`` (None: it does)."""
+    if saved == here:
+        return None
+    if saved is None:
+        return "the checkpoint records no position of its training streams"
+    if saved["streams"] != here["streams"]:
+        return (f"the training data is now cut into {here['streams']} streams (--batch-size x workers), the "
+                f"checkpoint's into {saved['streams']}")
+    if saved["tokens"] != here["tokens"]:
+        return f"the training split now has {here['tokens']:,} tokens, the checkpoint's had {saved['tokens']:,}"
+    return (f"training resumes at token {here['offset']:,} of every stream but the saved state ends at token "
+            f"{saved['offset']:,} (--tokens-per-sample, --variable-bptt, --train-stream-offset or the data "
+            f"loader changed)")
+
+
+class TrainCursorCollater:
+    """The training collater: ``layout``'s batch plus ``sample["stream_cursor"]``, the cursors of the segment's
+    start and end (``stream_cursor``), so that the task can tell whether a saved state continues into it."""
+
+    def __init__(self, layout: StreamDataset) -> None:
+        self.layout = layout
+
+    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
+        sample = self.layout.collater(items)
+        if sample:
+            segment = sample["segment"]
+            sample["stream_cursor"] = {"start": stream_cursor(self.layout, segment),
+                                       "end": stream_cursor(self.layout, segment + 1)}
+        return sample
 
 
 def row_slices(batch_size: int, parts: int) -> List[Tuple[int, int]]:
     """``--batch-split``: [start, stop) of ``parts`` consecutive row slices of a batch, sizes as
     ``torch.tensor_split`` (the first ``batch_size % parts`` slices have one more row)."""
     if parts > batch_size:
-        raise ValueError(f"--batch-split {parts} exceeds the {batch_size} streams of a training batch (--batch-size "
+        raise ConfigError(f"--batch-split {parts} exceeds the {batch_size} streams of a training batch (--batch-size "
                          f"per worker): every slice needs at least one stream; use --batch-split <= {batch_size} "
                          f"or a larger --batch-size")
     bounds, start = [], 0
@@ -231,25 +267,30 @@ def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 @register_task("streaming_lm", dataclass=StreamingLMConfig)
-class StreamingLMTask(FairseqTask):
+class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
     """Train and evaluate LMs on contiguous streams; see the module docstring."""
 
-    STATE_KEY = "dictionary_fingerprint"
+    STATE_KEY = STATE_KEY
     WARMUP_KEY = "warmup_segment"  # logging output of a warm-up valid_step
 
     def __init__(self, cfg: StreamingLMConfig, dictionary: Dictionary) -> None:
         super().__init__(cfg)
         self.dictionary = dictionary
         self._resumable: List[StatefulDecoder] = []  # see begin_epoch / train_step
+        self._resume_cursor: Optional[Dict[str, int]] = None  # where a loaded checkpoint's train streams end
+        self._train_cursor: Optional[Dict[str, int]] = None  # where the train streams end after the last step
         self._split_decoders: Optional[Tuple[nn.Module, List[StatefulDecoder]]] = None  # (model, its decoders)
         self._evaluating = False  # inside eval_lm_dataloader: no training-only layout (--variable-bptt)
         self.batch_split = getattr(cfg, "batch_split", 1)  # absent from older checkpoints' task configs
         if self.batch_split < 1:
-            raise ValueError(f"--batch-split must be >= 1 (row slices per training batch), got {self.batch_split}")
-        self.state.merge_state_dict({self.STATE_KEY: dictionary_fingerprint(dictionary)})  # saved in checkpoints
+            raise ConfigError(f"--batch-split must be >= 1 (row slices per training batch), got {self.batch_split}")
+        if cfg.tokens_per_sample < 1:
+            raise ConfigError(f"--tokens-per-sample must be >= 1 (T, the tokens of every stream per batch), got "
+                              f"{cfg.tokens_per_sample}")
+        self.remember_dictionary()  # saved in checkpoints, checked when one is read
         requested = getattr(cfg, "eval_warmup_tokens", 0) or 0  # absent from older checkpoints' task configs
         if requested < 0:
-            raise ValueError(f"--eval-warmup-tokens must be >= 0, got {requested}: pass the evaluation mem_len for "
+            raise ConfigError(f"--eval-warmup-tokens must be >= 0, got {requested}: pass the evaluation mem_len for "
                              f"NVIDIA's warm-up protocol, or 0 (the default) for cold streams")
         length = cfg.tokens_per_sample
         self.eval_warmup_tokens = math.ceil(requested / length) * length  # W, a multiple of T
@@ -266,30 +307,35 @@ class StreamingLMTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg: StreamingLMConfig, from_checkpoint: bool = False) -> "StreamingLMTask":
         if cfg.add_bos_token:
-            raise ValueError("--task streaming_lm does not support --add-bos-token: a stream's first input is </s> "
+            raise ConfigError("--task streaming_lm does not support --add-bos-token: a stream's first input is </s> "
                              "and segments continue each other without a <s>")
         if not cfg.data:
-            raise ValueError("--task streaming_lm needs a data directory (fairseq-preprocess output); "
+            raise ConfigError("--task streaming_lm needs a data directory (fairseq-preprocess output); "
                              + PREPARE_HINT.format(path="data-bin/<corpus>"))
         path = utils.split_paths(cfg.data)[0]
         dict_path = os.path.join(path, "dict.txt")
         if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"no fairseq data directory at {path} (missing {dict_path}); "
+            raise MissingFileError(f"no fairseq data directory at {path} (missing {dict_path}); "
                                     + PREPARE_HINT.format(path=path))
         dictionary = Dictionary.load(dict_path)
         logger.info("dictionary: %d types", len(dictionary))
         return cls(cfg, dictionary)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Checkpoint task state: refuse a checkpoint whose dictionary differs from the data directory's."""
-        saved, current = state_dict.get(self.STATE_KEY), dictionary_fingerprint(self.dictionary)
-        if saved is not None and saved != current:
-            raise ValueError(
-                f"dictionary mismatch: the checkpoint was trained with a dictionary of {saved['size']} types "
-                f"(sha1 {saved['sha1'][:12]}), but {self.cfg.data}/dict.txt has {current['size']} types "
-                f"(sha1 {current['sha1'][:12]}); binarise the data with the training dictionary "
-                f"(fairseq-preprocess --srcdict <training data dir>/dict.txt)")
-        super().load_state_dict(state_dict)
+    @property
+    def data_path(self) -> str:
+        return utils.split_paths(self.cfg.data)[0]
+
+    def get_checkpoint_dict(self) -> Dict[str, Dict[str, Any]]:
+        """fairseq-train's task extra state: the dictionary fingerprint and where the training streams end (rank 0
+        writes it; every rank is at the same segment)."""
+        state = super().get_checkpoint_dict()
+        state[type(self).__name__]["train_stream_end"] = self._train_cursor
+        return state
+
+    def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
+        """fairseq-train resuming: refuse another dictionary; remember where the saved training streams end."""
+        super().set_checkpoint_dict(state)
+        self._resume_cursor = state.get("train_stream_end")
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False,
                      data_selector: Optional[Callable[..., Any]] = None,
@@ -298,21 +344,18 @@ class StreamingLMTask(FairseqTask):
         evaluation warm-up. ``task_cfg`` (a checkpoint's task config, passed by fairseq-validate/generate) is not
         needed: the layout comes from this task's config."""
         if data_selector is not None or tpu:
-            raise ValueError("--task streaming_lm supports neither data selectors nor TPUs")
+            raise ConfigError("--task streaming_lm supports neither data selectors nor TPUs")
         if self.cfg.batch_size is None:
-            raise ValueError("--task streaming_lm needs --batch-size: the number of contiguous streams per worker")
+            raise ConfigError("--task streaming_lm needs --batch-size: the number of contiguous streams per worker")
         paths = utils.split_paths(self.cfg.data)
         data_path = paths[(epoch - 1) % len(paths)]
         split_path = os.path.join(data_path, split)
         lines = data_utils.load_indexed_dataset(split_path, self.dictionary, self.cfg.dataset_impl, combine=combine)
         if lines is None:
             available = sorted(os.path.basename(p)[:-len(".idx")] for p in glob.glob(os.path.join(data_path, "*.idx")))
-            raise FileNotFoundError(f"split {split!r} not found in {data_path} (no {split}.bin/.idx); available "
+            raise MissingFileError(f"split {split!r} not found in {data_path} (no {split}.bin/.idx); available "
                                     f"splits: {available or 'none'}; " + PREPARE_HINT.format(path=data_path))
-        tokens = concat_lines(lines, len(self.dictionary))
-        if len(tokens) and int(tokens.max()) >= len(self.dictionary):
-            raise ValueError(f"{split_path} holds token id {int(tokens.max())} but {data_path}/dict.txt has only "
-                             f"{len(self.dictionary)} types: the split was binarised with another dictionary")
+        tokens = concat_lines(lines, len(self.dictionary))  # DataError for an id beyond the dictionary
         dataset = StreamDataset(tokens, self.cfg.batch_size, self.cfg.tokens_per_sample,
                                 pad=self.dictionary.pad(), eos=self.dictionary.eos())
         logger.info("%s: %s tokens in %s lines", split_path, f"{len(tokens):,}", f"{len(lines):,}")
@@ -325,7 +368,7 @@ class StreamingLMTask(FairseqTask):
     def with_eval_warmup(self, dataset: StreamDataset, split: str = "the evaluation split") -> StreamDataset:
         """``dataset`` with the evaluation warm-up W = --eval-warmup-tokens rounded up to a multiple of T."""
         if self.eval_warmup_tokens > len(dataset.tokens):
-            raise ValueError(f"--eval-warmup-tokens {self.eval_warmup_tokens} (rounded up to a multiple of "
+            raise ConfigError(f"--eval-warmup-tokens {self.eval_warmup_tokens} (rounded up to a multiple of "
                              f"--tokens-per-sample {self.cfg.tokens_per_sample}) exceeds {split} "
                              f"({len(dataset.tokens):,} tokens): the warm-up would repeat the split; lower "
                              f"--eval-warmup-tokens to at most the split length or evaluate a longer split")
@@ -345,11 +388,17 @@ class StreamingLMTask(FairseqTask):
         if not isinstance(dataset, StreamDataset):
             raise TypeError(f"--task streaming_lm iterates StreamDatasets, got {type(dataset).__name__}")
         if max_sentences is None:
-            raise ValueError("--task streaming_lm needs --batch-size (and --batch-size-valid for validation): the "
+            raise ConfigError("--task streaming_lm needs --batch-size (and --batch-size-valid for validation): the "
                              "number of contiguous streams per worker; --max-tokens does not set the layout")
         laid_out = dataset.with_layout(max_sentences, num_shards)
         if laid_out.num_scored_segments == 0:
-            raise ValueError("the split is empty: there is no token to stream")
+            raise DataError("the split is empty: there is no token to stream")
+        streams = max_sentences * num_shards
+        if streams > len(laid_out.tokens):
+            raise ConfigError(f"{max_sentences} streams per worker x {num_shards} worker(s) = {streams:,} streams, but "
+                              f"the split has only {len(laid_out.tokens):,} tokens: every stream needs at least one; "
+                              f"use --batch-size (--batch-size-valid for validation) <= "
+                              f"{max(1, len(laid_out.tokens) // num_shards):,}")
         logger.info("streams: %d per worker x %d workers, %s tokens each, %d segments of T=%d%s",
                     max_sentences, num_shards, f"{laid_out.max_stream_length:,}", laid_out.num_segments,
                     laid_out.tokens_per_sample, f" ({laid_out.warmup_segments} of them warm-up, unscored)"
@@ -369,9 +418,10 @@ class StreamingLMTask(FairseqTask):
             logger.info("epoch %d: variable BPTT, %d training segments of %d to %d tokens (mean %.1f, T=%d)", epoch,
                         laid_out.num_segments, int(widths.min()), int(widths.max()),
                         float(widths.mean()), laid_out.tokens_per_sample)
+        training = split == self.train_subset and not self._evaluating
         return iterators.EpochBatchIterator(
             dataset=laid_out,
-            collate_fn=laid_out.collater,
+            collate_fn=TrainCursorCollater(laid_out) if training else laid_out.collater,
             batch_sampler=[[index] for index in range(len(laid_out))],
             seed=seed,
             num_shards=num_shards,
@@ -390,9 +440,9 @@ class StreamingLMTask(FairseqTask):
         """fairseq-eval-lm: the streaming protocol over the whole split, segments in order, with the evaluation
         warm-up (``--eval-warmup-tokens``) whatever the split."""
         if context_window > 0:
-            raise ValueError(CONTEXT_WINDOW_ERROR.format(window=context_window))
+            raise ConfigError(CONTEXT_WINDOW_ERROR.format(window=context_window))
         if batch_size is None:
-            raise ValueError("fairseq-eval-lm --task streaming_lm needs --batch-size: the number of evaluation "
+            raise ConfigError("fairseq-eval-lm --task streaming_lm needs --batch-size: the number of evaluation "
                              "streams B (the protocol is stream(B, T=--tokens-per-sample))")
         if not isinstance(dataset, StreamDataset):
             raise TypeError(f"--task streaming_lm evaluates StreamDatasets, got {type(dataset).__name__}")
@@ -421,18 +471,37 @@ class StreamingLMTask(FairseqTask):
 
     def begin_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "train")
+        self._train_cursor = None
         # decoders holding a checkpoint's training streams (fairseq loads the checkpoint before the epoch begins)
         self._resumable = [m for m in model.modules() if isinstance(m, StatefulDecoder) and m.has_saved_train_stream]
 
     def train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
                    update_num: int, ignore_grad: bool = False) -> Tuple[Tensor, int, Dict]:
-        if self._resumable and sample and sample.get("segment") is not None:  # a resumed run's first step
-            for decoder in self._resumable:
-                decoder.resume_train_stream(sample["segment"])
-            self._resumable = []
+        cursor = sample.get("stream_cursor") if sample else None
+        if self._resumable and cursor is not None:  # a resumed run's first step
+            self._resume_train_streams(sample["segment"], cursor["start"])
+        if cursor is not None:
+            self._train_cursor = cursor["end"]
         if self.batch_split == 1 or not sample:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         return self._split_train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def _resume_train_streams(self, segment: int, here: Dict[str, int]) -> None:
+        """Continue the checkpoint's training streams if this step reads the text right after where they ended
+        (same streams, same split, same token offset); otherwise they start cold, and the log says why."""
+        reason = cursor_mismatch(self._resume_cursor, here)
+        for decoder in self._resumable:
+            if reason is None:
+                decoder.resume_train_stream(segment)
+            else:
+                decoder.discard_saved_train_stream(reason)
+        self._resumable = []
+
+    def gather_for_checkpoint(self, model: nn.Module, group: Any) -> None:
+        """Before a save with several data-parallel workers (every rank; ``fairseq_ext.compat.checkpoints``):
+        collect every worker's training streams on rank 0, so the checkpoint resumes all of them exactly."""
+        for decoder in self._decoders_of(model):
+            decoder.gather_train_stream(group)
 
     def _split_train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
                           update_num: int, ignore_grad: bool) -> Tuple[Tensor, int, Dict]:
@@ -441,7 +510,7 @@ class StreamingLMTask(FairseqTask):
         logging outputs are sums over rows, so their sums over the slices are the whole batch's, and fairseq's
         division of the summed gradient by the summed sample size is unchanged."""
         if not criterion.logging_outputs_can_be_summed():
-            raise ValueError(f"--batch-split needs a criterion whose logging outputs are sums over rows; "
+            raise ConfigError(f"--batch-split needs a criterion whose logging outputs are sums over rows; "
                              f"{type(criterion).__name__}'s cannot be summed: use --batch-split 1 or lm_loss")
         batch_size = sample["net_input"]["src_tokens"].size(0)
         bounds = row_slices(batch_size, self.batch_split)

@@ -76,6 +76,9 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         self.stream_source: Optional[str] = None  # set by attach_streams: who guarantees batch continuity
         self._train_segments = 0  # training calls since the "train" stream was last reset
         self._pending_train: Optional[Dict[str, Any]] = None  # a checkpoint's train stream, until resumed
+        # every data-parallel rank's train stream as plain dicts (rank order), collected on rank 0 for the next save
+        # by gather_train_stream, with the number of training segments they hold
+        self._gathered_train: Optional[Tuple[int, List[Any]]] = None
         self._rows: Optional[Tuple[int, int, int]] = None  # (start, stop, batch size) inside stream_rows
         self._split: Optional[_RowSplit] = None  # the batch whose row slices are running
 
@@ -205,11 +208,40 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
             self._rows = None
 
     # -- the training stream in checkpoints (exact resume) ----------------------------------------------------------
+    def gather_train_stream(self, group: Any) -> None:
+        """Collect every data-parallel rank's "train" stream on rank 0 of ``group`` for the next checkpoint.
+        A collective: every rank of ``group`` calls it (``streaming_lm.gather_for_checkpoint``, before a save)."""
+        import torch.distributed as dist
+
+        plain = self._train_plain("cpu")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
+        dist.gather_object(plain, gathered, dst=dist.get_global_rank(group, 0), group=group)
+        self._gathered_train = (self._train_segments, gathered) if rank == 0 else None
+
     def get_extra_state(self) -> Dict[str, Any]:
         """Saved in the model's state dict (key ``<prefix>_extra_state``): the "train" stream and how many training
-        segments produced it, as plain tensors/dicts (weights-only loadable)."""
-        return {"train": state_to_plain(self._streams["train"]), "train_segments": self._train_segments,
-                "world_size": _world_size()}
+        segments produced it, as plain tensors/dicts (weights-only loadable). With several data-parallel workers,
+        "train" is rank 0's stream and "other_ranks" the others' (from ``gather_train_stream``; without a fresh
+        gather, e.g. in ``crash.pt``, no stream is saved). A stream holding NaN/inf is not saved."""
+        world = _world_size()
+        streams: Optional[List[Any]] = [self._train_plain()]
+        if world > 1:
+            fresh = self._gathered_train is not None and self._gathered_train[0] == self._train_segments
+            streams = self._gathered_train[1] if fresh else None
+        if streams is not None and not all(_finite(plain) for plain in streams):
+            logger.warning("%s: the training streams hold NaN/inf; the checkpoint saves none (a resumed run starts "
+                           "them cold)", type(self).__name__)
+            streams = None
+        return {"train": streams[0] if streams else None, "other_ranks": streams[1:] if streams else None,
+                "train_segments": self._train_segments, "world_size": world}
+
+    def _train_plain(self, device: Optional[str] = None) -> Any:
+        """The "train" stream as plain dicts of contiguous tensors (on ``device``, if given), or None."""
+        state = self._streams["train"]
+        if state is None:
+            return None
+        return state_to_plain((state if device is None else state.to(device)).contiguous())
 
     def set_extra_state(self, extra: Optional[Dict[str, Any]]) -> None:
         """Keep a checkpoint's train stream until ``resume_train_stream`` knows where training resumes."""
@@ -225,26 +257,35 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         return self._pending_train is not None
 
     def resume_train_stream(self, segment: int) -> bool:
-        """Called before a training step on segment ``segment`` of the streams: if a loaded checkpoint's train
-        stream ends exactly before that segment (a run resumed mid-epoch), continue from it. With several
-        data-parallel workers only one worker's stream is in the checkpoint, so all workers start cold."""
+        """Called before a training step on segment ``segment`` of the streams, once the task has checked that the
+        step continues the saved streams where they ended: continue this rank's saved stream if the checkpoint has
+        it (same number of workers, every rank's stream saved) and it ends exactly before ``segment``."""
         pending, self._pending_train = self._pending_train, None
         if pending is None:
             return False
+        saved_world, world, rank = pending.get("world_size", 1), _world_size(), _rank()
+        others = pending.get("other_ranks") or []
         reason = None
-        if pending["world_size"] != 1 or _world_size() != 1:
-            reason = (f"the checkpoint holds one worker's stream ({pending['world_size']} saved, {_world_size()} "
-                      f"now); exact resume of stream memory needs a single worker")
+        if saved_world != world:
+            reason = f"the checkpoint holds the streams of {saved_world} worker(s), this run has {world}"
+        elif len(others) != world - 1:
+            reason = "the checkpoint holds only rank 0's stream (written without gathering every worker's)"
         elif segment != pending["train_segments"]:
             reason = f"training resumes at segment {segment}, the saved stream ends before {pending['train_segments']}"
         if reason is not None:
-            logger.info("%s: training streams start cold: %s", type(self).__name__, reason)
+            self.discard_saved_train_stream(reason)
             return False
+        plain = pending["train"] if rank == 0 else others[rank - 1]
         device = next(self.parameters()).device
-        self._streams["train"] = state_from_plain(pending["train"]).to(device)
+        self._streams["train"] = None if plain is None else state_from_plain(plain).to(device)
         self._train_segments = segment
         logger.info("%s: resumed the training streams' state at segment %d", type(self).__name__, segment)
         return True
+
+    def discard_saved_train_stream(self, reason: str) -> None:
+        """Forget a loaded checkpoint's train stream: training starts the streams cold (logged with ``reason``)."""
+        self._pending_train = None
+        logger.info("%s: training streams start cold: %s", type(self).__name__, reason)
 
     def stream_state(self, stream: str) -> Optional[SegmentState]:
         """The state the next call on ``stream`` ("train" / "eval") continues from (None: cold start)."""
@@ -263,6 +304,22 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() and \
         torch.distributed.is_initialized() else 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 0
+
+
+def _finite(plain: Any) -> bool:
+    """Whether every floating-point tensor inside a plain state (nested dicts/lists/tuples) is finite."""
+    if isinstance(plain, Tensor):
+        return not plain.is_floating_point() or bool(torch.isfinite(plain).all())
+    if isinstance(plain, dict):
+        return all(_finite(value) for value in plain.values())
+    if isinstance(plain, (list, tuple)):
+        return all(_finite(value) for value in plain)
+    return True
 
 
 def _check_stream(stream: str) -> str:
