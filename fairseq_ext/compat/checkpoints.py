@@ -114,6 +114,11 @@ def deferred_interrupt(what: str) -> Iterator[None]:
     previous: Any = signal.signal(signal.SIGINT, handler)
     try:
         yield
+    except BaseException as error:  # torch.save turns an interrupt inside its writer into a RuntimeError
+        if received:
+            raise KeyboardInterrupt(f"interrupted again while {what}: aborted; the previous files are intact") \
+                from error
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
