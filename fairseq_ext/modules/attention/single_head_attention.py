@@ -4,7 +4,7 @@ arXiv 1911.11423; spec sha_rnn.md §1.3), written from the spec.
 One head of width d, no key, value or output projection. With the memory stream m (B, S, d) (the block's ``lnmem``
 outputs: carried memory followed by the current segment) and the query stream x (B, T, d):
 
-    q_i = dropout(σ(qs) ⊙ LN_q(W_q x_i + b_q))        (LN_q = ``qln``, computed in fp32)
+    q_i = dropout(σ(qs) ⊙ LN_q(W_q x_i + b_q))        (LN_q = ``qln``: parameters and computation in fp32)
     k_j = σ(ks) ⊙ m_j
     v_j = dropout(g_v ⊙ m_j),  g_v = σ(f)·tanh(c), [c; f] = vq.l1(σ(vs))   (the Overparam gate)
     out_i = Σ_j dropout(softmax_j(q_i·k_j / √d + mask_ij)) v_j
@@ -12,6 +12,9 @@ outputs: carried memory followed by the current segment) and the query stream x 
 ``collapse_value_gate()`` stores g_v into ``vs`` and deletes ``vq``; a collapsed module uses ``vs`` as is (no
 sigmoid), as the original's ``vq_collapse``. The mask: the first S - T keys (memory) are visible to every query,
 the last T (current segment) causally.
+
+Precision under a half-precision model (``model.half()`` / ``.to(torch.bfloat16)``): ``qln`` keeps fp32 parameters
+and runs in fp32; the softmax normalises in fp32 and the probabilities are cast back for the value product.
 """
 import math
 from typing import Optional
@@ -50,6 +53,15 @@ class SingleHeadAttention(nn.Module):
         self.qln = nn.LayerNorm(dim, eps=eps)
         self.vq: Optional[Overparam] = None if collapsed else Overparam(dim)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply; casts to fp16/bf16 (``model.half()``, fairseq's ``--fp16`` / ``--bf16``) leave the
+        query LayerNorm's gain and bias in fp32, as the original's apex AMP O1 kept them (spec §6.6)."""
+        super()._apply(fn, recurse)
+        for param in self.qln.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        return self
+
     @property
     def collapsed(self) -> bool:
         return self.vq is None
@@ -83,5 +95,6 @@ class SingleHeadAttention(nn.Module):
         rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
         cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
         scores = scores.masked_fill(cols > rows, float("-inf"))
-        probs = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+        probs = torch.softmax(scores, dim=-1, dtype=dtype).to(v.dtype)  # (B, T, S) normalised in fp32 at least
+        probs = F.dropout(probs, self.dropout, self.training)
         return torch.matmul(probs, v)  # (B, T, d)

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fairseq_ext.ops.fast_weights import autocast_off
+
 FAVOR_EPS = 1e-4
 
 
@@ -75,7 +77,8 @@ class FavorFeatureMap(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         x = x.to(acc)
-        u = torch.matmul(x, self.omega.to(acc))  # (..., m)
+        with autocast_off(x.device):  # u feeds exp() unshifted: an autocast half matmul would round it first
+            u = torch.matmul(x, self.omega.to(acc))  # (..., m)
         half_norm = 0.5 * x.pow(2).sum(-1, keepdim=True)  # (..., 1) ||x||^2 / 2
         features = torch.cat([torch.exp(u - half_norm), torch.exp(-u - half_norm)], dim=-1)  # (..., 2m)
         return (features + FAVOR_EPS) / math.sqrt(2 * self.num_features)  # (..., 2m)

@@ -13,9 +13,10 @@ sum carried in the state):
   kd_t = z_{t-1} · k_t (kd = 1 for the first token of a fresh stream), output as ``output``   (lmtool 44/45/46)
 
 The state (``FastWeightState``: S (B, H, D_k, D_v), z (B, H, D_k) for the normalised variants) is accumulated in fp32
-at least whatever the input dtype; pass ``state.detach()`` for truncated BPTT or the state itself to let gradients
-reach it. ``impl``: ``recurrent`` (token loop, the reference), ``chunked`` (chunkwise-parallel, chunk_size C), ``auto``
-(``chunked``, logged once; a single token always takes the recurrence, which is the same maths).
+at least whatever the input dtype, also inside an autocast region (the op turns autocast off); pass
+``state.detach()`` for truncated BPTT or the state itself to let gradients reach it. ``impl``: ``recurrent`` (token
+loop, the reference), ``chunked`` (chunkwise-parallel, chunk_size C), ``auto`` (``chunked``, logged once; a single
+token always takes the recurrence, which is the same maths).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from fairseq_ext.state import FastWeightState
 
 from ..dispatch import ImplResolver
 from .chunked import DEFAULT_CHUNK, check_keys, delta_rule_chunked, sum_rule_chunked
-from .recurrent import acc_dtype, delta_rule_recurrent, sum_rule_recurrent
+from .recurrent import acc_dtype, autocast_off, delta_rule_recurrent, sum_rule_recurrent
 
 RULES = ("sum", "delta")
 NORMALIZATIONS = ("none", "output", "full")
@@ -67,8 +68,17 @@ def fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor
     """q, k: (B, H, T, D_k); v: (B, H, T, D_v); beta: (B, H, T) (delta rule) or None; state: the previous segment's
     ``FastWeightState`` or None (a fresh stream: zero fast weights, zero key sum); keys_normalized: the caller
     guarantees beta ||k||^2 <= 2 (sum-normalised keys, beta in (0, 1)), so the chunked delta rule skips its key check
-    (a host read per call). Returns (o (B, H, T, D_v) in q's dtype, the state after the last token)."""
+    (a host read per call). Returns (o (B, H, T, D_v) in q's dtype, the state after the last token). Runs with
+    autocast off: the recurrence is fp32 at least whatever the caller's autocast region."""
     _validate(q, k, v, beta, rule, normalize)
+    with autocast_off(q.device):
+        return _fast_weight_attention(q, k, v, beta, state, rule, normalize, scale, impl, chunk_size, eps,
+                                      keys_normalized)
+
+
+def _fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], state: Optional[FastWeightState],
+                           rule: str, normalize: str, scale: float, impl: str, chunk_size: int, eps: float,
+                           keys_normalized: bool) -> Tuple[Tensor, FastWeightState]:
     acc = acc_dtype(q.dtype)
     t = q.size(2)
     concrete = "recurrent" if t == 1 and impl == "auto" else resolve_impl(impl)
@@ -110,5 +120,5 @@ def fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor
 
 
 __all__ = ["fast_weight_attention", "validate_rule", "sum_rule_recurrent", "delta_rule_recurrent", "sum_rule_chunked",
-           "delta_rule_chunked", "check_keys", "RULES", "NORMALIZATIONS", "IMPLS", "EPS", "DEFAULT_CHUNK",
-           "resolve_impl"]
+           "delta_rule_chunked", "check_keys", "autocast_off", "RULES", "NORMALIZATIONS", "IMPLS", "EPS",
+           "DEFAULT_CHUNK", "resolve_impl"]

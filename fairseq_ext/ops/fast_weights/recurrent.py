@@ -8,11 +8,13 @@ State orientation (as FLA): S is (D_k, D_v) per head, the transpose of lmtool's 
     delta rule:  vbar_t = S_{t-1}^T k_t ;  S_t = S_{t-1} + k_t (beta_t (v_t - vbar_t))^T ;  o_t = scale · S_t^T q_t
 
 q, k are the (already feature-mapped, and for the delta rule sum-normalised) queries and keys. Everything is
-computed in fp32 at least; the output is cast back to the input dtype, the state stays fp32 (or fp64).
+computed in fp32 at least; the output is cast back to the input dtype, the state stays fp32 (or fp64). Under autocast
+the public op (``fast_weight_attention``) runs them with autocast off (``autocast_off``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import ContextManager, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +23,14 @@ from torch import Tensor
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 at least (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def autocast_off(device: torch.device) -> ContextManager[None]:
+    """Autocast (``--amp``, ``torch.autocast``) disabled on ``device`` if it is on: inside, matmuls of fp32 tensors
+    run in fp32, so the state and key sums accumulate in fp32 under autocast exactly as under a half model."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def initial_state(q: Tensor, v: Tensor, state: Optional[Tensor]) -> Tensor:
