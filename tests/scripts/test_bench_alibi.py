@@ -122,3 +122,57 @@ def test_bench_isolates_each_configuration_in_a_subprocess():
     _, rows = run_bench("--seq-lens", "16", "--tokens-per-batch", "32", "--models", "fork")
     assert len(rows) == 1 and rows[0]["model"].startswith("fork") and number(rows[0]["tokens/s"]) > 0
     assert rows[0]["vs sinusoidal"] == "n/a"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scripts/bench_alibi_eval_memory.py (issue 11: evaluation memory vs window length, full-bias sdpa vs auto/chunked)
+# --------------------------------------------------------------------------------------------------------------------
+
+EVAL_MEMORY_SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_alibi_eval_memory.py")
+
+
+@pytest.fixture(scope="module")
+def eval_memory_bench() -> ModuleType:
+    if "bench_alibi_eval_memory" in sys.modules:
+        return sys.modules["bench_alibi_eval_memory"]
+    spec = importlib.util.spec_from_file_location("bench_alibi_eval_memory", EVAL_MEMORY_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_alibi_eval_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_eval_memory_bench_prints_identical_losses_for_every_length():
+    proc = subprocess.run([sys.executable, EVAL_MEMORY_SCRIPT, "--quick", "--in-process", "--threads", "1",
+                           "--seq-lens", "48,96", "--tokens", "96"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = parse_tables(proc.stdout)[0]
+    assert [int(r["T"]) for r in rows] == [48, 96]
+    assert [int(r["windows"]) for r in rows] == [2, 1]  # 96 tokens
+    for row in rows:
+        assert row["sdpa: kernel run"] == "sdpa" and row["auto: kernel run"] == "chunked (16 rows)"
+        assert number(row["sdpa: tokens/s"]) > 0 and number(row["auto: tokens/s"]) > 0
+        assert row["sdpa: loss"] == row["auto: loss"] and row["identical loss"] == "yes"
+    assert "Targets:" in proc.stdout and "python scripts/bench_alibi_eval_memory.py --quick" in proc.stdout
+    assert "over 96 random tokens" in proc.stdout
+
+
+def test_eval_memory_report_marks_failures_and_targets(eval_memory_bench):
+    opts = eval_memory_bench.parse_bench_args(["--seq-lens", "16384,32768", "--tokens", "32768"])
+    ok = dict(status="ok", loss=1.5, tokens_per_s=10.0, cuda_mb=None, rss_before_mb=400.0, ran="chunked (256 rows)")
+    results = [dict(kernel="sdpa", seq_len=16384, **{**ok, "ran": "sdpa"}, rss_mb=5700.0),
+               dict(kernel="auto", seq_len=16384, **ok, rss_mb=900.0),
+               dict(kernel="sdpa", seq_len=32768, status="OOM"),
+               dict(kernel="auto", seq_len=32768, **{**ok, "loss": 1.25}, rss_mb=2500.0)]
+    report = eval_memory_bench.render_report(opts, results, "cmd", (0.0, 0.0))
+    rows = parse_tables(report)[0]
+    assert rows[0]["sdpa: peak RSS MB"] == "5,700" and rows[0]["sdpa / auto"] == "6.33×"
+    assert rows[0]["identical loss"] == "yes"
+    assert rows[1]["sdpa: peak RSS MB"] == "OOM" and rows[1]["sdpa / auto"] == "-"
+    assert rows[1]["identical loss"] == "-"  # one kernel failed: nothing to compare
+    assert "<= 2 GB peak RSS (auto): 900 MB -> met" in report
+    assert "32k-token windows complete (auto): ok -> met" in report
+    results[1]["rss_mb"] = 2100.0
+    assert "(auto): 2,100 MB -> NOT met" in eval_memory_bench.render_report(opts, results, "cmd", (0.0, 0.0))

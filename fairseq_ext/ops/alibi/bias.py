@@ -35,7 +35,8 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 def alibi_bias(slopes: Tensor, q_len: int, k_len: int, q_offset: int = 0, form: str = "relative",
                dtype: torch.dtype = torch.float32) -> Tensor:
-    """Additive bias (H, T, S), computed in ``dtype`` (fp32 unless the attention runs in fp64), for T queries at positions q_offset..q_offset+T-1 against S keys at 0..S-1.
+    """Additive bias (H, T, S), computed in ``dtype`` (fp32 unless the attention runs in fp64), for T queries at
+    positions q_offset..q_offset+T-1 against S keys at 0..S-1.
 
     ``relative``: -m_h * (i - j) (the paper's form; exact in any precision up to rounding of the product).
     ``key_index``: m_h * j (the original fork's form; equal to ``relative`` up to the per-row constant m_h * i,

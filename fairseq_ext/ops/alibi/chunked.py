@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .sdpa import alibi_attention_sdpa
