@@ -80,6 +80,9 @@ def _set_seed(self: fairseq_trainer.Trainer) -> None:
     utils.set_torch_seed(rank_seed(seed, self.data_parallel_rank))
 
 
+_fairseq_broadcast_object_slow = distributed_utils._broadcast_object_slow
+
+
 def _broadcast_object_slow(obj: Any, src_rank: int, group: object, dist_device: torch.device) -> Any:
     """fairseq's ``_broadcast_object_slow`` with the receivers loading rank 0's bytes with weights_only=False."""
     if distributed_utils.get_rank(group) == src_rank:
