@@ -9,7 +9,18 @@ working. Bugs (anything else) keep their traceback.
 
 
 class UserError(Exception):
-    """Marker base: the message is complete and names the fix; no traceback is shown for it."""
+    """Base: the message is complete and names the fix; no traceback is shown for it.
+
+    Raised in a data-loader worker, torch rebuilds the error in the main process from the text "Caught <class> in
+    DataLoader worker process N. Original Traceback ...: <message>"; the constructor keeps only <message>, so the
+    command still prints one line.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 class ConfigError(UserError, ValueError):

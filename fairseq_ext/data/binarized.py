@@ -39,15 +39,8 @@ IMPL_OF_MAGIC = {MMAP_MAGIC[:8]: "mmap", TNT_MAGIC: "lazy/cached"}
 
 
 class SplitDataError(DataError):
-    """A binarised split that cannot be used as it is. Raised in a data-loader worker, torch rebuilds it in the main
-    process from the text "Caught SplitDataError in DataLoader worker process N. Original Traceback ...: <message>";
-    the constructor keeps only <message>, so the command still prints one line."""
-
-    def __init__(self, message: str) -> None:
-        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
-        if message.startswith("Caught ") and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
+    """A binarised split that cannot be used as it is (one line also when raised in a data-loader worker: see
+    ``UserError``)."""
 
 
 def check_binarized_split(prefix: str, impl: str) -> None:
