@@ -8,7 +8,8 @@ streaming_lm``, ``--criterion lm_loss``, ``--optimizer lamb_torch`` with the pap
 --trust-denominator update_norm --weight-decay 1.2e-6``, a ``dict.txt`` of ``--vocab`` entries) on random tokens:
 
 * ``presets`` table -- one row per preset (``--presets``, default ``sha_rnn_tiny`` and ``sha_rnn_enwik8``);
-* ``memory`` table  -- ``sha_rnn_enwik8`` with ``--max-memory`` W in ``--memories`` (default 1000, 5000, 10000).
+* ``memory`` table  -- ``sha_rnn_enwik8`` with ``--max-memory`` W in ``--memories`` (default 1000, 5000, 10000;
+  a default below T, e.g. 1000 at CUDA's T = 1024, is raised to T).
 
 A training step is forward over the carried streams (LSTM states and attention memories of the decoder's "train"
 stream, carried from step to step), ``lm_loss``, backward, gradient-norm clip 0.25 (the paper's ``clip``) and a
@@ -103,6 +104,11 @@ def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     opts = parse_stream_args(build_arg_parser(), argv, QUICK, NORMAL, CPU_DEFAULTS, CUDA_DEFAULTS)
     if opts.batch_size < 1 or opts.tgt_len < 1 or min(opts.memories) < 1:
         raise SystemExit("--batch-size, --tgt-len and every --memories value must be >= 1")
+    if min(opts.memories) < opts.tgt_len:
+        if opts.memories != NORMAL["memories"]:
+            raise SystemExit(f"every --memories value must be >= --tgt-len {opts.tgt_len} (SHA-RNN trims the memory "
+                             f"to max_memory - T before each segment)")
+        opts.memories = sorted({max(memory, opts.tgt_len) for memory in opts.memories})  # CUDA's T = 1024
     return opts
 
 
