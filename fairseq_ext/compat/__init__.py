@@ -5,6 +5,9 @@ fails without it (``tests/compat/``). ``apply()`` is idempotent: importing ``fai
 after a plain import) patches nothing twice.
 
 * ``errors``     -- a ``fairseq_ext.errors.UserError`` reaching the top of a command prints one line, no traceback.
+* ``precision``  -- ``--bf16`` without the implied ``--tpu``, flat ``--fp16`` master weights on CPU, ``--bf16`` at
+                    inference (eval-lm, generate, interactive), ``--amp`` and ``fairseq-validate --bf16`` refused
+                    where they would silently run in fp32.
 * ``distributed``-- data-parallel training on CPU (DDP without device ids), fully_sharded refused where it cannot
                     run, multi-worker resume (weights_only broadcast), per-rank dropout seeds.
 * ``checkpoints``-- atomic checkpoint files (no retry into the same handle, atomic copies), Ctrl-C deferred until a
@@ -18,13 +21,14 @@ after a plain import) patches nothing twice.
 * ``launch``     -- ``distributed_utils.call_main``: the entry point of every fairseq command; runs the config
                     checks of the other shims (``CONFIG_CHECKS``) before anything is built.
 """
-from typing import Callable, List
+from typing import Any, Callable, List
 
 from omegaconf import DictConfig
 
-# Functions cfg -> None run on the whole config by the patched ``call_main`` before any process is started or model
-# built; they may fix fields that fairseq derives wrongly or raise a ConfigError naming what works.
-CONFIG_CHECKS: List[Callable[[DictConfig], None]] = []
+# Functions (cfg, main) -> None run by the patched ``call_main`` on the whole config of a command (``main``: the
+# command's main function, e.g. ``fairseq_cli.train.main``) before any process is started or model built; they may
+# fix fields that fairseq derives wrongly or raise a ConfigError naming what works.
+CONFIG_CHECKS: List[Callable[[DictConfig, Callable[..., Any]], None]] = []
 
 _APPLIED = False
 

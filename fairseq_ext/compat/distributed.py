@@ -20,7 +20,7 @@
 """
 import io
 import logging
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         super().__init__(module, device_ids=device_ids, output_device=output_device, **options)
 
 
-def refuse_unusable_fsdp(cfg: DictConfig) -> None:
+def refuse_unusable_fsdp(cfg: DictConfig, main: Callable[..., Any]) -> None:
     """Refuse ``--ddp-backend fully_sharded`` where fairscale's FSDP cannot run."""
     if cfg.distributed_training.ddp_backend != "fully_sharded":
         return

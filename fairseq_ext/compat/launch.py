@@ -91,7 +91,7 @@ def call_main(cfg: DictConfig, main: Callable[..., Any], **kwargs: Any) -> Any:
     from fairseq_ext.compat import CONFIG_CHECKS
 
     for check in CONFIG_CHECKS:
-        check(cfg)
+        check(cfg, main)
     dist = cfg.distributed_training
     use_torchrun_environment(cfg)
     if not runs_on_cpu(cfg) or cfg.common.tpu:

@@ -18,8 +18,8 @@
   config, is left as fairseq has it, as it is for ``--fp16``). Modules that keep fp32 islands (``_apply``
   overrides) keep them, exactly as under the trainer's cast.
 * ``fairseq-validate --bf16``: validate calls neither ``prepare_for_inference_`` nor any bf16 cast, so it would
-  evaluate in fp32; its ``main`` (wrapped when the module is loaded, as it is by the ``fairseq-validate`` command
-  before ``--user-dir`` is imported) refuses the flag and names ``fairseq-eval-lm --bf16``.
+  evaluate in fp32; the config check ``no_bf16_validate`` (given the command's ``main``) refuses the flag there and
+  names ``fairseq-eval-lm --bf16``.
 * ``--amp`` (``amp_only_where_it_works``): fairseq's AMP is ``torch.cuda.amp`` (``GradScaler`` and ``autocast`` in
   ``FairseqTask.train_step``); on CPU both disable themselves and training silently runs in fp32; no inference
   command reads the flag at all; with ``--fp16`` the trainer asserts and with ``--bf16`` it builds an AMP optimizer
@@ -28,7 +28,6 @@
 import importlib.util
 import logging
 import sys
-from types import ModuleType
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -50,7 +49,7 @@ def has_torch_xla() -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 # config checks (run by compat.launch on the whole config before anything is built)
 # ----------------------------------------------------------------------------------------------------------------------
-def bf16_without_tpu(cfg: DictConfig) -> None:
+def bf16_without_tpu(cfg: DictConfig, main: Callable[..., Any]) -> None:
     """Undo fairseq's ``--bf16`` => ``--tpu`` when torch_xla is not installed (no TPU run is possible then)."""
     common = cfg.common
     if (common.bf16 or common.memory_efficient_bf16) and common.tpu and not has_torch_xla():
@@ -66,7 +65,7 @@ def is_inference_command(cfg: DictConfig) -> bool:
     return common_eval is not None and common_eval.get("path", None) is not None
 
 
-def amp_only_where_it_works(cfg: DictConfig) -> None:
+def amp_only_where_it_works(cfg: DictConfig, main: Callable[..., Any]) -> None:
     """Refuse ``--amp`` wherever fairseq would silently ignore it or combine it with a half-precision model."""
     common = cfg.common
     if not common.amp:
@@ -132,45 +131,29 @@ def prepare_for_inference_(self: BaseFairseqModel, cfg: Any) -> None:
 VALIDATE_MODULE = "fairseq_cli.validate"
 
 
-def refuse_bf16_validate(validate_main: Callable[..., Any]) -> Callable[..., Any]:
-    """fairseq-validate's ``main``, refusing ``--bf16`` (validate would evaluate in fp32)."""
-
-    def main(cfg: Any, override_args: Optional[Any] = None) -> Any:
-        common = cfg.common if isinstance(cfg, DictConfig) else cfg
-        if getattr(common, "bf16", False) or getattr(common, "memory_efficient_bf16", False):
-            raise ConfigError("fairseq-validate has no bf16 path (it casts the model only for --fp16, so --bf16 "
-                              "would evaluate in fp32): use fairseq-eval-lm --bf16 (with --task streaming_lm the "
-                              "same streaming protocol), or drop --bf16")
-        return validate_main(cfg, override_args)
-
-    main.__wrapped__ = validate_main  # type: ignore[attr-defined]
-    return main
+def command_module(main: Callable[..., Any]) -> str:
+    """The module a command's ``main`` comes from (``python -m fairseq_cli.validate`` runs it as ``__main__``)."""
+    name = getattr(main, "__module__", "") or ""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else name
+    return name
 
 
-def loaded_validate_modules() -> List[ModuleType]:
-    """The loaded ``fairseq_cli.validate`` module, and ``__main__`` when it is that module (``python -m``)."""
-    found = [sys.modules[VALIDATE_MODULE]] if VALIDATE_MODULE in sys.modules else []
-    main_module = sys.modules.get("__main__")
-    spec = getattr(main_module, "__spec__", None)
-    if main_module is not None and spec is not None and spec.name == VALIDATE_MODULE:
-        found.append(main_module)
-    return found
-
-
-def patch_validate() -> None:
-    """Wrap ``main`` of every loaded fairseq-validate module (once each)."""
-    for module in loaded_validate_modules():
-        if not hasattr(module.main, "__wrapped__"):
-            module.main = refuse_bf16_validate(module.main)
+def no_bf16_validate(cfg: DictConfig, main: Callable[..., Any]) -> None:
+    """Refuse ``fairseq-validate --bf16``: validate would evaluate in fp32."""
+    if (cfg.common.bf16 or cfg.common.memory_efficient_bf16) and command_module(main) == VALIDATE_MODULE:
+        raise ConfigError("fairseq-validate has no bf16 path (it casts the model only for --fp16, so --bf16 "
+                          "would evaluate in fp32): use fairseq-eval-lm --bf16 (with --task streaming_lm the "
+                          "same streaming protocol), or drop --bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 def apply() -> None:
     from fairseq_ext.compat import CONFIG_CHECKS
 
-    for check in (bf16_without_tpu, amp_only_where_it_works):
+    for check in (bf16_without_tpu, amp_only_where_it_works, no_bf16_validate):
         if check not in CONFIG_CHECKS:
             CONFIG_CHECKS.append(check)
     _FP16OptimizerMixin.build_fp32_params = classmethod(build_fp32_params)
     BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_
-    patch_validate()

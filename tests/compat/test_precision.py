@@ -221,7 +221,7 @@ def test_amp_refused_at_inference():
 
 @pytest.mark.slow
 def test_validate_refuses_bf16(tmp_path):
-    """The fairseq-validate command (its main is wrapped when fairseq_ext is imported by --user-dir)."""
+    """The fairseq-validate command (the config check sees that call_main runs validate's main)."""
     args = [str(tmp_path), "--user-dir", USER_DIR, "--task", "language_modeling", "--path", "x.pt", "--bf16", "--cpu",
             "--batch-size", "1"]
     proc = fairseq_command("fairseq-validate", args, check=False, timeout=120)
