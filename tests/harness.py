@@ -154,6 +154,15 @@ def fairseq_preprocess(destdir: str, trainpref: str, validpref: Optional[str] = 
     return destdir
 
 
+def generated_data_dir(tmp_path_factory, train_lines: int, valid_lines: int = 10) -> str:
+    """A binarised corpus of random words (train and valid splits) in a fresh temporary directory: the body of a
+    module-scoped ``data`` fixture."""
+    raw = tmp_path_factory.mktemp("raw")
+    return fairseq_preprocess(str(tmp_path_factory.mktemp("bin")),
+                              trainpref=random_corpus(str(raw / "train.txt"), train_lines, seed=0),
+                              validpref=random_corpus(str(raw / "valid.txt"), valid_lines, seed=1))
+
+
 def split_token_count(data_dir: str, split: str) -> int:
     """Tokens in a binarised split: every line plus its ``</s>`` (= the number of LM targets)."""
     from fairseq.data import data_utils

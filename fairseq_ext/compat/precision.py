@@ -28,7 +28,7 @@
 import importlib.util
 import logging
 import sys
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 import torch
 from fairseq.models import BaseFairseqModel

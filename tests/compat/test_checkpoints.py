@@ -16,15 +16,12 @@ from fairseq import checkpoint_utils
 
 from fairseq_ext.compat.checkpoints import atomic_copy
 from fairseq_ext.models.transformer_xl_lm import TransformerXLDecoder
-from tests.harness import (REPO_ROOT, USER_DIR, command_env, fairseq_preprocess, fairseq_train, random_corpus)
+from tests.harness import REPO_ROOT, USER_DIR, command_env, fairseq_train, generated_data_dir
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    raw = tmp_path_factory.mktemp("raw")
-    return fairseq_preprocess(str(tmp_path_factory.mktemp("bin")),
-                              trainpref=random_corpus(str(raw / "train.txt"), 60, seed=0),
-                              validpref=random_corpus(str(raw / "valid.txt"), 10, seed=1))
+    return generated_data_dir(tmp_path_factory, train_lines=60)
 
 
 def train_args(data: str, save_dir: str, *extra: str):

@@ -6,7 +6,6 @@ tensor's raw storage (the receivers got the wrong numbers). Checked once by hand
 without=...)``: without ``_broadcast_object_slow`` rank 1 raises UnpicklingError (DictConfig not an allowed
 global); without ``broadcast_tensors`` the view arrives as other numbers.
 """
-import os
 
 import pytest
 import torch

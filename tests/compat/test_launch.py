@@ -17,8 +17,8 @@ from fairseq import trainer as fairseq_trainer
 from fairseq_ext.compat.distributed import rank_seed
 from fairseq_ext.compat.launch import free_port
 from fairseq_ext.errors import ConfigError
-from tests.harness import (USER_DIR, checkpoint_weights, command_env, fairseq_command, fairseq_preprocess,
-                           fairseq_train, logged_updates, random_corpus)
+from tests.harness import (USER_DIR, checkpoint_weights, command_env, fairseq_command,
+                           fairseq_train, generated_data_dir, logged_updates)
 
 UPDATES = 4
 STREAMS = 4  # in all: 4 for one worker, 2 per worker for two
@@ -26,10 +26,7 @@ STREAMS = 4  # in all: 4 for one worker, 2 per worker for two
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    raw = tmp_path_factory.mktemp("raw")
-    return fairseq_preprocess(str(tmp_path_factory.mktemp("bin")),
-                              trainpref=random_corpus(str(raw / "train.txt"), 40, seed=0),
-                              validpref=random_corpus(str(raw / "valid.txt"), 10, seed=1))
+    return generated_data_dir(tmp_path_factory, train_lines=40)
 
 
 def train_args(data: str, save_dir: str, streams_per_worker: int, *extra: str):

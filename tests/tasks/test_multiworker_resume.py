@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fairseq_ext.state import state_from_plain
-from tests.harness import (USER_DIR, checkpoint_weights, fairseq_command, fairseq_preprocess, logged_updates,
-                           random_corpus)
+from tests.harness import (USER_DIR, checkpoint_weights, fairseq_command, logged_updates,
+                           generated_data_dir)
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,7 @@ STATEFUL = [name for name in FAMILIES if name != "alibi_lm"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    raw = tmp_path_factory.mktemp("raw")
-    return fairseq_preprocess(str(tmp_path_factory.mktemp("bin")),
-                              trainpref=random_corpus(str(raw / "train.txt"), 60, seed=0),
-                              validpref=random_corpus(str(raw / "valid.txt"), 10, seed=1))
+    return generated_data_dir(tmp_path_factory, train_lines=60)
 
 
 def train(data: str, family: str, save_dir: str) -> str:
