@@ -104,7 +104,10 @@ def call_main(cfg: DictConfig, main: Callable[..., Any], **kwargs: Any) -> Any:
     if dist.distributed_init_method is None:
         if dist.distributed_world_size <= 1:
             return main(cfg, **kwargs)
-        distributed_utils.infer_init_method(dist) if _slurm_launch() else _single_node_init(dist)
+        if _slurm_launch():
+            distributed_utils.infer_init_method(dist)
+        else:
+            _single_node_init(dist)
     if dist.distributed_no_spawn:
         distributed_utils.distributed_main(dist.device_id, main, cfg, kwargs)
         return None

@@ -415,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Conversion:
         raise ConversionFlagError("pass either --corpus-pt or the text files (--train-txt ...), not both")
     if not args.corpus_pt and not args.train_txt:
         raise ConversionFlagError("no vocabulary source: the checkpoint holds no vocabulary; pass --train-txt <the "
-                              "preprocessed train.txt the model was trained on> (or --corpus-pt <corpus.pt>)")
+                                  "preprocessed train.txt the model was trained on> (or --corpus-pt <corpus.pt>)")
     src = read_source(load_pickled(args.src, args.trust_pickle, contents="plain Python objects in the optimizer or "
                                                                          "logger state", expected=SOURCE_FILE))
     if args.corpus_pt:

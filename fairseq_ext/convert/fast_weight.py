@@ -329,8 +329,8 @@ def convert_fast_weight(src: LmtoolSource, symbols: Optional[Sequence[str]], *,
     symbols = list(symbols or [])
     if not symbols:
         raise ConversionFlagError("no vocabulary: lmtool's model file does not contain one; pass --vocab (the corpus "
-                              "cache.pt of the training data directory, or a text file with one symbol per line in "
-                              "index order)")
+                                  "cache.pt of the training data directory, or a text file with one symbol per line "
+                                  "in index order)")
     if len(symbols) != cfg.n_token:
         raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
                               f"{cfg.n_token}; pass the vocabulary the model was trained with")

@@ -318,8 +318,8 @@ def convert_transformer_xl(src: SourceCheckpoint, symbols: Optional[Sequence[str
     validate_source(cfg)
     symbols = list(symbols if symbols is not None else (src.symbols or []))
     if not symbols:
-        raise ConversionFlagError("no vocabulary: the original model.pt does not contain one; pass --vocab (the original "
-                              "cache.pt, or a text file with one symbol per line in index order)")
+        raise ConversionFlagError("no vocabulary: the original model.pt does not contain one; pass --vocab (the "
+                                  "original cache.pt, or a text file with one symbol per line in index order)")
     if len(symbols) != cfg.n_token:
         raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
                               f"{cfg.n_token}; pass the vocabulary the model was trained with")

@@ -208,8 +208,8 @@ def row_slices(batch_size: int, parts: int) -> List[Tuple[int, int]]:
     ``torch.tensor_split`` (the first ``batch_size % parts`` slices have one more row)."""
     if parts > batch_size:
         raise ConfigError(f"--batch-split {parts} exceeds the {batch_size} streams of a training batch (--batch-size "
-                         f"per worker): every slice needs at least one stream; use --batch-split <= {batch_size} "
-                         f"or a larger --batch-size")
+                          f"per worker): every slice needs at least one stream; use --batch-split <= {batch_size} "
+                          f"or a larger --batch-size")
     bounds, start = [], 0
     for index in range(parts):
         stop = start + batch_size // parts + (1 if index < batch_size % parts else 0)
@@ -291,7 +291,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         requested = getattr(cfg, "eval_warmup_tokens", 0) or 0  # absent from older checkpoints' task configs
         if requested < 0:
             raise ConfigError(f"--eval-warmup-tokens must be >= 0, got {requested}: pass the evaluation mem_len for "
-                             f"NVIDIA's warm-up protocol, or 0 (the default) for cold streams")
+                              f"NVIDIA's warm-up protocol, or 0 (the default) for cold streams")
         length = cfg.tokens_per_sample
         self.eval_warmup_tokens = math.ceil(requested / length) * length  # W, a multiple of T
         if self.eval_warmup_tokens:
@@ -308,15 +308,15 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
     def setup_task(cls, cfg: StreamingLMConfig, from_checkpoint: bool = False) -> "StreamingLMTask":
         if cfg.add_bos_token:
             raise ConfigError("--task streaming_lm does not support --add-bos-token: a stream's first input is </s> "
-                             "and segments continue each other without a <s>")
+                              "and segments continue each other without a <s>")
         if not cfg.data:
             raise ConfigError("--task streaming_lm needs a data directory (fairseq-preprocess output); "
-                             + PREPARE_HINT.format(path="data-bin/<corpus>"))
+                              + PREPARE_HINT.format(path="data-bin/<corpus>"))
         path = utils.split_paths(cfg.data)[0]
         dict_path = os.path.join(path, "dict.txt")
         if not os.path.isfile(dict_path):
             raise MissingFileError(f"no fairseq data directory at {path} (missing {dict_path}); "
-                                    + PREPARE_HINT.format(path=path))
+                                   + PREPARE_HINT.format(path=path))
         dictionary = Dictionary.load(dict_path)
         logger.info("dictionary: %d types", len(dictionary))
         return cls(cfg, dictionary)
@@ -354,7 +354,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         if lines is None:
             available = sorted(os.path.basename(p)[:-len(".idx")] for p in glob.glob(os.path.join(data_path, "*.idx")))
             raise MissingFileError(f"split {split!r} not found in {data_path} (no {split}.bin/.idx); available "
-                                    f"splits: {available or 'none'}; " + PREPARE_HINT.format(path=data_path))
+                                   f"splits: {available or 'none'}; " + PREPARE_HINT.format(path=data_path))
         tokens = concat_lines(lines, len(self.dictionary))  # DataError for an id beyond the dictionary
         dataset = StreamDataset(tokens, self.cfg.batch_size, self.cfg.tokens_per_sample,
                                 pad=self.dictionary.pad(), eos=self.dictionary.eos())
@@ -369,9 +369,9 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         """``dataset`` with the evaluation warm-up W = --eval-warmup-tokens rounded up to a multiple of T."""
         if self.eval_warmup_tokens > len(dataset.tokens):
             raise ConfigError(f"--eval-warmup-tokens {self.eval_warmup_tokens} (rounded up to a multiple of "
-                             f"--tokens-per-sample {self.cfg.tokens_per_sample}) exceeds {split} "
-                             f"({len(dataset.tokens):,} tokens): the warm-up would repeat the split; lower "
-                             f"--eval-warmup-tokens to at most the split length or evaluate a longer split")
+                              f"--tokens-per-sample {self.cfg.tokens_per_sample}) exceeds {split} "
+                              f"({len(dataset.tokens):,} tokens): the warm-up would repeat the split; lower "
+                              f"--eval-warmup-tokens to at most the split length or evaluate a longer split")
         return dataset.with_warmup(self.eval_warmup_tokens)
 
     def get_batch_iterator(self, dataset: StreamDataset, max_tokens: Optional[int] = None,
@@ -389,7 +389,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
             raise TypeError(f"--task streaming_lm iterates StreamDatasets, got {type(dataset).__name__}")
         if max_sentences is None:
             raise ConfigError("--task streaming_lm needs --batch-size (and --batch-size-valid for validation): the "
-                             "number of contiguous streams per worker; --max-tokens does not set the layout")
+                              "number of contiguous streams per worker; --max-tokens does not set the layout")
         laid_out = dataset.with_layout(max_sentences, num_shards)
         if laid_out.num_scored_segments == 0:
             raise DataError("the split is empty: there is no token to stream")
@@ -443,7 +443,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
             raise ConfigError(CONTEXT_WINDOW_ERROR.format(window=context_window))
         if batch_size is None:
             raise ConfigError("fairseq-eval-lm --task streaming_lm needs --batch-size: the number of evaluation "
-                             "streams B (the protocol is stream(B, T=--tokens-per-sample))")
+                              "streams B (the protocol is stream(B, T=--tokens-per-sample))")
         if not isinstance(dataset, StreamDataset):
             raise TypeError(f"--task streaming_lm evaluates StreamDatasets, got {type(dataset).__name__}")
         dataset = self.with_eval_warmup(dataset)
@@ -511,7 +511,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         division of the summed gradient by the summed sample size is unchanged."""
         if not criterion.logging_outputs_can_be_summed():
             raise ConfigError(f"--batch-split needs a criterion whose logging outputs are sums over rows; "
-                             f"{type(criterion).__name__}'s cannot be summed: use --batch-split 1 or lm_loss")
+                              f"{type(criterion).__name__}'s cannot be summed: use --batch-split 1 or lm_loss")
         batch_size = sample["net_input"]["src_tokens"].size(0)
         bounds = row_slices(batch_size, self.batch_split)
         decoders = self._decoders_of(model)

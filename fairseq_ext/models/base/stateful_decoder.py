@@ -77,8 +77,8 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         self._train_segments = 0  # training calls since the "train" stream was last reset
         self._pending_train: Optional[Dict[str, Any]] = None  # a checkpoint's train stream, until resumed
         # every data-parallel rank's train stream as plain dicts (rank order), collected on rank 0 for the next save
-        # by gather_train_stream, with the number of training segments they hold
-        self._gathered_train: Optional[Tuple[int, List[Any]]] = None
+        # by gather_train_stream; dropped when the "train" stream moves on (a new segment, a reset)
+        self._gathered_train: Optional[List[Any]] = None
         self._rows: Optional[Tuple[int, int, int]] = None  # (start, stop, batch size) inside stream_rows
         self._split: Optional[_RowSplit] = None  # the batch whose row slices are running
 
@@ -165,6 +165,7 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         """Keep the state after a whole batch (truncated BPTT: detached); count training segments."""
         self._streams[stream] = None if new_state is None else new_state.detach()
         if stream == "train":
+            self._gathered_train = None
             self._train_segments += 1
 
     def _row_slice_step(self, stream: str, tokens: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
@@ -217,7 +218,7 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
         dist.gather_object(plain, gathered, dst=dist.get_global_rank(group, 0), group=group)
-        self._gathered_train = (self._train_segments, gathered) if rank == 0 else None
+        self._gathered_train = gathered  # None on the other ranks
 
     def get_extra_state(self) -> Dict[str, Any]:
         """Saved in the model's state dict (key ``<prefix>_extra_state``): the "train" stream and how many training
@@ -227,8 +228,7 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         world = _world_size()
         streams: Optional[List[Any]] = [self._train_plain()]
         if world > 1:
-            fresh = self._gathered_train is not None and self._gathered_train[0] == self._train_segments
-            streams = self._gathered_train[1] if fresh else None
+            streams = self._gathered_train
         if streams is not None and not all(_finite(plain) for plain in streams):
             logger.warning("%s: the training streams hold NaN/inf; the checkpoint saves none (a resumed run starts "
                            "them cold)", type(self).__name__)
@@ -299,6 +299,7 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
                 self._split = None  # a batch cut by a reset does not complete
             if name == "train":
                 self._train_segments = 0
+                self._gathered_train = None
 
 
 def _world_size() -> int:
