@@ -270,8 +270,7 @@ def copy_weights_(original: OriginalMemTransformerLM, decoder: nn.Module) -> Non
     with torch.no_grad():
         for ours, theirs in zip(decoder.layers, original.layers):
             attn = ours.self_attn
-            theirs.dec_attn.qkv_net.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight,
-                                                            attn.v_proj.weight], dim=0))
+            theirs.dec_attn.qkv_net.weight.copy_(attn.qkv_proj.weight)
             theirs.dec_attn.r_net.weight.copy_(attn.r_proj.weight)
             theirs.dec_attn.o_net.weight.copy_(attn.out_proj.weight)
             theirs.dec_attn.layer_norm.load_state_dict(ours.self_attn_layer_norm.state_dict())

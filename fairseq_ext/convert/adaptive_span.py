@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from fairseq_ext.errors import MissingFileError
+from fairseq_ext.modules.dead_rows import dead_rows_state
 
 from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, ConversionFlagError, StateReader, VocabMapping,
                      add_output_arguments, build_registered_model, converter_parser, finish_conversion, gather_rows,
@@ -53,7 +54,11 @@ SOURCE_FILE = ("a checkpoint released by facebookresearch/adaptive-span (enwik8.
 ARCH = "adaptive_span_lm"
 ORIGINAL_EOS = "<eos>"
 BLOCK_SIZE = 512  # block (segment) length M of every released checkpoint (spec §3: enwik8/text8, base and large)
-SPAN_RAMP = 32  # --adapt-span-ramp of every script (not stored in the checkpoint)
+SPAN_RAMP = 32  # --adapt-span-ramp of every released checkpoint and script (not stored in the checkpoint)
+RAMP_REQUIRED = (
+    "the span-mask ramp R is not stored in an adaptive-span checkpoint, and a wrong R changes every span mask (0.25 "
+    "nats at R 32 vs 64): pass --adapt-span-ramp R, the original run's --adapt-span-ramp (its training command; "
+    f"every released checkpoint and experiments/*.sh script uses {SPAN_RAMP})")
 SPAN = "attn.attn.adaptive_span._mask."
 PERS = "attn.attn.persistent_memory."
 PERS_SPAN = PERS + "adaptive_span._mask."
@@ -316,7 +321,8 @@ def convert_weights(src: AdaptiveSpanSource, mapping: VocabMapping, dead_bias: f
     out[PREFIX + "output_projection.weight"] = gather_rows(r.get("out_emb.weight", (src.vocab_size, h)), mapping, 0,
                                                            n_fs, 0, 0.0)
     out[PREFIX + "output_projection.bias"] = gather_rows(r.get("out_emb.bias", (src.vocab_size,)), mapping, 0, n_fs,
-                                                         0, dead_bias)
+                                                         0, 0.0)
+    out.update(dead_rows_state(PREFIX + "dead_rows.", n_fs, mapping.dead, dead_bias))
     unused = r.unused()
     if unused:
         hint = (" (FF / norm2 weights in a persistent-memory layer: the original All-attention layer has none)"
@@ -344,15 +350,20 @@ def model_fields(src: AdaptiveSpanSource, *, ramp: int = SPAN_RAMP, dropout: flo
 
 
 def convert_adaptive_span(src: AdaptiveSpanSource, symbols: Sequence[str], *, dead_bias: float = DEAD_BIAS,
-                          data: str = "data-bin", tokens_per_sample: int = BLOCK_SIZE, ramp: int = SPAN_RAMP,
+                          data: str = "data-bin", tokens_per_sample: int = BLOCK_SIZE, ramp: Optional[int] = None,
                           dropout: float = 0.0, emb_dropout: float = 0.0,
                           dtype: Optional[torch.dtype] = torch.float32) -> Conversion:
-    """AdaptiveSpanSource + the rebuilt vocabulary -> fairseq checkpoint for ``adaptive_span_lm``."""
+    """AdaptiveSpanSource + the rebuilt vocabulary -> fairseq checkpoint for ``adaptive_span_lm``. ``ramp`` is
+    required for adaptive-span checkpoints (the checkpoint cannot tell it); fixed-span ones never use it."""
     symbols = list(symbols)
     check_text_vocabulary(symbols, src.vocab_size, "in_emb",
                           "Pass the preprocessed train.txt of the original get_data.sh (enwik8: 205 types, newlines "
                           "kept as lines; text8: 28); the original dictionary also continues over valid.txt and "
                           "test.txt (--valid-txt, --test-txt), or pass its corpus.pt (--corpus-pt)", dead_bias)
+    if ramp is None:
+        if src.adaptive_span:
+            raise ConversionFlagError(RAMP_REQUIRED)
+        ramp = SPAN_RAMP  # unused by a fixed-span model
     if ramp < 1:
         raise ConversionFlagError(f"--adapt-span-ramp {ramp} must be >= 1")
     fields = model_fields(src, ramp=ramp, dropout=dropout, emb_dropout=emb_dropout)
@@ -399,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "loader refuses them (only for files you trust)")
     parser.add_argument("--tokens-per-sample", type=int, default=BLOCK_SIZE,
                         help=f"block length stored in the config (default {BLOCK_SIZE}, the released models')")
-    parser.add_argument("--adapt-span-ramp", type=int, default=SPAN_RAMP,
-                        help=f"span-mask ramp R the model was trained with (not stored; default {SPAN_RAMP})")
+    parser.add_argument("--adapt-span-ramp", type=int,
+                        help=f"span-mask ramp R the model was trained with: required for adaptive-span checkpoints "
+                             f"(not stored in them; the released ones and every original script use {SPAN_RAMP})")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout stored in the config (default 0; the "
                                                                    "scripts trained with 0.3 base / 0.4 large)")
     parser.add_argument("--emb-dropout", type=float, default=0.0, help="emb_dropout stored in the config (default 0)")

@@ -4,7 +4,8 @@
   turns every class outside a small allowlist into an inert stub (the original code need not be importable);
 * the vocabulary mapping onto a fairseq dictionary (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3 first; original
   symbols in original order; fairseq specials the original lacks are *dead* rows: zero embedding, zero output row,
-  output bias ``DEAD_BIAS``);
+  zero output bias, and the fixed logit ``DEAD_BIAS`` in the model's ``dead_rows`` buffers (modules/dead_rows.py:
+  invisible to training);
 * reading the source weights by name (``StateReader``: shape checks, every key used or explicitly dropped);
 * the fairseq side of the output: dictionary, ``dict.txt``, a complete config for ``--task streaming_lm``, the
   weights-only-loadable checkpoint dict (``Conversion``), a strict load check and the files written;
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.compat.inputs import check_torch_file, damaged_file_errors
 from fairseq_ext.errors import ConfigError, DataError, MissingFileError
+from fairseq_ext.modules.dead_rows import dead_rows_state
 
 logger = logging.getLogger(__name__)
 
@@ -427,13 +429,15 @@ class StateReader:
 
 def convert_adaptive_weights(r: StateReader, mapping: VocabMapping, *, n_token: int, cutoffs: Sequence[int],
                              d_model: int, d_embed: int, div_val: int, tie_weight: bool, source_tie_projs: Sequence[bool],
-                             tie_projs_mode: str, dead_bias: float, layout: str = "original") -> Dict[str, Tensor]:
+                             tie_projs_mode: str, dead_bias: float, layout: str = "original",
+                             bias_per_cluster: bool = False) -> Dict[str, Tensor]:
     """Transformer-XL's ``AdaptiveEmbedding`` (``word_emb.*``) and ``ProjectedAdaptiveLogSoftmax`` (``crit.*``; NVIDIA
     names with ``layout="nvidia"``) -> ``decoder.embed_tokens.*`` / ``decoder.adaptive_softmax.*`` in fairseq order.
     ``crit.cluster_{weight,bias}`` keep their rows (the model reads them in reverse, as the original does); the output
     biases are concatenated in vocabulary order; tied output matrices / projections (``tie_weight``,
     ``tie_projs_mode``) are the very tensors of ``embed_tokens`` (one tensor, two keys); a projection tied in the
-    source (``source_tie_projs``) but not in the target mode is copied."""
+    source (``source_tie_projs``) but not in the target mode is copied. ``bias_per_cluster``: the target keeps one
+    bias tensor per cluster (``adaptive_softmax.biases.{i}``) instead of one (``adaptive_softmax.bias``)."""
     out: Dict[str, Tensor] = {}
     n_clusters = len(list(cutoffs))
     orig_ends = [0] + list(cutoffs) + [n_token]
@@ -461,7 +465,13 @@ def convert_adaptive_weights(r: StateReader, mapping: VocabMapping, *, n_token: 
         key = f"crit.out_layers.{i}.bias" if layout == "original" else f"crit.out_layers_biases.{i}"
         biases.append(r.get(key, (orig_hi - orig_lo,)))
     full_bias = torch.cat(biases)  # (V_orig,) in original vocabulary order
-    out[PREFIX + "adaptive_softmax.bias"] = gather_rows(full_bias, mapping, 0, len(mapping.symbols), 0, dead_bias)
+    bias = gather_rows(full_bias, mapping, 0, len(mapping.symbols), 0, 0.0)  # (V,) in fairseq order
+    if bias_per_cluster:
+        out.update({f"{PREFIX}adaptive_softmax.biases.{i}": part.clone()
+                    for i, part in enumerate(bias.split([hi - lo for lo, hi in zip(fs_ends, fs_ends[1:])]))})
+    else:
+        out[PREFIX + "adaptive_softmax.bias"] = bias
+    out.update(dead_rows_state(PREFIX + "adaptive_softmax.dead_rows.", len(mapping.symbols), mapping.dead, dead_bias))
     for i, fs_lo, fs_hi, orig_lo, orig_hi, dim in tables:
         dst = f"{PREFIX}adaptive_softmax.weights.{i}"
         if layout == "original":

@@ -51,6 +51,12 @@ SOURCE_FILE = ("lmtool-fwms's pickled model, best_model.pt or latest_model.pt fr
                "state *_opt.pt)")
 
 ARCH = "fast_weight_lm"
+CARRY_OVER_REQUIRED = (
+    "attn_type {code} can carry its fast weights across segments, and lmtool's model file does not record whether "
+    "it was trained that way (a carry-over model evaluated without it is ~0.4 nats off after the first segment): "
+    "pass --carry-over-fast-weight on|off, 'on' when the training command had --carry_over_fast_weight (train.py "
+    "logs every argument at the top of the work_dir's log.txt: 'carry_over_fast_weight : True'; the *_carry_over_* "
+    "scripts set it)")
 DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
 # attn_type -> (projection layout, feature map, lmtool attention classes)
 QKVB, QKV, Q_KV = "qkvb_net", "qkv_net", "q_net/kv_net"
@@ -145,7 +151,8 @@ def _layer_attr(attns: Sequence[Any], name: str, what: str) -> Any:
 def read_lmtool_model(root: Any, carry_over_fast_weight: Optional[bool] = None,
                       assume_raw_sum_features: bool = False) -> LmtoolSource:
     """The pickled ``MemTransformerLM`` (loaded with the shim) -> LmtoolSource. ``carry_over_fast_weight`` is a
-    training flag, not a model attribute: None reads an attribute of that name if present, else False."""
+    training flag, not a model attribute: None reads an attribute of that name if present; without one it must be
+    given for the layers that can carry (``CARRY_OVER_REQUIRED``), and is off for the others."""
     root = unwrap_pickled_model(root, "MemTransformerLM", "lmtool's train.py best_model.pt / latest_model.pt")
     code = int(pickled_attr(root, "attn_type", 0))
     if code not in LAYOUTS:
@@ -193,7 +200,9 @@ def read_lmtool_model(root: Any, carry_over_fast_weight: Optional[bool] = None,
                                   f"that flag sum-normalised phi(q), phi(k) in the sum rule, which {ARCH} does not "
                                   f"implement. If this checkpoint used raw features, pass --assume-raw-sum-features")
     if carry_over_fast_weight is None:
-        carry_over_fast_weight = bool(pickled_attr(root, "carry_over_fast_weight", False))
+        carry_over_fast_weight = pickled_attr(root, "carry_over_fast_weight", None)
+    if carry_over_fast_weight is None and LAYOUTS[code][0] != Q_KV:
+        raise ConversionFlagError(CARRY_OVER_REQUIRED.format(code=code))
     drop = pickled_child(root, "drop")
     dropatt = pickled_child(attns[0], "dropatt")
     word_emb = pickled_child(root, "word_emb")
@@ -380,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for files you trust)")
     parser.add_argument("--carry-over-fast-weight", type=parse_on_off, metavar="on|off",
                         help="the model was trained with --carry_over_fast_weight (a train.py flag, not stored in the "
-                             "model; default: off)")
+                             "model): required for the CUDA fast weight layers (24/25/26/34/35/44/45/46)")
     parser.add_argument("--assume-raw-sum-features", action="store_true",
                         help="attn_type 34/35 without a use_sum_norm attribute: assume raw (not sum-normalised) "
                              "feature maps, as lmtool-fwms' default")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from fairseq_ext.models.sha_rnn_lm import check_memory_window
+from fairseq_ext.modules.dead_rows import dead_rows_state
 
 from .adaptive_span import add_text_vocab_arguments, check_text_vocabulary, finish_text_conversion, text_vocabulary
 from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
@@ -133,7 +134,8 @@ def convert_weights(src: ShaRnnSource, mapping: VocabMapping, dead_bias: float =
     _tied_output(r, src)
     out: Dict[str, Tensor] = {
         PREFIX + "embed_tokens.weight": gather_rows(r.get("encoder.weight"), mapping, 0, n_fs, 0, 0.0),
-        PREFIX + "output_bias": gather_rows(r.get("decoder.bias", (src.vocab_size,)), mapping, 0, n_fs, 0, dead_bias),
+        PREFIX + "output_bias": gather_rows(r.get("decoder.bias", (src.vocab_size,)), mapping, 0, n_fs, 0, 0.0),
+        **dead_rows_state(PREFIX + "dead_rows.", n_fs, mapping.dead, dead_bias),
     }
     for layer in range(src.layers):
         p, q = f"blocks.{layer}.", f"{PREFIX}layers.{layer}."

@@ -13,17 +13,20 @@ Sources (shared/specs/transformer_xl.md §7):
 Both hold pickled Python objects, so they are read (with the shim) only with ``trust_pickle`` / ``--trust-pickle``.
 
 Weights (original name -> ``decoder.``...): ``r_w_bias``/``r_r_bias`` -> ``content_bias``/``position_bias``;
-``layers.{l}.dec_attn.qkv_net`` rows split in thirds -> ``self_attn.{q,k,v}_proj``; ``r_net``/``o_net`` ->
+``layers.{l}.dec_attn.qkv_net`` -> ``self_attn.qkv_proj`` (the same tensor: rows [W_q ; W_k ; W_v]); ``r_net``/``o_net`` ->
 ``r_proj``/``out_proj``; ``dec_attn.layer_norm`` -> ``self_attn_layer_norm``; ``pos_ff.CoreNet.0/3`` -> ``fc1/fc2``;
 ``pos_ff.layer_norm`` -> ``final_layer_norm``; ``word_emb.*`` -> ``embed_tokens.*``; ``crit.cluster_{weight,bias}``
-unchanged (same row meaning); output biases concatenated in vocabulary order -> ``adaptive_softmax.bias``; output
+unchanged (same row meaning); output biases in vocabulary order -> ``adaptive_softmax.bias`` (one tensor, the original with div_val 1) or
+``adaptive_softmax.biases.{i}`` (one per cluster: the original with div_val > 1, NVIDIA always); output
 matrices and projections -> ``adaptive_softmax.weights.{i}`` / ``out_projs.{i}``, where tied ones are the very
 tensors of ``embed_tokens`` (one tensor, two keys). ``pos_emb.inv_freq`` is dropped (recomputed).
 
 Vocabulary: a fairseq dictionary always starts ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3. The output
 ``dict.txt`` lists the original symbols in original order minus those mapped onto fairseq specials (``<eos>`` ->
 ``</s>``, ``<unk>`` -> ``<unk>``; ``--map-symbol`` adds more). Specials the original lacks are *dead* rows: zero
-embedding, zero output row and output bias ``dead_bias`` (-40: probability below e^-40, far under fp32 resolution of the real tokens, finite in fp16; a spurious ``</s>`` target costs only ~40 nats). Every
+embedding, zero output row and bias, and the fixed logit ``dead_bias`` (-40: probability below e^-40, far under fp32
+resolution of the real tokens, finite in fp16; a spurious ``</s>`` target costs only ~40 nats) in the softmax's
+``dead_rows`` buffers, outside every trained tensor (modules/dead_rows.py). Every
 mapped symbol must lie in the head cluster; the clusters then keep their members and order, and each cutoff moves
 by the number of dead rows. Binarise text with ``fairseq-preprocess --only-source --srcdict <out>/dict.txt``.
 """
@@ -251,9 +254,7 @@ def convert_weights(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode
     out[PREFIX + "position_bias"] = r.get("r_r_bias", (cfg.n_head, cfg.d_head))
     for layer in range(cfg.n_layer):
         src_p, dst_p = f"layers.{layer}.", f"{PREFIX}layers.{layer}."
-        qkv = r.get(src_p + "dec_attn.qkv_net.weight", (3 * hd, d))
-        for name, part in zip("qkv", torch.chunk(qkv, 3, dim=0)):  # the original chunks the output in thirds
-            out[dst_p + f"self_attn.{name}_proj.weight"] = part.clone()
+        out[dst_p + "self_attn.qkv_proj.weight"] = r.get(src_p + "dec_attn.qkv_net.weight", (3 * hd, d))
         out[dst_p + "self_attn.r_proj.weight"] = r.get(src_p + "dec_attn.r_net.weight", (hd, d))
         out[dst_p + "self_attn.out_proj.weight"] = r.get(src_p + "dec_attn.o_net.weight", (d, hd))
         out.update(convert_layer_norms_and_ffn(r, src_p, dst_p, d, cfg.d_inner))
@@ -261,7 +262,8 @@ def convert_weights(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode
     out.update(convert_adaptive_weights(r, mapping, n_token=cfg.n_token, cutoffs=cfg.cutoffs, d_model=d, d_embed=de,
                                         div_val=cfg.div_val, tie_weight=cfg.tie_weight,
                                         source_tie_projs=cfg.tie_projs_per_cluster, tie_projs_mode=tie_projs_mode,
-                                        dead_bias=dead_bias, layout=layout))
+                                        dead_bias=dead_bias, layout=layout,
+                                        bias_per_cluster=cfg.div_val > 1 or layout == "nvidia"))
     if layout == "nvidia":
         for key in [k for k in src.state if k.startswith("crit.shared_out_projs.")]:
             j = int(key.rsplit(".", 1)[1])
@@ -293,7 +295,7 @@ def model_fields(src: SourceCheckpoint, mapping: VocabMapping, tie_projs_mode: s
         "mem_len": cfg.mem_len if mem_len is None else mem_len,
         "clamp_len": cfg.clamp_len if clamp_len is None else clamp_len,
         "same_length": cfg.same_length if same_length is None else same_length,
-        "same_length_convention": convention, "untie_r": False,
+        "same_length_convention": convention, "untie_r": False, "adaptive_softmax_bias_layout": src.layout,
         "adaptive_softmax_cutoff": ",".join(map(str, mapping.cutoffs)) if mapping.cutoffs else None,
         "adaptive_softmax_factor": cfg.div_val, "untie_adaptive_weights": not cfg.tie_weight,
         "tie_projs": tie_projs_mode,

@@ -41,6 +41,7 @@ from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptive
 from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
 from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
 from fairseq_ext.modules.blocks.adaptive_span_layer import AdaptiveSpanLayer
+from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.ops.adaptive_span import IMPLS
 from fairseq_ext.state import HiddenMemory
 
@@ -120,13 +121,14 @@ class AdaptiveSpanDecoder(StatefulDecoder):
             self.embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)
             self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
                 vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=self.embed_tokens,
-                tie_projs=[True] * (len(cutoffs) + 1))
+                tie_projs=[True] * (len(cutoffs) + 1), bias_per_cluster=False)
             self.output_projection = None
             self._init_adaptive_io(cfg.adaptive_softmax_factor)
         else:
             self.embed_tokens = nn.Embedding(vocab, dim)  # N(0, 1), not scaled
             self.adaptive_softmax = None
             self.output_projection = nn.Linear(dim, vocab)
+            self.dead_rows = DeadRows(vocab, bias="output_projection.bias", weight="output_projection.weight")
         self.key_pe = nn.Parameter(torch.randn(dim // heads, cfg.attn_span))  # (d, L), column j = distance L - j
         ffn_dim = 0 if cfg.pers_mem_size > 0 else cfg.decoder_ffn_embed_dim
         self.layers = nn.ModuleList()
@@ -160,7 +162,7 @@ class AdaptiveSpanDecoder(StatefulDecoder):
         ``get_normalized_probs`` and ``lm_loss``)."""
         if self.output_projection is None:
             return features
-        return self.output_projection(features)
+        return self.dead_rows(self.output_projection(features))
 
     # ------------------------------------------------------------------------------------------------------
     def forward_segment(self, tokens: Tensor, state: Optional[HiddenMemory]) -> SegmentOutput:

@@ -242,7 +242,8 @@ class FastWeightDecoder(StatefulDecoder):
         tied = not cfg.untie_adaptive_weights
         self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
             vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=self.embed_tokens if tied else None,
-            tie_projs=[False] + [tied] * len(cutoffs))
+            tie_projs=[False] + [tied] * len(cutoffs),
+            bias_per_cluster=cfg.adaptive_softmax_factor > 1)  # lmtool's Linear per cluster when div_val > 1
         self.reset_parameters(cfg.init_std, cfg.proj_init_std)
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock
 from fairseq_ext.state import LayerStates
 
@@ -113,6 +114,7 @@ class SHARNNDecoder(StatefulDecoder):
         self.attn_layers = parse_attn_layers(cfg.attn_layers, cfg.decoder_layers)
         self.embed_tokens = nn.Embedding(vocab, dim)
         self.output_bias = nn.Parameter(torch.zeros(vocab))
+        self.dead_rows = DeadRows(vocab, bias="output_bias", weight="embed_tokens.weight")  # converted checkpoints
         self.layers = nn.ModuleList(
             SHARNNBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropouth, i in self.attn_layers, cfg.max_memory,
                         collapsed=cfg.collapse_value_gate)
@@ -147,7 +149,7 @@ class SHARNNDecoder(StatefulDecoder):
 
     def output_layer(self, features: Tensor) -> Tensor:
         """features (B, T, d) -> logits (B, T, V) through the tied embedding and the output bias."""
-        return F.linear(features, self.embed_tokens.weight, self.output_bias)
+        return self.dead_rows(F.linear(features, self.embed_tokens.weight, self.output_bias))
 
     def _run(self, tokens: Tensor, state: Optional[LayerStates], trim_to: Optional[int],
              pending: int) -> SegmentOutput:

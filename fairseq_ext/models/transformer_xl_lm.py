@@ -34,6 +34,8 @@ from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
+
+BIAS_LAYOUTS = ("original", "nvidia")  # output-bias tensors of the adaptive softmax (adaptive_softmax_bias_layout)
 from fairseq_ext.state import HiddenMemory
 
 # Relative positions put no bound on the length; fairseq only uses this for filtering.
@@ -74,6 +76,10 @@ class TransformerXLConfig(FairseqDataclass):
                                         "20000,40000,200000 (fairseq dictionary ids); default: full softmax"})
     adaptive_softmax_factor: int = field(
         default=1, metadata={"help": "div_val: cluster i embeds in d_embed / factor^i dims (input and softmax)"})
+    adaptive_softmax_bias_layout: ChoiceEnum(BIAS_LAYOUTS) = field(
+        default="original", metadata={"help": "output-bias tensors: original (one per cluster when "
+                                              "--adaptive-softmax-factor > 1, else one) or nvidia (one per cluster); "
+                                              "same numbers, but what a per-tensor optimizer such as LAMB sees"})
     untie_adaptive_weights: bool = field(
         default=False, metadata={"help": "separate output word matrices (the original --not_tied); by default they "
                                          "ARE the input embeddings, with or without cutoffs"})
@@ -94,6 +100,13 @@ def parse_cutoffs(cutoff: Optional[str]) -> List[int]:
         return [int(c) for c in str(cutoff).split(",")]
     except ValueError:
         raise ValueError(f"--adaptive-softmax-cutoff must be comma-separated integers, got {cutoff!r}") from None
+
+
+def per_cluster_biases(cfg) -> bool:
+    """One output-bias tensor per cluster: the original's layout with div_val > 1, NVIDIA's always (configs written
+    before ``adaptive_softmax_bias_layout`` existed mean "original")."""
+    return cfg.adaptive_softmax_factor > 1 or str(safe_getattr(cfg, "adaptive_softmax_bias_layout",
+                                                               "original")) == "nvidia"
 
 
 def tie_projection_flags(mode: str, num_clusters: int) -> List[bool]:
@@ -156,7 +169,8 @@ class TransformerXLDecoder(StatefulDecoder):
         self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
             vocab, embed_dim, dim, cutoffs, cfg.adaptive_softmax_factor,
             tie_to=None if cfg.untie_adaptive_weights else self.embed_tokens,
-            tie_projs=tie_projection_flags(str(cfg.tie_projs), len(cutoffs) + 1))
+            tie_projs=tie_projection_flags(str(cfg.tie_projs), len(cutoffs) + 1),
+            bias_per_cluster=per_cluster_biases(cfg))
         self.reset_parameters(cfg.init_std, cfg.proj_init_std)
 
     # ------------------------------------------------------------------------------------------------------
@@ -295,21 +309,22 @@ def transformer_xl_text8_large(args):
 @register_model_architecture("transformer_xl_lm", "transformer_xl_wiki103_nvidia_base")
 def transformer_xl_wiki103_nvidia_base(args):
     """NVIDIA DeepLearningExamples wt103_base.yaml: 16 layers, d 512, 8 x 64 heads, FFN 2048, dropout 0.1,
-    dropatt 0, div_val 1, tgt/mem 192, cutoffs 19997/39997/199997 (a 20000-row head), NVIDIA same_length."""
+    dropatt 0, div_val 1, tgt/mem 192, cutoffs 19997/39997/199997 (a 20000-row head), NVIDIA same_length and
+    per-cluster output biases."""
     _set(args, decoder_layers=16, decoder_embed_dim=512, decoder_attention_heads=8, decoder_attention_head_dim=64,
          decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0, mem_len=192,
          adaptive_softmax_cutoff="19997,39997,199997", adaptive_softmax_factor=1, tie_projs="tails",
-         same_length_convention="nvidia", init_std=0.02)
+         same_length_convention="nvidia", adaptive_softmax_bias_layout="nvidia", init_std=0.02)
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_wiki103_nvidia_large")
 def transformer_xl_wiki103_nvidia_large(args):
     """NVIDIA wt103_large.yaml: 18 layers, d 1024, 16 x 64 heads, FFN 4096, dropout and dropatt 0.2, div_val 4,
-    tgt/mem 384, init_std 0.005, cutoffs 19997/39997/199997, NVIDIA same_length."""
+    tgt/mem 384, init_std 0.005, cutoffs 19997/39997/199997, NVIDIA same_length and per-cluster output biases."""
     _set(args, decoder_layers=18, decoder_embed_dim=1024, decoder_attention_heads=16, decoder_attention_head_dim=64,
          decoder_ffn_embed_dim=4096, dropout=0.2, attention_dropout=0.2, mem_len=384,
          adaptive_softmax_cutoff="19997,39997,199997", adaptive_softmax_factor=4, tie_projs="tails",
-         same_length_convention="nvidia", init_std=0.005)
+         same_length_convention="nvidia", adaptive_softmax_bias_layout="nvidia", init_std=0.005)
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_tiny")

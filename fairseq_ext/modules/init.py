@@ -13,10 +13,12 @@ def xl_weights_init(model: nn.Module, init_std: float, proj_init_std: float,
     (``adaptive_softmax.weights.*``) and every parameter whose last name is in ``normal_leaves`` (e.g. the
     relative-attention biases), zero ``cluster_bias`` and ``adaptive_softmax.bias``, N(0, proj_init_std) adaptive
     projections (``embed_tokens.emb_projs.*``, ``adaptive_softmax.out_projs.*``). Tied tensors are initialised
-    once, as embeddings (``named_parameters`` lists a shared tensor once)."""
+    once, as embeddings (``named_parameters`` lists a shared tensor once). A Linear with ``fused_parts`` = n (e.g.
+    Transformer-XL's ``qkv_proj``) draws its n row blocks one after another, as n separate Linears would."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, init_std)
+            for part in module.weight.chunk(getattr(module, "fused_parts", 1)):  # a fused Linear: drawn per part
+                nn.init.normal_(part, 0.0, init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from fairseq_ext.convert.adaptive_span import (ConversionError, convert_adaptive_span, main, read_source,
-                                               scan_vocabulary)
+from fairseq_ext.convert.adaptive_span import (SPAN_RAMP, ConversionError, convert_adaptive_span, main,
+                                               read_source, scan_vocabulary)
 from fairseq_ext.convert.common import DEAD_BIAS, save_conversion
 from fairseq_ext.errors import MissingFileError
 from tests.convert.adaptive_span_reference import ReferenceAdaptiveSpan
@@ -127,7 +127,7 @@ CASES = {
 def test_converted_model_equals_original_algorithm(name, tmp_path):
     ckpt = synthetic_checkpoint(**CASES[name])
     src = read_source(ckpt)
-    conversion = convert_adaptive_span(src, scan_vocabulary([write_train(tmp_path)]), data=str(tmp_path))
+    conversion = convert_adaptive_span(src, scan_vocabulary([write_train(tmp_path)]), data=str(tmp_path), ramp=SPAN_RAMP)
     cfg = conversion.model_cfg
     assert cfg["fixed_span"] == ("adaptive" in CASES[name]) and cfg["pers_mem_size"] == CASES[name].get("pers_mem", 0)
     assert (cfg["decoder_layers"], cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]) == (LAYERS, HIDDEN, HEADS)
@@ -184,7 +184,7 @@ def test_dict_txt_order_and_binarised_ids(tmp_path):
 
     from tests.harness import fairseq_preprocess
 
-    conversion = convert_adaptive_span(read_source(synthetic_checkpoint()), VOCAB, data=str(tmp_path))
+    conversion = convert_adaptive_span(read_source(synthetic_checkpoint()), VOCAB, data=str(tmp_path), ramp=SPAN_RAMP)
     save_conversion(str(tmp_path), conversion.checkpoint, conversion.mapping.symbols)
     lines = (tmp_path / "dict.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == [s for s in VOCAB if s != "<eos>"]
@@ -210,7 +210,7 @@ def test_script_end_to_end(tmp_path):
     out = tmp_path / "converted"
     script = os.path.join(REPO_ROOT, "scripts", "convert_adaptive_span_checkpoint.py")
     result = subprocess.run([sys.executable, script, str(src), str(out), "--train-txt", write_train(tmp_path),
-                             "--tokens-per-sample", "16"], capture_output=True, text=True, cwd=str(tmp_path),
+                             "--tokens-per-sample", "16", "--adapt-span-ramp", "32"], capture_output=True, text=True, cwd=str(tmp_path),
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fairseq-preprocess" in result.stdout and "--srcdict" in result.stdout
@@ -223,7 +223,7 @@ def test_script_end_to_end(tmp_path):
     from fairseq import checkpoint_utils
 
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(out / "model.pt")])
-    conversion = convert_adaptive_span(read_source(ckpt), VOCAB, data=str(out))
+    conversion = convert_adaptive_span(read_source(ckpt), VOCAB, data=str(out), ramp=SPAN_RAMP)
     assert_matches_reference(models[0].double().eval(), conversion.mapping,
                              ReferenceAdaptiveSpan(stripped(ckpt), HEADS))
 
@@ -249,7 +249,10 @@ def test_cli_errors_and_pickled_checkpoints(tmp_path):
     torch.save(ckpt, pickled)
     with pytest.raises(ConversionError, match="--trust-pickle"):
         main([str(pickled), out, "--train-txt", write_train(tmp_path)])
-    conversion = main([str(pickled), out, "--train-txt", write_train(tmp_path), "--trust-pickle"])
+    with pytest.raises(ConversionError, match="--adapt-span-ramp R, the original run's --adapt-span-ramp"):
+        main([str(pickled), out, "--train-txt", write_train(tmp_path), "--trust-pickle"])
+    conversion = main([str(pickled), out, "--train-txt", write_train(tmp_path), "--trust-pickle",
+                       "--adapt-span-ramp", "32"])
     assert conversion.mapping.symbols[4:] == [s for s in VOCAB if s != "<eos>"]
 
 
@@ -261,11 +264,11 @@ def test_duplicate_span_parameters_must_agree():
     key = "module.layers.1.attn.attn.persistent_memory.adaptive_span._mask.current_val"
     ckpt["model"][key] = ckpt["model"][key] + 0.25
     with pytest.raises(ConversionError, match="persistent_memory.adaptive_span._mask.current_val differs"):
-        convert_adaptive_span(read_source(ckpt), VOCAB)
+        convert_adaptive_span(read_source(ckpt), VOCAB, ramp=SPAN_RAMP)
     ckpt = synthetic_checkpoint(pers_mem=3)
     del ckpt["model"]["module.layers.0.attn.attn.persistent_memory.adaptive_span._mask.mask_template"]
     with pytest.raises(ConversionError, match="lacks 'layers.0.attn.attn.persistent_memory.adaptive_span"):
-        convert_adaptive_span(read_source(ckpt), VOCAB)
+        convert_adaptive_span(read_source(ckpt), VOCAB, ramp=SPAN_RAMP)
 
 
 def test_layout_errors():
@@ -276,15 +279,15 @@ def test_layout_errors():
     ckpt = synthetic_checkpoint()
     ckpt["model"]["module.layers.2.norm1.weight"] = torch.ones(HIDDEN)
     with pytest.raises(ConversionError, match="lacks 'layers.2.attn.proj_query.weight'"):
-        convert_adaptive_span(read_source(ckpt), VOCAB)
+        convert_adaptive_span(read_source(ckpt), VOCAB, ramp=SPAN_RAMP)
     ckpt = synthetic_checkpoint(pers_mem=2)
     ckpt["model"]["module.layers.1.ff.fc1.weight"] = torch.zeros(1, HIDDEN)
     with pytest.raises(ConversionError, match="does not use.*persistent-memory layer"):
-        convert_adaptive_span(read_source(ckpt), VOCAB)
+        convert_adaptive_span(read_source(ckpt), VOCAB, ramp=SPAN_RAMP)
     ckpt = synthetic_checkpoint()
     ckpt["model"]["module.layers.0.attn.attn.adaptive_span._mask.mask_template"] *= 2
     with pytest.raises(ConversionError, match="mask_template is not linspace"):
-        convert_adaptive_span(read_source(ckpt), VOCAB)
+        convert_adaptive_span(read_source(ckpt), VOCAB, ramp=SPAN_RAMP)
     ckpt = synthetic_checkpoint()
     ckpt["model"]["layers.0.norm1.weight"] = ckpt["model"].pop("module.layers.0.norm1.weight")
     with pytest.raises(ConversionError, match="only some model keys"):
@@ -292,7 +295,7 @@ def test_layout_errors():
     with pytest.raises(ConversionError, match="fairseq checkpoint"):
         read_source({"cfg": {}, "model": {}})
     with pytest.raises(ConversionError, match="no <eos>"):
-        convert_adaptive_span(read_source(synthetic_checkpoint()), [str(i) for i in range(len(VOCAB))])
+        convert_adaptive_span(read_source(synthetic_checkpoint()), [str(i) for i in range(len(VOCAB))], ramp=SPAN_RAMP)
 
 
 def test_vocabulary_from_the_original_corpus_pt(tmp_path, monkeypatch):
@@ -319,5 +322,13 @@ def test_vocabulary_from_the_original_corpus_pt(tmp_path, monkeypatch):
         main(args)
     with pytest.raises(ConversionError, match="not both"):
         main(args + ["--train-txt", write_train(tmp_path)])
-    conversion = main(args + ["--trust-pickle"])
+    conversion = main(args + ["--trust-pickle", "--adapt-span-ramp", "32"])
     assert conversion.mapping.symbols[4:] == [s for s in VOCAB if s != "<eos>"]
+
+
+def test_ramp_must_be_given_for_adaptive_spans_only(tmp_path):
+    """The ramp is not in the checkpoint: an adaptive-span conversion needs it; a fixed-span one does not use it."""
+    with pytest.raises(ConversionError, match="0.25 nats.*--adapt-span-ramp R.*uses 32"):
+        convert_adaptive_span(read_source(synthetic_checkpoint()), VOCAB)
+    fixed = convert_adaptive_span(read_source(synthetic_checkpoint(adaptive=False)), VOCAB)
+    assert fixed.model_cfg["fixed_span"]

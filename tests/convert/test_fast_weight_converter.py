@@ -356,7 +356,8 @@ def test_converted_model_equals_lmtool(name, fake_lmtool, tmp_path):
     with pytest.raises(ModuleNotFoundError):
         torch.load(src, weights_only=False)
     out = tmp_path / "converted"
-    conversion = main([src, str(out), "--vocab", write_vocab(tmp_path, word_vocab()), "--trust-pickle"])
+    conversion = main([src, str(out), "--vocab", write_vocab(tmp_path, word_vocab()), "--trust-pickle",
+                       "--carry-over-fast-weight", "off"])
     assert "model_main" not in sys.modules and "utils.cuda_fast_weight_layer" not in sys.modules
     fields = conversion.model_cfg
     assert fields["lmtool_attn_type"] == case.code and fields["skip_attn_normalization"] == (not case.normalize)
@@ -435,18 +436,19 @@ def test_errors(fake_lmtool, tmp_path):
     with pytest.raises(ConversionError, match="--trust-pickle"):
         main([good, out, "--vocab", vocab])
     with pytest.raises(ConversionError, match="no vocabulary"):
-        main([good, out, "--trust-pickle"])
+        main([good, out, "--trust-pickle", "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="vocabulary size mismatch: 29 symbols"):
-        main([good, out, "--trust-pickle", "--vocab", write_vocab(tmp_path, word_vocab(29))])
+        main([good, out, "--trust-pickle", "--vocab", write_vocab(tmp_path, word_vocab(29)), "--carry-over-fast-weight",
+              "off"])
     with pytest.raises(ConversionError, match="convert_transformer_xl_checkpoint.py"):
-        main([str(tmp_path / "txl.pt"), out, "--trust-pickle", "--vocab", vocab])
+        main([str(tmp_path / "txl.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="attn_type 14 cannot be converted"):
-        main([str(tmp_path / "stepwise.pt"), out, "--trust-pickle", "--vocab", vocab])
+        main([str(tmp_path / "stepwise.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="attn_type 54 cannot be converted.*follow-up"):
-        main([str(tmp_path / "followup.pt"), out, "--trust-pickle", "--vocab", vocab])
+        main([str(tmp_path / "followup.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="--assume-raw-sum-features"):
-        main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab])
-    main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab, "--assume-raw-sum-features",
+        main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
+    main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off", "--assume-raw-sum-features",
           "--no-verify"])
 
 
@@ -457,3 +459,20 @@ def test_softmax_refuses_carry_over(fake_lmtool, tmp_path):
     with pytest.raises(ConversionError, match="carry_over_fast_weight needs a CUDA fast weight layer"):
         main([src, str(tmp_path / "out"), "--trust-pickle", "--vocab", write_vocab(tmp_path, word_vocab()),
               "--carry-over-fast-weight", "on"])
+
+
+def test_carry_over_must_be_stated_where_the_layer_can_carry(fake_lmtool, tmp_path):
+    """lmtool does not store --carry_over_fast_weight: a CUDA fast weight layer needs the flag; a quadratic one
+    (attn_type 2/4/5/6, which cannot carry) converts without it."""
+    delta, quadratic = CASES["24"], CASES["4"]
+    src = write_checkpoint(fake_lmtool, tmp_path, delta, synthetic_state(delta), performer_matrices(delta))
+    linear = write_checkpoint(fake_lmtool, tmp_path, quadratic, synthetic_state(quadratic),
+                              performer_matrices(quadratic), name="linear.pt")
+    fake_lmtool["forget"]()
+    vocab, out = write_vocab(tmp_path, word_vocab()), str(tmp_path / "out")
+    with pytest.raises(ConversionError, match="attn_type 24 can carry.*--carry-over-fast-weight on.off.*log.txt"):
+        main([src, out, "--trust-pickle", "--vocab", vocab, "--no-verify"])
+    assert not main([src, out, "--trust-pickle", "--vocab", vocab, "--no-verify",
+                     "--carry-over-fast-weight", "off"]).model_cfg["carry_over_fast_weight"]
+    assert not main([linear, out, "--trust-pickle", "--vocab", vocab, "--no-verify"]).model_cfg[
+        "carry_over_fast_weight"]

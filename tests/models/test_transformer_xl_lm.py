@@ -53,9 +53,10 @@ def reference_features(decoder, x, visible):
         v = attn.position_bias if attn.position_bias is not None else decoder.position_bias
         inp = layer.self_attn_layer_norm(h) if layer.normalize_before else h
         heads, dim = attn.num_heads, attn.head_dim
-        q = attn.q_proj(inp).view(b, n, heads, dim)
-        k = attn.k_proj(inp).view(b, n, heads, dim)
-        val = attn.v_proj(inp).view(b, n, heads, dim)
+        w_q, w_k, w_v = attn.qkv_proj.weight.chunk(3)  # the original qkv_net's row thirds
+        q = (inp @ w_q.T).view(b, n, heads, dim)
+        k = (inp @ w_k.T).view(b, n, heads, dim)
+        val = (inp @ w_v.T).view(b, n, heads, dim)
         r = attn.r_proj(enc).view(n, n, heads, dim)  # (N, N, H, D): W_kR R_{i-j}
         scores = (torch.einsum("bihd,bjhd->bhij", q + u, k) + torch.einsum("bihd,ijhd->bhij", q + v, r)) / math.sqrt(dim)
         probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
@@ -227,14 +228,14 @@ def test_initialisation_statistics():
                          "--decoder-input-dim", "128", "--init-std", "0.02", "--proj-init-std", "0.01"])
     d = model.decoder
     assert d.layers[0].fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert d.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert d.layers[0].self_attn.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert d.embed_tokens.emb_layers[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert d.embed_tokens.emb_projs["0"].std().item() == pytest.approx(0.01, rel=0.05)
     assert d.adaptive_softmax.out_projs["0"].std().item() == pytest.approx(0.01, rel=0.05)
     ln = torch.cat([l.self_attn_layer_norm.weight for l in d.layers] + [l.final_layer_norm.weight for l in d.layers])
     assert ln.mean().item() == pytest.approx(1.0, abs=0.005) and ln.std().item() == pytest.approx(0.02, rel=0.1)
-    for bias in (d.layers[0].fc1.bias, d.layers[0].self_attn_layer_norm.bias, d.adaptive_softmax.bias,
-                 d.adaptive_softmax.cluster_bias):
+    for bias in (d.layers[0].fc1.bias, d.layers[0].self_attn_layer_norm.bias, *d.adaptive_softmax.biases.values(),
+                 d.adaptive_softmax.cluster_bias):  # div_val 2: one output bias per cluster, as the original
         assert torch.count_nonzero(bias) == 0
     assert d.content_bias.std().item() == pytest.approx(0.02, rel=0.5)
 
@@ -337,7 +338,7 @@ def test_bad_configurations_are_clear_errors(args, match):
 
 def test_heads_times_head_dim_need_not_equal_model_dim_when_explicit():
     model = make(["--decoder-attention-heads", "3", "--decoder-attention-head-dim", "7"])
-    assert model.decoder.layers[0].self_attn.q_proj.weight.shape == (21, 16)
+    assert model.decoder.layers[0].self_attn.qkv_proj.weight.shape == (3 * 21, 16)
 
 
 def test_context_window_is_rejected():

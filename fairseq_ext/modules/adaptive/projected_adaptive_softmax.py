@@ -13,26 +13,38 @@ Original parity details: the cluster logits come from ``cluster_weight`` / ``clu
 With ``tie_weights`` the word matrices ARE the input embedding tables (the same Parameter objects); with
 ``tie_projs[i]`` projection i IS the input projection (div_val = 1: the single input projection).
 
+The output bias is one tensor ``bias`` (V,) or, with ``bias_per_cluster``, one tensor per cluster ``biases.{i}``
+(V_i,): the same numbers, but a per-tensor optimizer (LAMB's trust ratio, a per-tensor clip) sees the partition of
+the original it reproduces (Transformer-XL / lmtool: per cluster when div_val > 1, one tensor otherwise; NVIDIA's
+Transformer-XL: always per cluster).
+
+Dead vocabulary rows of a converted checkpoint (``dead_rows``, modules/dead_rows.py) get their fixed logit in the
+head (fairseq's specials, ids 0..3, always lie in the shortlist).
+
 The interface is fairseq's ``AdaptiveSoftmax``: ``forward(h, target)`` returns per-cluster (logits, targets)
 for a summed cross-entropy, and ``get_log_prob(h)`` full log-probabilities (B, T, V).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dead_rows import DeadRows
 from .adaptive_input import XLAdaptiveInput, cluster_bounds, cluster_dims
 
 
 class ProjectedAdaptiveLogSoftmax(nn.Module):
-    """Parameters: ``weights.{i}`` (V_i, d_i) (one (V, d_embed) table when div_val = 1), ``bias`` (V,),
-    ``out_projs.{i}`` (C, d_i) where present, ``cluster_weight`` (n, d_embed), ``cluster_bias`` (n,)."""
+    """Parameters: ``weights.{i}`` (V_i, d_i) (one (V, d_embed) table when div_val = 1), ``bias`` (V,) (or
+    ``biases.{i}`` (V_i,) with ``bias_per_cluster``),
+    ``out_projs.{i}`` (C, d_i) where present, ``cluster_weight`` (n, d_embed), ``cluster_bias`` (n,); buffers of
+    ``dead_rows``."""
 
     def __init__(self, vocab_size: int, embed_dim: int, model_dim: int, cutoffs: Sequence[int], div_val: int,
-                 tie_to: Optional[XLAdaptiveInput] = None, tie_projs: Sequence[bool] = ()) -> None:
+                 tie_to: Optional[XLAdaptiveInput] = None, tie_projs: Sequence[bool] = (),
+                 bias_per_cluster: bool = False) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.div_val = div_val
@@ -50,7 +62,14 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             self.cluster_bias = nn.Parameter(torch.zeros(self.num_clusters))
         self.weights = nn.ParameterDict()
         self.out_projs = nn.ParameterDict()
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        if bias_per_cluster:
+            self.register_parameter("bias", None)
+            self.biases = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(hi - lo))
+                                            for i, (lo, hi) in enumerate(self.bounds)})
+        else:
+            self.bias = nn.Parameter(torch.zeros(vocab_size))
+            self.biases = None
+        self.dead_rows = DeadRows(vocab_size, bias="biases.0" if bias_per_cluster else "bias", weight="weights.0")
         if div_val == 1:
             self.weights["0"] = tie_to.emb_layers[0].weight if tie_to is not None else nn.Parameter(
                 torch.empty(vocab_size, embed_dim))
@@ -77,7 +96,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         (div_val = 1) and the bias are split once per call: one split's backward writes a single gradient, where
         per-cluster slicing would materialise a full-size zero gradient per slice."""
         sizes = [hi - lo for lo, hi in self.bounds]
-        biases = self.bias.split(sizes)
+        biases = self.bias.split(sizes) if self.bias is not None else [self.biases[str(i)]
+                                                                         for i in range(len(self.bounds))]
         if self.div_val == 1:
             weights = self.weights["0"].split(sizes)
         else:
@@ -98,7 +118,14 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         if self.num_clusters:
             weight = torch.cat([weight, self.cluster_weight.flip(0)], dim=0)  # (shortlist + n, d_0)
             bias = torch.cat([bias, self.cluster_bias.flip(0)], dim=0)
-        return self._logits(hidden, weight, bias, proj)
+        return self.dead_rows(self._logits(hidden, weight, bias, proj), columns=self.shortlist)
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
+        """A checkpoint with one ``bias`` (V,) loaded into per-cluster biases: split it (same numbers)."""
+        if self.biases is not None and f"{name}.bias" in state_dict:
+            parts = state_dict.pop(f"{name}.bias").split([hi - lo for lo, hi in self.bounds])
+            state_dict.update({f"{name}.biases.{i}": part.clone() for i, part in enumerate(parts)})
+        return state_dict
 
     # ------------------------------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, target: Tensor) -> Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]:

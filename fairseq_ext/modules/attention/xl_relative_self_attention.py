@@ -3,15 +3,18 @@
     q = W_q h,  k = W_k [SG(m) ; h],  v = W_v [SG(m) ; h],  r = W_{k,R} R
     A = ((q + u) k^T + rel_shift((q + v) r^T)) / sqrt(D),  O = W_o softmax(A) v
 
-Bias-free projections (the original ``qkv_net``, ``r_net``, ``o_net``). The global biases u, v are passed in
+Bias-free projections (the original ``qkv_net``, ``r_net``, ``o_net``). W_q, W_k, W_v are the row thirds of one
+parameter ``qkv_proj.weight`` (3 H D, C), as the original's ``qkv_net``: a per-tensor optimizer (LAMB's trust ratio,
+NVIDIA's recipes) then sees the tensor the original trains; the queries are projected from the segment only. The global biases u, v are passed in
 (shared across layers, the original default), or owned here when untied (``content_bias`` = the original
 ``r_w_bias``, ``position_bias`` = ``r_r_bias``). The module is pure: the memory comes in as the key/value input.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.ops.xl_relative import xl_relative_attention
@@ -26,9 +29,8 @@ class XLRelativeSelfAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.attn_impl = attn_impl
         inner = num_heads * head_dim
-        self.q_proj = nn.Linear(embed_dim, inner, bias=False)
-        self.k_proj = nn.Linear(embed_dim, inner, bias=False)
-        self.v_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.qkv_proj = nn.Linear(embed_dim, 3 * inner, bias=False)  # rows [W_q ; W_k ; W_v]
+        self.qkv_proj.fused_parts = 3  # initialised as three projections (xl_weights_init)
         self.r_proj = nn.Linear(embed_dim, inner, bias=False)
         self.out_proj = nn.Linear(inner, embed_dim, bias=False)
         if own_biases:
@@ -53,10 +55,18 @@ class XLRelativeSelfAttention(nn.Module):
         if content_bias is None or position_bias is None:
             raise ValueError("shared content/position biases (u, v) must be passed when the layer does not own them")
         b, t, _ = query_input.shape
-        q = self._heads(self.q_proj(query_input))  # (B, H, T, D)
-        k, v = self._heads(self.k_proj(kv_input)), self._heads(self.v_proj(kv_input))  # (B, H, S, D)
+        w_q, w_k, w_v = self.qkv_proj.weight.chunk(3)  # (H*D, C) each
+        q = self._heads(F.linear(query_input, w_q))  # (B, H, T, D)
+        k, v = self._heads(F.linear(kv_input, w_k)), self._heads(F.linear(kv_input, w_v))  # (B, H, S, D)
         r = self.r_proj(positions).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, S, D)
         out = xl_relative_attention(q, k, v, r, content_bias, position_bias, window=window,
                                     dropout_p=self.attention_dropout if self.training else 0.0,
                                     impl=self.attn_impl)  # (B, H, T, D)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
+        """Checkpoints written before ``qkv_proj`` stored ``{q,k,v}_proj.weight``: concatenate them (same rows)."""
+        old = [f"{name}.{p}_proj.weight" for p in "qkv"]
+        if all(key in state_dict for key in old):
+            state_dict[f"{name}.qkv_proj.weight"] = torch.cat([state_dict.pop(key) for key in old], dim=0)
+        return state_dict
