@@ -21,6 +21,11 @@ fairseq 0.12.3.1 behaviour this module replaces (measured: Ctrl-C 0.5 s into sav
   task's ``gather_for_checkpoint(model, group)``, called here on every rank before the save when there are several
   workers.
 
+* An optimizer state saved for another set of parameter tensors (a checkpoint of an older fairseq_ext whose
+  Transformer-XL had separate q/k/v projections, or of another ``--arch``) made torch raise "loaded state dict
+  contains a parameter group that doesn't match the size of optimizer's group" from deep inside the trainer. Here it
+  is a one-line error naming the fix, ``--reset-optimizer`` (the model weights themselves load and are upgraded).
+
 Remote paths (fairseq's ioPath ``PathManager``) keep fairseq's own code.
 """
 import contextlib
@@ -37,6 +42,9 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq import trainer as fairseq_trainer
 from fairseq.file_io import PathManager
+from fairseq.optim import FairseqOptimizer
+
+from fairseq_ext.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ _fairseq_torch_persistent_save = checkpoint_utils.torch_persistent_save
 _fairseq_save_checkpoint = checkpoint_utils.save_checkpoint
 _fairseq_copy = PathManager.copy
 _fairseq_trainer_save_checkpoint = fairseq_trainer.Trainer.save_checkpoint
+_fairseq_optimizer_load_state_dict = FairseqOptimizer.load_state_dict
 
 
 def _is_local(path: str) -> bool:
@@ -143,8 +152,24 @@ def trainer_save_checkpoint(self: fairseq_trainer.Trainer, filename: str, extra_
     return _fairseq_trainer_save_checkpoint(self, filename, extra_state)
 
 
+def optimizer_load_state_dict(self: FairseqOptimizer, state_dict: Any,
+                              optimizer_overrides: Optional[Any] = None) -> None:
+    """``FairseqOptimizer.load_state_dict`` with a clear error when the saved state has other parameter tensors."""
+    try:
+        _fairseq_optimizer_load_state_dict(self, state_dict, optimizer_overrides)
+    except ValueError as err:
+        if "doesn't match the size" not in str(err):
+            raise
+        raise ConfigError(
+            "the checkpoint's optimizer state was saved for another set of parameter tensors than this model has "
+            "(a checkpoint of an older fairseq_ext, e.g. Transformer-XL before its q/k/v projections became one "
+            "qkv_proj tensor, or of another --arch). The model weights load; resume with --reset-optimizer to start "
+            "the optimizer state afresh") from err
+
+
 def apply() -> None:
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.save_checkpoint = save_checkpoint
     PathManager.copy = staticmethod(atomic_copy)
     fairseq_trainer.Trainer.save_checkpoint = trainer_save_checkpoint
+    FairseqOptimizer.load_state_dict = optimizer_load_state_dict

@@ -116,3 +116,21 @@ def test_the_crash_checkpoint_after_a_nan_holds_no_nan_memory(data, tmp_path, na
     state = torch.load(tmp_path / "crash.pt", weights_only=True)
     extra = state["model"]["decoder._extra_state"]
     assert extra["train_segments"] == 3 and extra["train"] is None  # the NaN memory was dropped
+
+
+def test_an_optimizer_state_for_other_tensors_names_reset_optimizer():
+    """Without the shim torch's "doesn't match the size of optimizer's group" surfaces from inside the trainer."""
+    from fairseq.optim import FairseqOptimizer
+
+    from fairseq_ext.errors import ConfigError
+
+    class Plain(FairseqOptimizer):
+        def __init__(self, params) -> None:
+            super().__init__(None)
+            self._optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    old = Plain([torch.nn.Parameter(torch.zeros(2)) for _ in range(3)])  # e.g. separate q, k, v
+    new = Plain([torch.nn.Parameter(torch.zeros(6))])  # one qkv tensor
+    with pytest.raises(ConfigError, match="--reset-optimizer"):
+        new.load_state_dict(old.state_dict())
+    Plain([torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]).load_state_dict(old.state_dict())
