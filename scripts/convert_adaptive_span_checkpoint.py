@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Convert a released facebookresearch/adaptive-span checkpoint (enwik8.pt, text8.pt, enwik8_large.pt, text8_large.pt)
-to ``adaptive_span_lm``; the vocabulary is rebuilt from the original preprocessed train.txt.
+to ``adaptive_span_lm``; the vocabulary is rebuilt from the original preprocessed train.txt. --adapt-span-ramp is
+required for adaptive-span checkpoints: the span-mask ramp is not stored and a wrong one changes every span mask
+(every released checkpoint and original experiments/*.sh script used 32; fixed-span checkpoints need no ramp).
 
     python scripts/convert_adaptive_span_checkpoint.py checkpoints/enwik8.pt converted/enwik8 \\
-        --train-txt data/enwik8/train.txt
+        --train-txt data/enwik8/train.txt --adapt-span-ramp 32
     fairseq-preprocess --only-source --srcdict converted/enwik8/dict.txt --validpref data/enwik8/valid.txt \\
         --testpref data/enwik8/test.txt --destdir data-bin/enwik8-as
     fairseq-eval-lm data-bin/enwik8-as --user-dir fairseq_ext --task streaming_lm --path converted/enwik8/model.pt \\
