@@ -13,10 +13,12 @@ Sources (shared/specs/transformer_xl.md §7):
 Both hold pickled Python objects, so they are read (with the shim) only with ``trust_pickle`` / ``--trust-pickle``.
 
 Weights (original name -> ``decoder.``...): ``r_w_bias``/``r_r_bias`` -> ``content_bias``/``position_bias``;
-``layers.{l}.dec_attn.qkv_net`` -> ``self_attn.qkv_proj`` (the same tensor: rows [W_q ; W_k ; W_v]); ``r_net``/``o_net`` ->
+``layers.{l}.dec_attn.qkv_net`` -> ``self_attn.qkv_proj`` (the same tensor: rows [W_q ; W_k ; W_v]);
+``r_net``/``o_net`` ->
 ``r_proj``/``out_proj``; ``dec_attn.layer_norm`` -> ``self_attn_layer_norm``; ``pos_ff.CoreNet.0/3`` -> ``fc1/fc2``;
 ``pos_ff.layer_norm`` -> ``final_layer_norm``; ``word_emb.*`` -> ``embed_tokens.*``; ``crit.cluster_{weight,bias}``
-unchanged (same row meaning); output biases in vocabulary order -> ``adaptive_softmax.bias`` (one tensor, the original with div_val 1) or
+unchanged (same row meaning); output biases in vocabulary order -> ``adaptive_softmax.bias`` (one tensor, the
+original with div_val 1) or
 ``adaptive_softmax.biases.{i}`` (one per cluster: the original with div_val > 1, NVIDIA always); output
 matrices and projections -> ``adaptive_softmax.weights.{i}`` / ``out_projs.{i}``, where tied ones are the very
 tensors of ``embed_tokens`` (one tensor, two keys). ``pos_emb.inv_freq`` is dropped (recomputed).

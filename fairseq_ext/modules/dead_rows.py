@@ -76,7 +76,7 @@ class DeadRows(nn.Module):
         parent = name.rpartition(".")[0]
         parent = parent + "." if parent else ""
         bias_key, weight_key = parent + self.bias_name, parent + self.weight_name
-        mask = torch.zeros_like(self.mask, device="cpu")
+        mask = torch.zeros(self.mask.shape, dtype=torch.bool)  # load_state_dict copies it to the buffer's device
         logit = torch.zeros(())
         bias, weight = state_dict.get(bias_key), state_dict.get(weight_key)
         if bias is not None and weight is not None and bias.dim() == 1 and weight.dim() == 2:
@@ -87,7 +87,7 @@ class DeadRows(nn.Module):
                 bias[dead] = 0
                 state_dict[bias_key] = bias
                 mask[dead] = True
-        state_dict[prefix + "mask"] = mask.to(self.mask.device if not self.mask.is_meta else "cpu")
+        state_dict[prefix + "mask"] = mask
         state_dict[prefix + "logit"] = logit.to(bias.dtype if bias is not None else logit.dtype)
         return state_dict
 

@@ -127,7 +127,8 @@ CASES = {
 def test_converted_model_equals_original_algorithm(name, tmp_path):
     ckpt = synthetic_checkpoint(**CASES[name])
     src = read_source(ckpt)
-    conversion = convert_adaptive_span(src, scan_vocabulary([write_train(tmp_path)]), data=str(tmp_path), ramp=SPAN_RAMP)
+    conversion = convert_adaptive_span(src, scan_vocabulary([write_train(tmp_path)]), data=str(tmp_path),
+                                       ramp=SPAN_RAMP)
     cfg = conversion.model_cfg
     assert cfg["fixed_span"] == ("adaptive" in CASES[name]) and cfg["pers_mem_size"] == CASES[name].get("pers_mem", 0)
     assert (cfg["decoder_layers"], cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]) == (LAYERS, HIDDEN, HEADS)
@@ -210,7 +211,8 @@ def test_script_end_to_end(tmp_path):
     out = tmp_path / "converted"
     script = os.path.join(REPO_ROOT, "scripts", "convert_adaptive_span_checkpoint.py")
     result = subprocess.run([sys.executable, script, str(src), str(out), "--train-txt", write_train(tmp_path),
-                             "--tokens-per-sample", "16", "--adapt-span-ramp", "32"], capture_output=True, text=True, cwd=str(tmp_path),
+                             "--tokens-per-sample", "16", "--adapt-span-ramp", "32"], capture_output=True, text=True,
+                            cwd=str(tmp_path),
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fairseq-preprocess" in result.stdout and "--srcdict" in result.stdout

@@ -441,14 +441,19 @@ def test_errors(fake_lmtool, tmp_path):
         main([good, out, "--trust-pickle", "--vocab", write_vocab(tmp_path, word_vocab(29)), "--carry-over-fast-weight",
               "off"])
     with pytest.raises(ConversionError, match="convert_transformer_xl_checkpoint.py"):
-        main([str(tmp_path / "txl.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
+        main([str(tmp_path / "txl.pt"), out, "--trust-pickle", "--vocab", vocab,
+              "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="attn_type 14 cannot be converted"):
-        main([str(tmp_path / "stepwise.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
+        main([str(tmp_path / "stepwise.pt"), out, "--trust-pickle", "--vocab", vocab,
+              "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="attn_type 54 cannot be converted.*follow-up"):
-        main([str(tmp_path / "followup.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
+        main([str(tmp_path / "followup.pt"), out, "--trust-pickle", "--vocab", vocab,
+              "--carry-over-fast-weight", "off"])
     with pytest.raises(ConversionError, match="--assume-raw-sum-features"):
-        main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off"])
-    main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off", "--assume-raw-sum-features",
+        main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab,
+              "--carry-over-fast-weight", "off"])
+    main([str(tmp_path / "old_sum.pt"), out, "--trust-pickle", "--vocab", vocab, "--carry-over-fast-weight", "off",
+          "--assume-raw-sum-features",
           "--no-verify"])
 
 

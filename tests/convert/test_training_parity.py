@@ -15,7 +15,7 @@ projections is invisible, so every tensor is compared under Adam; under LAMB (ne
 map one to one (every vocabulary tensor included) are compared.
 """
 from dataclasses import replace
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import pytest
 import torch
@@ -133,7 +133,8 @@ def build(weights: Dict[str, Tensor], cfg: Dict) -> nn.Module:
     return model
 
 
-def run_steps(make: Callable[[], Tuple[Dict[str, Tensor], Convert]], optimizer: Callable[[Iterable], torch.optim.Optimizer],
+def run_steps(make: Callable[[], Tuple[Dict[str, Tensor], Convert]],
+              optimizer: Callable[[Iterable], torch.optim.Optimizer],
               steps: int = 2) -> Tuple[Dict[str, Tensor], nn.Module]:
     """``steps`` optimizer steps with fixed random gradients on the original tensors and on the converted model.
     Returns (the conversion of the stepped original, the stepped model)."""

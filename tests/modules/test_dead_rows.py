@@ -62,7 +62,8 @@ def test_upgrade_moves_stored_rows_and_leaves_trained_checkpoints_alone():
     state = {"decoder.output.weight": weight, "decoder.output.bias": bias.clone()}
     module.upgrade_state_dict_named(state, "decoder.dead_rows")
     assert state["decoder.dead_rows.mask"].nonzero().squeeze(1).tolist() == [0, 3]
-    assert state["decoder.dead_rows.logit"].item() == -40.0 and torch.count_nonzero(state["decoder.output.bias"][[0, 3]]) == 0
+    assert state["decoder.dead_rows.logit"].item() == -40.0
+    assert torch.count_nonzero(state["decoder.output.bias"][[0, 3]]) == 0
     assert torch.equal(state["decoder.output.bias"][4:], bias[4:])
     # a trained model: non-zero rows, or a low bias on a live row: nothing is dead
     weight, bias = _output(1)

@@ -5,7 +5,8 @@
 
 Bias-free projections (the original ``qkv_net``, ``r_net``, ``o_net``). W_q, W_k, W_v are the row thirds of one
 parameter ``qkv_proj.weight`` (3 H D, C), as the original's ``qkv_net``: a per-tensor optimizer (LAMB's trust ratio,
-NVIDIA's recipes) then sees the tensor the original trains; the queries are projected from the segment only. The global biases u, v are passed in
+NVIDIA's recipes) then sees the tensor the original trains; the queries are projected from the segment only.
+The global biases u, v are passed in
 (shared across layers, the original default), or owned here when untied (``content_bias`` = the original
 ``r_w_bias``, ``position_bias`` = ``r_r_bias``). The module is pure: the memory comes in as the key/value input.
 """
