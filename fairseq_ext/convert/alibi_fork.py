@@ -29,7 +29,7 @@ import torch
 from fairseq_ext.compat.inputs import check_torch_file, damaged_file_errors
 from fairseq_ext.errors import MissingFileError
 
-from .common import ConversionError, ConversionFlagError  # noqa: F401  (ConversionError: re-exported)
+from .errors import ConversionError, ConversionFlagError  # noqa: F401  (ConversionError: re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -5,14 +5,14 @@ Merity, "Single Headed Attention RNN: Stop Thinking With Your Head" (arXiv 1911.
 
 Source: ``main.py``'s ``model_save`` writes ``torch.save([model, criterion], f)``: a list of two whole pickled modules
 (``model.SHARNN`` and ``splitcross.SplitCrossEntropyLoss``, which holds no weights for enwik8). It is read through the
-class shim of convert/common.py (``--trust-pickle``: the original code need not be importable). A plain state dict of
+class shim of convert/unpickle.py (``--trust-pickle``: the original code need not be importable). A plain state dict of
 the ``SHARNN`` (``model.state_dict()``) is accepted as well.
 
 Weights (original name -> ``decoder.``...):
 
 * ``encoder.weight`` (V, d) -> ``embed_tokens.weight``; ``decoder.weight`` must be the same values (tied: the output
   layer reuses ``embed_tokens``); ``decoder.bias`` (V) -> ``output_bias``; rows permuted into the fairseq dictionary,
-  dead specials as in convert/common.py;
+  dead specials as in convert/vocab_mapping.py;
 * ``blocks.{l}.rnn.{weight_ih_l0,weight_hh_l0,bias_ih_l0,bias_hh_l0}`` -> ``layers.{l}.rnn.*`` (same names);
 * ``blocks.{l}.{lnstart,lnmid,lnmem,lnff,lnxff}`` -> ``layers.{l}.*``; ``lnout`` is dropped (the original forward
   never calls it);
@@ -23,7 +23,7 @@ Weights (original name -> ``decoder.``...):
 
 Vocabulary: the checkpoint holds none. It is rebuilt from the preprocessed ``train.txt`` exactly as the original
 ``data.py`` (the awd-lstm ``Corpus``: every line whitespace-split with ``<eos>`` appended, ids in order of first
-appearance), with the scanner of convert/adaptive_span.py (the same ``data.py``). ``<eos>`` becomes ``</s>``.
+appearance), with the scanner of convert/text_vocab.py (the same ``data.py``). ``<eos>`` becomes ``</s>``.
 """
 import argparse
 import logging
@@ -37,10 +37,14 @@ from torch import Tensor
 from fairseq_ext.models.sha_rnn_lm import check_memory_window
 from fairseq_ext.modules.dead_rows import dead_rows_state
 
-from .adaptive_span import add_text_vocab_arguments, check_text_vocabulary, finish_text_conversion, text_vocabulary
-from .common import (DEAD_BIAS, PREFIX, Conversion, ConversionError, StateReader, VocabMapping,
-                     add_output_arguments, converter_parser, gather_rows, load_pickled, module_state,
-                     pickled_class_name, plain_vocab_checkpoint)
+from .cli import add_output_arguments, converter_parser
+from .errors import ConversionError
+from .output import PREFIX, Conversion, plain_vocab_checkpoint
+from .pickled import module_state, pickled_class_name
+from .state_reader import StateReader
+from .text_vocab import add_text_vocab_arguments, check_text_vocabulary, finish_text_conversion, text_vocabulary
+from .unpickle import load_pickled
+from .vocab_mapping import DEAD_BIAS, VocabMapping, gather_rows
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ Sources (shared/specs/transformer_xl.md §7):
 * NVIDIA DeepLearningExamples ``checkpoint_{best,last}.pt``: a dict with ``model_state``, ``model_config`` (the
   ``MemTransformerLM`` kwargs) and ``vocab`` (a pickled ``Vocab``).
 
-Both hold pickled Python objects, so they are read (with the shim) only with ``trust_pickle`` / ``--trust-pickle``.
+Both hold pickled Python objects, so they are read (with the shim) only with ``trust_pickle`` / ``--trust-pickle``
+(``transformer_xl_source.py`` reads them).
 
 Weights (original name -> ``decoder.``...): ``r_w_bias``/``r_r_bias`` -> ``content_bias``/``position_bias``;
 ``layers.{l}.dec_attn.qkv_net`` -> ``self_attn.qkv_proj`` (the same tensor: rows [W_q ; W_k ; W_v]);
@@ -35,21 +36,22 @@ by the number of dead rows. Binarise text with ``fairseq-preprocess --only-sourc
 import argparse
 import logging
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import asdict
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, PREFIX, PREPROCESS_HINT, TIE_PROJ_MODES,  # noqa: F401 (re-exports)
-                     Conversion, ConversionError, ConversionFlagError, PickledStub, ShimUnpickler, StateReader,
-                     VocabMapping,
-                     add_output_arguments, add_vocab_arguments, build_vocab_mapping, convert_adaptive_weights,
-                     convert_layer_norms_and_ffn, converter_parser, fairseq_cfg, fairseq_checkpoint,
-                     fairseq_dictionary, finish_conversion, gather_rows, load_pickled, module_state, pickled_attr,
-                     pickled_child, pickled_class_name, read_vocab_file, report_conversion, same_tensor,
-                     parse_on_off, pickled_adaptive_softmax, symbol_map_from_pairs, unwrap_pickled_model, verify_conversion, verify_strict_load, vocab_symbols,
-                     write_dictionary)
+from .cli import add_output_arguments, add_vocab_arguments, converter_parser, parse_on_off, symbol_map_from_pairs
+from .errors import ConversionError, ConversionFlagError
+from .output import PREFIX, Conversion, fairseq_cfg, fairseq_checkpoint, finish_conversion, verify_conversion
+from .pickled import read_vocab_file, same_tensor
+from .state_reader import StateReader
+from .transformer_xl_source import (OriginalConfig, SourceCheckpoint, detect_original_ties, read_source,
+                                    reject_attn_type)
+from .unpickle import load_pickled
+from .vocab_mapping import DEAD_BIAS, VocabMapping, build_vocab_mapping, check_dead_bias, check_vocab_size
+from .xl_weights import TIE_PROJ_MODES, check_source_cutoffs, convert_adaptive_weights, convert_layer_norms_and_ffn
 
 logger = logging.getLogger(__name__)
 
@@ -60,174 +62,18 @@ DROPPED_KEYS = ("pos_emb.inv_freq",)  # recomputed by the model
 
 
 # ======================================================================================================================
-# Reading the sources
-# ======================================================================================================================
-@dataclass
-class OriginalConfig:
-    """The ``MemTransformerLM`` settings the conversion needs (original names; NVIDIA's ``model_config`` keys)."""
-
-    n_token: int
-    n_layer: int
-    n_head: int
-    d_model: int
-    d_head: int
-    d_inner: int
-    d_embed: Optional[int] = None
-    div_val: int = 1
-    cutoffs: List[int] = field(default_factory=list)
-    tie_weight: bool = True
-    tie_projs: List[bool] = field(default_factory=lambda: [False])
-    pre_lnorm: bool = False
-    tgt_len: int = 0
-    ext_len: int = 0
-    mem_len: int = 0
-    same_length: bool = False
-    attn_type: int = 0
-    clamp_len: int = -1
-    sample_softmax: int = -1
-    dropout: float = 0.0
-    dropatt: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.d_embed is None or self.d_embed < 0:
-            self.d_embed = self.d_model
-        self.cutoffs = [int(c) for c in self.cutoffs]
-        self.tie_projs = [bool(t) for t in self.tie_projs]
-
-    @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "OriginalConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(kwargs) - known - {"dtype", "adapt_inp"})
-        if unknown:
-            logger.warning("ignoring unknown model_config keys: %s", ", ".join(unknown))
-        missing = [k for k in ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner") if k not in kwargs]
-        if missing:
-            raise ConversionError(f"model_config lacks {missing}; is this a Transformer-XL MemTransformerLM config?")
-        values = {k: v for k, v in kwargs.items() if k in known and v is not None}
-        return cls(**values)
-
-    @property
-    def tie_projs_per_cluster(self) -> List[bool]:
-        """tie_projs padded with False to one flag per cluster (the original enumerates a possibly shorter list)."""
-        n = len(self.cutoffs) + 1
-        return (list(self.tie_projs) + [False] * n)[:n]
-
-
-@dataclass
-class SourceCheckpoint:
-    """A Transformer-XL checkpoint in original key names, with its configuration and vocabulary."""
-
-    layout: str  # "original" (kimiyoung) | "nvidia"
-    config: OriginalConfig
-    state: Dict[str, Tensor]
-    symbols: Optional[List[str]] = None
-    init_std: Optional[float] = None
-    proj_init_std: Optional[float] = None
-    description: str = ""
-
-
-def detect_original_ties(state: Mapping[str, Tensor], cfg: OriginalConfig) -> Tuple[bool, List[bool]]:
-    """(tie_weight, tie_projs per cluster) of an original-layout state dict, from tensor identity."""
-    n = len(cfg.cutoffs) + 1
-    n_out = 1 if cfg.div_val == 1 else n
-    tied = [same_tensor(state.get(f"crit.out_layers.{i}.weight"), state.get(f"word_emb.emb_layers.{i}.weight"))
-            for i in range(n_out)]
-    if any(tied) and not all(tied):
-        raise ConversionError(f"only some output matrices are tied to the embeddings ({tied}); transformer_xl_lm ties "
-                              f"all or none (the original tie_weight)")
-    projs = []
-    for i in range(n):
-        j = 0 if cfg.div_val == 1 else i
-        projs.append(same_tensor(state.get(f"crit.out_projs.{i}"), state.get(f"word_emb.emb_projs.{j}")))
-    return all(tied), projs
-
-
-def read_original_model(root: Any) -> SourceCheckpoint:
-    """The original ``model.pt`` (a pickled MemTransformerLM, loaded with the shim) -> SourceCheckpoint."""
-    root = unwrap_pickled_model(root, "MemTransformerLM", "the original train.py's model.pt")
-    state = module_state(root)
-    layers = pickled_child(root, "layers")
-    layer0 = pickled_child(layers, "0") if layers is not None else None
-    attn0 = pickled_child(layer0, "dec_attn") if layer0 is not None else None
-    crit = pickled_child(root, "crit")
-    word_emb = pickled_child(root, "word_emb")
-    attn_type = int(pickled_attr(root, "attn_type", 0))
-    sample_softmax = int(pickled_attr(root, "sample_softmax", -1))
-    if attn_type != 0:
-        _reject_attn_type(attn_type)
-    if attn0 is None or "r_w_bias" not in state:
-        raise ConversionError("the pickled MemTransformerLM has no layers.0.dec_attn / r_w_bias: not a relative-"
-                              "attention (attn_type 0) Transformer-XL")
-    n_token, crit_cutoffs = pickled_adaptive_softmax(root, "transformer_xl_lm")
-    drop = pickled_child(root, "drop")
-    dropatt = pickled_child(attn0, "dropatt")
-    cfg = OriginalConfig(
-        n_token=n_token, n_layer=int(pickled_attr(root, "n_layer", len(pickled_attr(layers, "_modules", {})))),
-        n_head=int(pickled_attr(root, "n_head")), d_model=int(pickled_attr(root, "d_model")), d_head=int(pickled_attr(root, "d_head")),
-        d_inner=int(state["layers.0.pos_ff.CoreNet.0.weight"].shape[0]),
-        d_embed=int(pickled_attr(root, "d_embed", pickled_attr(word_emb, "d_embed", pickled_attr(root, "d_model")))),
-        div_val=int(pickled_attr(crit, "div_val", pickled_attr(word_emb, "div_val", 1))), cutoffs=crit_cutoffs[:-1],
-        pre_lnorm=bool(pickled_attr(attn0, "pre_lnorm", False)), tgt_len=int(pickled_attr(root, "tgt_len", 0)),
-        ext_len=int(pickled_attr(root, "ext_len", 0)), mem_len=int(pickled_attr(root, "mem_len", 0)),
-        same_length=bool(pickled_attr(root, "same_length", False)), attn_type=attn_type,
-        clamp_len=int(pickled_attr(root, "clamp_len", -1)), sample_softmax=sample_softmax,
-        dropout=float(pickled_attr(drop, "p", 0.0)) if drop is not None else 0.0,
-        dropatt=float(pickled_attr(dropatt, "p", 0.0)) if dropatt is not None else 0.0)
-    cfg.tie_weight, cfg.tie_projs = detect_original_ties(state, cfg)
-    return SourceCheckpoint("original", cfg, state, description="original MemTransformerLM (pickled model.pt)")
-
-
-def read_nvidia_checkpoint(ckpt: Mapping[str, Any]) -> SourceCheckpoint:
-    """NVIDIA ``checkpoint_*.pt`` (dict with model_state, model_config, vocab, args, ...) -> SourceCheckpoint."""
-    config = ckpt["model_config"]
-    if not isinstance(config, Mapping):
-        raise ConversionError(f"model_config is a {type(config).__name__}, expected the MemTransformerLM kwargs dict")
-    cfg = OriginalConfig.from_kwargs(config)
-    state = dict(ckpt["model_state"])
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    args = ckpt.get("args")
-    return SourceCheckpoint("nvidia", cfg, state, symbols=vocab_symbols(ckpt.get("vocab"), "the checkpoint's vocab"),
-                            init_std=pickled_attr(args, "init_std"), proj_init_std=pickled_attr(args, "proj_init_std"),
-                            description="NVIDIA DeepLearningExamples checkpoint")
-
-
-def read_source(obj: Any) -> SourceCheckpoint:
-    """Detect the format of a loaded checkpoint object."""
-    if isinstance(obj, Mapping) and "model_state" in obj and "model_config" in obj:
-        return read_nvidia_checkpoint(obj)
-    if isinstance(obj, nn.Module):
-        return read_original_model(obj)
-    if isinstance(obj, Mapping) and any(str(k).startswith("word_emb.") for k in obj):
-        raise ConversionError("this file is a bare MemTransformerLM state dict without its configuration; convert "
-                              "the pickled model.pt (original train.py) or the NVIDIA checkpoint_*.pt instead, or call "
-                              "convert_transformer_xl() with an OriginalConfig from Python")
-    if isinstance(obj, Mapping) and "cfg" in obj and "model" in obj:
-        raise ConversionError("this is already a fairseq checkpoint (it has 'cfg' and 'model')")
-    raise ConversionError(f"unrecognised checkpoint ({type(obj).__name__}"
-                          f"{' with keys ' + str(sorted(map(str, obj))[:10]) if isinstance(obj, Mapping) else ''}); "
-                          f"expected the original model.pt or an NVIDIA checkpoint_*.pt")
-
-
-# ======================================================================================================================
 # Conversion
 # ======================================================================================================================
-def _reject_attn_type(attn_type: Any) -> None:
-    raise ConversionError(f"attn_type {attn_type} is not supported: transformer_xl_lm implements the Transformer-XL "
-                          f"relative attention (attn_type 0) only (1 = Shaw, 2 = vanilla absolute, 3 = Al-Rfou)")
-
-
 def validate_source(cfg: OriginalConfig) -> None:
     if cfg.attn_type != 0:
-        _reject_attn_type(cfg.attn_type)
+        reject_attn_type(cfg.attn_type)
     if cfg.sample_softmax > 0:
         raise ConversionError(f"sample_softmax {cfg.sample_softmax} > 0: a sampled-softmax model keeps its output "
                               f"layer in 'out_layer', not the adaptive softmax; transformer_xl_lm cannot load it")
     if cfg.ext_len > 0:
         raise ConversionError(f"ext_len {cfg.ext_len} > 0 is not supported (transformer_xl_lm has no extended "
                               f"context; every published configuration uses ext_len 0)")
-    if cfg.cutoffs and (cfg.cutoffs != sorted(set(cfg.cutoffs)) or cfg.cutoffs[-1] >= cfg.n_token):
-        raise ConversionError(f"cutoffs {cfg.cutoffs} must increase and stay below n_token {cfg.n_token}")
+    check_source_cutoffs(cfg.cutoffs, cfg.n_token)
 
 
 def choose_tie_projs(source_flags: Sequence[bool], tie_weight: bool) -> str:
@@ -324,11 +170,8 @@ def convert_transformer_xl(src: SourceCheckpoint, symbols: Optional[Sequence[str
     if not symbols:
         raise ConversionFlagError("no vocabulary: the original model.pt does not contain one; pass --vocab (the "
                                   "original cache.pt, or a text file with one symbol per line in index order)")
-    if len(symbols) != cfg.n_token:
-        raise ConversionError(f"vocabulary size mismatch: {len(symbols)} symbols, but the model has n_token "
-                              f"{cfg.n_token}; pass the vocabulary the model was trained with")
-    if dead_bias >= -10:
-        raise ConversionFlagError(f"--dead-bias {dead_bias} would give the dead fairseq specials real probability")
+    check_vocab_size(symbols, cfg.n_token)
+    check_dead_bias(dead_bias)
     mapping = build_vocab_mapping(symbols, cfg.cutoffs, symbol_map)
     if src.layout == "original":
         tie_weight, flags = detect_original_ties(src.state, cfg)

@@ -25,19 +25,19 @@ where segments start, so streaming with any segment length and incremental decod
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
-from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
 from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
-from fairseq_ext.models.transformer_xl_lm import parse_cutoffs
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
+from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
 from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
 from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
 from fairseq_ext.modules.blocks.adaptive_span_layer import AdaptiveSpanLayer
@@ -98,10 +98,7 @@ def validate_config(cfg: AdaptiveSpanConfig, vocab_size: int) -> None:
         raise ValueError(f"--attn-span must be >= 1, got {cfg.attn_span}")
     if cfg.pers_mem_size == 0 and cfg.decoder_ffn_embed_dim < 1:
         raise ValueError("--decoder-ffn-embed-dim must be >= 1 without persistent memory (--pers-mem-size)")
-    cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
-    if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab_size):
-        raise ValueError(f"--adaptive-softmax-cutoff {cfg.adaptive_softmax_cutoff} must be increasing, positive and "
-                         f"below the dictionary size {vocab_size}")
+    cutoffs = check_cutoffs(cfg.adaptive_softmax_cutoff, vocab_size)
     if cutoffs and cfg.adaptive_softmax_factor < 2:
         raise ValueError("the original adaptive input/softmax needs --adaptive-softmax-factor (div_val) >= 2")
 
@@ -221,34 +218,28 @@ class AdaptiveSpanLanguageModel(StatefulLanguageModel):
         return cls(AdaptiveSpanDecoder(cfg, task.target_dictionary))
 
 
-def _set(args: Any, **values: Any) -> None:
-    """Preset values that the command line did not set."""
-    for name, value in values.items():
-        setattr(args, name, safe_getattr(args, name, value))
-
-
 @register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8_small")
 def adaptive_span_enwik8_small(args):
     """experiments/enwik8_small.sh: 8 layers, H 256, FF 1024, 4 heads, L 1024, span loss 2e-6, no dropout
     (6.48M parameters with the 205-symbol enwik8 vocabulary)."""
-    _set(args, decoder_layers=8, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
-         attn_span=1024, adapt_span_loss=2e-6, dropout=0.0, emb_dropout=0.0)
+    set_defaults(args, decoder_layers=8, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
+                 attn_span=1024, adapt_span_loss=2e-6, dropout=0.0, emb_dropout=0.0)
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8")
 def adaptive_span_enwik8(args):
     """experiments/enwik8.sh (the paper's 12-layer "small" model, 38.54M): H 512, FF 2048, 8 heads, L 8192,
     span loss 5e-7, dropout 0.3."""
-    _set(args, decoder_layers=12, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
-         attn_span=8192, adapt_span_loss=5e-7, dropout=0.3, emb_dropout=0.0)
+    set_defaults(args, decoder_layers=12, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
+                 attn_span=8192, adapt_span_loss=5e-7, dropout=0.3, emb_dropout=0.0)
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8_large")
 def adaptive_span_enwik8_large(args):
     """experiments/enwik8_large.sh (208.91M): 24 layers, H 768, FF 4096, 8 heads, L 8192, span loss 5e-7,
     dropout 0.4."""
-    _set(args, decoder_layers=24, decoder_embed_dim=768, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
-         attn_span=8192, adapt_span_loss=5e-7, dropout=0.4, emb_dropout=0.0)
+    set_defaults(args, decoder_layers=24, decoder_embed_dim=768, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
+                 attn_span=8192, adapt_span_loss=5e-7, dropout=0.4, emb_dropout=0.0)
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_text8")
@@ -267,29 +258,29 @@ def adaptive_span_text8_large(args):
 def all_attention_enwik8_small(args):
     """experiments/enwik8_pers_small.sh (38.50M): 18 All-attention layers, H 512, 8 heads, N 1024 persistent
     vectors per head, L 8192, span loss 1e-7, dropout 0.3."""
-    _set(args, decoder_layers=18, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=1024,
-         attn_span=8192, adapt_span_loss=1e-7, dropout=0.3, emb_dropout=0.0)
+    set_defaults(args, decoder_layers=18, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=1024,
+                 attn_span=8192, adapt_span_loss=1e-7, dropout=0.3, emb_dropout=0.0)
 
 
 @register_model_architecture("adaptive_span_lm", "all_attention_enwik8")
 def all_attention_enwik8(args):
     """experiments/enwik8_pers.sh (114.02M): 36 layers, H 512, 8 heads, N 2048, L 8192, span loss 1e-7,
     dropout 0.4."""
-    _set(args, decoder_layers=36, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=2048,
-         attn_span=8192, adapt_span_loss=1e-7, dropout=0.4, emb_dropout=0.0)
+    set_defaults(args, decoder_layers=36, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=2048,
+                 attn_span=8192, adapt_span_loss=1e-7, dropout=0.4, emb_dropout=0.0)
 
 
 @register_model_architecture("adaptive_span_lm", "all_attention_wiki103")
 def all_attention_wiki103(args):
     """experiments/wiki103_pers.sh (132.49M with 267,736 types): 36 layers, H 512, 8 heads, N 2048, L 2048,
     span loss 5e-7, dropout 0.3, emb_dropout 0.1, tied adaptive input/softmax 20000/40000/200000, div_val 4."""
-    _set(args, decoder_layers=36, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=2048,
-         attn_span=2048, adapt_span_loss=5e-7, dropout=0.3, emb_dropout=0.1,
-         adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4)
+    set_defaults(args, decoder_layers=36, decoder_embed_dim=512, decoder_attention_heads=8, pers_mem_size=2048,
+                 attn_span=2048, adapt_span_loss=5e-7, dropout=0.3, emb_dropout=0.1,
+                 adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4)
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_tiny")
 def adaptive_span_tiny(args):
     """Tests and the demo: 2 layers, H 32, 4 heads, FF 64, L 48, ramp 8."""
-    _set(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=4,
-         attn_span=48, adapt_span_ramp=8, adapt_span_loss=2e-6)
+    set_defaults(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=4,
+                 attn_span=48, adapt_span_ramp=8, adapt_span_loss=2e-6)

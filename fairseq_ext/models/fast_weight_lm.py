@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
-from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
 from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
-from fairseq_ext.models.transformer_xl_lm import parse_cutoffs
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
+from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
 from fairseq_ext.modules.blocks.fast_weight_layer import FastWeightLayer
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
@@ -198,10 +198,7 @@ def validate_config(cfg: FastWeightLMConfig, vocab_size: int) -> Tuple[str, str,
                              f"{attn_type} fast-weight attention has none (set it to 0)")
     if cfg.performer_proj_dim < 1 or cfg.dpfp_n_roll < 1 or cfg.fwp_chunk_size < 1:
         raise ValueError("--performer-proj-dim, --dpfp-n-roll and --fwp-chunk-size must be >= 1")
-    cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
-    if any(c >= vocab_size for c in cutoffs):
-        raise ValueError(f"--adaptive-softmax-cutoff {cfg.adaptive_softmax_cutoff} has cutoffs >= the dictionary "
-                         f"size {vocab_size}; cutoffs must be increasing and below the vocabulary size")
+    check_cutoffs(cfg.adaptive_softmax_cutoff, vocab_size)
     return attn_type, rule, normalize
 
 
@@ -220,9 +217,7 @@ class FastWeightDecoder(StatefulDecoder):
     def __init__(self, cfg: FastWeightLMConfig, dictionary) -> None:
         super().__init__(dictionary)
         attn_type, rule, normalize = validate_config(cfg, len(dictionary))
-        vocab = len(dictionary)
-        dim = cfg.decoder_embed_dim
-        heads = cfg.decoder_attention_heads
+        vocab, dim, heads = len(dictionary), cfg.decoder_embed_dim, cfg.decoder_attention_heads
         head_dim = cfg.decoder_attention_head_dim or dim // heads
         cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
         self.attn_type, self.update_rule, self.fwp_normalize = attn_type, rule, normalize
@@ -265,15 +260,12 @@ class FastWeightDecoder(StatefulDecoder):
         n_b real tokens (rows are end-padded: the last segment of a stream, the first windows of a sliding-window
         batch), so a row's result does not depend on what it is batched with. Carry-over models continue ``state``
         and return the fast weights after the segment; the others start fresh and return None."""
-        if not self.carry_over:
-            if state is not None:
-                raise ValueError("this fast_weight_lm has no carry_over_fast_weight: segments are independent, so "
-                                 "forward_segment takes no state")
-            features, _ = self._forward(tokens, (None,) * len(self.layers), self._row_positions(tokens))
-            return features, None, {}
+        if not self.carry_over and state is not None:
+            raise ValueError("this fast_weight_lm has no carry_over_fast_weight: segments are independent, so "
+                             "forward_segment takes no state")
         layer_states = state.layers if state is not None else (None,) * len(self.layers)
         features, new_states = self._forward(tokens, layer_states, self._row_positions(tokens))
-        return features, LayerStates(new_states), {}
+        return features, LayerStates(new_states) if self.carry_over else None, {}
 
     def forward_incremental(self, tokens: Tensor, state: Optional[FastWeightDecodeState]) -> SegmentOutput:
         """New tokens (B, T_new) of generation, O(1) per token: the streaming pass over segments of
@@ -349,21 +341,15 @@ class FastWeightLanguageModel(StatefulLanguageModel):
             FairseqLanguageModel.prepare_for_inference_(self, cfg)
 
 
-def _set(args, **values) -> None:
-    """Preset values that the command line did not set."""
-    for name, value in values.items():
-        setattr(args, name, safe_getattr(args, name, value))
-
-
 WT103_CUTOFFS = "20000,40000,200000"
 
 
 def _wiki103(args, dim: int, head_dim: int, **extra) -> None:
     """Shared by every script (spec §2): 16 layers, 8 heads, FFN 2048, dropout 0.1, dropatt 0, post-LN,
     adaptive softmax 20000/40000/200000 div_val 1 tied."""
-    _set(args, decoder_layers=16, decoder_embed_dim=dim, decoder_attention_heads=8, decoder_attention_head_dim=head_dim,
-         decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0, adaptive_softmax_cutoff=WT103_CUTOFFS,
-         adaptive_softmax_factor=1, **extra)
+    set_defaults(args, decoder_layers=16, decoder_embed_dim=dim, decoder_attention_heads=8,
+                 decoder_attention_head_dim=head_dim, decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0,
+                 adaptive_softmax_cutoff=WT103_CUTOFFS, adaptive_softmax_factor=1, **extra)
 
 
 @register_model_architecture("fast_weight_lm", "fast_weight_wiki103_small_transformer")
@@ -381,7 +367,7 @@ def fast_weight_wiki103_small_fwm(args):
 @register_model_architecture("fast_weight_lm", "fast_weight_wiki103_small_fwm_carry_over")
 def fast_weight_wiki103_small_fwm_carry_over(args):
     """The small fast weight memory with --carry_over_fast_weight --no_pos (no small script ships; as medium's)."""
-    _set(args, carry_over_fast_weight=True, no_pos=True)
+    set_defaults(args, carry_over_fast_weight=True, no_pos=True)
     fast_weight_wiki103_small_fwm(args)
 
 
@@ -400,12 +386,12 @@ def fast_weight_wiki103_medium_fwm(args):
 @register_model_architecture("fast_weight_lm", "fast_weight_wiki103_medium_fwm_carry_over")
 def fast_weight_wiki103_medium_fwm_carry_over(args):
     """medium_linear_fast_weight_memory_carry_over_context.sh: the medium FWM + --carry_over_fast_weight --no_pos."""
-    _set(args, carry_over_fast_weight=True, no_pos=True)
+    set_defaults(args, carry_over_fast_weight=True, no_pos=True)
     fast_weight_wiki103_medium_fwm(args)
 
 
 @register_model_architecture("fast_weight_lm", "fast_weight_tiny")
 def fast_weight_tiny(args):
     """Tests and the demo: 2 layers, d 32, 4 x 8 heads, FFN 64, linear delta, full softmax."""
-    _set(args, decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_attention_head_dim=8,
-         decoder_ffn_embed_dim=64, attn_type="linear", update_rule="delta")
+    set_defaults(args, decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_attention_head_dim=8,
+                 decoder_ffn_embed_dim=64, attn_type="linear", update_rule="delta")

@@ -34,7 +34,8 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from fairseq_ext.errors import ConfigError
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
+from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
 from fairseq_ext.modules.dead_rows import DeadRows
@@ -172,20 +173,13 @@ class SHARNNDecoder(StatefulDecoder):
         """New tokens (B, T_new) of generation, reproducing the streaming pass over segments of
         ``tokens_per_sample`` tokens: at each segment start the memory is trimmed for a whole segment, inside a
         segment it grows untrimmed."""
-        seg_len = self.tokens_per_sample
-        if seg_len is None or seg_len < 1:
-            raise ValueError("incremental decoding needs tokens_per_sample >= 1 (the segment length whose memory "
-                             "trimming it reproduces); set --tokens-per-sample")
+        offset = state.layers[0].pending if state is not None else 0  # tokens of the current segment read
         outputs = []
-        start = 0
-        while start < tokens.size(1):
-            pending = state.layers[0].pending if state is not None else 0
-            width = min(tokens.size(1) - start, seg_len - pending)
-            trim_to = seg_len if pending == 0 else 0
-            features, state, _ = self._run(tokens[:, start:start + width], state, trim_to,
-                                           (pending + width) % seg_len)
+        for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
+            trim_to = self.tokens_per_sample if offset == 0 else 0
+            offset = 0 if closes else offset + stop - start
+            features, state, _ = self._run(tokens[:, start:stop], state, trim_to, offset)
             outputs.append(features)
-            start += width
         return torch.cat(outputs, dim=1), state, {}
 
 
@@ -202,29 +196,23 @@ class SHARNNLanguageModel(StatefulLanguageModel):
         return cls(SHARNNDecoder(cfg, task.target_dictionary))
 
 
-def _set(args, **values) -> None:
-    """Preset values that the command line did not set."""
-    for name, value in values.items():
-        setattr(args, name, safe_getattr(args, name, value))
-
-
 @register_model_architecture("sha_rnn_lm", "sha_rnn_enwik8")
 def sha_rnn_enwik8(args):
     """The published single-head model: 4 blocks, d 1024, d_ff 4096, attention in block 2 only, W 5000, dropouts
     0.1 (53.8M parameters with V = 205; 51.7M collapsed)."""
-    _set(args, decoder_layers=4, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, attn_layers="auto",
-         max_memory=5000, dropout=0.1, dropouti=0.1, dropouth=0.1)
+    set_defaults(args, decoder_layers=4, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, attn_layers="auto",
+                 max_memory=5000, dropout=0.1, dropouti=0.1, dropouth=0.1)
 
 
 @register_model_architecture("sha_rnn_lm", "sha_rnn_enwik8_full_attn")
 def sha_rnn_enwik8_full_attn(args):
     """Attention in every block (the paper's 4-head variant; 63.3M, 54.9M collapsed)."""
-    _set(args, attn_layers="all")
+    set_defaults(args, attn_layers="all")
     sha_rnn_enwik8(args)
 
 
 @register_model_architecture("sha_rnn_lm", "sha_rnn_tiny")
 def sha_rnn_tiny(args):
     """Tests and the demo: 2 blocks, d 32, d_ff 128, attention in both, W 40."""
-    _set(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=128, attn_layers="all",
-         max_memory=40)
+    set_defaults(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=128, attn_layers="all",
+                 max_memory=40)

@@ -27,9 +27,11 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
+from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
+from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
 from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
@@ -93,15 +95,6 @@ class TransformerXLConfig(FairseqDataclass):
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 
-def parse_cutoffs(cutoff: Optional[str]) -> List[int]:
-    if cutoff is None or str(cutoff).strip() == "":
-        return []
-    try:
-        return [int(c) for c in str(cutoff).split(",")]
-    except ValueError:
-        raise ValueError(f"--adaptive-softmax-cutoff must be comma-separated integers, got {cutoff!r}") from None
-
-
 def per_cluster_biases(cfg) -> bool:
     """One output-bias tensor per cluster: the original's layout with div_val > 1, NVIDIA's always (configs written
     before ``adaptive_softmax_bias_layout`` existed mean "original")."""
@@ -130,10 +123,7 @@ def validate_config(cfg: TransformerXLConfig, vocab_size: int) -> None:
         same_length_window(cfg.mem_len, cfg.same_length_convention)
     if dim % 2:
         raise ValueError(f"--decoder-embed-dim must be even for the sinusoidal relative encodings, got {dim}")
-    cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
-    if any(c >= vocab_size for c in cutoffs):
-        raise ValueError(f"--adaptive-softmax-cutoff {cfg.adaptive_softmax_cutoff} has cutoffs >= the dictionary "
-                         f"size {vocab_size}; cutoffs must be increasing and below the vocabulary size")
+    check_cutoffs(cfg.adaptive_softmax_cutoff, vocab_size)
 
 
 class TransformerXLDecoder(StatefulDecoder):
@@ -196,24 +186,15 @@ class TransformerXLDecoder(StatefulDecoder):
     def forward_incremental(self, tokens: Tensor, state: Optional[HiddenMemory]) -> SegmentOutput:
         """New tokens (B, T_new) of generation: the cache grows inside a segment and is cut to mem_len at every
         ``tokens_per_sample`` boundary, exactly where the streaming pass cuts it."""
-        if self.tokens_per_sample is None or self.tokens_per_sample < 1:
-            raise ValueError("incremental decoding needs tokens_per_sample >= 1 (the segment length whose memory "
-                             "boundaries it reproduces); set --tokens-per-sample")
         outputs = []
-        start = 0
-        while start < tokens.size(1):
-            pending = state.pending if state is not None else 0
-            width = min(tokens.size(1) - start, self.tokens_per_sample - pending)
-            features, cache = self._forward(tokens[:, start:start + width], state)
-            pending += width
-            if pending == self.tokens_per_sample:
-                state = self._cut(cache)
-                if state is None:  # mem_len 0: keep an empty cache so pending can restart at 0
-                    state = HiddenMemory(tuple(c[:, :0] for c in cache), pending=0)
-            else:
-                state = HiddenMemory(cache, pending=pending)
+        pending = state.pending if state is not None else 0
+        for start, stop, closes in segment_pieces(tokens.size(1), pending, self.tokens_per_sample):
+            features, cache = self._forward(tokens[:, start:stop], state)
+            pending = 0 if closes else pending + stop - start
+            state = self._cut(cache) if closes else HiddenMemory(cache, pending=pending)
+            if state is None:  # mem_len 0: keep an empty cache so pending can restart at 0
+                state = HiddenMemory(tuple(c[:, :0] for c in cache), pending=0)
             outputs.append(features)
-            start += width
         return torch.cat(outputs, dim=1), state, {}
 
     def _cut(self, cache: Tuple[Tensor, ...]) -> Optional[HiddenMemory]:
@@ -253,45 +234,43 @@ class TransformerXLLanguageModel(StatefulLanguageModel):
         return cls(TransformerXLDecoder(cfg, task.target_dictionary))
 
 
-def _set(args, **values) -> None:
-    """Preset values that the command line did not set."""
-    for name, value in values.items():
-        setattr(args, name, safe_getattr(args, name, value))
-
-
 @register_model_architecture("transformer_xl_lm", "transformer_xl_wiki103_base")
 def transformer_xl_wiki103_base(args):
     """Paper's "Standard" WikiText-103 model, 151M (original pytorch/run_wt103_base.sh): 16 layers, d 410,
     10 x 41 heads, FFN 2100, dropout 0.1, dropatt 0, adaptive softmax 20000/40000/200000 with div_val 1 (no
     projections), tgt/mem 150."""
-    _set(args, decoder_layers=16, decoder_embed_dim=410, decoder_attention_heads=10, decoder_attention_head_dim=41,
-         decoder_ffn_embed_dim=2100, dropout=0.1, attention_dropout=0.0, mem_len=150,
-         adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=1, tie_projs="tails")
+    set_defaults(args, decoder_layers=16, decoder_embed_dim=410, decoder_attention_heads=10,
+                 decoder_attention_head_dim=41, decoder_ffn_embed_dim=2100, dropout=0.1, attention_dropout=0.0,
+                 mem_len=150, adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=1,
+                 tie_projs="tails")
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_wiki103_large")
 def transformer_xl_wiki103_large(args):
     """Paper's "Large" WikiText-103 model (original run_wt103_large.sh): 18 layers, d 1024, 16 x 64 heads,
     FFN 4096, dropout 0.2, dropatt 0.2, div_val 4, tgt/mem 384."""
-    _set(args, decoder_layers=18, decoder_embed_dim=1024, decoder_attention_heads=16, decoder_attention_head_dim=64,
-         decoder_ffn_embed_dim=4096, dropout=0.2, attention_dropout=0.2, mem_len=384,
-         adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4, tie_projs="tails")
+    set_defaults(args, decoder_layers=18, decoder_embed_dim=1024, decoder_attention_heads=16,
+                 decoder_attention_head_dim=64, decoder_ffn_embed_dim=4096, dropout=0.2, attention_dropout=0.2,
+                 mem_len=384, adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4,
+                 tie_projs="tails")
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_enwik8_base")
 def transformer_xl_enwik8_base(args):
     """Paper's 12-layer enwik8 model, 41M (run_enwik8_base.sh): d 512, 8 x 64 heads, FFN 2048, dropout 0.1,
     dropatt 0, full softmax, tgt/mem 512."""
-    _set(args, decoder_layers=12, decoder_embed_dim=512, decoder_attention_heads=8, decoder_attention_head_dim=64,
-         decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0, mem_len=512)
+    set_defaults(args, decoder_layers=12, decoder_embed_dim=512, decoder_attention_heads=8,
+                 decoder_attention_head_dim=64, decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0,
+                 mem_len=512)
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_enwik8_large")
 def transformer_xl_enwik8_large(args):
     """Paper's 24-layer enwik8 model, 277M (run_enwik8_large.sh): d 1024, 8 x 128 heads, FFN 3072, dropout and
     dropatt 0.15, tgt/mem 768."""
-    _set(args, decoder_layers=24, decoder_embed_dim=1024, decoder_attention_heads=8, decoder_attention_head_dim=128,
-         decoder_ffn_embed_dim=3072, dropout=0.15, attention_dropout=0.15, mem_len=768)
+    set_defaults(args, decoder_layers=24, decoder_embed_dim=1024, decoder_attention_heads=8,
+                 decoder_attention_head_dim=128, decoder_ffn_embed_dim=3072, dropout=0.15, attention_dropout=0.15,
+                 mem_len=768)
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_text8_base")
@@ -311,24 +290,26 @@ def transformer_xl_wiki103_nvidia_base(args):
     """NVIDIA DeepLearningExamples wt103_base.yaml: 16 layers, d 512, 8 x 64 heads, FFN 2048, dropout 0.1,
     dropatt 0, div_val 1, tgt/mem 192, cutoffs 19997/39997/199997 (a 20000-row head), NVIDIA same_length and
     per-cluster output biases."""
-    _set(args, decoder_layers=16, decoder_embed_dim=512, decoder_attention_heads=8, decoder_attention_head_dim=64,
-         decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0, mem_len=192,
-         adaptive_softmax_cutoff="19997,39997,199997", adaptive_softmax_factor=1, tie_projs="tails",
-         same_length_convention="nvidia", adaptive_softmax_bias_layout="nvidia", init_std=0.02)
+    set_defaults(args, decoder_layers=16, decoder_embed_dim=512, decoder_attention_heads=8,
+                 decoder_attention_head_dim=64, decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0,
+                 mem_len=192, adaptive_softmax_cutoff="19997,39997,199997", adaptive_softmax_factor=1,
+                 tie_projs="tails", same_length_convention="nvidia", adaptive_softmax_bias_layout="nvidia",
+                 init_std=0.02)
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_wiki103_nvidia_large")
 def transformer_xl_wiki103_nvidia_large(args):
     """NVIDIA wt103_large.yaml: 18 layers, d 1024, 16 x 64 heads, FFN 4096, dropout and dropatt 0.2, div_val 4,
     tgt/mem 384, init_std 0.005, cutoffs 19997/39997/199997, NVIDIA same_length and per-cluster output biases."""
-    _set(args, decoder_layers=18, decoder_embed_dim=1024, decoder_attention_heads=16, decoder_attention_head_dim=64,
-         decoder_ffn_embed_dim=4096, dropout=0.2, attention_dropout=0.2, mem_len=384,
-         adaptive_softmax_cutoff="19997,39997,199997", adaptive_softmax_factor=4, tie_projs="tails",
-         same_length_convention="nvidia", adaptive_softmax_bias_layout="nvidia", init_std=0.005)
+    set_defaults(args, decoder_layers=18, decoder_embed_dim=1024, decoder_attention_heads=16,
+                 decoder_attention_head_dim=64, decoder_ffn_embed_dim=4096, dropout=0.2, attention_dropout=0.2,
+                 mem_len=384, adaptive_softmax_cutoff="19997,39997,199997", adaptive_softmax_factor=4,
+                 tie_projs="tails", same_length_convention="nvidia", adaptive_softmax_bias_layout="nvidia",
+                 init_std=0.005)
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_tiny")
 def transformer_xl_tiny(args):
     """Tests and the demo: 2 layers, d 64, 4 x 16 heads, FFN 256, memory 32, full softmax."""
-    _set(args, decoder_layers=2, decoder_embed_dim=64, decoder_attention_heads=4, decoder_ffn_embed_dim=256,
-         mem_len=32)
+    set_defaults(args, decoder_layers=2, decoder_embed_dim=64, decoder_attention_heads=4, decoder_ffn_embed_dim=256,
+                 mem_len=32)

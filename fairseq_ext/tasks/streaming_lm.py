@@ -31,46 +31,42 @@ every worker and a resumed run read the same segments; validation and evaluation
 ``--batch-split K`` runs every training batch as K row slices (forward and backward each, the carried state sliced
 the same way and joined back in row order): the same losses, gradients and carried state as K = 1, with less
 peak memory (the original adaptive-span trainer's micro-batching). Validation and evaluation are not split.
+
+One module per concern beside this one: ``segment_lengths`` (--train-stream-offset, --variable-bptt),
+``batch_split``, ``resume`` (stream cursors: a resumed run continues its training streams exactly),
+``eval_protocol`` (protocol labels, evaluation warm-up, fairseq-eval-lm checks), ``dictionary_check``.
 """
 
-import contextlib
 import glob
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.data.indexed_dataset import get_available_dataset_impl
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.distributed import FullyShardedDataParallel
-from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 from torch import Tensor, nn
 
-from fairseq_ext.criterions.lm_loss import STAT_COUNT, STAT_PREFIX
 from fairseq_ext.data import StreamDataset, concat_lines
 from fairseq_ext.errors import ConfigError, DataError, MissingFileError
 from fairseq_ext.models.base import StatefulDecoder, reset_stream_state
 from fairseq_ext.optim.bounds import clamp_parameters
-from fairseq_ext.tasks.dictionary_check import (  # noqa: F401  (dictionary_fingerprint: used by the converters)
-    STATE_KEY, DictionaryCheckedTask, dictionary_fingerprint)
+from fairseq_ext.tasks.batch_split import split_train_step
+from fairseq_ext.tasks.dictionary_check import STATE_KEY, DictionaryCheckedTask
+from fairseq_ext.tasks.eval_protocol import (check_eval_lm, eval_warmup_tokens, protocol_label,
+                                             reduce_warmup_metrics, run_warmup_segment, with_eval_warmup)
+from fairseq_ext.tasks.resume import TrainCursorCollater, TrainStreamResume
+from fairseq_ext.tasks.segment_lengths import train_stream_offset, variable_bptt_lengths
 
 logger = logging.getLogger(__name__)
 
 PREPARE_HINT = ("prepare it with scripts/prepare-<corpus>.sh, or binarise a corpus with "
                 "fairseq-preprocess --only-source --trainpref ... --validpref ... --destdir {path}")
-CONTEXT_WINDOW_ERROR = (
-    "--task streaming_lm evaluates contiguous streams with carried state and does not support --context-window "
-    "{window} (the sliding-window protocol). For streaming evaluation omit --context-window (protocol "
-    "stream(B=--batch-size, T=--tokens-per-sample)); for a stateless model's sliding-window evaluation use "
-    "--task language_modeling --context-window N."
-)
 
 
 @dataclass
@@ -123,164 +119,17 @@ class StreamingLMConfig(FairseqDataclass):
     train_subset: str = II("dataset.train_subset")
 
 
-def train_stream_offset(seed: int, epoch: int, tokens_per_sample: int) -> int:
-    """The start offset of epoch ``epoch`` (> 1) under ``--train-stream-offset random``: uniform in [0, T),
-    the same on every worker and on resume."""
-    return int(np.random.default_rng([seed, epoch]).integers(tokens_per_sample))
-
-
-BPTT_FULL_PROBABILITY = 0.95  # variable BPTT: base = T with this probability, else T / 2
-BPTT_STD = 5.0  # standard deviation of a segment length around its base
-BPTT_MIN = 5  # shortest segment (or T, if shorter)
-
-
-def sample_bptt_lengths(rng: np.random.Generator, tokens_per_sample: int, count: int) -> np.ndarray:
-    """``count`` variable-BPTT segment lengths (SHA-RNN / AWD-LSTM): base = T with probability 0.95, else T / 2;
-    length = round(N(base, 5)) clipped to [5, T] (to [T, T] when T < 5). Returns (count,) int64."""
-    full = rng.random(count) < BPTT_FULL_PROBABILITY  # (count,)
-    base = np.where(full, float(tokens_per_sample), tokens_per_sample / 2.0)  # (count,)
-    lengths = np.rint(rng.normal(base, BPTT_STD)).astype(np.int64)  # (count,)
-    return np.clip(lengths, min(BPTT_MIN, tokens_per_sample), tokens_per_sample)
-
-
-def variable_bptt_lengths(seed: int, epoch: int, tokens_per_sample: int, total: int) -> np.ndarray:
-    """``--variable-bptt``: the segment lengths of epoch ``epoch``, enough to cover ``total`` targets of every
-    stream (their sum is >= total); the same on every worker and on resume. Returns (m,) int64."""
-    rng = np.random.default_rng([seed, epoch, 0xB977])  # a stream apart from train_stream_offset's
-    parts: List[np.ndarray] = []
-    covered = 0
-    while covered < total:
-        count = math.ceil((total - covered) / max(tokens_per_sample / 2.0, 1.0)) + 1  # usually one round
-        part = sample_bptt_lengths(rng, tokens_per_sample, count)  # (count,)
-        parts.append(part)
-        covered += int(part.sum())
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def protocol_label(dataset: StreamDataset) -> str:
-    """``stream(B=…, T=…, cold)`` or ``stream(B=…, T=…, warm-up W tokens unscored)``; B counts every stream."""
-    warmup = (f"warm-up {dataset.warmup_tokens} tokens unscored" if dataset.warmup_tokens else "cold")
-    return f"stream(B={dataset.batch_size * dataset.num_shards}, T={dataset.tokens_per_sample}, {warmup})"
-
-
-def stream_cursor(layout: StreamDataset, segment: int) -> Dict[str, int]:
-    """Where scored segment ``segment`` of ``layout`` starts: the target offset in every stream (the same for every
-    stream and worker), the number of streams and the split length. Two cursors are equal exactly when a state
-    carried to the one continues the text at the other."""
-    return {"streams": layout.batch_size * layout.num_shards, "tokens": len(layout.tokens),
-            "offset": layout.start_offset + layout.segment_start(segment)}
-
-
-def cursor_mismatch(saved: Optional[Dict[str, int]], here: Dict[str, int]) -> Optional[str]:
-    """Why training at cursor ``here`` does not continue a state that ended at ``saved`` (None: it does)."""
-    if saved == here:
-        return None
-    if saved is None:
-        return "the checkpoint records no position of its training streams"
-    if saved["streams"] != here["streams"]:
-        return (f"the training data is now cut into {here['streams']} streams (--batch-size x workers), the "
-                f"checkpoint's into {saved['streams']}")
-    if saved["tokens"] != here["tokens"]:
-        return f"the training split now has {here['tokens']:,} tokens, the checkpoint's had {saved['tokens']:,}"
-    return (f"training resumes at token {here['offset']:,} of every stream but the saved state ends at token "
-            f"{saved['offset']:,} (--tokens-per-sample, --variable-bptt, --train-stream-offset or the data "
-            f"loader changed)")
-
-
-class TrainCursorCollater:
-    """The training collater: ``layout``'s batch plus ``sample["stream_cursor"]``, the cursors of the segment's
-    start and end (``stream_cursor``), so that the task can tell whether a saved state continues into it."""
-
-    def __init__(self, layout: StreamDataset) -> None:
-        self.layout = layout
-
-    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        sample = self.layout.collater(items)
-        if sample:
-            segment = sample["segment"]
-            sample["stream_cursor"] = {"start": stream_cursor(self.layout, segment),
-                                       "end": stream_cursor(self.layout, segment + 1)}
-        return sample
-
-
-def row_slices(batch_size: int, parts: int) -> List[Tuple[int, int]]:
-    """``--batch-split``: [start, stop) of ``parts`` consecutive row slices of a batch, sizes as
-    ``torch.tensor_split`` (the first ``batch_size % parts`` slices have one more row)."""
-    if parts > batch_size:
-        raise ConfigError(f"--batch-split {parts} exceeds the {batch_size} streams of a training batch (--batch-size "
-                          f"per worker): every slice needs at least one stream; use --batch-split <= {batch_size} "
-                          f"or a larger --batch-size")
-    bounds, start = [], 0
-    for index in range(parts):
-        stop = start + batch_size // parts + (1 if index < batch_size % parts else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
-def sample_rows(sample: Dict[str, Any], start: int, stop: int, pad: int) -> Dict[str, Any]:
-    """Rows [start, stop) of a streaming batch: every tensor (``id`` (B,), ``net_input.src_tokens`` (B, T),
-    ``net_input.src_lengths`` (B,), ``target`` (B, T), ...) is cut on its batch dimension, other values (``segment``,
-    ``warmup``) are kept, and ``ntokens`` / ``nsentences`` are recounted for the slice."""
-    batch_size = sample["net_input"]["src_tokens"].size(0)
-
-    def cut(value: Any, key: str) -> Any:
-        if isinstance(value, dict):
-            return {k: cut(v, f"{key}.{k}") for k, v in value.items()}
-        if isinstance(value, Tensor):
-            if value.dim() == 0 or value.size(0) != batch_size:
-                raise ValueError(f"--batch-split: sample[{key!r}] of shape {tuple(value.shape)} is not one row per "
-                                 f"stream (B = {batch_size}); cannot slice it")
-            return value[start:stop]
-        return value
-
-    rows = {key: cut(value, key) for key, value in sample.items()}
-    rows["nsentences"] = stop - start
-    rows["ntokens"] = int(rows["target"].ne(pad).sum())
-    return rows
-
-
-def merge_slice_logging_outputs(logging_outputs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """One logging output for a batch from its row slices' (``--batch-split``): values are summed per key (losses,
-    token and sentence counts and sample sizes are sums over rows), except ``lm_loss``'s module statistics
-    (``stat:*``, averages over modules that the criterion counts once per batch in ``stat_count``), which are
-    averaged over the slices so that the batch still counts once, as with K = 1."""
-    merged: Dict[str, Any] = {}
-    for logging_output in logging_outputs:
-        for key, value in logging_output.items():
-            merged[key] = merged[key] + value if key in merged else value
-    parts = len(logging_outputs)
-    for key in merged:
-        if key.startswith(STAT_PREFIX):
-            merged[key] = merged[key] / parts
-        elif key == STAT_COUNT:
-            merged[key] = merged[key] // parts if merged[key] % parts == 0 else merged[key] / parts
-    return merged
-
-
-def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Data-parallel wrappers' ``no_sync`` (gradients accumulate locally; fairseq's trainer does the same between
-    --update-freq micro-batches), except under FSDP, where fairseq prefers the communication to the memory."""
-    if hasattr(model, "no_sync") and not isinstance(model, FullyShardedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
 @register_task("streaming_lm", dataclass=StreamingLMConfig)
 class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
     """Train and evaluate LMs on contiguous streams; see the module docstring."""
 
     STATE_KEY = STATE_KEY
-    WARMUP_KEY = "warmup_segment"  # logging output of a warm-up valid_step
 
     def __init__(self, cfg: StreamingLMConfig, dictionary: Dictionary) -> None:
         super().__init__(cfg)
         self.dictionary = dictionary
-        self._resumable: List[StatefulDecoder] = []  # see begin_epoch / train_step
-        self._resume_cursor: Optional[Dict[str, int]] = None  # where a loaded checkpoint's train streams end
-        self._train_cursor: Optional[Dict[str, int]] = None  # where the train streams end after the last step
+        self.resume = TrainStreamResume()  # where the training streams end; a resumed run's first step
         self._split_decoders: Optional[Tuple[nn.Module, List[StatefulDecoder]]] = None  # (model, its decoders)
-        self._evaluating = False  # inside eval_lm_dataloader: no training-only layout (--variable-bptt)
         self.batch_split = getattr(cfg, "batch_split", 1)  # absent from older checkpoints' task configs
         if self.batch_split < 1:
             raise ConfigError(f"--batch-split must be >= 1 (row slices per training batch), got {self.batch_split}")
@@ -289,11 +138,8 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
                               f"{cfg.tokens_per_sample}")
         self.remember_dictionary()  # saved in checkpoints, checked when one is read
         requested = getattr(cfg, "eval_warmup_tokens", 0) or 0  # absent from older checkpoints' task configs
-        if requested < 0:
-            raise ConfigError(f"--eval-warmup-tokens must be >= 0, got {requested}: pass the evaluation mem_len for "
-                              f"NVIDIA's warm-up protocol, or 0 (the default) for cold streams")
         length = cfg.tokens_per_sample
-        self.eval_warmup_tokens = math.ceil(requested / length) * length  # W, a multiple of T
+        self.eval_warmup_tokens = eval_warmup_tokens(requested, length)  # W, a multiple of T
         if self.eval_warmup_tokens:
             logger.info("evaluation warm-up: --eval-warmup-tokens %d rounded up to %d (%d segments of T=%d), "
                         "run before every evaluation stream and not scored", requested, self.eval_warmup_tokens,
@@ -329,13 +175,13 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         """fairseq-train's task extra state: the dictionary fingerprint and where the training streams end (rank 0
         writes it; every rank is at the same segment)."""
         state = super().get_checkpoint_dict()
-        state[type(self).__name__]["train_stream_end"] = self._train_cursor
+        state[type(self).__name__]["train_stream_end"] = self.resume.end
         return state
 
     def set_checkpoint_dict(self, state: Dict[str, Any]) -> None:
         """fairseq-train resuming: refuse another dictionary; remember where the saved training streams end."""
         super().set_checkpoint_dict(state)
-        self._resume_cursor = state.get("train_stream_end")
+        self.resume.saved_end = state.get("train_stream_end")
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False,
                      data_selector: Optional[Callable[..., Any]] = None,
@@ -360,19 +206,10 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
                                 pad=self.dictionary.pad(), eos=self.dictionary.eos())
         logger.info("%s: %s tokens in %s lines", split_path, f"{len(tokens):,}", f"{len(lines):,}")
         if split != self.train_subset:  # an evaluation split: validation subsets, fairseq-validate, eval-lm
-            dataset = self.with_eval_warmup(dataset, split)
+            dataset = with_eval_warmup(dataset, self.eval_warmup_tokens, self.cfg.tokens_per_sample, split)
             logger.info("%s: evaluation split, %s", split, f"warm-up of {dataset.warmup_tokens} tokens "
                         "(unscored) before every stream" if dataset.warmup_tokens else "cold streams")
         self.datasets[split] = dataset
-
-    def with_eval_warmup(self, dataset: StreamDataset, split: str = "the evaluation split") -> StreamDataset:
-        """``dataset`` with the evaluation warm-up W = --eval-warmup-tokens rounded up to a multiple of T."""
-        if self.eval_warmup_tokens > len(dataset.tokens):
-            raise ConfigError(f"--eval-warmup-tokens {self.eval_warmup_tokens} (rounded up to a multiple of "
-                              f"--tokens-per-sample {self.cfg.tokens_per_sample}) exceeds {split} "
-                              f"({len(dataset.tokens):,} tokens): the warm-up would repeat the split; lower "
-                              f"--eval-warmup-tokens to at most the split length or evaluate a longer split")
-        return dataset.with_warmup(self.eval_warmup_tokens)
 
     def get_batch_iterator(self, dataset: StreamDataset, max_tokens: Optional[int] = None,
                            max_sentences: Optional[int] = None, max_positions: Any = None,
@@ -385,6 +222,14 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         streams. The layout is fixed by B = ``max_sentences`` and T, so ``max_tokens``, ``max_positions``,
         ``ignore_invalid_inputs``, ``required_batch_size_multiple`` and the shuffling/caching options are unused;
         a fresh iterator is built on every call."""
+        return self._stream_iterator(dataset, max_sentences, seed, num_shards, shard_id, num_workers, epoch,
+                                     data_buffer_size, skip_remainder_batch, evaluating=False)
+
+    def _stream_iterator(self, dataset: StreamDataset, max_sentences: Optional[int], seed: int, num_shards: int,
+                         shard_id: int, num_workers: int, epoch: int, data_buffer_size: int,
+                         skip_remainder_batch: bool, evaluating: bool) -> iterators.EpochBatchIterator:
+        """``get_batch_iterator``; ``evaluating`` (fairseq-eval-lm): no training-only layout (--variable-bptt) or
+        stream cursors, whatever the split."""
         if not isinstance(dataset, StreamDataset):
             raise TypeError(f"--task streaming_lm iterates StreamDatasets, got {type(dataset).__name__}")
         if max_sentences is None:
@@ -411,14 +256,14 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
             laid_out = laid_out.with_start_offset(offset)
             logger.info("epoch %d: the training streams start %d tokens in (--train-stream-offset random)", epoch,
                         offset)
-        if split == self.train_subset and not self._evaluating and getattr(self.cfg, "variable_bptt", False):
+        training = split == self.train_subset and not evaluating
+        if training and getattr(self.cfg, "variable_bptt", False):
             lengths = variable_bptt_lengths(seed, epoch, laid_out.tokens_per_sample, laid_out.max_stream_length)
             laid_out = laid_out.with_segment_lengths(lengths)
             widths = np.diff(laid_out.segment_offsets)  # (segments,)
             logger.info("epoch %d: variable BPTT, %d training segments of %d to %d tokens (mean %.1f, T=%d)", epoch,
                         laid_out.num_segments, int(widths.min()), int(widths.max()),
                         float(widths.mean()), laid_out.tokens_per_sample)
-        training = split == self.train_subset and not self._evaluating
         return iterators.EpochBatchIterator(
             dataset=laid_out,
             collate_fn=TrainCursorCollater(laid_out) if training else laid_out.collater,
@@ -439,24 +284,13 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
                            context_window: int = 0) -> iterators.CountingIterator:
         """fairseq-eval-lm: the streaming protocol over the whole split, segments in order, with the evaluation
         warm-up (``--eval-warmup-tokens``) whatever the split."""
-        if context_window > 0:
-            raise ConfigError(CONTEXT_WINDOW_ERROR.format(window=context_window))
-        if batch_size is None:
-            raise ConfigError("fairseq-eval-lm --task streaming_lm needs --batch-size: the number of evaluation "
-                              "streams B (the protocol is stream(B, T=--tokens-per-sample))")
-        if not isinstance(dataset, StreamDataset):
-            raise TypeError(f"--task streaming_lm evaluates StreamDatasets, got {type(dataset).__name__}")
-        dataset = self.with_eval_warmup(dataset)
+        check_eval_lm(dataset, batch_size, context_window)
+        dataset = with_eval_warmup(dataset, self.eval_warmup_tokens, self.cfg.tokens_per_sample)
         logger.info("evaluation protocol: %s, %s tokens scored",
                     protocol_label(dataset.with_layout(batch_size, num_shards)), f"{len(dataset.tokens):,}")
-        self._evaluating = True
-        try:
-            iterator = self.get_batch_iterator(
-                dataset=dataset, max_sentences=batch_size, num_shards=num_shards, shard_id=shard_id,
-                num_workers=num_workers, data_buffer_size=data_buffer_size,
-            )
-        finally:
-            self._evaluating = False
+        iterator = self._stream_iterator(dataset, batch_size, seed=1, num_shards=num_shards, shard_id=shard_id,
+                                         num_workers=num_workers, epoch=1, data_buffer_size=data_buffer_size,
+                                         skip_remainder_batch=False, evaluating=True)
         return iterator.next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg: FairseqDataclass, from_checkpoint: bool = False) -> nn.Module:
@@ -471,65 +305,23 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
 
     def begin_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "train")
-        self._train_cursor = None
-        # decoders holding a checkpoint's training streams (fairseq loads the checkpoint before the epoch begins)
-        self._resumable = [m for m in model.modules() if isinstance(m, StatefulDecoder) and m.has_saved_train_stream]
+        self.resume.begin_epoch(model)
 
     def train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
                    update_num: int, ignore_grad: bool = False) -> Tuple[Tensor, int, Dict]:
-        cursor = sample.get("stream_cursor") if sample else None
-        if self._resumable and cursor is not None:  # a resumed run's first step
-            self._resume_train_streams(sample["segment"], cursor["start"])
-        if cursor is not None:
-            self._train_cursor = cursor["end"]
+        self.resume.before_step(sample)
         if self.batch_split == 1 or not sample:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        return self._split_train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-
-    def _resume_train_streams(self, segment: int, here: Dict[str, int]) -> None:
-        """Continue the checkpoint's training streams if this step reads the text right after where they ended
-        (same streams, same split, same token offset); otherwise they start cold, and the log says why."""
-        reason = cursor_mismatch(self._resume_cursor, here)
-        for decoder in self._resumable:
-            if reason is None:
-                decoder.resume_train_stream(segment)
-            else:
-                decoder.discard_saved_train_stream(reason)
-        self._resumable = []
+        step = super().train_step  # --batch-split K: K row slices in turn (fairseq_ext.tasks.batch_split)
+        return split_train_step(lambda rows: step(rows, model, criterion, optimizer, update_num, ignore_grad),
+                                sample, model, criterion, self._decoders_of(model), self.batch_split,
+                                self.dictionary.pad())
 
     def gather_for_checkpoint(self, model: nn.Module, group: Any) -> None:
         """Before a save with several data-parallel workers (every rank; ``fairseq_ext.compat.checkpoints``):
         collect every worker's training streams on rank 0, so the checkpoint resumes all of them exactly."""
         for decoder in self._decoders_of(model):
             decoder.gather_train_stream(group)
-
-    def _split_train_step(self, sample: Dict[str, Any], model: nn.Module, criterion: Any, optimizer: Any,
-                          update_num: int, ignore_grad: bool) -> Tuple[Tensor, int, Dict]:
-        """``--batch-split K``: forward and backward on K row slices of the batch in turn, each StatefulDecoder
-        continuing the same rows of its "train" state (``stream_rows``). The criterion's losses, sample sizes and
-        logging outputs are sums over rows, so their sums over the slices are the whole batch's, and fairseq's
-        division of the summed gradient by the summed sample size is unchanged."""
-        if not criterion.logging_outputs_can_be_summed():
-            raise ConfigError(f"--batch-split needs a criterion whose logging outputs are sums over rows; "
-                              f"{type(criterion).__name__}'s cannot be summed: use --batch-split 1 or lm_loss")
-        batch_size = sample["net_input"]["src_tokens"].size(0)
-        bounds = row_slices(batch_size, self.batch_split)
-        decoders = self._decoders_of(model)
-        losses: List[Tensor] = []
-        sample_size, logging_outputs = 0, []
-        for index, (start, stop) in enumerate(bounds):
-            with contextlib.ExitStack() as stack:
-                for decoder in decoders:
-                    stack.enter_context(decoder.stream_rows(start, stop, batch_size))
-                if index < len(bounds) - 1:  # data parallel: all-reduce once, after the last slice
-                    stack.enter_context(_no_sync(model))
-                loss, size, logging_output = super().train_step(
-                    sample_rows(sample, start, stop, self.dictionary.pad()), model, criterion, optimizer,
-                    update_num, ignore_grad)
-            losses.append(loss.detach())
-            sample_size += size
-            logging_outputs.append(logging_output)
-        return torch.stack(losses).sum(), sample_size, merge_slice_logging_outputs(logging_outputs)
 
     def _decoders_of(self, model: nn.Module) -> List[StatefulDecoder]:
         """The StatefulDecoders inside ``model`` (wrappers included), walked once per model."""
@@ -545,21 +337,13 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         if sample.get("segment") == 0:  # a validation subset starts (its first warm-up segment, if any): reset
             reset_stream_state(model, "eval")
         if sample.get("warmup"):
-            model.eval()
-            with torch.no_grad():
-                model(**sample["net_input"])
-            logging_output = {self.WARMUP_KEY: 1, "ntokens": 0, "nsentences": 0, "sample_size": 0}
-            return torch.zeros(()), 0, logging_output
+            return run_warmup_segment(sample, model)
         return super().valid_step(sample, model, criterion)
 
     def reduce_metrics(self, logging_outputs: List[Dict[str, Any]], criterion: Any) -> None:
-        """A warm-up step logs nothing but a weightless ``loss``: the criterion has nothing to reduce (and some
-        divide by the sample size), and without a ``loss`` key fairseq's trainer would log loss = -1 with weight 1
-        into the validation average."""
-        if logging_outputs and all(log.get(self.WARMUP_KEY, 0) > 0 for log in logging_outputs):
-            metrics.log_scalar("loss", 0.0, weight=0, round=3)
-            return
-        super().reduce_metrics(logging_outputs, criterion)
+        """Warm-up steps log only a weightless ``loss`` (``eval_protocol.reduce_warmup_metrics``)."""
+        if not reduce_warmup_metrics(logging_outputs):
+            super().reduce_metrics(logging_outputs, criterion)
 
     def optimizer_step(self, optimizer: Any, model: nn.Module, update_num: int) -> None:
         super().optimizer_step(optimizer, model, update_num)

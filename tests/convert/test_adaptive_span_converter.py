@@ -14,9 +14,10 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from fairseq_ext.convert.adaptive_span import (SPAN_RAMP, ConversionError, convert_adaptive_span, main,
-                                               read_source, scan_vocabulary)
-from fairseq_ext.convert.common import DEAD_BIAS, save_conversion
+from fairseq_ext.convert.adaptive_span import SPAN_RAMP, ConversionError, convert_adaptive_span, main, read_source
+from fairseq_ext.convert.output import save_conversion
+from fairseq_ext.convert.text_vocab import scan_vocabulary
+from fairseq_ext.convert.vocab_mapping import DEAD_BIAS
 from fairseq_ext.errors import MissingFileError
 from tests.convert.adaptive_span_reference import ReferenceAdaptiveSpan
 from tests.harness import REPO_ROOT, assert_close, single_thread

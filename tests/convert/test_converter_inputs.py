@@ -1,6 +1,6 @@
 """Every converter's main() refuses a source file that is no torch checkpoint (empty, text, truncated) with one
 DataError naming the file its original code writes; a missing file is a MissingFileError (fairseq_ext.compat.inputs
-via convert/common.load_pickled and convert/alibi_fork.load_checkpoint)."""
+via convert/unpickle.load_pickled and convert/alibi_fork.load_checkpoint)."""
 from typing import Callable, Dict, List
 
 import pytest
@@ -57,7 +57,8 @@ def test_converter_names_a_missing_source(tmp_path, name):
 
 
 def test_empty_vocabulary_file_is_refused(tmp_path):
-    from fairseq_ext.convert.common import ConversionError, read_vocab_file
+    from fairseq_ext.convert.errors import ConversionError
+    from fairseq_ext.convert.pickled import read_vocab_file
 
     (tmp_path / "vocab.txt").write_text("")
     with pytest.raises(ConversionError, match=r"vocab\.txt is empty; pass the vocabulary"):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fairseq_ext.convert.common import build_vocab_mapping
+from fairseq_ext.convert.vocab_mapping import build_vocab_mapping
 from fairseq_ext.convert.fast_weight import ConversionError, main
 from tests.harness import REPO_ROOT, assert_close, single_thread
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from fairseq_ext.convert.adaptive_span import scan_vocabulary
-from fairseq_ext.convert.common import (DEAD_BIAS, DEFAULT_SYMBOL_MAP, ConversionError, build_vocab_mapping,
-                                        save_conversion)
+from fairseq_ext.convert.errors import ConversionError
+from fairseq_ext.convert.output import save_conversion
 from fairseq_ext.convert.sha_rnn import convert_sha_rnn, convert_weights, main, read_source
+from fairseq_ext.convert.text_vocab import scan_vocabulary
+from fairseq_ext.convert.vocab_mapping import DEAD_BIAS, DEFAULT_SYMBOL_MAP, build_vocab_mapping
 from tests.harness import REPO_ROOT, assert_close, single_thread
 
 one_thread = pytest.fixture(autouse=True)(single_thread)

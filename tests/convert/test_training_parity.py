@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from fairseq_ext.convert.common import build_registered_model, fairseq_dictionary
+from fairseq_ext.convert.output import build_registered_model, fairseq_dictionary
 from fairseq_ext.optim.adagrad_clip import AdagradClip
 from fairseq_ext.optim.lamb import Lamb
 from tests.harness import single_thread

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
+from fairseq_ext.convert.output import write_dictionary
 from fairseq_ext.convert.transformer_xl import (DEAD_BIAS, ConversionError, OriginalConfig, SourceCheckpoint,
-                                               build_vocab_mapping, convert_transformer_xl, main, read_source,
-                                               write_dictionary)
+                                               build_vocab_mapping, convert_transformer_xl, main, read_source)
 from tests.convert.transformer_xl_reference import ReferenceConfig, ReferenceTransformerXL
 from tests.harness import REPO_ROOT, assert_close, single_thread
 
@@ -601,7 +601,7 @@ def test_vocabulary_mapping_layouts():
 def test_shim_stubs_unknown_globals_instead_of_calling_them(tmp_path):
     """--trust-pickle still never imports or calls anything outside torch's tensor/nn classes and plain
     containers: a pickled os.system call comes back as an inert stub."""
-    from fairseq_ext.convert.transformer_xl import PickledStub, load_pickled
+    from fairseq_ext.convert.unpickle import PickledStub, load_pickled
 
     marker = tmp_path / "executed"
 

@@ -65,7 +65,7 @@ NATIVE: Dict[str, Tuple[str, Dict[str, Any]]] = {
 
 
 def _dictionary(symbols: List[str]):
-    from fairseq_ext.convert.common import fairseq_dictionary
+    from fairseq_ext.convert.output import fairseq_dictionary
 
     return fairseq_dictionary(symbols)
 
@@ -81,7 +81,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def native_case(name: str, arch: str, fields: Dict[str, Any], out: str, seed: int) -> None:
-    from fairseq_ext.convert.common import (build_registered_model, fairseq_cfg, fairseq_checkpoint,
+    from fairseq_ext.convert.output import (build_registered_model, fairseq_cfg, fairseq_checkpoint,
                                             save_conversion)
     from omegaconf import OmegaConf
 
@@ -98,7 +98,7 @@ def converted_cases() -> Dict[str, Callable[[str], None]]:
     """Tiny originals converted by that commit's converters (the tests' synthetic checkpoints)."""
 
     def sha_rnn(out: str) -> None:
-        from fairseq_ext.convert.common import save_conversion
+        from fairseq_ext.convert.output import save_conversion
         from fairseq_ext.convert.sha_rnn import convert_sha_rnn, read_source
         from tests.convert.test_sha_rnn_converter import VOCAB, synthetic_state
 
@@ -109,7 +109,7 @@ def converted_cases() -> Dict[str, Callable[[str], None]]:
     def transformer_xl(out: str) -> None:
         from dataclasses import replace
 
-        from fairseq_ext.convert.common import save_conversion
+        from fairseq_ext.convert.output import save_conversion
         from fairseq_ext.convert.transformer_xl import SourceCheckpoint, convert_transformer_xl
         from tests.convert.test_transformer_xl_converter import BASE, synthetic_state, word_vocab
 
@@ -119,7 +119,7 @@ def converted_cases() -> Dict[str, Callable[[str], None]]:
 
     def adaptive_span(out: str) -> None:
         from fairseq_ext.convert.adaptive_span import convert_adaptive_span, read_source
-        from fairseq_ext.convert.common import save_conversion
+        from fairseq_ext.convert.output import save_conversion
         from tests.convert.test_adaptive_span_converter import VOCAB, synthetic_checkpoint
 
         conv = convert_adaptive_span(read_source(synthetic_checkpoint(pers_mem=3)), VOCAB, data=out, ramp=8,
@@ -127,7 +127,7 @@ def converted_cases() -> Dict[str, Callable[[str], None]]:
         save_conversion(out, conv.checkpoint, conv.mapping.symbols)
 
     def fast_weight(out: str) -> None:
-        from fairseq_ext.convert.common import save_conversion
+        from fairseq_ext.convert.output import save_conversion
         from fairseq_ext.convert.fast_weight import LmtoolConfig, LmtoolSource, convert_fast_weight
         from tests.convert.test_fast_weight_converter import (C, CUTOFFS, D, H, INNER, LAYERS, V, Case,
                                                               synthetic_state, word_vocab)

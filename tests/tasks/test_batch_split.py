@@ -10,7 +10,7 @@ from fairseq.trainer import Trainer
 
 from fairseq_ext.criterions.lm_loss import STAT_COUNT, LMLossCriterion
 from fairseq_ext.models.base import StatefulDecoder
-from fairseq_ext.tasks.streaming_lm import merge_slice_logging_outputs, row_slices, sample_rows
+from fairseq_ext.tasks.batch_split import merge_slice_logging_outputs, row_slices, sample_rows
 from tests.harness import assert_close, training_cfg
 
 B, T, BATCHES = 5, 6, 3

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from fairseq_ext.errors import ConfigError
-from fairseq_ext.tasks.streaming_lm import cursor_mismatch
+from fairseq_ext.tasks.resume import cursor_mismatch
 from tests.harness import USER_DIR, fairseq_train
 from tests.tasks.test_streaming_lm import batches, make_task
 

@@ -233,7 +233,7 @@ def test_optimizer_step_clamps_declared_parameter_bounds(data_dir):
 
 
 def test_random_train_stream_offset_moves_boundaries_between_epochs(data_dir):
-    from fairseq_ext.tasks.streaming_lm import train_stream_offset
+    from fairseq_ext.tasks.segment_lengths import train_stream_offset
 
     task, _ = make_task(data_dir, batch_size=3, tokens_per_sample=5, extra=["--train-stream-offset", "random"])
     task.load_dataset("train")
@@ -262,7 +262,7 @@ def test_variable_bptt_lengths_follow_the_sha_rnn_rule():
     """Spec check 9: over 10,000 draws with T = 1024, about 95% centred at 1024 and 5% at 512, all in [5, T]."""
     import numpy as np
 
-    from fairseq_ext.tasks.streaming_lm import sample_bptt_lengths
+    from fairseq_ext.tasks.segment_lengths import sample_bptt_lengths
 
     lengths = sample_bptt_lengths(np.random.default_rng(1234), 1024, 10_000)  # (10000,)
     assert lengths.shape == (10_000,) and lengths.dtype == np.int64
@@ -278,7 +278,7 @@ def test_variable_bptt_lengths_follow_the_sha_rnn_rule():
 def test_variable_bptt_lengths_are_deterministic_per_seed_and_epoch():
     import numpy as np
 
-    from fairseq_ext.tasks.streaming_lm import variable_bptt_lengths
+    from fairseq_ext.tasks.segment_lengths import variable_bptt_lengths
 
     lengths = variable_bptt_lengths(7, 3, 64, 10_000)  # (m,)
     assert lengths.sum() >= 10_000 and lengths.min() >= 5 and lengths.max() <= 64
@@ -289,7 +289,7 @@ def test_variable_bptt_lengths_are_deterministic_per_seed_and_epoch():
 
 
 def test_variable_bptt_varies_training_segments_only_and_streams_stay_continuous(data_dir):
-    from fairseq_ext.tasks.streaming_lm import variable_bptt_lengths
+    from fairseq_ext.tasks.segment_lengths import variable_bptt_lengths
 
     length = 12
     task, cfg = make_task(data_dir, batch_size=3, tokens_per_sample=length, extra=["--variable-bptt"])

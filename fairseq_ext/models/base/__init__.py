@@ -5,6 +5,8 @@ from .stateful_decoder import (
     StatefulDecoder,
     StatefulLanguageModel,
     reset_stream_state,
+    segment_pieces,
 )
 
-__all__ = ["CONTEXT_WINDOW_ERROR", "STREAMS", "StatefulDecoder", "StatefulLanguageModel", "reset_stream_state"]
+__all__ = ["CONTEXT_WINDOW_ERROR", "STREAMS", "StatefulDecoder", "StatefulLanguageModel", "reset_stream_state",
+           "segment_pieces"]

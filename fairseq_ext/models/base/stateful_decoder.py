@@ -302,6 +302,24 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
                 self._gathered_train = None
 
 
+def segment_pieces(num_tokens: int, offset: int, segment_length: Optional[int]) -> List[Tuple[int, int, bool]]:
+    """How incremental decoding cuts ``num_tokens`` new tokens at the streaming pass's segment boundaries, when
+    ``offset`` tokens of the current segment of ``segment_length`` have been read: pieces (start, stop, closes),
+    ``closes`` True when the piece ends a segment (where the streaming pass would cut its memory)."""
+    if segment_length is None or segment_length < 1:
+        raise ValueError("incremental decoding needs tokens_per_sample >= 1 (the segment length whose boundaries it "
+                         "reproduces); set --tokens-per-sample")
+    if not 0 <= offset < segment_length:
+        raise ValueError(f"offset {offset} must be in [0, {segment_length})")
+    pieces, start = [], 0
+    while start < num_tokens:
+        stop = start + min(num_tokens - start, segment_length - offset)
+        offset = (offset + stop - start) % segment_length
+        pieces.append((start, stop, offset == 0))
+        start = stop
+    return pieces
+
+
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() and \
         torch.distributed.is_initialized() else 1

@@ -222,3 +222,24 @@ def test_training_stream_travels_in_the_state_dict_and_resumes_only_where_it_end
         assert torch.equal(a, b)
     converted = {k: v for k, v in saved.items() if k != "decoder._extra_state"}
     toy_model().load_state_dict(converted)  # checkpoints without a stream (converted, older) still load strictly
+
+
+@pytest.mark.parametrize("num,offset,length,expected", [
+    (5, 0, 3, [(0, 3, True), (3, 5, False)]),
+    (4, 2, 3, [(0, 1, True), (1, 4, True)]),
+    (1, 1, 3, [(0, 1, False)]),
+    (7, 0, 1, [(i, i + 1, True) for i in range(7)]),
+])
+def test_segment_pieces_cut_new_tokens_at_the_streaming_boundaries(num, offset, length, expected):
+    from fairseq_ext.models.base import segment_pieces
+
+    assert segment_pieces(num, offset, length) == expected
+
+
+def test_segment_pieces_need_a_segment_length():
+    from fairseq_ext.models.base import segment_pieces
+
+    with pytest.raises(ValueError, match="--tokens-per-sample"):
+        segment_pieces(3, 0, None)
+    with pytest.raises(ValueError, match="offset 3"):
+        segment_pieces(3, 3, 3)
