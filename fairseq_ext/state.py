@@ -134,6 +134,28 @@ class FastWeightState(SegmentState):
 
 
 @dataclasses.dataclass(frozen=True)
+class HiddenCache(SegmentState):
+    """One layer's cached attention inputs (B, S, C): the memory of earlier segments, followed during incremental
+    decoding by the tokens of the current segment read so far (the composed core's ``memory`` / ``segment``
+    sources)."""
+
+    hidden: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.hidden.size(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderState(SegmentState):
+    """A decoder's whole state: one state per layer (a SegmentState or None) and ``offset``, the number of tokens of
+    the current segment already read (0 at every segment boundary; > 0 only inside incremental decoding)."""
+
+    layers: Tuple[Optional[SegmentState], ...]
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerStates(SegmentState):
     """One state per layer (each a SegmentState or None), as a decoder carries them."""
 

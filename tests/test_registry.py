@@ -7,7 +7,7 @@ import sys
 from tests.harness import REPO_ROOT, USER_DIR
 
 EXPECTED = {
-    "model": ["alibi_lm", "transformer_xl_lm", "adaptive_span_lm", "fast_weight_lm", "sha_rnn_lm"],
+    "model": ["alibi_lm", "transformer_xl_lm", "adaptive_span_lm", "fast_weight_lm", "sha_rnn_lm", "composed_lm"],
     "arch": ["alibi_lm", "alibi_lm_wiki103", "alibi_lm_gpt2_small", "alibi_lm_tiny",
              "transformer_xl_lm", "transformer_xl_wiki103_base", "transformer_xl_wiki103_large",
              "transformer_xl_enwik8_base", "transformer_xl_enwik8_large", "transformer_xl_text8_base",
@@ -18,7 +18,10 @@ EXPECTED = {
              "fast_weight_lm", "fast_weight_wiki103_small_transformer", "fast_weight_wiki103_small_fwm",
              "fast_weight_wiki103_small_fwm_carry_over", "fast_weight_wiki103_medium_transformer",
              "fast_weight_wiki103_medium_fwm", "fast_weight_wiki103_medium_fwm_carry_over", "fast_weight_tiny",
-             "sha_rnn_lm", "sha_rnn_enwik8", "sha_rnn_enwik8_full_attn", "sha_rnn_tiny"],
+             "sha_rnn_lm", "sha_rnn_enwik8", "sha_rnn_enwik8_full_attn", "sha_rnn_tiny",
+             "composed_lm", "composed_alibi_memory_wiki103", "composed_delta_persistent_wiki103",
+             "composed_span_xl_enwik8", "composed_hybrid_delta_wiki103", "composed_alibi_memory_tiny",
+             "composed_delta_persistent_tiny", "composed_span_xl_tiny", "composed_hybrid_delta_tiny"],
     "task": ["streaming_lm"],
     "criterion": ["lm_loss"],
     "optimizer": ["lamb_torch", "adagrad_clip"],

@@ -1,0 +1,113 @@
+"""Position terms of the composed core: one small module per scheme behind one interface (x-transformers style).
+
+* ``embed(position, length, dtype)``: absolute schemes return encodings (B|1, T, C) added to the input embeddings;
+  ``position`` (B|1, T) is each token's index in its segment and ``length`` (B|1, 1) the segment's length.
+* ``score_terms(q, distance)``: relative schemes return the query of the content term and an additive logit bias
+  for queries against keys at ``distance`` (T, S) = query position - key position (negative: a future key).
+
+Schemes:
+
+* ``none``        nothing (SHA-RNN, NoPE).
+* ``sinusoidal``  Vaswani et al. 2017: [sin | cos] of the index in the segment, 0 .. T-1.
+* ``descending``  lmtool-fwms's absolute positions (Schlag et al. 2021): the same sinusoid over T-1 .. 0.
+* ``alibi``       Press et al. 2021, Eq. in Sec. 3: bias -m_h · (i - j), the slopes in fp32.
+* ``xl``          Dai et al. 2019, Sec. 3.3: ((q_i + u) · k_j + (q_i + v) · W_R R_{i-j}) / sqrt(D); R the sinusoid
+                  of the distance, u, v (H, D) learned per layer. Computed in the gather form: (q + v) W_R R for
+                  every distance 0 .. S-1, then each (i, j) picks its distance; the bias carries its own 1/sqrt(D).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fairseq_ext.modules.positional.alibi import AlibiPositionalBias
+from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid
+
+ABSOLUTE = ("sinusoidal", "descending")
+RELATIVE = ("alibi", "xl")
+POSITIONS = ("none", *ABSOLUTE, *RELATIVE)
+
+
+class PositionTerm(nn.Module):
+    """The interface; this base is the ``none`` scheme."""
+
+    kind = "none"
+
+    def embed(self, position: Tensor, length: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        return None
+
+    def score_terms(self, q: Tensor, distance: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        return q, None
+
+
+class SinusoidalPosition(PositionTerm):
+    kind = "sinusoidal"
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.sinusoid = DescendingSinusoid(embed_dim)  # a [sin | cos] encoder of caller-given indices
+
+    def indices(self, position: Tensor, length: Tensor) -> Tensor:
+        return position
+
+    def embed(self, position: Tensor, length: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        return self.sinusoid(self.indices(position, length), dtype=dtype)  # (B|1, T, C)
+
+
+class DescendingPosition(SinusoidalPosition):
+    kind = "descending"
+
+    def indices(self, position: Tensor, length: Tensor) -> Tensor:
+        return (length - 1 - position).clamp(min=0)  # (B|1, T): T-1 .. 0 over the segment
+
+
+class AlibiPosition(PositionTerm):
+    kind = "alibi"
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.alibi = AlibiPositionalBias(num_heads)  # fp32 slopes (H,), kept fp32 under .half()
+
+    def score_terms(self, q: Tensor, distance: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        slopes = self.alibi.slopes.to(q.device)  # (H,)
+        bias = -slopes[:, None, None] * distance.clamp(min=0).to(slopes.dtype)  # (H, T, S)
+        return q, bias.unsqueeze(0)  # (1, H, T, S)
+
+
+class XLRelativePosition(PositionTerm):
+    kind = "xl"
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.sinusoid = DescendingSinusoid(embed_dim)
+        self.r_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=False)  # W_{k,R}
+        self.content_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # u
+        self.position_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # v
+
+    def score_terms(self, q: Tensor, distance: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        b, h, t, d = q.shape
+        far = int(distance.size(1))  # distances 0 .. S-1 cover every visible key
+        encodings = self.sinusoid(torch.arange(far, device=q.device), dtype=q.dtype)  # (S, C)
+        r = self.r_proj(encodings).view(far, h, d).transpose(0, 1)  # (H, S, D)
+        by_distance = torch.matmul(q + self.position_bias[:, None, :], r.transpose(1, 2))  # (B, H, T, S_dist)
+        index = distance.clamp(0, far - 1).expand(b, h, t, -1)  # (B, H, T, S)
+        bias = torch.gather(by_distance, 3, index) / math.sqrt(d)  # (B, H, T, S), scaled as the content term
+        return q + self.content_bias[:, None, :], bias
+
+
+def build_position(kind: str, embed_dim: int, num_heads: int, head_dim: int) -> PositionTerm:
+    if kind == "none":
+        return PositionTerm()
+    if kind == "sinusoidal":
+        return SinusoidalPosition(embed_dim)
+    if kind == "descending":
+        return DescendingPosition(embed_dim)
+    if kind == "alibi":
+        return AlibiPosition(num_heads)
+    if kind == "xl":
+        return XLRelativePosition(embed_dim, num_heads, head_dim)
+    raise ValueError(f"unknown position term {kind!r}; choose one of {POSITIONS}")

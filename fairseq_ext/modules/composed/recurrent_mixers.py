@@ -1,0 +1,62 @@
+"""The composed core's mixers that keep no key/value matrix per token:
+
+* ``FastWeightMixer``: linear attention as a fast weight programmer (Schlag et al. 2021, Eq. 6-7 sum rule, Eq.
+  15-17 delta rule; ``modules.attention.FastWeightSelfAttention`` with ``ops.fast_weights``). Its memory is the
+  fast-weight matrix: ``carry`` keeps it across segments (source ``memory``), otherwise it restarts at every
+  segment (``segment``). ``persistent``: a learned initial fast-weight state W_0 (H, D_phi, d), the fast-weight
+  analogue of persistent memory slots, used wherever the state would otherwise start at zero.
+* ``SingleHeadMixer``: SHA-RNN's single-headed attention (Merity 2019, Sec. 3; ``modules.attention.
+  SingleHeadAttention``) over [memory ; segment] from a hidden-state source (``segment`` or ``memory``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fairseq_ext.modules.attention.fast_weight_self_attention import FastWeightSelfAttention
+from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+from fairseq_ext.state import FastWeightState, HiddenCache
+
+
+class FastWeightMixer(nn.Module):
+    def __init__(self, attention: FastWeightSelfAttention, carry: bool, persistent: bool) -> None:
+        super().__init__()
+        self.attention = attention
+        self.carry = carry
+        heads, phi_dim, head_dim = attention.num_heads, attention.feature_map.out_dim, attention.head_dim
+        # zero: the model starts as the plain fast weight programmer and learns W_0
+        self.initial_weight = nn.Parameter(torch.zeros(heads, phi_dim, head_dim)) if persistent else None
+
+    def _initial(self, batch: int, like: Tensor) -> Optional[FastWeightState]:
+        if self.initial_weight is None:
+            return None
+        dtype = torch.promote_types(like.dtype, torch.float32)  # fast weights in fp32 at least
+        weight = self.initial_weight.to(dtype).expand(batch, -1, -1, -1)  # (B, H, D_phi, d)
+        key_sum = None
+        if self.attention.normalize != "none":
+            key_sum = weight.new_zeros(batch, weight.size(1), weight.size(2))  # (B, H, D_phi)
+        return FastWeightState(weight, key_sum)
+
+    def forward(self, x: Tensor, state: Optional[FastWeightState]) -> Tuple[Tensor, FastWeightState]:
+        """x (B, T, C) -> (y (B, T, C), the fast weights after x)."""
+        return self.attention(x, state if state is not None else self._initial(x.size(0), x))
+
+    def close(self, state: Optional[FastWeightState]) -> Optional[FastWeightState]:
+        return state if self.carry else None
+
+
+class SingleHeadMixer(nn.Module):
+    def __init__(self, embed_dim: int, dropout: float, source: nn.Module) -> None:
+        super().__init__()
+        self.attention = SingleHeadAttention(embed_dim, dropout)
+        self.source = source
+
+    def forward(self, x: Tensor, state: Optional[HiddenCache]) -> Tuple[Tensor, Optional[HiddenCache]]:
+        """x (B, T, C) -> (y (B, T, C), the source's open state); memory fully visible, the segment causal."""
+        memory, _, _, new_state = self.source.read(x, state, lambda h: (h, h))  # (B, S, C)
+        return self.attention(x, memory), new_state
+
+    def close(self, state: Optional[HiddenCache]) -> Optional[HiddenCache]:
+        return self.source.close(state)
