@@ -18,7 +18,7 @@ State (docs/design.md, "Fast weights"):
   the per-layer ``FastWeightState`` (``LayerStates``) and ``streaming_lm`` carries it (truncated BPTT, §1.7).
   Positions of a call of n tokens run n - 1 .. 0.
 * incremental decoding (``forward_incremental``) reproduces the streaming pass over segments of
-  ``tokens_per_sample`` T with O(1) work and state per token: ``FastWeightDecodeState`` holds the per-layer states
+  ``tokens_per_sample`` T with O(1) work and state per token: ``DecoderState`` holds the per-layer states
   (fast weights, or a ``KVCache`` for softmax inside the current segment) and the offset j in the segment; the
   token at offset j gets position T - 1 - j; at every T boundary carry-over models keep their fast weights and
   the others reset, as the streaming pass does. A prompt runs through the chunked form.
@@ -34,7 +34,7 @@ from fairseq.models import FairseqLanguageModel, register_model, register_model_
 from omegaconf import II
 from torch import Tensor, nn
 
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
 from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
@@ -42,7 +42,7 @@ from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
 from fairseq_ext.modules.blocks.fast_weight_layer import FastWeightLayer
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
-from fairseq_ext.state import FastWeightState, LayerStates, SegmentState
+from fairseq_ext.state import DecoderState, FastWeightState, LayerStates, SegmentState
 
 # Sinusoidal positions put no bound on the length; fairseq only uses this for filtering.
 MAX_POSITIONS = 1_000_000
@@ -202,15 +202,6 @@ def validate_config(cfg: FastWeightLMConfig, vocab_size: int) -> Tuple[str, str,
     return attn_type, rule, normalize
 
 
-@dataclass(frozen=True)
-class FastWeightDecodeState(SegmentState):
-    """Incremental decoding: one state per layer (``FastWeightState``, a ``KVCache`` for softmax, or None) and the
-    offset of the next token inside the current segment of ``tokens_per_sample`` tokens."""
-
-    layers: Tuple[Optional[SegmentState], ...]
-    offset: int = 0
-
-
 class FastWeightDecoder(StatefulDecoder):
     """Adaptive input (+ descending sinusoid) -> dropout -> FastWeightLayers -> dropout -> adaptive softmax."""
 
@@ -267,30 +258,22 @@ class FastWeightDecoder(StatefulDecoder):
         features, new_states = self._forward(tokens, layer_states, self._row_positions(tokens))
         return features, LayerStates(new_states) if self.carry_over else None, {}
 
-    def forward_incremental(self, tokens: Tensor, state: Optional[FastWeightDecodeState]) -> SegmentOutput:
+    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
         """New tokens (B, T_new) of generation, O(1) per token: the streaming pass over segments of
         ``tokens_per_sample`` T reproduced (position T - 1 - j at offset j; fast weights reset at every boundary
         unless carried over). Many tokens at once (a prompt) run through the chunked form."""
         seg_len = self.tokens_per_sample
-        if seg_len is None or seg_len < 1:
-            raise ValueError("incremental decoding needs tokens_per_sample >= 1 (the segment length whose "
-                             "boundaries it reproduces); set --tokens-per-sample")
         offset = state.offset if state is not None else 0
         layer_states = state.layers if state is not None else (None,) * len(self.layers)
         outputs: List[Tensor] = []
-        start = 0
-        while start < tokens.size(1):
-            width = min(tokens.size(1) - start, seg_len - offset)
-            features, layer_states = self._forward(tokens[:, start:start + width], layer_states,
-                                                   seg_len - 1 - offset)
-            offset += width
-            if offset == seg_len:  # segment boundary: what the streaming pass carries into the next segment
-                offset = 0
+        for start, stop, closes in segment_pieces(tokens.size(1), offset, seg_len):
+            features, layer_states = self._forward(tokens[:, start:stop], layer_states, seg_len - 1 - offset)
+            offset = 0 if closes else offset + stop - start
+            if closes:  # segment boundary: what the streaming pass carries into the next segment
                 layer_states = tuple(s.detach() if self.carry_over and isinstance(s, FastWeightState) else None
                                      for s in layer_states)
             outputs.append(features)
-            start += width
-        return torch.cat(outputs, dim=1), FastWeightDecodeState(tuple(layer_states), offset), {}
+        return torch.cat(outputs, dim=1), DecoderState(tuple(layer_states), offset), {}
 
     def _row_positions(self, tokens: Tensor) -> Tensor:
         """(B, T) descending indices n_b - 1 .. 0 over each row's non-pad prefix (0 on the end padding)."""

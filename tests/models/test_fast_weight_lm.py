@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fairseq_ext.models.fast_weight_lm import FastWeightDecodeState, FastWeightLanguageModel
-from fairseq_ext.state import FastWeightState, KVCache, LayerStates
+from fairseq_ext.models.fast_weight_lm import FastWeightLanguageModel
+from fairseq_ext.state import DecoderState, FastWeightState, KVCache, LayerStates
 from tests.harness import assert_close, build_model, single_thread, split_segments, stream_segments, tiny_dictionary
 
 VOCAB = 40  # 4 specials + 36 words
@@ -224,7 +224,7 @@ def test_incremental_decoding_equals_streaming_over_full_segments(kind, carry, p
     streamed, _ = stream_segments(decoder, x, (4, 4, 4))
     decoded, state = incremental(decoder, x, prompt)
     assert_close(decoded, streamed)
-    assert isinstance(state, FastWeightDecodeState) and state.offset == 0
+    assert isinstance(state, DecoderState) and state.offset == 0
 
 
 @pytest.mark.parametrize("kind", ["linear-delta", "dpfp-sum"])
@@ -249,19 +249,6 @@ def test_decode_state_size_is_independent_of_context_length(kind):
     softmax = make(ATTENTION["softmax"], tokens_per_sample=5).decoder
     _, state = incremental(softmax, tokens(1, 29))
     assert all(isinstance(s, KVCache) and s.length == 4 for s in state.layers)  # 29 = 5 * 5 + 4
-
-
-def test_incremental_state_reorders_for_beam_search():
-    decoder = make(ATTENTION["linear-delta"] + ["--carry-over-fast-weight"], tokens_per_sample=3).decoder
-    x = tokens(3, 7)
-    state = {}
-    for t in range(5):
-        decoder(x[:, :t + 1], incremental_state=state)
-    order = torch.tensor([2, 0, 0])
-    decoder.reorder_incremental_state(state, order)
-    out, _ = decoder(x[order, :6], incremental_state=state)
-    ref, _ = incremental(decoder, x[order, :6])
-    assert_close(out, ref[:, -1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------

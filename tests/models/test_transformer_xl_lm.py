@@ -93,16 +93,6 @@ def test_one_pass_equals_reference(extra):
     assert_close(feats, reference_features(decoder, x, lambda i, j: j <= i))
 
 
-@pytest.mark.parametrize("lengths", [(4, 5), (3, 3, 3), (1, 7, 1)])
-def test_segments_with_long_memory_equal_one_pass(lengths):
-    """§14.3: mem_len >= total length, dropout off, same_length off: A then B == [A; B]."""
-    decoder = make(("--mem-len", "20")).decoder
-    x = tokens(2, sum(lengths))
-    whole, _, _ = decoder.forward_segment(x, None)
-    carried, _ = stream_segments(decoder, x, lengths)
-    assert_close(carried, whole)
-
-
 @pytest.mark.parametrize("mem_len,lengths", [(2, (5, 4)), (3, (4, 4, 4)), (5, (3, 3, 3)), (1, (2, 1, 3))])
 @pytest.mark.parametrize("extra", [(), ("--decoder-normalize-before", "--clamp-len", "2")])
 def test_short_memory_equals_one_pass_restricted_to_memory_window(mem_len, lengths, extra):
@@ -274,21 +264,6 @@ def test_incremental_decoding_equals_streaming(mem_len, tps, extra):
     prompt, _ = model.decoder(x[:, :8], incremental_state=incremental_state)
     rest = [model.decoder(x[:, :t + 1], incremental_state=incremental_state)[0] for t in range(8, 11)]
     assert_close(torch.cat([prompt, *rest], dim=1), streamed)
-
-
-def test_incremental_state_reorders_for_beam_search():
-    model = make(("--mem-len", "3"), tokens_per_sample=2)
-    x = tokens(3, 5)
-    state = {}
-    for t in range(4):
-        model.decoder(x[:, :t + 1], incremental_state=state)
-    order = torch.tensor([2, 0, 0])
-    model.decoder.reorder_incremental_state(state, order)
-    out, _ = model.decoder(x[order, :5], incremental_state=state)
-    ref_state = {}
-    for t in range(5):
-        ref, _ = model.decoder(x[order, :t + 1], incremental_state=ref_state)
-    assert_close(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
