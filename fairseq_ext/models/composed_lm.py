@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.models import register_model, register_model_architecture
 from omegaconf import II
 from torch import Tensor, nn
 
@@ -200,14 +200,6 @@ class ComposedLanguageModel(StatefulLanguageModel):
     @classmethod
     def build_model(cls, cfg: ComposedLMConfig, task) -> "ComposedLanguageModel":
         return cls(ComposedDecoder(cfg, task.target_dictionary))
-
-    def prepare_for_inference_(self, cfg) -> None:
-        """Only models that carry state across segments reject ``--context-window``; the others are stateless per
-        call, so fairseq's sliding window applies."""
-        if self.decoder.carries_state:
-            super().prepare_for_inference_(cfg)
-        else:
-            FairseqLanguageModel.prepare_for_inference_(self, cfg)
 
 
 WT103 = dict(adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4)

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.models import register_model, register_model_architecture
 from omegaconf import II
 from torch import Tensor, nn
 
@@ -238,6 +238,12 @@ class FastWeightDecoder(StatefulDecoder):
         zero biases, N(0, proj_init_std) adaptive projections; tied tensors initialised once as embeddings."""
         xl_weights_init(self, init_std, proj_init_std)
 
+    @property
+    def carries_state(self) -> bool:
+        """Only carry-over models carry their fast weights across segments; the others are stateless per call, so
+        fairseq's sliding window (the paper's evaluation protocol, spec §4) applies to them."""
+        return self.carry_over
+
     def max_positions(self) -> int:
         return MAX_POSITIONS
 
@@ -314,14 +320,6 @@ class FastWeightLanguageModel(StatefulLanguageModel):
     @classmethod
     def build_model(cls, cfg: FastWeightLMConfig, task) -> "FastWeightLanguageModel":
         return cls(FastWeightDecoder(cfg, task.target_dictionary))
-
-    def prepare_for_inference_(self, cfg) -> None:
-        """Only carry-over models reject ``--context-window``; the others are stateless per call, so fairseq's
-        sliding window (the paper's evaluation protocol, spec §4) applies to them."""
-        if self.decoder.carry_over:
-            super().prepare_for_inference_(cfg)
-        else:
-            FairseqLanguageModel.prepare_for_inference_(self, cfg)
 
 
 WT103_CUTOFFS = "20000,40000,200000"

@@ -82,6 +82,12 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         self._rows: Optional[Tuple[int, int, int]] = None  # (start, stop, batch size) inside stream_rows
         self._split: Optional[_RowSplit] = None  # the batch whose row slices are running
 
+    @property
+    def carries_state(self) -> bool:
+        """Whether this configuration carries state from one segment to the next (then fairseq-eval-lm's sliding
+        window does not apply). Models whose state can be switched off override it."""
+        return True
+
     def attach_streams(self, source: str) -> None:
         """Declare that consecutive batches continue the same streams (``streaming_lm`` does, fairseq's
         ``language_modeling`` does not). Until then, carrying a state into a second batch is an error."""
@@ -365,9 +371,12 @@ class StatefulLanguageModel(FairseqLanguageModel):
         super().__init__(decoder)
 
     def prepare_for_inference_(self, cfg: DictConfig) -> None:
+        """Rejects fairseq-eval-lm's sliding window when the decoder carries state across segments
+        (``StatefulDecoder.carries_state``); a configuration that carries nothing is stateless per call, so fairseq's
+        sliding window applies to it."""
         eval_lm = getattr(cfg, "eval_lm", None)
         window = getattr(eval_lm, "context_window", 0) if eval_lm is not None else 0
-        if window and window > 0:
+        if window and window > 0 and self.decoder.carries_state:
             raise ValueError(CONTEXT_WINDOW_ERROR.format(name=type(self).__name__, window=window))
         super().prepare_for_inference_(cfg)
 
