@@ -41,7 +41,7 @@ from torch import Tensor
 
 from fairseq_ext.modules.dead_rows import dead_rows_state
 
-from .cli import add_output_arguments, converter_parser
+from .cli import add_output_arguments, converter_parser, parse_command_line
 from .errors import ConversionError, ConversionFlagError
 from .output import PREFIX, Conversion, plain_vocab_checkpoint
 from .state_reader import StateReader
@@ -335,8 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Conversion:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_command_line(build_parser, argv)
     if args.corpus_pt and (args.train_txt or args.valid_txt or args.test_txt):
         raise ConversionFlagError("pass either --corpus-pt or the text files (--train-txt ...), not both")
     if not args.corpus_pt and not args.train_txt:

@@ -1,7 +1,8 @@
 """The command line the converters share: source and output arguments, ``--dead-bias`` / ``--no-verify``,
 ``--vocab`` / ``--trust-pickle`` / ``--map-symbol``, and on/off flags."""
 import argparse
-from typing import Dict, Sequence
+import logging
+from typing import Callable, Dict, Optional, Sequence
 
 from .errors import ConversionFlagError
 from .output import PREPROCESS_HINT
@@ -19,6 +20,20 @@ def converter_parser(description: str, src_help: str, evaluate: str) -> argparse
     parser.add_argument("src", help=src_help)
     parser.add_argument("out_dir", help="output directory for model.pt and dict.txt")
     return parser
+
+
+def parse_command_line(build_parser: Callable[[], argparse.ArgumentParser],
+                       argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """A converter's arguments (``argv``, default sys.argv) with its progress logged to the console."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args
+
+
+def add_training_segment_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tokens-per-sample``, defaulting to the original's training ``tgt_len`` (Transformer-XL-style sources)."""
+    parser.add_argument("--tokens-per-sample", type=int,
+                        help="segment length stored in the config (default: the training tgt_len)")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, dead_bias_help: str) -> None:

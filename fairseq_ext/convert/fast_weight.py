@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .cli import add_output_arguments, add_vocab_arguments, converter_parser, parse_on_off, symbol_map_from_pairs
+from .cli import (add_output_arguments, add_training_segment_argument, add_vocab_arguments, converter_parser,
+                  parse_command_line, parse_on_off, symbol_map_from_pairs)
 from .errors import ConversionError, ConversionFlagError
 from .fast_weight_source import (ARCH, LAYOUTS, Q_KV, QKV, QKVB, LmtoolConfig, LmtoolSource,
                                  read_source, reject_attn_type)
@@ -206,15 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--assume-raw-sum-features", action="store_true",
                         help="attn_type 34/35 without a use_sum_norm attribute: assume raw (not sum-normalised) "
                              "feature maps, as lmtool-fwms' default")
-    parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
-                                                              "training tgt_len)")
+    add_training_segment_argument(parser)
     add_output_arguments(parser, "output bias of fairseq specials the original vocabulary lacks (default -40)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Conversion:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_command_line(build_parser, argv)
     src = read_source(load_pickled(args.src, args.trust_pickle, contents="the whole lmtool MemTransformerLM",
                                    expected=SOURCE_FILE),
                       args.carry_over_fast_weight, args.assume_raw_sum_features)

@@ -10,6 +10,7 @@ from torch import Tensor
 from .errors import ConversionError, ConversionFlagError
 from .pickled import (module_state, pickled_adaptive_softmax, pickled_attr, pickled_child, pickled_class_name,
                       same_tensor, unwrap_pickled_model)
+from .xl_weights import MemTransformerShape
 
 ARCH = "fast_weight_lm"
 CARRY_OVER_REQUIRED = (
@@ -36,38 +37,16 @@ LAYOUTS = {
 }
 
 
-@dataclass
-class LmtoolConfig:
+@dataclass(kw_only=True)
+class LmtoolConfig(MemTransformerShape):
     """What the conversion needs from lmtool's ``MemTransformerLM`` (original names)."""
 
     attn_type: int
-    n_token: int
-    n_layer: int
-    n_head: int
-    d_model: int
-    d_head: int
-    d_inner: int
-    d_embed: Optional[int] = None
-    div_val: int = 1
-    cutoffs: List[int] = field(default_factory=list)
-    tgt_len: int = 0
-    mem_len: int = 0
-    clamp_len: int = -1
     no_pos: bool = False
-    pre_lnorm: bool = False
-    sample_softmax: int = -1
-    dropout: float = 0.0
-    dropatt: float = 0.0
     skip_attn_normalization: bool = False
     performer_proj_dim: int = 16
     dpfp_n_roll: int = 2
     carry_over_fast_weight: bool = False
-    tie_weight: bool = True
-
-    def __post_init__(self) -> None:
-        if self.d_embed is None or self.d_embed < 0:
-            self.d_embed = self.d_model
-        self.cutoffs = [int(c) for c in self.cutoffs]
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import Tensor
 from fairseq_ext.models.sha_rnn_lm import check_memory_window
 from fairseq_ext.modules.dead_rows import dead_rows_state
 
-from .cli import add_output_arguments, converter_parser
+from .cli import add_output_arguments, converter_parser, parse_command_line
 from .errors import ConversionError
 from .output import PREFIX, Conversion, plain_vocab_checkpoint
 from .pickled import module_state, pickled_class_name
@@ -234,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Conversion:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_command_line(build_parser, argv)
     src = read_source(load_pickled(args.src, args.trust_pickle,
                                    contents="the original model.SHARNN and splitcross.SplitCrossEntropyLoss modules",
                                    expected=SOURCE_FILE))

@@ -42,7 +42,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .cli import add_output_arguments, add_vocab_arguments, converter_parser, parse_on_off, symbol_map_from_pairs
+from .cli import (add_output_arguments, add_training_segment_argument, add_vocab_arguments, converter_parser,
+                  parse_command_line, parse_on_off, symbol_map_from_pairs)
 from .errors import ConversionError, ConversionFlagError
 from .output import PREFIX, Conversion, fairseq_cfg, fairseq_checkpoint, finish_conversion, verify_conversion
 from .pickled import read_vocab_file, same_tensor
@@ -235,15 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-same-length", type=parse_on_off, metavar="on|off", help="same_length in the config")
     parser.add_argument("--same-length-convention", choices=("original", "nvidia"),
                         help="same_length window (default: the source's, nvidia for NVIDIA checkpoints)")
-    parser.add_argument("--tokens-per-sample", type=int, help="segment length stored in the config (default: the "
-                                                              "training tgt_len)")
+    add_training_segment_argument(parser)
     add_output_arguments(parser, "output bias of fairseq specials the original vocabulary lacks (default -40)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Conversion:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_command_line(build_parser, argv)
     src = read_source(load_pickled(args.src, args.trust_pickle, expected=SOURCE_FILE))
     if args.format != "auto" and src.layout != args.format:
         raise ConversionFlagError(f"{args.src} is a {src.layout} checkpoint, not {args.format}: drop --format or "

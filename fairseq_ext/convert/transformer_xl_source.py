@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .errors import ConversionError
 from .pickled import (module_state, pickled_adaptive_softmax, pickled_attr, pickled_child, same_tensor,
                       unwrap_pickled_model, vocab_symbols)
+from .xl_weights import MemTransformerShape
 
 logger = logging.getLogger(__name__)
 
@@ -20,36 +21,17 @@ def reject_attn_type(attn_type: Any) -> None:
                           f"relative attention (attn_type 0) only (1 = Shaw, 2 = vanilla absolute, 3 = Al-Rfou)")
 
 
-@dataclass
-class OriginalConfig:
+@dataclass(kw_only=True)
+class OriginalConfig(MemTransformerShape):
     """The ``MemTransformerLM`` settings the conversion needs (original names; NVIDIA's ``model_config`` keys)."""
 
-    n_token: int
-    n_layer: int
-    n_head: int
-    d_model: int
-    d_head: int
-    d_inner: int
-    d_embed: Optional[int] = None
-    div_val: int = 1
-    cutoffs: List[int] = field(default_factory=list)
-    tie_weight: bool = True
     tie_projs: List[bool] = field(default_factory=lambda: [False])
-    pre_lnorm: bool = False
-    tgt_len: int = 0
     ext_len: int = 0
-    mem_len: int = 0
     same_length: bool = False
     attn_type: int = 0
-    clamp_len: int = -1
-    sample_softmax: int = -1
-    dropout: float = 0.0
-    dropatt: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.d_embed is None or self.d_embed < 0:
-            self.d_embed = self.d_model
-        self.cutoffs = [int(c) for c in self.cutoffs]
+        super().__post_init__()
         self.tie_projs = [bool(t) for t in self.tie_projs]
 
     @classmethod

@@ -1,6 +1,7 @@
 """Transformer-XL-style weights (the original code, NVIDIA's, lmtool-fwms): the adaptive embedding and projected
 adaptive softmax in fairseq's vocabulary order, and a layer's layer norms and feed-forward."""
-from typing import Dict, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -11,6 +12,35 @@ from .errors import ConversionError
 from .output import PREFIX
 from .state_reader import StateReader
 from .vocab_mapping import VocabMapping, gather_rows
+
+@dataclass(kw_only=True)
+class MemTransformerShape:
+    """The settings every ``MemTransformerLM`` (the original Transformer-XL code, NVIDIA's, lmtool-fwms) stores under
+    these original names: sizes, the adaptive clusters, training lengths, normalisation and dropout."""
+
+    n_token: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_head: int
+    d_inner: int
+    d_embed: Optional[int] = None  # < 0 or None: d_model
+    div_val: int = 1
+    cutoffs: List[int] = field(default_factory=list)
+    tie_weight: bool = True
+    tgt_len: int = 0
+    mem_len: int = 0
+    clamp_len: int = -1
+    pre_lnorm: bool = False
+    sample_softmax: int = -1
+    dropout: float = 0.0
+    dropatt: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_embed is None or self.d_embed < 0:
+            self.d_embed = self.d_model
+        self.cutoffs = [int(c) for c in self.cutoffs]
+
 
 TIE_PROJ_MODES = {"none": lambda n: [False] * n, "tails": lambda n: [False] + [True] * (n - 1),
                   "all": lambda n: [True] * n}  # tie_projs modes -> one flag per cluster

@@ -213,9 +213,7 @@ class AdaptiveSpanLanguageModel(StatefulLanguageModel):
     """Adaptive-span / All-attention LM; see the module docstring. Presets: ``adaptive_span_<dataset>[_size]``,
     ``all_attention_<dataset>[_small]``."""
 
-    @classmethod
-    def build_model(cls, cfg: AdaptiveSpanConfig, task) -> "AdaptiveSpanLanguageModel":
-        return cls(AdaptiveSpanDecoder(cfg, task.target_dictionary))
+    decoder_class = AdaptiveSpanDecoder
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_enwik8_small")

@@ -197,9 +197,7 @@ class ComposedDecoder(StatefulDecoder):
 class ComposedLanguageModel(StatefulLanguageModel):
     """Per-layer compositions of the core; presets ``composed_<mechanisms>_<dataset|tiny>``."""
 
-    @classmethod
-    def build_model(cls, cfg: ComposedLMConfig, task) -> "ComposedLanguageModel":
-        return cls(ComposedDecoder(cfg, task.target_dictionary))
+    decoder_class = ComposedDecoder
 
 
 WT103 = dict(adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4)

@@ -317,9 +317,7 @@ class FastWeightDecoder(StatefulDecoder):
 class FastWeightLanguageModel(StatefulLanguageModel):
     """Fast weight programmer LM; see the module docstring. Presets: ``fast_weight_wiki103_<size>_<variant>``."""
 
-    @classmethod
-    def build_model(cls, cfg: FastWeightLMConfig, task) -> "FastWeightLanguageModel":
-        return cls(FastWeightDecoder(cfg, task.target_dictionary))
+    decoder_class = FastWeightDecoder
 
 
 WT103_CUTOFFS = "20000,40000,200000"

@@ -188,12 +188,14 @@ class SHARNNLanguageModel(StatefulLanguageModel):
     """SHA-RNN LM; see the module docstring. Presets: ``sha_rnn_enwik8``, ``sha_rnn_enwik8_full_attn``,
     ``sha_rnn_tiny``."""
 
+    decoder_class = SHARNNDecoder
+
     @classmethod
     def build_model(cls, cfg: SHARNNConfig, task) -> "SHARNNLanguageModel":
         """The model for ``task``; its segment length (the task's --tokens-per-sample, which fairseq-eval-lm may set
         apart from the checkpoint's) must fit the attention window as well (``check_memory_window``)."""
         check_memory_window(cfg.max_memory, safe_getattr(safe_getattr(task, "cfg", None), "tokens_per_sample", None))
-        return cls(SHARNNDecoder(cfg, task.target_dictionary))
+        return super().build_model(cfg, task)
 
 
 @register_model_architecture("sha_rnn_lm", "sha_rnn_enwik8")

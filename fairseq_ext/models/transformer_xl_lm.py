@@ -229,9 +229,7 @@ class TransformerXLDecoder(StatefulDecoder):
 class TransformerXLLanguageModel(StatefulLanguageModel):
     """Transformer-XL LM; see the module docstring. Presets: ``transformer_xl_<dataset>_<size>``."""
 
-    @classmethod
-    def build_model(cls, cfg: TransformerXLConfig, task) -> "TransformerXLLanguageModel":
-        return cls(TransformerXLDecoder(cfg, task.target_dictionary))
+    decoder_class = TransformerXLDecoder
 
 
 @register_model_architecture("transformer_xl_lm", "transformer_xl_wiki103_base")

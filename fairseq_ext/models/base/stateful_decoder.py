@@ -365,6 +365,12 @@ def reset_stream_state(model: nn.Module, stream: Optional[str] = None) -> int:
 class StatefulLanguageModel(FairseqLanguageModel):
     """Decoder-only model over a StatefulDecoder; rejects the sliding-window protocol at inference."""
 
+    decoder_class: type  # the model's StatefulDecoder subclass, built from (cfg, dictionary)
+
+    @classmethod
+    def build_model(cls, cfg: Any, task: Any) -> "StatefulLanguageModel":
+        return cls(cls.decoder_class(cfg, task.target_dictionary))
+
     def __init__(self, decoder: StatefulDecoder) -> None:
         if not isinstance(decoder, StatefulDecoder):
             raise TypeError(f"{type(self).__name__} needs a StatefulDecoder, got {type(decoder).__name__}")

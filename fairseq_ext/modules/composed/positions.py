@@ -99,15 +99,16 @@ class XLRelativePosition(PositionTerm):
         return q + self.content_bias[:, None, :], bias
 
 
+_BUILDERS = {
+    "none": lambda dim, heads, head_dim: PositionTerm(),
+    "sinusoidal": lambda dim, heads, head_dim: SinusoidalPosition(dim),
+    "descending": lambda dim, heads, head_dim: DescendingPosition(dim),
+    "alibi": lambda dim, heads, head_dim: AlibiPosition(heads),
+    "xl": XLRelativePosition,
+}
+
+
 def build_position(kind: str, embed_dim: int, num_heads: int, head_dim: int) -> PositionTerm:
-    if kind == "none":
-        return PositionTerm()
-    if kind == "sinusoidal":
-        return SinusoidalPosition(embed_dim)
-    if kind == "descending":
-        return DescendingPosition(embed_dim)
-    if kind == "alibi":
-        return AlibiPosition(num_heads)
-    if kind == "xl":
-        return XLRelativePosition(embed_dim, num_heads, head_dim)
-    raise ValueError(f"unknown position term {kind!r}; choose one of {POSITIONS}")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown position term {kind!r}; choose one of {POSITIONS}")
+    return _BUILDERS[kind](embed_dim, num_heads, head_dim)

@@ -51,9 +51,7 @@ class MemorySource(SegmentSource):
 
     def __init__(self, mem_len: int) -> None:
         super().__init__()
-        if mem_len < 1:
-            raise ValueError(f"the memory source needs --mem-len >= 1, got {mem_len}")
-        self.mem_len = mem_len
+        self.mem_len = _positive(mem_len, "memory")
 
     def close(self, state: Optional[HiddenCache]) -> Optional[HiddenCache]:
         return None if state is None else HiddenCache(state.hidden[:, -self.mem_len:])  # (B, M, C)
@@ -67,9 +65,7 @@ class WindowSource(nn.Module):
 
     def __init__(self, window: int) -> None:
         super().__init__()
-        if window < 1:
-            raise ValueError(f"the window source needs --mem-len >= 1 (the window W), got {window}")
-        self.max_distance = window
+        self.max_distance = _positive(window, "window")
 
     def read(self, x: Tensor, state: Optional[KVCache], project: Projection, keep: Optional[int] = None) -> Read:
         k, v = project(x)  # (B, H, T, D)
@@ -91,11 +87,16 @@ class WindowSource(nn.Module):
         return f"window={self.max_distance}"
 
 
+def _positive(length: int, kind: str) -> int:
+    if length < 1:
+        raise ValueError(f"the {kind} source needs --mem-len >= 1 (its length), got {length}")
+    return length
+
+
+_BUILDERS = {"segment": lambda mem_len: SegmentSource(), "memory": MemorySource, "window": WindowSource}
+
+
 def build_source(kind: str, mem_len: int) -> nn.Module:
-    if kind == "segment":
-        return SegmentSource()
-    if kind == "memory":
-        return MemorySource(mem_len)
-    if kind == "window":
-        return WindowSource(mem_len)
-    raise ValueError(f"unknown key/value source {kind!r}; choose one of {SOURCES}")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown key/value source {kind!r}; choose one of {SOURCES}")
+    return _BUILDERS[kind](mem_len)

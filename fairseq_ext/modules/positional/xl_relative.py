@@ -14,25 +14,24 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
+
 
 class XLRelativePositions(nn.Module):
-    """Sinusoid over descending distances; no parameters (``inv_freq`` is a non-persistent buffer)."""
+    """Sinusoid over descending distances; no parameters (the sinusoid's ``inv_freq`` is a non-persistent buffer)."""
 
     def __init__(self, embed_dim: int) -> None:
         super().__init__()
-        if embed_dim % 2:
-            raise ValueError(f"sinusoidal relative encodings need an even model dim, got {embed_dim}")
+        self.sinusoid = DescendingSinusoid(embed_dim)  # the same [sin | cos] blocks over distances; C must be even
         self.embed_dim = embed_dim
-        inv_freq = 1.0 / (10000 ** (torch.arange(0.0, embed_dim, 2.0, dtype=torch.float64) / embed_dim))  # (C/2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, klen: int, clamp_len: Optional[int] = None, dtype: torch.dtype = torch.float32,
                 device: Union[str, torch.device, None] = None) -> Tensor:
         """Encodings of distances klen-1, ..., 0 -> (S, C); ``clamp_len`` > 0 caps the distances."""
-        acc = torch.promote_types(dtype, torch.float32)  # sinusoid in fp32 at least, cast at the end
-        inv_freq = self.inv_freq.to(device=device, dtype=acc)
-        distance = torch.arange(klen - 1, -1, -1.0, device=inv_freq.device, dtype=acc)  # (S,) descending
-        if clamp_len is not None and clamp_len > 0:
-            distance = distance.clamp(max=clamp_len)
-        angles = distance[:, None] * inv_freq[None, :]  # (S, C/2)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)  # (S, C)
+        device = self.inv_freq.device if device is None else device
+        return self.sinusoid(descending_indices(klen, device=device), clamp_len, dtype)  # (S, C)
+
+    @property
+    def inv_freq(self) -> Tensor:
+        """(C/2,) fp64 frequencies f_k = 1 / 10000^(2k / C)."""
+        return self.sinusoid.inv_freq
