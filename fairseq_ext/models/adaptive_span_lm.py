@@ -21,6 +21,12 @@ State: ``HiddenMemory`` with one (B, C_l, H) cache of layer inputs per layer (§
 shorter than the window) reads as zeros, exactly the original's zero-initialised cache (zero inputs give zero keys
 and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
 where segments start, so streaming with any segment length and incremental decoding (generation) agree.
+
+Pieces, in the order the forward pass uses them: embedding or ``modules/adaptive/adaptive_input.py``,
+``modules/blocks/adaptive_span_layer.py`` -> ``modules/attention/adaptive_span_self_attention.py`` (with
+``modules/attention/adaptive_span_mask.py``) -> ``ops/adaptive_span/`` (mask.py, skew.py, naive.py), the output
+Linear or ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``); state HiddenMemory held by
+``models/base``.
 """
 
 import math

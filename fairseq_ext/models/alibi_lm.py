@@ -6,6 +6,12 @@ names are fairseq's own (``TransformerDecoder``), so the ALiBi fork's ``transfor
 after ``scripts/convert_alibi_checkpoint.py``. Unlike the fork, the bias is built per forward from the current
 query/key lengths (any evaluation length, any batch size, no ``--model-overrides``), in the relative form in fp32,
 and it is applied in incremental decoding too (``fairseq-generate`` / sampling).
+
+Pieces, in the order the forward pass uses them: fairseq's ``TransformerDecoder`` (embeddings, layers, norms,
+adaptive input/softmax) with each layer's attention replaced by ``AlibiMultiheadAttention`` (this file) around
+``modules/attention/alibi_self_attention.py`` (pure, ``KVCache`` while generating), the slopes in
+``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py, chunked.py,
+flex.py). ALiBi over Transformer-XL memory or a key/value window is ``composed_lm`` (docs/composed.md).
 """
 
 from dataclasses import dataclass, field

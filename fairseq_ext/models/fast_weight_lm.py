@@ -22,6 +22,13 @@ State (docs/design.md, "Fast weights"):
   (fast weights, or a ``KVCache`` for softmax inside the current segment) and the offset j in the segment; the
   token at offset j gets position T - 1 - j; at every T boundary carry-over models keep their fast weights and
   the others reset, as the streaming pass does. A prompt runs through the chunked form.
+
+Pieces, in the order the forward pass uses them: ``modules/adaptive/adaptive_input.py``,
+``modules/positional/descending_sinusoid.py``, ``modules/blocks/fast_weight_layer.py`` ->
+``modules/attention/fast_weight_self_attention.py`` (``modules/feature_maps/``: elu, favor, dpfp) ->
+``ops/fast_weights/`` (recurrent.py, chunked.py), or ``modules/attention/softmax_self_attention.py`` for the softmax
+baseline; ``modules/blocks/feed_forward.py``, ``modules/adaptive/projected_adaptive_softmax.py``; initialisation
+``modules/init.py``; state ``fairseq_ext/state.py`` (FastWeightState, LayerStates, DecoderState).
 """
 
 from dataclasses import dataclass, field

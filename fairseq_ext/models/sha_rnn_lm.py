@@ -20,6 +20,10 @@ evaluation) is refused (``check_memory_window``): no memory would survive the tr
 ``max_memory`` keys. Incremental decoding (``forward_incremental``) therefore reproduces the
 streaming pass over segments of ``tokens_per_sample`` tokens exactly: the memory is trimmed for a segment of
 ``tokens_per_sample`` tokens whenever a new segment starts (``pending`` = 0) and grows untrimmed inside it.
+
+Pieces, in the order the forward pass uses them: the embedding, ``modules/blocks/sha_rnn_block.py`` (LSTM, Boom)
+-> ``modules/attention/single_head_attention.py``, the tied output with ``modules/dead_rows.py``; state
+SHARNNBlockState (in the block module) in ``LayerStates``, held by ``models/base``.
 """
 import math
 from dataclasses import dataclass, field

@@ -14,6 +14,12 @@ segment); incremental decoding (generation) appends token by token and cuts at t
 every ``tokens_per_sample`` tokens, so its per-token logits equal the streaming pass over segments of that
 length. ``mem_len``, ``clamp_len``, ``same_length`` and ``tokens_per_sample`` can all be changed at evaluation
 with ``--model-overrides`` (the segment length of streaming evaluation is the task's ``--tokens-per-sample``).
+
+Pieces, in the order the forward pass uses them: ``modules/adaptive/adaptive_input.py`` (XLAdaptiveInput),
+``modules/positional/xl_relative.py`` (R), ``modules/blocks/transformer_xl_layer.py`` ->
+``modules/attention/xl_relative_self_attention.py`` -> ``ops/xl_relative/`` (mask.py, shift.py, naive.py, fused.py),
+``modules/blocks/feed_forward.py``, ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``);
+initialisation ``modules/init.py``; state ``fairseq_ext/state.py`` (HiddenMemory) held by ``models/base``.
 """
 
 from dataclasses import dataclass, field
