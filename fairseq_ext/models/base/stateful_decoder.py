@@ -14,10 +14,15 @@ and ``output_layer``. The base decides which state a call continues from:
   is one row slice of a batch (``streaming_lm --batch-split``): it continues rows [start, stop) of the stream's
   state, and the slices' new states are joined back in row order once the last slice has run.
 
-The task owns the boundaries and calls ``reset_stream_state(model, stream)`` (epoch start, validation start).
-State is carried into a second batch only after ``attach_streams`` (the streaming task declares that its batches
-continue the same streams). The "train" stream is part of the model's state dict (``_extra_state``) and is
-continued by ``resume_train_stream`` when a run resumes exactly where it was saved.
+The task owns the boundaries. What it calls, and nothing else:
+
+* ``attach_streams(source)``: its batches continue the same streams (until then carrying a state into a second
+  batch is an error);
+* ``reset_stream_state(model, stream)``: forget "train" at an epoch start, "eval" at a validation start;
+* ``stream_rows(start, stop, batch_size)``: run one row slice of a batch (``--batch-split``);
+* the saved "train" stream (``train_stream.SavedTrainStream``, exact resume): ``gather_train_stream(group)``
+  before a save, then on resume ``has_saved_train_stream``, ``resume_train_stream(segment)`` or
+  ``discard_saved_train_stream(reason)``.
 """
 from __future__ import annotations
 
@@ -29,10 +34,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from omegaconf import DictConfig
-import torch
 from torch import Tensor, nn
 
-from fairseq_ext.state import SegmentState, cat_states, state_from_plain, state_to_plain
+from fairseq_ext.models.base.train_stream import SavedTrainStream
+from fairseq_ext.state import SegmentState, cat_states
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class _RowSplit:
     next_row: int = 0
 
 
-class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
+class StatefulDecoder(SavedTrainStream, FairseqIncrementalDecoder, abc.ABC):
     """Decoder base that carries a ``SegmentState`` from one call to the next (see the module docstring)."""
 
     def __init__(self, dictionary) -> None:
@@ -214,85 +219,6 @@ class StatefulDecoder(FairseqIncrementalDecoder, abc.ABC):
         finally:
             self._rows = None
 
-    # -- the training stream in checkpoints (exact resume) ----------------------------------------------------------
-    def gather_train_stream(self, group: Any) -> None:
-        """Collect every data-parallel rank's "train" stream on rank 0 of ``group`` for the next checkpoint.
-        A collective: every rank of ``group`` calls it (``streaming_lm.gather_for_checkpoint``, before a save)."""
-        import torch.distributed as dist
-
-        plain = self._train_plain("cpu")
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
-        dist.gather_object(plain, gathered, dst=dist.get_global_rank(group, 0), group=group)
-        self._gathered_train = gathered  # None on the other ranks
-
-    def get_extra_state(self) -> Dict[str, Any]:
-        """Saved in the model's state dict (key ``<prefix>_extra_state``): the "train" stream and how many training
-        segments produced it, as plain tensors/dicts (weights-only loadable). With several data-parallel workers,
-        "train" is rank 0's stream and "other_ranks" the others' (from ``gather_train_stream``; without a fresh
-        gather, e.g. in ``crash.pt``, no stream is saved). A stream holding NaN/inf is not saved."""
-        world = _world_size()
-        streams: Optional[List[Any]] = [self._train_plain()]
-        if world > 1:
-            streams = self._gathered_train
-        if streams is not None and not all(_finite(plain) for plain in streams):
-            logger.warning("%s: the training streams hold NaN/inf; the checkpoint saves none (a resumed run starts "
-                           "them cold)", type(self).__name__)
-            streams = None
-        return {"train": streams[0] if streams else None, "other_ranks": streams[1:] if streams else None,
-                "train_segments": self._train_segments, "world_size": world}
-
-    def _train_plain(self, device: Optional[str] = None) -> Any:
-        """The "train" stream as plain dicts of contiguous tensors (on ``device``, if given), or None."""
-        state = self._streams["train"]
-        if state is None:
-            return None
-        return state_to_plain((state if device is None else state.to(device)).contiguous())
-
-    def set_extra_state(self, extra: Optional[Dict[str, Any]]) -> None:
-        """Keep a checkpoint's train stream until ``resume_train_stream`` knows where training resumes."""
-        self._pending_train = extra if extra and extra.get("train") is not None else None
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        state_dict.setdefault(prefix + "_extra_state", None)  # converted/older checkpoints carry no stream
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @property
-    def has_saved_train_stream(self) -> bool:
-        """A loaded checkpoint's training streams wait for ``resume_train_stream``."""
-        return self._pending_train is not None
-
-    def resume_train_stream(self, segment: int) -> bool:
-        """Called before a training step on segment ``segment`` of the streams, once the task has checked that the
-        step continues the saved streams where they ended: continue this rank's saved stream if the checkpoint has
-        it (same number of workers, every rank's stream saved) and it ends exactly before ``segment``."""
-        pending, self._pending_train = self._pending_train, None
-        if pending is None:
-            return False
-        saved_world, world, rank = pending.get("world_size", 1), _world_size(), _rank()
-        others = pending.get("other_ranks") or []
-        reason = None
-        if saved_world != world:
-            reason = f"the checkpoint holds the streams of {saved_world} worker(s), this run has {world}"
-        elif len(others) != world - 1:
-            reason = "the checkpoint holds only rank 0's stream (written without gathering every worker's)"
-        elif segment != pending["train_segments"]:
-            reason = f"training resumes at segment {segment}, the saved stream ends before {pending['train_segments']}"
-        if reason is not None:
-            self.discard_saved_train_stream(reason)
-            return False
-        plain = pending["train"] if rank == 0 else others[rank - 1]
-        device = next(self.parameters()).device
-        self._streams["train"] = None if plain is None else state_from_plain(plain).to(device)
-        self._train_segments = segment
-        logger.info("%s: resumed the training streams' state at segment %d", type(self).__name__, segment)
-        return True
-
-    def discard_saved_train_stream(self, reason: str) -> None:
-        """Forget a loaded checkpoint's train stream: training starts the streams cold (logged with ``reason``)."""
-        self._pending_train = None
-        logger.info("%s: training streams start cold: %s", type(self).__name__, reason)
-
     def stream_state(self, stream: str) -> Optional[SegmentState]:
         """The state the next call on ``stream`` ("train" / "eval") continues from (None: cold start)."""
         return self._streams[_check_stream(stream)]
@@ -324,27 +250,6 @@ def segment_pieces(num_tokens: int, offset: int, segment_length: Optional[int]) 
         pieces.append((start, stop, offset == 0))
         start = stop
     return pieces
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
-        torch.distributed.is_initialized() else 1
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and \
-        torch.distributed.is_initialized() else 0
-
-
-def _finite(plain: Any) -> bool:
-    """Whether every floating-point tensor inside a plain state (nested dicts/lists/tuples) is finite."""
-    if isinstance(plain, Tensor):
-        return not plain.is_floating_point() or bool(torch.isfinite(plain).all())
-    if isinstance(plain, dict):
-        return all(_finite(value) for value in plain.values())
-    if isinstance(plain, (list, tuple)):
-        return all(_finite(value) for value in plain)
-    return True
 
 
 def _check_stream(stream: str) -> str:
