@@ -47,6 +47,7 @@ from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream
                       random_lm_samples, run_header, run_worker, write_dictionary)
 import fairseq_ext  # noqa: E402,F401  (registers sha_rnn_lm, streaming_lm, lm_loss, lamb_torch)
 from fairseq import optim, tasks, utils  # noqa: E402
+from fairseq_ext.models.sha_rnn_lm import SHARNNConfig  # noqa: E402
 
 TABLES = ("presets", "memory")
 PRESETS = ("sha_rnn_tiny", "sha_rnn_enwik8", "sha_rnn_enwik8_full_attn")
@@ -117,12 +118,23 @@ def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
 # ====================================================================================================================
 
 def fairseq_flags(opts: Namespace, preset: str, memory: Optional[int], data_dir: str) -> List[str]:
-    """fairseq-train flags of one row (memory None: the preset's max_memory)."""
+    """fairseq-train flags of one row (memory None: the preset's max_memory, raised to T when shorter)."""
     flags = [data_dir, "--task", "streaming_lm", "--tokens-per-sample", str(opts.tgt_len), "--batch-size",
              str(opts.batch_size), "--arch", preset, "--criterion", "lm_loss", "--optimizer", "lamb_torch",
              "--lr", str(LR), "--min-trust", str(MIN_TRUST), "--trust-denominator", "update_norm",
              "--weight-decay", str(WEIGHT_DECAY), "--clip-norm", str(CLIP_NORM), "--seed", str(opts.seed)]
+    if memory is None and preset_max_memory(preset) < opts.tgt_len:
+        memory = opts.tgt_len  # the model refuses a window shorter than a segment (sha_rnn_tiny's 40 < T = 256)
     return flags + (["--max-memory", str(memory)] if memory is not None else [])
+
+
+def preset_max_memory(preset: str) -> int:
+    """The preset's max_memory W (its arch function applied to empty args)."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    args = Namespace()
+    ARCH_CONFIG_REGISTRY[preset](args)
+    return int(getattr(args, "max_memory", SHARNNConfig.max_memory))
 
 
 def make_trainee(opts: Namespace, preset: str, memory: Optional[int]) -> StreamTrainer:

@@ -56,3 +56,13 @@ def test_bad_arguments_are_rejected(bench):
         bench.parse_bench_args(["--presets", "nope"])
     with pytest.raises(SystemExit):
         bench.parse_bench_args(["--quick", "--memories", "0"])
+
+
+def test_a_preset_window_shorter_than_the_segment_is_raised_to_it(bench):
+    """The default run's sha_rnn_tiny row (W = 40) at T = 256: the model refuses W < T, so the row uses W = T."""
+    from argparse import Namespace
+
+    opts = Namespace(tgt_len=256, batch_size=1, seed=1)
+    flags = bench.fairseq_flags(opts, "sha_rnn_tiny", None, "/data")
+    assert flags[-2:] == ["--max-memory", "256"]
+    assert "--max-memory" not in bench.fairseq_flags(opts, "sha_rnn_enwik8", None, "/data")  # W 5000 >= T
