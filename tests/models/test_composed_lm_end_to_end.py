@@ -12,8 +12,8 @@ import torch
 from fairseq import checkpoint_utils
 
 from fairseq_ext.models.composed_lm import ComposedLanguageModel
-from tests.harness import (USER_DIR, fairseq_eval_lm, fairseq_preprocess, fairseq_train, random_corpus,
-                           split_token_count, streaming_eval_lm)
+from tests.harness import (USER_DIR, fairseq_eval_lm, fairseq_train, generated_data_dir, split_token_count,
+                           streaming_eval_lm)
 
 pytestmark = pytest.mark.slow
 PRESETS = ["composed_alibi_memory_tiny", "composed_delta_persistent_tiny", "composed_span_xl_tiny",
@@ -22,10 +22,7 @@ PRESETS = ["composed_alibi_memory_tiny", "composed_delta_persistent_tiny", "comp
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("composed-raw")
-    return fairseq_preprocess(str(tmp_path_factory.mktemp("composed-bin")),
-                              trainpref=random_corpus(os.path.join(raw, "train.txt"), 100, seed=40),
-                              validpref=random_corpus(os.path.join(raw, "valid.txt"), 40, seed=41))
+    return generated_data_dir(tmp_path_factory, 100, 40)
 
 
 def train(data, save_dir, arch, *extra, task="streaming_lm"):
