@@ -15,6 +15,7 @@ Weights (spec §1.2; original name -> ``decoder.layers.{i}.``...):
   ``self_attn.{q,k,v}_proj`` (H d, C) head-major and ``self_attn.beta_proj`` (H, C);
 * ``dec_attn.qkv_net`` (34/35) [H 3d, C] viewed (H, 3d, C), per head [q | k | v];
 * ``dec_attn.q_net`` / ``dec_attn.kv_net`` (2/4/5/6): q as is, kv's first half K, second half V (head-major);
+  the softmax baseline (2) stores them as one ``self_attn.qkv_proj`` (3 H d, C), rows [q ; k ; v];
 * ``o_net`` -> ``out_proj``; ``dec_attn.layer_norm`` / ``pos_ff.*`` as in the Transformer-XL converter;
 * Performer (5/25/35/45): Omega is the plain attribute ``proj_matrix`` (d, m) of every attention module, used as
   u = x Omega (§1.3), not in the state dict -> the persistent buffer ``self_attn.feature_map.omega`` (d, m), same
@@ -108,7 +109,10 @@ def convert_weights(src: LmtoolSource, mapping: VocabMapping, dead_bias: float,
         else:
             q = r.get(src_p + "dec_attn.q_net.weight", (h * d, c))
             k, v = (part.clone() for part in r.get(src_p + "dec_attn.kv_net.weight", (2 * h * d, c)).chunk(2, dim=0))
-        out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
+        if feature_map == "softmax":  # the core's softmax mixer: one qkv_proj, rows [W_q ; W_k ; W_v]
+            out[attn + "qkv_proj.weight"] = torch.cat([q, k, v], dim=0)  # (3 H d, C)
+        else:
+            out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
         o_net = r.get(src_p + "dec_attn.o_net.weight", (c, h * d))
         out[attn + "out_proj.weight"] = o_net
         if feature_map == "performer":

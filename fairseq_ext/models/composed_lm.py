@@ -3,29 +3,22 @@ a mixer (softmax, softmax with an adaptive span, sum- or delta-rule fast weights
 position term (none, ALiBi, Transformer-XL's) and a key/value source (the segment, Transformer-XL's hidden-state
 memory, a key/value window; ``+persistent`` learned slots or a learned initial fast-weight state).
 
-    x = Drop(E[tokens] · sqrt(C) + P_abs)            (adaptive input; --input-position none|sinusoidal|descending)
-    x, state_l = Block_l(x, state_l)   for l = 1..N  (modules/composed/block.py; pre-LN by default)
-    logits = AdaptiveLogSoftmax(Drop(LN(x)))         (tied to the input; no cutoffs = a full softmax)
-
-State: one ``DecoderState`` (per-layer states and the offset into the current segment). A streaming call is one
-whole segment: every layer's state is closed at its end (memory cut to M, segment caches dropped, fast weights kept
-only when carried). Incremental decoding cuts its tokens at the same segment boundaries (``segment_pieces``), so its
-log-probabilities equal the streaming pass over segments of ``tokens_per_sample``.
+The forward pass and the state are ``CoreDecoder``'s (``models/base/core_decoder.py``): adaptive input (+ absolute
+positions) -> the composed blocks (``modules/composed/block.py``; pre-LN by default) -> LN -> adaptive softmax, one
+``DecoderState`` cut at the streaming pass's segment boundaries.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from omegaconf import II
-from torch import Tensor, nn
+from torch import nn
 
 from fairseq_ext.errors import ConfigError
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
+from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
-from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs
 from fairseq_ext.modules.composed import (ABSOLUTE, ComposedBlock, MixerSizes, build_mixer, build_position,
@@ -34,9 +27,7 @@ from fairseq_ext.modules.feature_maps import KINDS as FEATURE_MAPS
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.ops.biased_attention import IMPLS as ATTN_IMPLS
 from fairseq_ext.ops.fast_weights import IMPLS as FW_IMPLS
-from fairseq_ext.state import DecoderState
 
-MAX_POSITIONS = 1_000_000  # no learned positions: fairseq uses this only for filtering
 INPUT_POSITIONS = ("none", *ABSOLUTE)
 FW_NORMALIZE = ("auto", "none", "output")  # "full" needs a fresh stream's first key, which W_0 does not have
 
@@ -99,11 +90,10 @@ def mixer_sizes(cfg: ComposedLMConfig) -> MixerSizes:
                       cfg.fwp_chunk_size, str(cfg.attn_impl), str(cfg.fwp_impl))
 
 
-class ComposedDecoder(StatefulDecoder):
-    """Adaptive input (+ absolute positions) -> dropout -> ComposedBlocks -> (LN) -> dropout -> adaptive softmax."""
+class ComposedDecoder(CoreDecoder):
+    """The composable core's decoder (``models/base/core_decoder.py``) over the per-layer patterns of the config."""
 
     def __init__(self, cfg: ComposedLMConfig, dictionary) -> None:
-        super().__init__(dictionary)
         specs = parse_layout(cfg.mixer, cfg.position, cfg.source, cfg.decoder_layers)
         if cfg.mem_len < 0:
             raise ConfigError(f"--mem-len must be >= 0, got {cfg.mem_len}")
@@ -112,85 +102,19 @@ class ComposedDecoder(StatefulDecoder):
         sizes = mixer_sizes(cfg)
         vocab, dim = len(dictionary), cfg.decoder_embed_dim
         cutoffs = check_cutoffs(cfg.adaptive_softmax_cutoff, vocab)
+        embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)  # x sqrt(C)
+        super().__init__(
+            dictionary, embed_tokens,
+            input_position=build_position(str(cfg.input_position), dim, sizes.num_heads, sizes.head_dim),
+            layers=[ComposedBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropout, not cfg.decoder_post_norm,
+                                  build_mixer(spec, sizes)) for spec in specs],
+            layer_norm=None if cfg.decoder_post_norm else nn.LayerNorm(dim),
+            adaptive_softmax=ProjectedAdaptiveLogSoftmax(
+                vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=embed_tokens,
+                tie_projs=[False] + [True] * len(cutoffs), bias_per_cluster=cfg.adaptive_softmax_factor > 1),
+            dropout=cfg.dropout, tokens_per_sample=cfg.tokens_per_sample)
         self.specs = specs
-        self.dropout = cfg.dropout
-        self.tokens_per_sample = cfg.tokens_per_sample
-        self.embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)  # x sqrt(C)
-        self.input_position = build_position(str(cfg.input_position), dim, sizes.num_heads, sizes.head_dim)
-        self.layers = nn.ModuleList(
-            ComposedBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropout, not cfg.decoder_post_norm,
-                          build_mixer(spec, sizes)) for spec in specs)
-        self.layer_norm = None if cfg.decoder_post_norm else nn.LayerNorm(dim)
-        self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
-            vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=self.embed_tokens,
-            tie_projs=[False] + [True] * len(cutoffs), bias_per_cluster=cfg.adaptive_softmax_factor > 1)
         xl_weights_init(self, cfg.init_std, cfg.proj_init_std, normal_leaves=("content_bias", "position_bias"))
-
-    @property
-    def carries_state(self) -> bool:
-        """Whether any layer carries something from one segment to the next (else the model is stateless)."""
-        return any(spec.source in ("memory", "window") for spec in self.specs)
-
-    def max_positions(self) -> int:
-        return MAX_POSITIONS
-
-    def output_layer(self, features: Tensor) -> Tensor:
-        """Features unchanged: the adaptive softmax (``get_normalized_probs``, ``lm_loss``) reads them."""
-        return features
-
-    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """One whole segment (streaming): tokens (B, T) -> features (B, T, C) and the closed state (None when
-        nothing is carried). Absolute positions run over each row's real (non-pad) tokens."""
-        if state is not None and state.offset:
-            raise ValueError(f"a streaming call starts a segment, but the state is {state.offset} tokens into one")
-        lengths = tokens.ne(self.dictionary.pad()).sum(1, keepdim=True)  # (B, 1)
-        features, layer_states = self._forward(tokens, self._layer_states(state), 0, lengths)
-        return features, self._closed(layer_states), {}
-
-    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """New tokens (B, T_new) of generation, cut at the streaming pass's segment boundaries."""
-        offset = state.offset if state is not None else 0
-        layer_states = self._layer_states(state)
-        outputs: List[Tensor] = []
-        seg_len = torch.full((1, 1), self.tokens_per_sample or 0, device=tokens.device)
-        for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
-            features, layer_states = self._forward(tokens[:, start:stop], layer_states, offset, seg_len)
-            outputs.append(features)
-            offset = 0 if closes else offset + stop - start
-            if closes:
-                closed = self._closed(layer_states)
-                layer_states = self._layer_states(closed)
-        return torch.cat(outputs, dim=1), DecoderState(layer_states, offset), {}
-
-    def _layer_states(self, state: Optional[DecoderState]) -> Tuple[Optional[object], ...]:
-        if state is None:
-            return (None,) * len(self.layers)
-        if len(state.layers) != len(self.layers):
-            raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.layers)}")
-        return state.layers
-
-    def _closed(self, layer_states: Tuple[Optional[object], ...]) -> Optional[DecoderState]:
-        """The state the next segment starts from (None when no layer carries anything)."""
-        closed = tuple(layer.close(s) for layer, s in zip(self.layers, layer_states))
-        return None if all(s is None for s in closed) else DecoderState(closed, 0)
-
-    def _forward(self, tokens: Tensor, layer_states: Tuple[Optional[object], ...], offset: int,
-                 lengths: Tensor) -> Tuple[Tensor, Tuple[Optional[object], ...]]:
-        """tokens (B, T) starting ``offset`` tokens into segments of ``lengths`` (B|1, 1) -> (features (B, T, C),
-        the layers' open states)."""
-        x = self.embed_tokens(tokens)  # (B, T, C) scaled by sqrt(C)
-        position = offset + torch.arange(tokens.size(1), device=tokens.device)[None]  # (1, T)
-        absolute = self.input_position.embed(position, lengths, x.dtype)  # (B|1, T, C) or None
-        if absolute is not None:
-            x = x + absolute
-        x = F.dropout(x, self.dropout, self.training)
-        new_states = []
-        for layer, layer_state in zip(self.layers, layer_states):
-            x, layer_state = layer(x, layer_state)  # (B, T, C)
-            new_states.append(layer_state)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        return F.dropout(x, self.dropout, self.training), tuple(new_states)
 
 
 @register_model("composed_lm", dataclass=ComposedLMConfig)

@@ -1,58 +1,59 @@
 """``fast_weight_lm``: linear Transformers as fast weight programmers (Schlag, Irie, Schmidhuber 2021, arXiv 2102.11174;
 the LM toolkit IDSIA/lmtool-fwms; spec fast_weights.md) as a fairseq language model.
 
-Architecture (lmtool, Transformer-XL's code base, spec §1.2, §1.6, §2): adaptive input ×sqrt(d_model) (+ absolute
-sinusoid over DESCENDING indices unless ``no_pos``) -> dropout -> post-LN layers (``FastWeightLayer``: attention +
-ReLU FFN) -> dropout -> Transformer-XL projected adaptive log-softmax (one cluster = full softmax), tied to the
-input embedding. Attention: ``attn_type`` softmax | linear (ELU+1) | performer (FAVOR+) | dpfp (DPFP-nu) x
-``update_rule`` sum (Eq. 6-7) | delta (Eq. 15-17, phi sum-normalised, beta = sigmoid per head) x ``fwp_normalize``
-none | output | full (§1.5; ``auto`` = output for sum, none for delta). lmtool's integer ``--attn_type`` codes are
-accepted as ``lmtool_attn_type`` aliases with lmtool's CLI semantics (``skip_attn_normalization``), see
-``resolve_attention``. Initialisation is Transformer-XL's ``weights_init``.
+Architecture (lmtool, Transformer-XL's code base, spec §1.2, §1.6, §2), on the composable core's decoder
+(``CoreDecoder``): adaptive input ×sqrt(d_model) (+ absolute sinusoid over DESCENDING indices unless ``no_pos``)
+-> dropout -> post-LN blocks (attention + ReLU FFN) -> dropout -> Transformer-XL projected adaptive log-softmax
+(one cluster = full softmax), tied to the input embedding. Attention: ``attn_type`` softmax | linear (ELU+1) |
+performer (FAVOR+) | dpfp (DPFP-nu) x ``update_rule`` sum (Eq. 6-7) | delta (Eq. 15-17, phi sum-normalised, beta =
+sigmoid per head) x ``fwp_normalize`` none | output | full (§1.5; ``auto`` = output for sum, none for delta).
+lmtool's integer ``--attn_type`` codes are accepted as ``lmtool_attn_type`` aliases with lmtool's CLI semantics
+(``skip_attn_normalization``), see ``resolve_attention``. Initialisation is Transformer-XL's ``weights_init``.
 
-State (docs/design.md, "Fast weights"):
+State (docs/design.md, "Fast weights"): one ``DecoderState``.
 
 * streaming (``forward_segment``: training, validation, ``fairseq-eval-lm``): without ``carry_over_fast_weight``
   every call starts from zero fast weights and returns None (the model is stateless and runs under fairseq's
   ``language_modeling`` task, ``--context-window`` included: the paper's sliding window); with it, the call returns
-  the per-layer ``FastWeightState`` (``LayerStates``) and ``streaming_lm`` carries it (truncated BPTT, §1.7).
-  Positions of a call of n tokens run n - 1 .. 0.
+  the per-layer ``FastWeightState``s and ``streaming_lm`` carries them (truncated BPTT, §1.7). Positions of a call
+  run n_b - 1 .. 0 over each row's n_b real tokens.
 * incremental decoding (``forward_incremental``) reproduces the streaming pass over segments of
-  ``tokens_per_sample`` T with O(1) work and state per token: ``DecoderState`` holds the per-layer states
-  (fast weights, or a ``KVCache`` for softmax inside the current segment) and the offset j in the segment; the
-  token at offset j gets position T - 1 - j; at every T boundary carry-over models keep their fast weights and
-  the others reset, as the streaming pass does. A prompt runs through the chunked form.
+  ``tokens_per_sample`` T with O(1) work and state per token for fast weights (softmax layers cache the segment's
+  inputs); the token at offset j of a segment gets position T - 1 - j; at every T boundary carry-over models keep
+  their fast weights and the others reset, as the streaming pass does. A prompt runs through the chunked form.
 
-Pieces, in the order the forward pass uses them: ``modules/adaptive/adaptive_input.py``,
-``modules/positional/descending_sinusoid.py``, ``modules/blocks/fast_weight_layer.py`` ->
+Pieces, in the order the forward pass uses them: ``models/base/core_decoder.py`` (the loop and the state),
+``modules/adaptive/adaptive_input.py``, ``modules/composed/positions.py`` (``DescendingPosition`` over
+``modules/positional/descending_sinusoid.py``), ``modules/composed/block.py`` (post-LN) ->
+``modules/composed/recurrent_mixers.py`` (``FastWeightMixer``: carry-over) ->
 ``modules/attention/fast_weight_self_attention.py`` (``modules/feature_maps/``: elu, favor, dpfp) ->
-``ops/fast_weights/`` (recurrent.py, chunked.py), or ``modules/attention/softmax_self_attention.py`` for the softmax
-baseline; ``modules/blocks/feed_forward.py``, ``modules/adaptive/projected_adaptive_softmax.py``; initialisation
-``modules/init.py``; state ``fairseq_ext/state.py`` (FastWeightState, LayerStates, DecoderState).
+``ops/fast_weights/`` (recurrent.py, chunked.py), or for the softmax baseline ``modules/composed/softmax_mixer.py``
+(no position term, source ``segment``) -> ``ops/biased_attention/``; ``modules/blocks/feed_forward.py``,
+``modules/adaptive/projected_adaptive_softmax.py``; initialisation ``modules/init.py``; state
+``fairseq_ext/state.py`` (FastWeightState, HiddenCache, DecoderState).
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from omegaconf import II
-from torch import Tensor, nn
+from torch import nn
 
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
+from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
-from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
-from fairseq_ext.modules.blocks.fast_weight_layer import FastWeightLayer
+from fairseq_ext.modules.composed.block import ComposedBlock
+from fairseq_ext.modules.composed.positions import DescendingPosition, PositionTerm
+from fairseq_ext.modules.composed.recurrent_mixers import FastWeightMixer
+from fairseq_ext.modules.composed.softmax_mixer import SoftmaxMixer
+from fairseq_ext.modules.composed.sources import SegmentSource
 from fairseq_ext.modules.init import xl_weights_init
-from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
-from fairseq_ext.state import DecoderState, FastWeightState, LayerStates, SegmentState
 
-# Sinusoidal positions put no bound on the length; fairseq only uses this for filtering.
-MAX_POSITIONS = 1_000_000
 ATTN_TYPES = ("softmax", "linear", "performer", "dpfp")
 UPDATE_RULES = ("sum", "delta")
 FWP_NORMALIZE = ("auto", "none", "output", "full")
@@ -209,34 +210,31 @@ def validate_config(cfg: FastWeightLMConfig, vocab_size: int) -> Tuple[str, str,
     return attn_type, rule, normalize
 
 
-class FastWeightDecoder(StatefulDecoder):
-    """Adaptive input (+ descending sinusoid) -> dropout -> FastWeightLayers -> dropout -> adaptive softmax."""
+class FastWeightDecoder(CoreDecoder):
+    """Adaptive input (+ descending sinusoid) -> dropout -> post-LN blocks -> dropout -> adaptive softmax: the
+    composable core (``models/base/core_decoder.py``) with lmtool's pieces."""
 
     def __init__(self, cfg: FastWeightLMConfig, dictionary) -> None:
-        super().__init__(dictionary)
         attn_type, rule, normalize = validate_config(cfg, len(dictionary))
         vocab, dim, heads = len(dictionary), cfg.decoder_embed_dim, cfg.decoder_attention_heads
         head_dim = cfg.decoder_attention_head_dim or dim // heads
         cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
+        embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)  # x sqrt(C)
+        tied = not cfg.untie_adaptive_weights
+        super().__init__(
+            dictionary, embed_tokens,
+            input_position=PositionTerm() if cfg.no_pos else DescendingPosition(dim, cfg.clamp_len),
+            layers=[ComposedBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropout, False,
+                                  _mixer(cfg, attn_type, rule, normalize, head_dim))
+                    for _ in range(cfg.decoder_layers)],
+            layer_norm=None,  # post-LN: the last block ends in a LayerNorm
+            adaptive_softmax=ProjectedAdaptiveLogSoftmax(
+                vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=embed_tokens if tied else None,
+                tie_projs=[False] + [tied] * len(cutoffs),
+                bias_per_cluster=cfg.adaptive_softmax_factor > 1),  # lmtool's Linear per cluster when div_val > 1
+            dropout=cfg.dropout, tokens_per_sample=cfg.tokens_per_sample)
         self.attn_type, self.update_rule, self.fwp_normalize = attn_type, rule, normalize
         self.embed_dim = dim
-        self.dropout = cfg.dropout
-        self.clamp_len = cfg.clamp_len
-        self.carry_over = cfg.carry_over_fast_weight
-        self.tokens_per_sample = cfg.tokens_per_sample
-        self.embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)  # x sqrt(C)
-        self.positions = None if cfg.no_pos else DescendingSinusoid(dim)
-        self.layers = nn.ModuleList(
-            FastWeightLayer(dim, heads, head_dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.attention_dropout,
-                            attn_type, rule, normalize, cfg.performer_proj_dim, cfg.performer_orthogonal_compat,
-                            cfg.dpfp_n_roll, str(cfg.attn_impl), cfg.fwp_chunk_size,
-                            lmtool_quadratic=cfg.lmtool_attn_type in LMTOOL_QUADRATIC)
-            for _ in range(cfg.decoder_layers))
-        tied = not cfg.untie_adaptive_weights
-        self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
-            vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=self.embed_tokens if tied else None,
-            tie_projs=[False] + [tied] * len(cutoffs),
-            bias_per_cluster=cfg.adaptive_softmax_factor > 1)  # lmtool's Linear per cluster when div_val > 1
         self.reset_parameters(cfg.init_std, cfg.proj_init_std)
 
     @torch.no_grad()
@@ -245,79 +243,23 @@ class FastWeightDecoder(StatefulDecoder):
         zero biases, N(0, proj_init_std) adaptive projections; tied tensors initialised once as embeddings."""
         xl_weights_init(self, init_std, proj_init_std)
 
-    @property
-    def carries_state(self) -> bool:
-        """Only carry-over models carry their fast weights across segments; the others are stateless per call, so
-        fairseq's sliding window (the paper's evaluation protocol, spec §4) applies to them."""
-        return self.carry_over
-
-    def max_positions(self) -> int:
-        return MAX_POSITIONS
-
-    def output_layer(self, features: Tensor) -> Tensor:
-        """Features unchanged: the adaptive softmax (``get_normalized_probs``, ``lm_loss``) reads them."""
-        return features
-
-    # ------------------------------------------------------------------------------------------------------
-    def forward_segment(self, tokens: Tensor, state: Optional[LayerStates]) -> SegmentOutput:
-        """One segment (streaming): tokens (B, T) -> features (B, T, C). Positions run n_b - 1 .. 0 over each row's
-        n_b real tokens (rows are end-padded: the last segment of a stream, the first windows of a sliding-window
-        batch), so a row's result does not depend on what it is batched with. Carry-over models continue ``state``
-        and return the fast weights after the segment; the others start fresh and return None."""
-        if not self.carry_over and state is not None:
-            raise ValueError("this fast_weight_lm has no carry_over_fast_weight: segments are independent, so "
-                             "forward_segment takes no state")
-        layer_states = state.layers if state is not None else (None,) * len(self.layers)
-        features, new_states = self._forward(tokens, layer_states, self._row_positions(tokens))
-        return features, LayerStates(new_states) if self.carry_over else None, {}
-
-    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """New tokens (B, T_new) of generation, O(1) per token: the streaming pass over segments of
-        ``tokens_per_sample`` T reproduced (position T - 1 - j at offset j; fast weights reset at every boundary
-        unless carried over). Many tokens at once (a prompt) run through the chunked form."""
-        seg_len = self.tokens_per_sample
-        offset = state.offset if state is not None else 0
-        layer_states = state.layers if state is not None else (None,) * len(self.layers)
-        outputs: List[Tensor] = []
-        for start, stop, closes in segment_pieces(tokens.size(1), offset, seg_len):
-            features, layer_states = self._forward(tokens[:, start:stop], layer_states, seg_len - 1 - offset)
-            offset = 0 if closes else offset + stop - start
-            if closes:  # segment boundary: what the streaming pass carries into the next segment
-                layer_states = tuple(s.detach() if self.carry_over and isinstance(s, FastWeightState) else None
-                                     for s in layer_states)
-            outputs.append(features)
-        return torch.cat(outputs, dim=1), DecoderState(tuple(layer_states), offset), {}
-
-    def _row_positions(self, tokens: Tensor) -> Tensor:
-        """(B, T) descending indices n_b - 1 .. 0 over each row's non-pad prefix (0 on the end padding)."""
-        lengths = tokens.ne(self.dictionary.pad()).sum(1, keepdim=True)  # (B, 1)
-        columns = torch.arange(tokens.size(1), device=tokens.device)[None, :]  # (1, T)
-        return (lengths - 1 - columns).clamp(min=0)  # (B, T)
-
-    def _forward(self, tokens: Tensor, layer_states: Tuple[Optional[SegmentState], ...],
-                 first_position: Union[int, Tensor, None]) -> Tuple[Tensor, Tuple[SegmentState, ...]]:
-        """tokens (B, T) from the given per-layer states -> (features (B, T, C), per-layer states after them).
-        Positions first_position, first_position - 1, ... (None: T - 1 down to 0), or a (B, T) index tensor."""
-        if len(layer_states) != len(self.layers):
-            raise ValueError(f"state has {len(layer_states)} layers, the model {len(self.layers)}")
-        x = self.embed_tokens(tokens)  # (B, T, C), scaled by sqrt(C)
-        if self.positions is not None:
-            if isinstance(first_position, Tensor):
-                indices = first_position  # (B, T)
-            else:
-                indices = descending_indices(tokens.size(1), first_position, tokens.device)[None]  # (1, T)
-            x = x + self.positions(indices, self.clamp_len, x.dtype)  # (B, T, C)
-        x = F.dropout(x, self.dropout, self.training)
-        new_states = []
-        for layer, layer_state in zip(self.layers, layer_states):
-            x, new_state = layer(x, layer_state)  # (B, T, C)
-            new_states.append(new_state)
-        return F.dropout(x, self.dropout, self.training), tuple(new_states)
-
     def state_size(self) -> int:
         """Numbers per batch row in the carried state of all layers (fast-weight models: independent of the
         context length)."""
         return sum(layer.self_attn.state_size() for layer in self.layers if hasattr(layer.self_attn, "state_size"))
+
+
+def _mixer(cfg: FastWeightLMConfig, attn_type: str, rule: str, normalize: str, head_dim: int) -> nn.Module:
+    """lmtool's attention of one layer: softmax over the segment (attn_type 2), or fast weights restarted at every
+    segment unless carried over."""
+    dim, heads = cfg.decoder_embed_dim, cfg.decoder_attention_heads
+    if attn_type == "softmax":
+        return SoftmaxMixer(dim, heads, head_dim, cfg.attention_dropout, PositionTerm(), SegmentSource())
+    return FastWeightMixer(dim, heads, head_dim, attn_type, rule, normalize, carry=cfg.carry_over_fast_weight,
+                           performer_proj_dim=cfg.performer_proj_dim,
+                           performer_orthogonal_compat=cfg.performer_orthogonal_compat, dpfp_n_roll=cfg.dpfp_n_roll,
+                           attn_impl=str(cfg.attn_impl), chunk_size=cfg.fwp_chunk_size,
+                           lmtool_quadratic=cfg.lmtool_attn_type in LMTOOL_QUADRATIC)
 
 
 @register_model("fast_weight_lm", dataclass=FastWeightLMConfig)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fairseq_ext.errors import ConfigError
+from fairseq_ext.modules.attention.fast_weight_self_attention import FastWeightSelfAttention
 from fairseq_ext.modules.composed.recurrent_mixers import FastWeightMixer
 from fairseq_ext.state import DecoderState, HiddenCache, KVCache
 from tests.harness import assert_close, build_model, stream_segments, tiny_dictionary
@@ -60,7 +61,7 @@ def test_fast_weights_carried_with_descending_positions_are_fast_weight_lm(rule)
                                                  "--carry-over-fast-weight"]).double().eval()
     core = composed("--mixer", rule, "--position", "none", "--source", "memory", "--input-position", "descending",
                     "--decoder-post-norm")
-    copy_into(core, fwm, lambda key: key.replace("self_attn.", "self_attn.attention."))
+    copy_into(core, fwm, lambda key: key)
     x = tokens()
     x[1, 14:] = DICT.pad()  # an end-padded row: positions over its real tokens, as fast_weight_lm
     expected, _ = stream_segments(fwm.decoder, x, [6, 6, 6])
@@ -83,10 +84,24 @@ def test_persistent_fast_weights_are_a_learned_initial_state():
     model.decoder.forward_segment(x, None)[0].square().sum().backward()
     assert all(m.initial_weight.grad is not None and m.initial_weight.grad.abs().sum() > 0 for m in mixers)
     # the same as the attention module run from the state W_0
-    attention = mixers[0].attention
     h = torch.randn(2, 5, 16, dtype=torch.float64)
-    expected, _ = attention(h, mixers[0]._initial(2, h))
+    expected, _ = FastWeightSelfAttention.forward(mixers[0], h, mixers[0]._initial(2, h))
     assert_close(mixers[0](h, None)[0], expected)
+
+
+def test_checkpoints_of_the_wrapped_fast_weight_mixer_load():
+    """composed_lm checkpoints written while FastWeightMixer wrapped its attention (``self_attn.attention.*``) load
+    through fairseq's upgrade hook and give the same outputs."""
+    model = composed("--mixer", "softmax,delta", "--position", "alibi,none", "--source", "memory",
+                     "--mem-len", "4")
+    old = {key.replace("layers.1.self_attn.", "layers.1.self_attn.attention.")
+           if "initial_weight" not in key else key: value for key, value in model.state_dict().items()}
+    assert any(".self_attn.attention.q_proj" in key for key in old)
+    other = composed("--mixer", "softmax,delta", "--position", "alibi,none", "--source", "memory",
+                     "--mem-len", "4")
+    other.load_state_dict(old)
+    x = tokens()
+    assert_close(other.decoder.forward_segment(x, None)[0], model.decoder.forward_segment(x, None)[0])
 
 
 def test_window_source_is_invariant_to_segmentation_and_caches_w_keys():

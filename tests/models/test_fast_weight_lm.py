@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fairseq_ext.models.fast_weight_lm import FastWeightLanguageModel
-from fairseq_ext.state import DecoderState, FastWeightState, KVCache, LayerStates
+from fairseq_ext.state import DecoderState, FastWeightState, HiddenCache, LayerStates, state_to_plain
 from tests.harness import assert_close, build_model, single_thread, split_segments, stream_segments, tiny_dictionary
 
 VOCAB = 40  # 4 specials + 36 words
@@ -175,7 +175,7 @@ def test_carry_over_equals_one_pass_with_no_pos(kind, normalize):
     whole, whole_state = decoder.forward_segment(x, None)[:2]
     for lengths in ((4, 7), (3, 3, 5), (1, 9, 1)):
         carried, state = stream_segments(decoder, x, lengths)
-        assert isinstance(state, LayerStates) and all(isinstance(s, FastWeightState) for s in state.layers)
+        assert isinstance(state, DecoderState) and all(isinstance(s, FastWeightState) for s in state.layers)
         assert_close(carried, whole)
         for a, b in zip(state.tensors(), whole_state.tensors()):
             assert_close(a, b)
@@ -191,8 +191,8 @@ def test_non_carry_segments_are_independent_and_stateless():
     assert state is None
     both, _ = stream_segments(decoder, x, (4, 4))
     assert_close(both[:, 4:], feats)
-    with pytest.raises(ValueError, match="no carry_over_fast_weight"):
-        decoder.forward_segment(x, LayerStates((None, None)))
+    with pytest.raises(ValueError, match="carries nothing across segments"):
+        decoder.forward_segment(x, DecoderState((None, None)))
 
 
 def test_stream_api_carries_detached_state_in_training():
@@ -204,8 +204,22 @@ def test_stream_api_carries_detached_state_in_training():
         out, _ = model(seg)
         model.get_normalized_probs((out, {}), log_probs=True).mean().backward()
     state = model.decoder.stream_state("train")
-    assert isinstance(state, LayerStates) and all(not t.requires_grad for t in state.tensors())
+    assert isinstance(state, DecoderState) and all(not t.requires_grad for t in state.tensors())
     assert state.layers[0].weight.shape == (2, 2, 4, 4) and state.layers[0].key_sum.shape == (2, 2, 4)
+
+
+def test_a_train_stream_saved_as_layer_states_resumes():
+    """Carry-over checkpoints written before fast_weight_lm ran on the core decoder saved their train stream as
+    ``LayerStates``; it resumes as the same fast weights in a ``DecoderState``."""
+    model = make(ATTENTION["linear-delta-output"] + ["--carry-over-fast-weight", "--no-pos"])
+    x = tokens(2, 8)
+    _, state, _ = model.decoder.forward_segment(x[:, :4], None)
+    old = state_to_plain(LayerStates(state.layers))
+    model.decoder.set_extra_state({"train": old, "train_segments": 1})
+    assert model.decoder.resume_train_stream(1)
+    resumed = model.decoder.stream_state("train")
+    assert isinstance(resumed, DecoderState) and resumed.offset == 0
+    assert all(torch.equal(a, b) for a, b in zip(resumed.tensors(), state.tensors()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,7 +262,7 @@ def test_decode_state_size_is_independent_of_context_length(kind):
     assert sizes[0] == sizes[1] == decoder.state_size()
     softmax = make(ATTENTION["softmax"], tokens_per_sample=5).decoder
     _, state = incremental(softmax, tokens(1, 29))
-    assert all(isinstance(s, KVCache) and s.length == 4 for s in state.layers)  # 29 = 5 * 5 + 4
+    assert all(isinstance(s, HiddenCache) and s.length == 4 for s in state.layers)  # 29 = 5 * 5 + 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,8 +338,8 @@ def test_paper_parameter_counts(arch, total, embedding, qkvb_rows):
     assert count == total and count == pytest.approx(44.0e6 if d.embed_dim == 128 else 89.9e6, abs=0.07e6)
     assert d.embed_tokens.emb_layers[0].weight.numel() == pytest.approx(embedding, abs=0.05e6)
     attn = d.layers[0].self_attn
-    rows = sum(m.weight.size(0) for m in (attn.q_proj, attn.k_proj, attn.v_proj, getattr(attn, "beta_proj", None))
-               if m is not None)
+    inputs = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj, attn.beta_proj)
+    rows = sum(m.weight.size(0) for m in inputs if m is not None)
     assert rows == qkvb_rows and len(d.layers) == 16
     assert d.adaptive_softmax.cluster_weight.shape == (3, d.embed_dim)
 

@@ -14,7 +14,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from fairseq_ext.models.fast_weight_lm import FastWeightLanguageModel
-from fairseq_ext.state import LayerStates, state_from_plain
+from fairseq_ext.state import DecoderState, state_from_plain
 from tests.harness import (USER_DIR, fairseq_eval_lm, fairseq_preprocess, fairseq_train, random_corpus,
                            split_token_count, streaming_eval_lm)
 from tests.harness import whole_stream_loss as harness_whole_stream_loss
@@ -74,7 +74,7 @@ def test_carry_over_training_saves_the_fast_weights(data, carry_ckpt):
     extra = state["model"]["decoder._extra_state"]
     assert extra["train_segments"] > 0
     carried = state_from_plain(extra["train"])
-    assert isinstance(carried, LayerStates) and carried.batch_size == 4
+    assert isinstance(carried, DecoderState) and carried.batch_size == 4
     assert carried.layers[0].weight.shape == (4, 4, 8, 8) and carried.layers[0].weight.dtype == torch.float32
 
 

@@ -176,19 +176,22 @@ def test_autocast_bf16_keeps_the_state_fp32():
 
 
 def test_softmax_attention_equals_explicit_causal_softmax_and_its_cache():
-    """SoftmaxSelfAttention (SDPA) == softmax(Q K^T / sqrt(d) + causal mask) V written out, fp64, odd sizes; feeding
-    the same tokens in pieces through its KVCache gives the same outputs."""
-    from fairseq_ext.modules.attention.softmax_self_attention import SoftmaxSelfAttention
+    """fast_weight_lm's softmax baseline (the core's SoftmaxMixer, no position term, source segment) ==
+    softmax(Q K^T / sqrt(d) + causal mask) V written out, fp64, odd sizes; feeding the same tokens in pieces through
+    its segment cache gives the same outputs."""
+    from fairseq_ext.modules.composed.positions import PositionTerm
+    from fairseq_ext.modules.composed.softmax_mixer import SoftmaxMixer
+    from fairseq_ext.modules.composed.sources import SegmentSource
 
     torch.manual_seed(0)
-    attn = SoftmaxSelfAttention(embed_dim=10, num_heads=2, head_dim=3).double().eval()
+    attn = SoftmaxMixer(10, 2, 3, 0.0, PositionTerm(), SegmentSource()).double().eval()
     x = torch.randn(2, 7, 10, dtype=torch.float64)
-    out, cache = attn(x)
-    q, k, v = (p(x).view(2, 7, 2, 3).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out, cache = attn(x, None)
+    q, k, v = ((x @ w.t()).view(2, 7, 2, 3).transpose(1, 2) for w in attn.qkv_proj.weight.chunk(3))
     scores = q @ k.transpose(-1, -2) / math.sqrt(3)  # (B, H, T, T)
     scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
     expected = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 6))
     assert torch.allclose(out, expected, atol=1e-12, rtol=0)
-    first, part = attn(x[:, :3])
+    first, part = attn(x[:, :3], None)
     rest, _ = attn(x[:, 3:], part)
     assert torch.allclose(torch.cat([first, rest], 1), expected, atol=1e-12, rtol=0) and cache.length == 7

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fairseq_ext.modules.fused_qkv import fuse_qkv
 from fairseq_ext.ops.xl_relative import xl_relative_attention
 
 
@@ -66,8 +67,5 @@ class XLRelativeSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
 
     def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
-        """Checkpoints written before ``qkv_proj`` stored ``{q,k,v}_proj.weight``: concatenate them (same rows)."""
-        old = [f"{name}.{p}_proj.weight" for p in "qkv"]
-        if all(key in state_dict for key in old):
-            state_dict[f"{name}.qkv_proj.weight"] = torch.cat([state_dict.pop(key) for key in old], dim=0)
-        return state_dict
+        """Checkpoints written before ``qkv_proj`` stored ``{q,k,v}_proj.weight``."""
+        return fuse_qkv(state_dict, name)

@@ -33,5 +33,9 @@ class ComposedBlock(FeedForwardBlock):
         x = self.self_attn_layer_norm(x + self._drop(y))  # (B, T, C)
         return self.final_layer_norm(x + self._feed_forward(x)), state
 
+    @property
+    def carries_state(self) -> bool:
+        return self.self_attn.carries_state
+
     def close(self, state: Optional[object]) -> Optional[object]:
         return self.self_attn.close(state)

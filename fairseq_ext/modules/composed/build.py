@@ -6,7 +6,6 @@ import dataclasses
 from torch import nn
 
 from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
-from fairseq_ext.modules.attention.fast_weight_self_attention import FastWeightSelfAttention
 from fairseq_ext.modules.composed.layout import FAST_WEIGHT_MIXERS, LayerSpec
 from fairseq_ext.modules.composed.positions import build_position
 from fairseq_ext.modules.composed.recurrent_mixers import FastWeightMixer, SingleHeadMixer
@@ -40,11 +39,10 @@ def build_mixer(spec: LayerSpec, sizes: MixerSizes) -> nn.Module:
     if spec.mixer in FAST_WEIGHT_MIXERS:
         normalize = sizes.fw_normalize if sizes.fw_normalize != "auto" else \
             ("output" if spec.mixer == "sum" else "none")
-        attention = FastWeightSelfAttention(sizes.embed_dim, sizes.num_heads, sizes.head_dim, sizes.feature_map,
-                                            spec.mixer, normalize, sizes.performer_proj_dim,
-                                            dpfp_n_roll=sizes.dpfp_n_roll, attn_impl=sizes.fw_impl,
-                                            chunk_size=sizes.fw_chunk_size)
-        return FastWeightMixer(attention, carry=spec.source == "memory", persistent=spec.persistent)
+        return FastWeightMixer(sizes.embed_dim, sizes.num_heads, sizes.head_dim, sizes.feature_map, spec.mixer,
+                               normalize, carry=spec.source == "memory", persistent=spec.persistent,
+                               performer_proj_dim=sizes.performer_proj_dim, dpfp_n_roll=sizes.dpfp_n_roll,
+                               attn_impl=sizes.fw_impl, chunk_size=sizes.fw_chunk_size)
     source = build_source(spec.source, sizes.mem_len)
     if spec.mixer == "sha":
         return SingleHeadMixer(sizes.embed_dim, sizes.attention_dropout, source)

@@ -10,6 +10,7 @@ Schemes:
 * ``none``        nothing (SHA-RNN, NoPE).
 * ``sinusoidal``  Vaswani et al. 2017: [sin | cos] of the index in the segment, 0 .. T-1.
 * ``descending``  lmtool-fwms's absolute positions (Schlag et al. 2021): the same sinusoid over T-1 .. 0.
+  Both cap the index at ``clamp_len`` when it is > 0.
 * ``alibi``       Press et al. 2021, Eq. in Sec. 3: bias -m_h · (i - j), the slopes in fp32.
 * ``xl``          Dai et al. 2019, Sec. 3.3: ((q_i + u) · k_j + (q_i + v) · W_R R_{i-j}) / sqrt(D); R the sinusoid
                   of the distance, u, v (H, D) learned per layer. Computed in the gather form: (q + v) W_R R for
@@ -46,15 +47,19 @@ class PositionTerm(nn.Module):
 class SinusoidalPosition(PositionTerm):
     kind = "sinusoidal"
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, clamp_len: int = -1) -> None:
         super().__init__()
         self.sinusoid = DescendingSinusoid(embed_dim)  # a [sin | cos] encoder of caller-given indices
+        self.clamp_len = clamp_len  # > 0: indices capped there (lmtool's --clamp_len); <= 0: none
+
+    def extra_repr(self) -> str:
+        return f"clamp_len={self.clamp_len}" if self.clamp_len > 0 else ""
 
     def indices(self, position: Tensor, length: Tensor) -> Tensor:
         return position
 
     def embed(self, position: Tensor, length: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-        return self.sinusoid(self.indices(position, length), dtype=dtype)  # (B|1, T, C)
+        return self.sinusoid(self.indices(position, length), self.clamp_len, dtype)  # (B|1, T, C)
 
 
 class DescendingPosition(SinusoidalPosition):

@@ -1,7 +1,7 @@
 """The composed core's mixers that keep no key/value matrix per token:
 
 * ``FastWeightMixer``: linear attention as a fast weight programmer (Schlag et al. 2021, Eq. 6-7 sum rule, Eq.
-  15-17 delta rule; ``modules.attention.FastWeightSelfAttention`` with ``ops.fast_weights``). Its memory is the
+  15-17 delta rule; a ``modules.attention.FastWeightSelfAttention`` over ``ops.fast_weights``). Its memory is the
   fast-weight matrix: ``carry`` keeps it across segments (source ``memory``), otherwise it restarts at every
   segment (``segment``). ``persistent``: a learned initial fast-weight state W_0 (H, D_phi, d), the fast-weight
   analogue of persistent memory slots, used wherever the state would otherwise start at zero.
@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +20,17 @@ from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttent
 from fairseq_ext.state import FastWeightState, HiddenCache
 
 
-class FastWeightMixer(nn.Module):
-    def __init__(self, attention: FastWeightSelfAttention, carry: bool, persistent: bool) -> None:
-        super().__init__()
-        self.attention = attention
+class FastWeightMixer(FastWeightSelfAttention):
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, feature_map: str, update_rule: str,
+                 normalize: str, *, carry: bool, persistent: bool = False, performer_proj_dim: int = 16,
+                 performer_orthogonal_compat: bool = False, dpfp_n_roll: int = 2, attn_impl: str = "auto",
+                 chunk_size: int = 64, lmtool_quadratic: bool = False) -> None:
+        super().__init__(embed_dim, num_heads, head_dim, feature_map, update_rule, normalize, performer_proj_dim,
+                         performer_orthogonal_compat, dpfp_n_roll, attn_impl, chunk_size, lmtool_quadratic)
         self.carry = carry
-        heads, phi_dim, head_dim = attention.num_heads, attention.feature_map.out_dim, attention.head_dim
         # zero: the model starts as the plain fast weight programmer and learns W_0
-        self.initial_weight = nn.Parameter(torch.zeros(heads, phi_dim, head_dim)) if persistent else None
+        shape = (num_heads, self.feature_map.out_dim, head_dim)  # (H, D_phi, d)
+        self.initial_weight = nn.Parameter(torch.zeros(shape)) if persistent else None
 
     def _initial(self, batch: int, like: Tensor) -> Optional[FastWeightState]:
         if self.initial_weight is None:
@@ -35,16 +38,27 @@ class FastWeightMixer(nn.Module):
         dtype = torch.promote_types(like.dtype, torch.float32)  # fast weights in fp32 at least
         weight = self.initial_weight.to(dtype).expand(batch, -1, -1, -1)  # (B, H, D_phi, d)
         key_sum = None
-        if self.attention.normalize != "none":
+        if self.normalize != "none":
             key_sum = weight.new_zeros(batch, weight.size(1), weight.size(2))  # (B, H, D_phi)
         return FastWeightState(weight, key_sum)
 
-    def forward(self, x: Tensor, state: Optional[FastWeightState]) -> Tuple[Tensor, FastWeightState]:
+    def forward(self, x: Tensor, state: Optional[FastWeightState] = None) -> Tuple[Tensor, FastWeightState]:
         """x (B, T, C) -> (y (B, T, C), the fast weights after x)."""
-        return self.attention(x, state if state is not None else self._initial(x.size(0), x))
+        return super().forward(x, state if state is not None else self._initial(x.size(0), x))
+
+    @property
+    def carries_state(self) -> bool:
+        return self.carry
 
     def close(self, state: Optional[FastWeightState]) -> Optional[FastWeightState]:
         return state if self.carry else None
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
+        """composed_lm checkpoints written while this mixer wrapped the attention (``{name}.attention.*``)."""
+        old = f"{name}.attention."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[f"{name}.{key[len(old):]}"] = state_dict.pop(key)
+        return state_dict
 
 
 class SingleHeadMixer(nn.Module):
@@ -57,6 +71,10 @@ class SingleHeadMixer(nn.Module):
         """x (B, T, C) -> (y (B, T, C), the source's open state); memory fully visible, the segment causal."""
         memory, _, _, new_state = self.source.read(x, state, lambda h: (h, h))  # (B, S, C)
         return self.attention(x, memory), new_state
+
+    @property
+    def carries_state(self) -> bool:
+        return self.source.carries
 
     def close(self, state: Optional[HiddenCache]) -> Optional[HiddenCache]:
         return self.source.close(state)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
 from fairseq_ext.modules.composed.positions import PositionTerm
+from fairseq_ext.modules.fused_qkv import fuse_qkv
 from fairseq_ext.ops.adaptive_span.mask import current_max_span, span_mask_at
 from fairseq_ext.ops.biased_attention import biased_attention
 
@@ -92,8 +93,16 @@ class SoftmaxMixer(nn.Module):
             span_mask = torch.cat([span_mask.new_ones(*span_mask.shape[:3], p), span_mask], dim=3)
         return k, v, bias, visible, span_mask
 
+    @property
+    def carries_state(self) -> bool:
+        return self.source.carries
+
     def close(self, state: Optional[object]) -> Optional[object]:
         return self.source.close(state)
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
+        """fast_weight_lm's softmax layers stored ``{q,k,v}_proj.weight`` before they were this mixer."""
+        return fuse_qkv(state_dict, name)
 
     def log_stats(self) -> Dict[str, Tensor]:
         """The learned spans (tokens, mean over heads) of a span layer, logged by ``lm_loss``."""

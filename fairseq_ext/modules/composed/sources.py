@@ -30,6 +30,7 @@ Read = Tuple[Tensor, Tensor, int, object]
 
 class SegmentSource(nn.Module):
     kind = "segment"
+    carries = False  # whether anything crosses a segment boundary
     max_distance: Optional[int] = None
 
     def read(self, x: Tensor, state: Optional[HiddenCache], project: Projection,
@@ -48,6 +49,7 @@ class SegmentSource(nn.Module):
 
 class MemorySource(SegmentSource):
     kind = "memory"
+    carries = True
 
     def __init__(self, mem_len: int) -> None:
         super().__init__()
@@ -62,6 +64,7 @@ class MemorySource(SegmentSource):
 
 class WindowSource(nn.Module):
     kind = "window"
+    carries = True
 
     def __init__(self, window: int) -> None:
         super().__init__()

@@ -27,7 +27,16 @@ def attention_mask(bias: Optional[Tensor], visible: Tensor, span_mask: Optional[
 
 def biased_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], visible: Tensor,
                           span_mask: Optional[Tensor], scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Same arguments and result as ``biased_attention_naive``; rows with no visible key output zeros."""
+    """Same arguments and result as ``biased_attention_naive``; rows with no visible key output zeros. Plain causal
+    attention over the segment (no bias, no span mask, ``visible`` the square lower triangle) takes SDPA's causal
+    kernel."""
+    t, s = visible.shape[-2:]
+    if bias is None and span_mask is None and t == s and torch.equal(visible, _causal(t, visible.device)):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     mask = attention_mask(bias, visible, span_mask, q.dtype)  # (·, ·, T, S)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), 0.0)  # (B, H, T, D)
+
+
+def _causal(length: int, device: torch.device) -> Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)

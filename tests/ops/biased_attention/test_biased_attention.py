@@ -37,6 +37,22 @@ def test_sdpa_equals_naive_with_bias_and_window(s, window, with_bias):
     assert_same_grads(run("sdpa"), run("naive"), [q, k, v, bias] if with_bias else [q, k, v])
 
 
+def test_plain_causal_attention_takes_the_causal_kernel(monkeypatch):
+    """No bias, no span, the square lower triangle: SDPA's is_causal path (the case above with s = T, window None
+    and no bias compares it with naive); any other visibility takes the additive mask."""
+    import fairseq_ext.ops.biased_attention.sdpa as sdpa
+
+    calls = []
+    real = sdpa.F.scaled_dot_product_attention
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw.get("is_causal", False)) or real(*a, **kw))
+    q, k, v, _ = inputs(T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    biased_attention(q, k, v, None, causal, scale=0.5, impl="sdpa")
+    biased_attention(q, k, v, None, causal & ~torch.eye(T, dtype=torch.bool), scale=0.5, impl="sdpa")
+    assert calls == [True, False]
+
+
 @pytest.mark.parametrize("z0", [0.3, 0.55, 1.0])
 def test_span_mask_as_log_term_equals_renormalised_probabilities(z0):
     """z values whose ramp reaches zero inside the keys (m = 0 there, between two key distances) and z = 1."""
