@@ -15,7 +15,7 @@ the very same objects in fairseq's ``incremental_state``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -25,7 +25,11 @@ S = TypeVar("S", bound="SegmentState")
 
 @dataclasses.dataclass(frozen=True)
 class SegmentState:
-    """Base class: a frozen dataclass whose fields are tensors (batch-first), tuples of tensors, or None."""
+    """Base class: a frozen dataclass whose fields are tensors (batch-first), tuples of tensors, or None.
+    ``retired_fields``: fields older checkpoints' saved states hold and this class no longer has, with the only
+    value ``state_from_plain`` accepts for them."""
+
+    retired_fields: ClassVar[Dict[str, Any]] = {}
 
     def _map(self: S, fn) -> S:
         def apply(value):
@@ -109,22 +113,6 @@ class KVCache(SegmentState):
 
 
 @dataclasses.dataclass(frozen=True)
-class HiddenMemory(SegmentState):
-    """Per-layer hidden-state memory (Transformer-XL, adaptive span): a tuple of (B, M, C) tensors, one per layer.
-
-    ``pending``: how many of the last M entries belong to a segment that is still being read one token at a time
-    (incremental decoding); 0 whenever the memory was cut at a segment boundary.
-    """
-
-    layers: Tuple[Tensor, ...]
-    pending: int = 0
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].size(1) if self.layers else 0
-
-
-@dataclasses.dataclass(frozen=True)
 class FastWeightState(SegmentState):
     """Fast-weight memory of one linear-attention layer (Schlag et al. 2021): ``weight`` (B, H, D_k, D_v) in fp32 (or
     fp64), and ``key_sum`` (B, H, D_k), the running sum of keys of the normalised variants (None otherwise)."""
@@ -135,9 +123,9 @@ class FastWeightState(SegmentState):
 
 @dataclasses.dataclass(frozen=True)
 class HiddenCache(SegmentState):
-    """One layer's cached attention inputs (B, S, C): the memory of earlier segments, followed during incremental
-    decoding by the tokens of the current segment read so far (the composed core's ``memory`` / ``segment``
-    sources)."""
+    """One layer's cached inputs (B, S, C): the memory of earlier segments (Transformer-XL, adaptive span, the
+    composed core's ``memory`` source), followed during incremental decoding by the tokens of the current segment
+    read so far."""
 
     hidden: Tensor
 
@@ -148,23 +136,16 @@ class HiddenCache(SegmentState):
 
 @dataclasses.dataclass(frozen=True)
 class DecoderState(SegmentState):
-    """A decoder's whole state: one state per layer (a SegmentState or None) and ``offset``, the number of tokens of
-    the current segment already read (0 at every segment boundary; > 0 only inside incremental decoding)."""
+    """Every decoder's whole state: one state per layer (a SegmentState or None) and ``offset``, the number of tokens
+    of the current segment already read (0 at every segment boundary; > 0 only inside incremental decoding)."""
 
     layers: Tuple[Optional[SegmentState], ...]
     offset: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerStates(SegmentState):
-    """One state per layer (each a SegmentState or None), as a decoder carries them."""
-
-    layers: Tuple[Optional[SegmentState], ...]
-
-
 def cat_states(states: Sequence[Optional[SegmentState]]) -> Optional[SegmentState]:
     """Join row slices of one state back along the batch dimension, in the given order: the inverse of
-    ``rows``. Tensors are concatenated on dim 0; every other field (None, ``HiddenMemory.pending``, the structure of
+    ``rows``. Tensors are concatenated on dim 0; every other field (None, ``DecoderState.offset``, the structure of
     nested states and tuples) must be the same in all slices. All None (a stateless step) gives None."""
     if not states:
         raise ValueError("cat_states needs at least one state")
@@ -221,15 +202,36 @@ def state_to_plain(state: Optional[SegmentState]):
     return None if state is None else encode(state)
 
 
+def _hidden_memory(layers: Tuple[Tensor, ...], pending: int = 0) -> DecoderState:
+    return DecoderState(tuple(HiddenCache(layer) for layer in layers), pending)
+
+
+def _layer_states(layers: Tuple[Optional[SegmentState], ...]) -> DecoderState:
+    return DecoderState(layers, 0)
+
+
+# Classes of train streams saved before every decoder held one DecoderState: Transformer-XL's and adaptive span's
+# per-layer memory (pending = the offset), fast weights' and SHA-RNN's tuple of layer states.
+LEGACY_STATES = {"HiddenMemory": _hidden_memory, "LayerStates": _layer_states}
+
+
 def state_from_plain(plain) -> Optional[SegmentState]:
     classes = _state_classes()
 
     def decode(value):
         if isinstance(value, dict) and "__state__" in value:
             name = value["__state__"]
+            fields = {k: decode(v) for k, v in value.items() if k != "__state__"}
+            if name in LEGACY_STATES:
+                return LEGACY_STATES[name](**fields)
             if name not in classes:
                 raise ValueError(f"unknown state class {name!r} in a checkpoint; known: {sorted(classes)}")
-            return classes[name](**{k: decode(v) for k, v in value.items() if k != "__state__"})
+            cls = classes[name]
+            for retired, default in cls.retired_fields.items():
+                if retired in fields and fields.pop(retired) != default:
+                    raise ValueError(f"a saved {name} holds {retired} != {default}, which this version no longer "
+                                     f"keeps there; it cannot be resumed")
+            return cls(**fields)
         if isinstance(value, dict) and "__tuple__" in value:
             return tuple(decode(v) for v in value["__tuple__"])
         return value

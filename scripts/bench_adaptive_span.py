@@ -249,7 +249,7 @@ def run_config(opts: Namespace, table: str, config: str, impl: str) -> Result:
         stats = decoder.log_stats()
         return dict(
             l_pos=[w.span for w in windows], cache=[w.cache for w in windows],
-            cache_held=[int(s.size(1)) for s in decoder.stream_state("train").layers],
+            cache_held=[s.length for s in decoder.stream_state("train").layers],
             attn_gflop=decoder.attention_gflop(shape.batch, shape.tgt), span_avg=stats.get("span_avg"),
             layers=len(decoder.layers), heads=decoder.layers[0].self_attn.num_heads, dim=decoder.embed_dim)
 

@@ -17,7 +17,7 @@ spans (+ ramp, rounded to 64; cache + 64 slack, ``--no-adapt-span-cache`` keeps 
 fixed-span baseline. ``--pers-mem-size N``: N persistent key/value vectors per head; the FF sublayers and their
 LayerNorms are removed.
 
-State: ``HiddenMemory`` with one (B, C_l, H) cache of layer inputs per layer (§1.2). A cold start (None, or a cache
+State: a ``DecoderState`` with one ``HiddenCache`` (B, C_l, H) of layer inputs per layer (§1.2). A cold start (None, or a cache
 shorter than the window) reads as zeros, exactly the original's zero-initialised cache (zero inputs give zero keys
 and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
 where segments start, so streaming with any segment length and incremental decoding (generation) agree.
@@ -25,7 +25,7 @@ where segments start, so streaming with any segment length and incremental decod
 Pieces, in the order the forward pass uses them: embedding or ``modules/adaptive/adaptive_input.py``,
 ``modules/blocks/adaptive_span_layer.py`` -> ``modules/attention/adaptive_span_self_attention.py`` (with
 ``modules/attention/adaptive_span_mask.py``) -> ``ops/adaptive_span/`` (mask.py, skew.py, naive.py), the output
-Linear or ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``); state HiddenMemory held by
+Linear or ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``); state DecoderState held by
 ``models/base``.
 """
 
@@ -49,7 +49,7 @@ from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveS
 from fairseq_ext.modules.blocks.adaptive_span_layer import AdaptiveSpanLayer
 from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.ops.adaptive_span import IMPLS
-from fairseq_ext.state import HiddenMemory
+from fairseq_ext.state import DecoderState, HiddenCache
 
 MAX_POSITIONS = 1_000_000  # relative positions: no bound on the length
 
@@ -168,12 +168,13 @@ class AdaptiveSpanDecoder(StatefulDecoder):
         return self.dead_rows(self.output_projection(features))
 
     # ------------------------------------------------------------------------------------------------------
-    def forward_segment(self, tokens: Tensor, state: Optional[HiddenMemory]) -> SegmentOutput:
+    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
         """tokens (B, M) over the per-layer caches in ``state`` (None: zeros) -> (features (B, M, H), next caches,
         {}). Incremental decoding is the same call with M = number of new tokens."""
         if state is not None and len(state.layers) != len(self.layers):
             raise ValueError(f"memory has {len(state.layers)} layers, the model {len(self.layers)}")
-        caches: List[Optional[Tensor]] = list(state.layers) if state is not None else [None] * len(self.layers)
+        caches: List[Optional[Tensor]] = \
+            [s.hidden for s in state.layers] if state is not None else [None] * len(self.layers)
         x = F.dropout(self.embed_tokens(tokens), self.emb_dropout, self.training)  # (B, M, H)
         key_pe = self.key_pe.to(x.dtype)  # (d, L)
         next_caches = []
@@ -181,7 +182,8 @@ class AdaptiveSpanDecoder(StatefulDecoder):
             x, next_cache = layer(x, cache, key_pe)  # (B, M, H), (B, <= C_l, H)
             next_caches.append(next_cache)
         self._last_length = tokens.size(1)
-        return F.dropout(x, self.emb_dropout, self.training), HiddenMemory(tuple(next_caches)), {}
+        next_state = DecoderState(tuple(HiddenCache(c) for c in next_caches), 0)
+        return F.dropout(x, self.emb_dropout, self.training), next_state, {}
 
     # -- span telemetry (logged by lm_loss) ----------------------------------------------------------------
     def span_masks(self) -> List[AdaptiveSpanMask]:

@@ -12,18 +12,18 @@ head per layer), "none", or a comma list of block indices. ``--collapse-value-ga
 Overparam value gate already collapsed (``vs`` used as is, no ``vq``: the form of a collapsed checkpoint);
 ``SHARNNDecoder.collapse_value_gate()`` folds a trained gate.
 
-State: ``LayerStates`` of one ``SHARNNBlockState`` per block (LSTM (h, c), attention memory); streaming carries it
+State: a ``DecoderState`` of one ``SHARNNBlockState`` per block (LSTM (h, c), attention memory); streaming carries it
 across segments and the decoder base stores it detached after every call (the original detaches after each step).
 The attention memory is trimmed to ``max_memory - T`` at the start of every segment of T tokens, so what a query
 sees depends on where segments start; ``max_memory`` below the segment length (``--tokens-per-sample``, at training or
 evaluation) is refused (``check_memory_window``): no memory would survive the trim and queries would see more than
 ``max_memory`` keys. Incremental decoding (``forward_incremental``) therefore reproduces the
 streaming pass over segments of ``tokens_per_sample`` tokens exactly: the memory is trimmed for a segment of
-``tokens_per_sample`` tokens whenever a new segment starts (``pending`` = 0) and grows untrimmed inside it.
+``tokens_per_sample`` tokens whenever a new segment starts (offset 0) and grows untrimmed inside it.
 
 Pieces, in the order the forward pass uses them: the embedding, ``modules/blocks/sha_rnn_block.py`` (LSTM, Boom)
 -> ``modules/attention/single_head_attention.py``, the tied output with ``modules/dead_rows.py``; state
-SHARNNBlockState (in the block module) in ``LayerStates``, held by ``models/base``.
+SHARNNBlockState (in the block module) in a ``DecoderState``, held by ``models/base``.
 """
 import math
 from dataclasses import dataclass, field
@@ -44,7 +44,7 @@ from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
 from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock
-from fairseq_ext.state import LayerStates
+from fairseq_ext.state import DecoderState
 
 MAX_POSITIONS = 1_000_000  # no positions: no bound on the length
 
@@ -156,28 +156,31 @@ class SHARNNDecoder(StatefulDecoder):
         """features (B, T, d) -> logits (B, T, V) through the tied embedding and the output bias."""
         return self.dead_rows(F.linear(features, self.embed_tokens.weight, self.output_bias))
 
-    def _run(self, tokens: Tensor, state: Optional[LayerStates], trim_to: Optional[int],
-             pending: int) -> SegmentOutput:
-        """tokens (B, T) -> (features (B, T, d), LayerStates, {}); see ``SHARNNBlock.forward`` for trim_to."""
+    def _run(self, tokens: Tensor, state: Optional[DecoderState], trim_to: Optional[int],
+             offset: int) -> SegmentOutput:
+        """tokens (B, T) -> (features (B, T, d), the DecoderState ``offset`` tokens into a segment, {}); see
+        ``SHARNNBlock.forward`` for trim_to."""
         if state is not None and len(state.layers) != len(self.layers):
             raise ValueError(f"state has {len(state.layers)} blocks, the model {len(self.layers)}")
         states = list(state.layers) if state is not None else [None] * len(self.layers)
         h = F.dropout(self.embed_tokens(tokens), self.dropouti, self.training)  # (B, T, d)
         new_states = []
         for layer, layer_state in zip(self.layers, states):
-            h, new_state = layer(h, layer_state, trim_to, pending)
+            h, new_state = layer(h, layer_state, trim_to)
             new_states.append(new_state)
-        return F.dropout(h, self.dropout, self.training), LayerStates(tuple(new_states)), {}
+        return F.dropout(h, self.dropout, self.training), DecoderState(tuple(new_states), offset), {}
 
-    def forward_segment(self, tokens: Tensor, state: Optional[LayerStates]) -> SegmentOutput:
+    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
         """One segment tokens (B, T) continuing ``state`` (None: cold start): memory trimmed to max_memory - T."""
+        if state is not None and state.offset:
+            raise ValueError(f"a streaming call starts a segment, but the state is {state.offset} tokens into one")
         return self._run(tokens, state, None, 0)
 
-    def forward_incremental(self, tokens: Tensor, state: Optional[LayerStates]) -> SegmentOutput:
+    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
         """New tokens (B, T_new) of generation, reproducing the streaming pass over segments of
         ``tokens_per_sample`` tokens: at each segment start the memory is trimmed for a whole segment, inside a
         segment it grows untrimmed."""
-        offset = state.layers[0].pending if state is not None else 0  # tokens of the current segment read
+        offset = state.offset if state is not None else 0  # tokens of the current segment read
         outputs = []
         for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
             trim_to = self.tokens_per_sample if offset == 0 else 0

@@ -8,9 +8,9 @@ as in the original PyTorch code; ``--untie-r`` gives each layer its own, as the 
 adaptive log-softmax with ``div_val`` and tied embeddings/projections (spec §3). Initialisation as the original
 ``weights_init`` (spec §4). Post-LN by default, ``--decoder-normalize-before`` for the original ``pre_lnorm``.
 
-State (``fairseq_ext.state.HiddenMemory``) lives only in ``StatefulDecoder``: streaming (training, validation,
-``fairseq-eval-lm --task streaming_lm``) cuts the memory to ``mem_len`` after every call (one call = one
-segment); incremental decoding (generation) appends token by token and cuts at the same segment boundaries,
+State (a ``DecoderState``: one ``HiddenCache`` per layer and the offset into the current segment) lives only in
+``StatefulDecoder``: streaming (training, validation, ``fairseq-eval-lm --task streaming_lm``) cuts the memory to
+``mem_len`` after every call (one call = one segment); incremental decoding (generation) appends token by token and cuts at the same segment boundaries,
 every ``tokens_per_sample`` tokens, so its per-token logits equal the streaming pass over segments of that
 length. ``mem_len``, ``clamp_len``, ``same_length`` and ``tokens_per_sample`` can all be changed at evaluation
 with ``--model-overrides`` (the segment length of streaming evaluation is the task's ``--tokens-per-sample``).
@@ -19,7 +19,7 @@ Pieces, in the order the forward pass uses them: ``modules/adaptive/adaptive_inp
 ``modules/positional/xl_relative.py`` (R), ``modules/blocks/transformer_xl_layer.py`` ->
 ``modules/attention/xl_relative_self_attention.py`` -> ``ops/xl_relative/`` (mask.py, shift.py, naive.py, fused.py),
 ``modules/blocks/feed_forward.py``, ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``);
-initialisation ``modules/init.py``; state ``fairseq_ext/state.py`` (HiddenMemory) held by ``models/base``.
+initialisation ``modules/init.py``; state ``fairseq_ext/state.py`` (DecoderState, HiddenCache) held by ``models/base``.
 """
 
 from dataclasses import dataclass, field
@@ -43,8 +43,9 @@ from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
 
+from fairseq_ext.state import DecoderState, HiddenCache
+
 BIAS_LAYOUTS = ("original", "nvidia")  # output-bias tensors of the adaptive softmax (adaptive_softmax_bias_layout)
-from fairseq_ext.state import HiddenMemory
 
 # Relative positions put no bound on the length; fairseq only uses this for filtering.
 MAX_POSITIONS = 1_000_000
@@ -184,38 +185,39 @@ class TransformerXLDecoder(StatefulDecoder):
         return features
 
     # ------------------------------------------------------------------------------------------------------
-    def forward_segment(self, tokens: Tensor, state: Optional[HiddenMemory]) -> SegmentOutput:
+    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
         """One whole segment (streaming): tokens (B, T) -> features (B, T, C); the memory is cut to mem_len."""
+        if state is not None and state.offset:
+            raise ValueError(f"a streaming call starts a segment, but the state is {state.offset} tokens into one")
         features, cache = self._forward(tokens, state)
         return features, self._cut(cache), {}
 
-    def forward_incremental(self, tokens: Tensor, state: Optional[HiddenMemory]) -> SegmentOutput:
+    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
         """New tokens (B, T_new) of generation: the cache grows inside a segment and is cut to mem_len at every
         ``tokens_per_sample`` boundary, exactly where the streaming pass cuts it."""
         outputs = []
-        pending = state.pending if state is not None else 0
-        for start, stop, closes in segment_pieces(tokens.size(1), pending, self.tokens_per_sample):
+        offset = state.offset if state is not None else 0
+        for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
             features, cache = self._forward(tokens[:, start:stop], state)
-            pending = 0 if closes else pending + stop - start
-            state = self._cut(cache) if closes else HiddenMemory(cache, pending=pending)
-            if state is None:  # mem_len 0: keep an empty cache so pending can restart at 0
-                state = HiddenMemory(tuple(c[:, :0] for c in cache), pending=0)
+            offset = 0 if closes else offset + stop - start
+            state = self._cut(cache) if closes else DecoderState(tuple(HiddenCache(c) for c in cache), offset)
             outputs.append(features)
         return torch.cat(outputs, dim=1), state, {}
 
-    def _cut(self, cache: Tuple[Tensor, ...]) -> Optional[HiddenMemory]:
+    def _cut(self, cache: Tuple[Tensor, ...]) -> Optional[DecoderState]:
         """Memory for the next segment: the last mem_len entries of every layer's cache (None if mem_len = 0)."""
         if self.mem_len == 0:
             return None
-        return HiddenMemory(tuple(c[:, -self.mem_len:] for c in cache), pending=0)
+        return DecoderState(tuple(HiddenCache(c[:, -self.mem_len:]) for c in cache), 0)
 
-    def _forward(self, tokens: Tensor, state: Optional[HiddenMemory]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    def _forward(self, tokens: Tensor, state: Optional[DecoderState]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """tokens (B, T) over the memory/cache in ``state`` -> (features (B, T, C), per-layer [cache ; inputs]
         (B, M + T, C), detached)."""
         if state is not None and len(state.layers) != len(self.layers):
             raise ValueError(f"memory has {len(state.layers)} layers, the model {len(self.layers)}")
-        memories: Sequence[Optional[Tensor]] = state.layers if state is not None else (None,) * len(self.layers)
-        cached = state.length if state is not None else 0
+        memories: Sequence[Optional[Tensor]] = \
+            tuple(s.hidden for s in state.layers) if state is not None else (None,) * len(self.layers)
+        cached = memories[0].size(1) if state is not None else 0
         klen = cached + tokens.size(1)
         x = F.dropout(self.embed_tokens(tokens), self.dropout, self.training)  # (B, T, C)
         positions = self.positions(klen, self.clamp_len, x.dtype, x.device)  # (S, C)

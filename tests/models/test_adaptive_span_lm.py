@@ -135,9 +135,9 @@ def test_trimming_happens_and_is_exact():
     assert_close(stream_lprobs(model, x, [30, 30, 30]), reference_lprobs(model, x), atol=1e-10, rtol=0)
     model.decoder.reset_state()
     model(x[:, :30])
-    assert [c.size(1) for c in model.decoder.stream_state("eval").layers] == [30, 30]
+    assert [c.length for c in model.decoder.stream_state("eval").layers] == [30, 30]
     model(x[:, 30:90])
-    assert [c.size(1) for c in model.decoder.stream_state("eval").layers] == [72, 90]  # cut to C = L_pos + 64
+    assert [c.length for c in model.decoder.stream_state("eval").layers] == [72, 90]  # cut to C = L_pos + 64
 
 
 @pytest.mark.parametrize("extra,z", [(["--adapt-span-layer"], [[0.2], [0.05]]), (["--fixed-span"], None),
@@ -174,7 +174,7 @@ def test_cache_too_short_is_zero_padded():
     x = tokens(2, 130)
     model.decoder.reset_state()
     first, _ = model(x[:, :100])
-    assert [c.size(1) for c in model.decoder.stream_state("eval").layers] == [72, 72]
+    assert [c.length for c in model.decoder.stream_state("eval").layers] == [72, 72]
     with torch.no_grad():
         for layer in model.decoder.layers:
             layer.self_attn.span.z.fill_(0.5)  # S_max 108 -> L_pos 136 > 72 cached

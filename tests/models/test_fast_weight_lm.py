@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fairseq_ext.models.fast_weight_lm import FastWeightLanguageModel
-from fairseq_ext.state import DecoderState, FastWeightState, HiddenCache, LayerStates, state_to_plain
+from fairseq_ext.state import DecoderState, FastWeightState, HiddenCache, state_to_plain
 from tests.harness import assert_close, build_model, single_thread, split_segments, stream_segments, tiny_dictionary
 
 VOCAB = 40  # 4 specials + 36 words
@@ -214,7 +214,7 @@ def test_a_train_stream_saved_as_layer_states_resumes():
     model = make(ATTENTION["linear-delta-output"] + ["--carry-over-fast-weight", "--no-pos"])
     x = tokens(2, 8)
     _, state, _ = model.decoder.forward_segment(x[:, :4], None)
-    old = state_to_plain(LayerStates(state.layers))
+    old = {"__state__": "LayerStates", "layers": state_to_plain(state)["layers"]}
     model.decoder.set_extra_state({"train": old, "train_segments": 1})
     assert model.decoder.resume_train_stream(1)
     resumed = model.decoder.stream_state("train")

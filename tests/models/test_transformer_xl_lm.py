@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
-from fairseq_ext.state import HiddenMemory
+from fairseq_ext.state import DecoderState
 from tests.harness import assert_close, build_model, single_thread, split_segments, stream_segments, tiny_dictionary
 
 VOCAB = 60  # 4 specials + 56 words
@@ -136,8 +136,8 @@ def test_memory_update_lengths_contents_and_no_grad():
         feats, state, _ = decoder.forward_segment(seg, state)
         feats.sum().backward()
         seen += 4
-        assert isinstance(state, HiddenMemory) and state.length == min(6, seen)
-        for layer_memory, layer_input in zip(state.layers, inputs):
+        assert isinstance(state, DecoderState) and all(s.length == min(6, seen) for s in state.layers)
+        for layer_memory, layer_input in zip((s.hidden for s in state.layers), inputs):
             assert not layer_memory.requires_grad
             assert torch.equal(layer_memory[:, -4:], layer_input)  # this segment's inputs are the newest entries
     for hook in hooks:
@@ -153,7 +153,7 @@ def test_memory_persists_through_the_stream_api_in_training_and_is_detached():
         logits, _ = model(seg)
         model.get_normalized_probs((logits, {}), log_probs=True).sum().backward()
     state = model.decoder.stream_state("train")
-    assert state.length == 4 and all(not t.requires_grad for t in state.layers)
+    assert all(s.length == 4 for s in state.layers) and all(not t.requires_grad for t in state.tensors())
     assert model.decoder.stream_state("eval") is None
 
 

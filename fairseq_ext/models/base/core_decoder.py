@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput, StatefulDecoder, segment_pieces
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.composed import ComposedBlock, PositionTerm
-from fairseq_ext.state import DecoderState, LayerStates, SegmentState
+from fairseq_ext.state import DecoderState, SegmentState
 
 MAX_POSITIONS = 1_000_000  # no learned positions: fairseq uses this only for filtering
 LayerState = Optional[SegmentState]
@@ -86,10 +86,6 @@ class CoreDecoder(StatefulDecoder):
             if closes:
                 layer_states = self._layer_states(self._closed(layer_states))
         return torch.cat(outputs, dim=1), DecoderState(layer_states, offset), {}
-
-    def upgrade_saved_state(self, state: Optional[SegmentState]) -> Optional[SegmentState]:
-        """A train stream saved before this decoder used ``DecoderState`` (fast_weight_lm's ``LayerStates``)."""
-        return DecoderState(state.layers, 0) if isinstance(state, LayerStates) else state
 
     def _layer_states(self, state: Optional[DecoderState]) -> Tuple[LayerState, ...]:
         if state is None:

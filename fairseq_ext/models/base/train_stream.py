@@ -99,14 +99,10 @@ class SavedTrainStream(nn.Module):
             return False
         plain = pending["train"] if rank == 0 else others[rank - 1]
         device = next(self.parameters()).device
-        self._streams["train"] = None if plain is None else self.upgrade_saved_state(state_from_plain(plain)).to(device)
+        self._streams["train"] = None if plain is None else state_from_plain(plain).to(device)
         self._train_segments = segment
         logger.info("%s: resumed the training streams' state at segment %d", type(self).__name__, segment)
         return True
-
-    def upgrade_saved_state(self, state: SegmentState) -> SegmentState:
-        """A saved train stream in an older state layout -> today's (a decoder whose layout changed overrides it)."""
-        return state
 
     def discard_saved_train_stream(self, reason: str) -> None:
         """Forget a loaded checkpoint's train stream: training starts the streams cold (logged with ``reason``)."""

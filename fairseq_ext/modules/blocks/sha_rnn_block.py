@@ -28,13 +28,13 @@ from fairseq_ext.state import SegmentState
 @dataclasses.dataclass(frozen=True)
 class SHARNNBlockState(SegmentState):
     """One block's carried state: LSTM ``h``, ``c`` (B, d); ``memory`` (B, M, d) of ``lnmem`` outputs (attention
-    blocks; None otherwise); ``pending``: tokens of an unfinished segment already appended to ``memory``
-    (incremental decoding; 0 at every segment boundary)."""
+    blocks; None otherwise). The offset into an unfinished segment is the decoder's (``DecoderState.offset``)."""
+
+    retired_fields = {"pending": 0}  # train streams saved before DecoderState held the offset here (always 0)
 
     h: Tensor
     c: Tensor
     memory: Optional[Tensor] = None
-    pending: int = 0
 
 
 def gelu_1702(x: Tensor) -> Tensor:
@@ -85,11 +85,11 @@ class SHARNNBlock(nn.Module):
         keep = max(self.max_memory - length, 0)
         return memory[:, memory.size(1) - min(keep, memory.size(1)):]
 
-    def forward(self, x: Tensor, state: Optional[SHARNNBlockState], trim_to: Optional[int] = None,
-                pending: int = 0) -> Tuple[Tensor, SHARNNBlockState]:
+    def forward(self, x: Tensor, state: Optional[SHARNNBlockState],
+                trim_to: Optional[int] = None) -> Tuple[Tensor, SHARNNBlockState]:
         """x (B, T, d), state (None: zeros, no memory) -> (y (B, T, d), new state). The memory is first trimmed for a
         segment of ``trim_to`` tokens (None: T, this call is a whole segment; 0: no trim, the call continues an
-        unfinished segment in incremental decoding); ``pending`` is stored in the new state as is."""
+        unfinished segment in incremental decoding)."""
         hidden = None if state is None else (state.h.unsqueeze(0).contiguous(), state.c.unsqueeze(0).contiguous())
         h = self.lnstart(x)
         h, (h_n, c_n) = self.rnn(h, hidden)  # (B, T, d), (1, B, d) x 2
@@ -108,4 +108,4 @@ class SHARNNBlock(nn.Module):
             new_memory = big[:, max(big.size(1) - self.max_memory, 0):]  # (B, <= max_memory, d)
         base = self.lnff(h)
         h = F.dropout(self.ff(self.lnxff(h)), self.dropouth, self.training) + base
-        return h, SHARNNBlockState(h_n.squeeze(0), c_n.squeeze(0), new_memory, pending)
+        return h, SHARNNBlockState(h_n.squeeze(0), c_n.squeeze(0), new_memory)
