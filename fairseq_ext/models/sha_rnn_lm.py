@@ -21,13 +21,14 @@ evaluation) is refused (``check_memory_window``): no memory would survive the tr
 streaming pass over segments of ``tokens_per_sample`` tokens exactly: the memory is trimmed for a segment of
 ``tokens_per_sample`` tokens whenever a new segment starts (offset 0) and grows untrimmed inside it.
 
-Pieces, in the order the forward pass uses them: the embedding, ``modules/blocks/sha_rnn_block.py`` (LSTM, Boom)
+Pieces, in the order the forward pass uses them: ``models/base/core_decoder.py`` (the loop and the state; the
+trim length is the blocks' per-call context), the embedding, ``modules/blocks/sha_rnn_block.py`` (LSTM, Boom)
 -> ``modules/attention/single_head_attention.py``, the tied output with ``modules/dead_rows.py``; state
 SHARNNBlockState (in the block module) in a ``DecoderState``, held by ``models/base``.
 """
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +39,15 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from fairseq_ext.errors import ConfigError
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
+from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
-from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
 from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock
-from fairseq_ext.state import DecoderState
+from fairseq_ext.modules.composed.positions import PositionTerm
+from fairseq_ext.state import SegmentState
 
-MAX_POSITIONS = 1_000_000  # no positions: no bound on the length
 
 
 @dataclass
@@ -102,28 +103,28 @@ def check_memory_window(max_memory: int, tokens_per_sample: Optional[int]) -> No
             f"\"{{'max_memory': N}}\"), or a shorter --tokens-per-sample")
 
 
-class SHARNNDecoder(StatefulDecoder):
-    """Embedding -> dropouti -> blocks -> dropout -> tied output with its own bias."""
+class SHARNNDecoder(CoreDecoder):
+    """Embedding -> dropouti -> blocks -> dropout -> tied output with its own bias, on the one decoder loop
+    (``models/base/core_decoder.py``); the blocks' per-call context is how far to trim the attention memory."""
 
     def __init__(self, cfg: SHARNNConfig, dictionary) -> None:
-        super().__init__(dictionary)
         vocab, dim = len(dictionary), cfg.decoder_embed_dim
         if cfg.decoder_layers < 1 or dim < 1:
             raise ValueError("decoder_layers and decoder_embed_dim must be >= 1")
+        tokens_per_sample: Optional[int] = safe_getattr(cfg, "tokens_per_sample", None)
+        check_memory_window(cfg.max_memory, tokens_per_sample)
+        attn_layers = parse_attn_layers(cfg.attn_layers, cfg.decoder_layers)
+        super().__init__(
+            dictionary, nn.Embedding(vocab, dim), PositionTerm(),
+            layers=[SHARNNBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropouth, i in attn_layers, cfg.max_memory,
+                                collapsed=cfg.collapse_value_gate) for i in range(cfg.decoder_layers)],
+            layer_norm=None, adaptive_softmax=None, dropout=cfg.dropout, tokens_per_sample=tokens_per_sample,
+            input_dropout=cfg.dropouti)
         self.embed_dim = dim
-        self.dropout = cfg.dropout
-        self.dropouti = cfg.dropouti
         self.max_memory = cfg.max_memory
-        self.tokens_per_sample: Optional[int] = safe_getattr(cfg, "tokens_per_sample", None)
-        check_memory_window(self.max_memory, self.tokens_per_sample)
-        self.attn_layers = parse_attn_layers(cfg.attn_layers, cfg.decoder_layers)
-        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.attn_layers = attn_layers
         self.output_bias = nn.Parameter(torch.zeros(vocab))
         self.dead_rows = DeadRows(vocab, bias="output_bias", weight="embed_tokens.weight")  # converted checkpoints
-        self.layers = nn.ModuleList(
-            SHARNNBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropouth, i in self.attn_layers, cfg.max_memory,
-                        collapsed=cfg.collapse_value_gate)
-            for i in range(cfg.decoder_layers))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -149,45 +150,16 @@ class SHARNNDecoder(StatefulDecoder):
             if layer.attn is not None:
                 layer.attn.collapse_value_gate()
 
-    def max_positions(self) -> int:
-        return MAX_POSITIONS
-
     def output_layer(self, features: Tensor) -> Tensor:
         """features (B, T, d) -> logits (B, T, V) through the tied embedding and the output bias."""
         return self.dead_rows(F.linear(features, self.embed_tokens.weight, self.output_bias))
 
-    def _run(self, tokens: Tensor, state: Optional[DecoderState], trim_to: Optional[int],
-             offset: int) -> SegmentOutput:
-        """tokens (B, T) -> (features (B, T, d), the DecoderState ``offset`` tokens into a segment, {}); see
-        ``SHARNNBlock.forward`` for trim_to."""
-        if state is not None and len(state.layers) != len(self.layers):
-            raise ValueError(f"state has {len(state.layers)} blocks, the model {len(self.layers)}")
-        states = list(state.layers) if state is not None else [None] * len(self.layers)
-        h = F.dropout(self.embed_tokens(tokens), self.dropouti, self.training)  # (B, T, d)
-        new_states = []
-        for layer, layer_state in zip(self.layers, states):
-            h, new_state = layer(h, layer_state, trim_to)
-            new_states.append(new_state)
-        return F.dropout(h, self.dropout, self.training), DecoderState(tuple(new_states), offset), {}
-
-    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """One segment tokens (B, T) continuing ``state`` (None: cold start): memory trimmed to max_memory - T."""
-        if state is not None and state.offset:
-            raise ValueError(f"a streaming call starts a segment, but the state is {state.offset} tokens into one")
-        return self._run(tokens, state, None, 0)
-
-    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """New tokens (B, T_new) of generation, reproducing the streaming pass over segments of
-        ``tokens_per_sample`` tokens: at each segment start the memory is trimmed for a whole segment, inside a
-        segment it grows untrimmed."""
-        offset = state.offset if state is not None else 0  # tokens of the current segment read
-        outputs = []
-        for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
-            trim_to = self.tokens_per_sample if offset == 0 else 0
-            offset = 0 if closes else offset + stop - start
-            features, state, _ = self._run(tokens[:, start:stop], state, trim_to, offset)
-            outputs.append(features)
-        return torch.cat(outputs, dim=1), state, {}
+    def layer_context(self, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
+                      segment_length: int) -> int:
+        """How many tokens to trim each block's memory for (``SHARNNBlock.forward``): a whole segment of
+        ``segment_length`` when the call starts one (streaming: the call's T; incremental decoding: tokens_per_sample),
+        none (0) when it continues an unfinished segment."""
+        return segment_length if offset == 0 else 0
 
 
 @register_model("sha_rnn_lm", dataclass=SHARNNConfig)

@@ -15,7 +15,8 @@ every ``tokens_per_sample`` tokens, so its per-token logits equal the streaming 
 length. ``mem_len``, ``clamp_len``, ``same_length`` and ``tokens_per_sample`` can all be changed at evaluation
 with ``--model-overrides`` (the segment length of streaming evaluation is the task's ``--tokens-per-sample``).
 
-Pieces, in the order the forward pass uses them: ``modules/adaptive/adaptive_input.py`` (XLAdaptiveInput),
+Pieces, in the order the forward pass uses them: ``models/base/core_decoder.py`` (the loop and the state; R, u, v
+and the window are the layers' per-call ``XLContext``), ``modules/adaptive/adaptive_input.py`` (XLAdaptiveInput),
 ``modules/positional/xl_relative.py`` (R), ``modules/blocks/transformer_xl_layer.py`` ->
 ``modules/attention/xl_relative_self_attention.py`` -> ``ops/xl_relative/`` (mask.py, shift.py, naive.py, fused.py),
 ``modules/blocks/feed_forward.py``, ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``);
@@ -23,7 +24,7 @@ initialisation ``modules/init.py``; state ``fairseq_ext/state.py`` (DecoderState
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +34,21 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel, segment_pieces
+from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
-from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
-from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer
+from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer, XLContext
+from fairseq_ext.modules.composed.positions import PositionTerm
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
 
-from fairseq_ext.state import DecoderState, HiddenCache
+from fairseq_ext.state import SegmentState
 
 BIAS_LAYOUTS = ("original", "nvidia")  # output-bias tensors of the adaptive softmax (adaptive_softmax_bias_layout)
 
-# Relative positions put no bound on the length; fairseq only uses this for filtering.
-MAX_POSITIONS = 1_000_000
 TIE_PROJS = ("none", "tails", "all")
 
 
@@ -133,11 +133,12 @@ def validate_config(cfg: TransformerXLConfig, vocab_size: int) -> None:
     check_cutoffs(cfg.adaptive_softmax_cutoff, vocab_size)
 
 
-class TransformerXLDecoder(StatefulDecoder):
-    """Embedding -> dropout -> layers over [memory ; segment] -> dropout -> projected adaptive softmax."""
+class TransformerXLDecoder(CoreDecoder):
+    """Embedding -> dropout -> layers over [memory ; segment] -> dropout -> projected adaptive softmax, on the one
+    decoder loop (``models/base/core_decoder.py``); R, the shared u, v and the same-length window are the layers'
+    per-call context (``layer_context``)."""
 
     def __init__(self, cfg: TransformerXLConfig, dictionary) -> None:
-        super().__init__(dictionary)
         validate_config(cfg, len(dictionary))
         vocab = len(dictionary)
         dim = cfg.decoder_embed_dim
@@ -145,92 +146,48 @@ class TransformerXLDecoder(StatefulDecoder):
         heads = cfg.decoder_attention_heads
         head_dim = cfg.decoder_attention_head_dim or dim // heads
         cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
+        embed_tokens = XLAdaptiveInput(vocab, embed_dim, dim, cutoffs, cfg.adaptive_softmax_factor)
+        super().__init__(
+            dictionary, embed_tokens, PositionTerm(),
+            layers=[TransformerXLLayer(dim, heads, head_dim, cfg.decoder_ffn_embed_dim, cfg.dropout,
+                                       cfg.attention_dropout, cfg.decoder_normalize_before, cfg.mem_len,
+                                       str(cfg.attn_impl), own_biases=cfg.untie_r)
+                    for _ in range(cfg.decoder_layers)],
+            layer_norm=None,  # post-LN ends in a LayerNorm; the original's pre-LN stack has no final one
+            adaptive_softmax=ProjectedAdaptiveLogSoftmax(
+                vocab, embed_dim, dim, cutoffs, cfg.adaptive_softmax_factor,
+                tie_to=None if cfg.untie_adaptive_weights else embed_tokens,
+                tie_projs=tie_projection_flags(str(cfg.tie_projs), len(cutoffs) + 1),
+                bias_per_cluster=per_cluster_biases(cfg)),
+            dropout=cfg.dropout, tokens_per_sample=cfg.tokens_per_sample)
+        if cfg.untie_r:
+            self.content_bias = self.position_bias = None  # each layer owns its u, v
+        else:  # u, v shared by every layer (original r_w_bias, r_r_bias)
+            self.content_bias = nn.Parameter(torch.zeros(heads, head_dim))
+            self.position_bias = nn.Parameter(torch.zeros(heads, head_dim))
         self.embed_dim = dim
-        self.dropout = cfg.dropout
         self.mem_len = cfg.mem_len
         self.clamp_len = cfg.clamp_len
         self.same_length = cfg.same_length
         self.same_length_convention = str(cfg.same_length_convention)
-        self.tokens_per_sample = cfg.tokens_per_sample
-        self.embed_tokens = XLAdaptiveInput(vocab, embed_dim, dim, cutoffs, cfg.adaptive_softmax_factor)
         self.positions = XLRelativePositions(dim)
-        if cfg.untie_r:
-            self.content_bias = self.position_bias = None
-        else:  # u, v shared by every layer (original r_w_bias, r_r_bias)
-            self.content_bias = nn.Parameter(torch.zeros(heads, head_dim))
-            self.position_bias = nn.Parameter(torch.zeros(heads, head_dim))
-        self.layers = nn.ModuleList(
-            TransformerXLLayer(dim, heads, head_dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.attention_dropout,
-                               cfg.decoder_normalize_before, str(cfg.attn_impl), own_biases=cfg.untie_r)
-            for _ in range(cfg.decoder_layers))
-        self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
-            vocab, embed_dim, dim, cutoffs, cfg.adaptive_softmax_factor,
-            tie_to=None if cfg.untie_adaptive_weights else self.embed_tokens,
-            tie_projs=tie_projection_flags(str(cfg.tie_projs), len(cutoffs) + 1),
-            bias_per_cluster=per_cluster_biases(cfg))
         self.reset_parameters(cfg.init_std, cfg.proj_init_std)
 
-    # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, init_std: float, proj_init_std: float) -> None:
         """The original ``weights_init`` (spec §4): N(0, init_std) weights, N(1, init_std) LayerNorm gains, zero
         biases, N(0, proj_init_std) adaptive projections; tied tensors are initialised once as embeddings."""
         xl_weights_init(self, init_std, proj_init_std, normal_leaves=("content_bias", "position_bias"))
 
-    def max_positions(self) -> int:
-        return MAX_POSITIONS
-
-    def output_layer(self, features: Tensor) -> Tensor:
-        """Features unchanged: the adaptive softmax (``get_normalized_probs``, ``lm_loss``) reads them."""
-        return features
-
-    # ------------------------------------------------------------------------------------------------------
-    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """One whole segment (streaming): tokens (B, T) -> features (B, T, C); the memory is cut to mem_len."""
-        if state is not None and state.offset:
-            raise ValueError(f"a streaming call starts a segment, but the state is {state.offset} tokens into one")
-        features, cache = self._forward(tokens, state)
-        return features, self._cut(cache), {}
-
-    def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """New tokens (B, T_new) of generation: the cache grows inside a segment and is cut to mem_len at every
-        ``tokens_per_sample`` boundary, exactly where the streaming pass cuts it."""
-        outputs = []
-        offset = state.offset if state is not None else 0
-        for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
-            features, cache = self._forward(tokens[:, start:stop], state)
-            offset = 0 if closes else offset + stop - start
-            state = self._cut(cache) if closes else DecoderState(tuple(HiddenCache(c) for c in cache), offset)
-            outputs.append(features)
-        return torch.cat(outputs, dim=1), state, {}
-
-    def _cut(self, cache: Tuple[Tensor, ...]) -> Optional[DecoderState]:
-        """Memory for the next segment: the last mem_len entries of every layer's cache (None if mem_len = 0)."""
-        if self.mem_len == 0:
-            return None
-        return DecoderState(tuple(HiddenCache(c[:, -self.mem_len:]) for c in cache), 0)
-
-    def _forward(self, tokens: Tensor, state: Optional[DecoderState]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """tokens (B, T) over the memory/cache in ``state`` -> (features (B, T, C), per-layer [cache ; inputs]
-        (B, M + T, C), detached)."""
-        if state is not None and len(state.layers) != len(self.layers):
-            raise ValueError(f"memory has {len(state.layers)} layers, the model {len(self.layers)}")
-        memories: Sequence[Optional[Tensor]] = \
-            tuple(s.hidden for s in state.layers) if state is not None else (None,) * len(self.layers)
-        cached = memories[0].size(1) if state is not None else 0
-        klen = cached + tokens.size(1)
-        x = F.dropout(self.embed_tokens(tokens), self.dropout, self.training)  # (B, T, C)
-        positions = self.positions(klen, self.clamp_len, x.dtype, x.device)  # (S, C)
+    def layer_context(self, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
+                      segment_length: int) -> XLContext:
+        """R for the M + T keys of this call (M = the memory length, the same in every layer), with dropout once
+        for all layers, the shared u, v, and the same_length window."""
+        cached = layer_states[0].length if layer_states[0] is not None else 0
+        positions = self.positions(cached + x.size(1), self.clamp_len, x.dtype, x.device)  # (S, C)
         positions = F.dropout(positions, self.dropout, self.training)
         window = same_length_window(self.mem_len, self.same_length_convention) if self.same_length else None
-        caches = []
-        for layer, memory in zip(self.layers, memories):
-            if memory is not None and memory.size(1) == 0:
-                memory = None
-            inputs = x.detach()  # (B, T, C) this layer's input, stop-gradient in the memory
-            caches.append(inputs if memory is None else torch.cat([memory, inputs], dim=1))  # (B, M + T, C)
-            x = layer(x, memory, positions, self.content_bias, self.position_bias, window)  # (B, T, C)
-        return F.dropout(x, self.dropout, self.training), tuple(caches)
+        return XLContext(positions, self.content_bias, self.position_bias, window)
 
 
 @register_model("transformer_xl_lm", dataclass=TransformerXLConfig)

@@ -34,6 +34,19 @@ def test_frozen_checkpoint_gives_the_same_log_probs(case):
     assert diff <= 1e-6, f"{case}: log-probs moved by {diff:.3g} since the checkpoint was frozen"
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("converted_")])
+def test_parameters_keep_the_order_optimizer_states_were_saved_in(case):
+    """fairseq's optimizer state indexes parameters by their position in ``model.parameters()``: every parameter that
+    a checkpoint trained here stored under the same name (its state dict is in registration order) comes in the
+    same relative order today. (Converted checkpoints carry no optimizer state; their key order is the converter's.)"""
+    stored = list(torch.load(os.path.join(DATA, case, "model.pt"), weights_only=False)["model"])
+    model = load(os.path.join(DATA, case))
+    position = {name: index for index, name in enumerate(stored)}
+    common = [name for name, _ in model.named_parameters() if name in position]
+    assert len(common) > len(list(model.parameters())) // 2  # only upgraded tensors (fused qkv, biases) are renamed
+    assert [position[name] for name in common] == sorted(position[name] for name in common)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("converted_")])
 def test_old_conversions_are_upgraded_to_dead_rows_outside_the_trained_tensors(case):
     """Converted before dead_rows existed: the bias rows held -40. Loaded today, the rows are zeros in the trained

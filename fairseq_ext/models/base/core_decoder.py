@@ -1,19 +1,22 @@
-"""``CoreDecoder``: the decoder of every model built from the composable core (``modules/composed``), read top to
-bottom:
+"""``CoreDecoder``: the one decoder loop of the stateful models, read top to bottom:
 
-    x = Drop(E[tokens] · sqrt(C) + P_abs)            (adaptive input; P_abs from an absolute position term or none)
-    x, state_l = Block_l(x, state_l)   for l = 1..N  (ComposedBlock: a mixer and a feed-forward sublayer)
-    features = Drop(LN(x))                           (LN only for pre-LN stacks)
+    x = Drop_in(E[tokens] + P_abs)                   (embedding / adaptive input; P_abs an absolute position term)
+    c = layer_context(x, states, offset, T)          (what every layer shares in this call, e.g. Transformer-XL's R)
+    x, state_l = Block_l(x, state_l, c)   l = 1..N   (ComposedBlock or a system's own block)
+    features = Drop(LN(x))                           (LN only where the stack has a final one)
 
-and ``ProjectedAdaptiveLogSoftmax`` reads the features (``output_layer`` passes them through).
+and the output layer reads the features (the adaptive softmax, or a model's own ``output_layer``).
 
-State: one ``DecoderState`` (per-layer states, and the offset into the current segment). A streaming call is one
-whole segment: every layer's state is closed at its end (memory cut to M, segment caches dropped, fast weights kept
-only when carried). Incremental decoding cuts its tokens at the same segment boundaries (``segment_pieces``), so its
-log-probabilities equal the streaming pass over segments of ``tokens_per_sample``.
+A block is any module with ``forward(x, state, context) -> (y, open state)``, ``close(state)`` (the state the next
+segment starts from: memory cut to M, segment caches dropped, fast weights kept only when carried) and
+``carries_state``. State: one ``DecoderState`` (per-layer states, and the offset into the current segment). A
+streaming call is one whole segment: every layer's state is closed at its end. Incremental decoding cuts its tokens
+at the same segment boundaries (``segment_pieces``), so its log-probabilities equal the streaming pass over segments
+of ``tokens_per_sample``.
 
 A model's decoder validates its own config, builds the pieces and hands them to ``__init__``: ``composed_lm`` from
-per-layer patterns, ``fast_weight_lm`` from lmtool's settings.
+per-layer patterns, ``fast_weight_lm`` from lmtool's settings, ``transformer_xl_lm`` and ``sha_rnn_lm`` with their
+own blocks and ``layer_context``.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput, StatefulDecoder, segment_pieces
-from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
-from fairseq_ext.modules.composed import ComposedBlock, PositionTerm
+from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax
+from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.state import DecoderState, SegmentState
 
 MAX_POSITIONS = 1_000_000  # no learned positions: fairseq uses this only for filtering
@@ -33,12 +36,14 @@ LayerState = Optional[SegmentState]
 
 
 class CoreDecoder(StatefulDecoder):
-    """Adaptive input (+ absolute positions) -> dropout -> ComposedBlocks -> (LN) -> dropout -> adaptive softmax."""
+    """Input (+ absolute positions) -> dropout -> blocks -> (LN) -> dropout -> output; see the module docstring."""
 
-    def __init__(self, dictionary, embed_tokens: XLAdaptiveInput, input_position: PositionTerm,
-                 layers: Sequence[ComposedBlock], layer_norm: Optional[nn.LayerNorm],
-                 adaptive_softmax: ProjectedAdaptiveLogSoftmax, dropout: float,
-                 tokens_per_sample: Optional[int]) -> None:
+    def __init__(self, dictionary, embed_tokens: nn.Module, input_position: PositionTerm, layers: Sequence[nn.Module],
+                 layer_norm: Optional[nn.LayerNorm], adaptive_softmax: Optional[ProjectedAdaptiveLogSoftmax],
+                 dropout: float, tokens_per_sample: Optional[int], input_dropout: Optional[float] = None) -> None:
+        """input_dropout: dropout on the input embeddings (default: ``dropout``). The submodules are registered in
+        the order above: ``parameters()``, which optimizer states index, lists the decoder's own parameters (e.g.
+        Transformer-XL's shared u, v), then these modules' in this order."""
         super().__init__(dictionary)
         self.embed_tokens = embed_tokens
         self.input_position = input_position
@@ -46,6 +51,7 @@ class CoreDecoder(StatefulDecoder):
         self.layer_norm = layer_norm
         self.adaptive_softmax = adaptive_softmax
         self.dropout = dropout
+        self.input_dropout = dropout if input_dropout is None else input_dropout
         self.tokens_per_sample = tokens_per_sample
 
     @property
@@ -70,7 +76,7 @@ class CoreDecoder(StatefulDecoder):
         if state is not None and state.offset:
             raise ValueError(f"a streaming call starts a segment, but the state is {state.offset} tokens into one")
         lengths = tokens.ne(self.dictionary.pad()).sum(1, keepdim=True)  # (B, 1)
-        features, layer_states = self._forward(tokens, self._layer_states(state), 0, lengths)
+        features, layer_states = self._forward(tokens, self._layer_states(state), 0, lengths, tokens.size(1))
         return features, self._closed(layer_states), {}
 
     def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
@@ -80,7 +86,8 @@ class CoreDecoder(StatefulDecoder):
         outputs: List[Tensor] = []
         seg_len = torch.full((1, 1), self.tokens_per_sample or 0, device=tokens.device)
         for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
-            features, layer_states = self._forward(tokens[:, start:stop], layer_states, offset, seg_len)
+            features, layer_states = self._forward(tokens[:, start:stop], layer_states, offset, seg_len,
+                                                   self.tokens_per_sample)
             outputs.append(features)
             offset = 0 if closes else offset + stop - start
             if closes:
@@ -99,19 +106,26 @@ class CoreDecoder(StatefulDecoder):
         closed = tuple(layer.close(s) for layer, s in zip(self.layers, layer_states))
         return None if all(s is None for s in closed) else DecoderState(closed, 0)
 
-    def _forward(self, tokens: Tensor, layer_states: Tuple[LayerState, ...], offset: int,
-                 lengths: Tensor) -> Tuple[Tensor, Tuple[LayerState, ...]]:
-        """tokens (B, T) starting ``offset`` tokens into segments of ``lengths`` (B|1, 1) -> (features (B, T, C),
-        the layers' open states)."""
-        x = self.embed_tokens(tokens)  # (B, T, C) scaled by sqrt(C)
+    def layer_context(self, x: Tensor, layer_states: Tuple[LayerState, ...], offset: int,
+                      segment_length: int) -> Optional[object]:
+        """What every block shares in one call (None by default): x (B, T, C) the block input, starting ``offset``
+        tokens into a segment of ``segment_length`` tokens, over the layers' states."""
+        return None
+
+    def _forward(self, tokens: Tensor, layer_states: Tuple[LayerState, ...], offset: int, lengths: Tensor,
+                 segment_length: int) -> Tuple[Tensor, Tuple[LayerState, ...]]:
+        """tokens (B, T) starting ``offset`` tokens into segments of ``lengths`` (B|1, 1) real tokens (of
+        ``segment_length`` tokens, the call's length when streaming) -> (features (B, T, C), the open states)."""
+        x = self.embed_tokens(tokens)  # (B, T, C)
         position = offset + torch.arange(tokens.size(1), device=tokens.device)[None]  # (1, T)
         absolute = self.input_position.embed(position, lengths, x.dtype)  # (B|1, T, C) or None
         if absolute is not None:
             x = x + absolute
-        x = F.dropout(x, self.dropout, self.training)
+        x = F.dropout(x, self.input_dropout, self.training)
+        context = self.layer_context(x, layer_states, offset, segment_length)
         new_states = []
         for layer, layer_state in zip(self.layers, layer_states):
-            x, layer_state = layer(x, layer_state)  # (B, T, C)
+            x, layer_state = layer(x, layer_state, context)  # (B, T, C)
             new_states.append(layer_state)
         if self.layer_norm is not None:
             x = self.layer_norm(x)

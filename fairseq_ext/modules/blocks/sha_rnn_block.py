@@ -85,11 +85,19 @@ class SHARNNBlock(nn.Module):
         keep = max(self.max_memory - length, 0)
         return memory[:, memory.size(1) - min(keep, memory.size(1)):]
 
+    @property
+    def carries_state(self) -> bool:
+        return True
+
+    def close(self, state: Optional[SHARNNBlockState]) -> Optional[SHARNNBlockState]:
+        """Everything is carried into the next segment (its memory is trimmed when that segment starts)."""
+        return state
+
     def forward(self, x: Tensor, state: Optional[SHARNNBlockState],
                 trim_to: Optional[int] = None) -> Tuple[Tensor, SHARNNBlockState]:
         """x (B, T, d), state (None: zeros, no memory) -> (y (B, T, d), new state). The memory is first trimmed for a
         segment of ``trim_to`` tokens (None: T, this call is a whole segment; 0: no trim, the call continues an
-        unfinished segment in incremental decoding)."""
+        unfinished segment in incremental decoding); the decoder passes it as the blocks' per-call context."""
         hidden = None if state is None else (state.h.unsqueeze(0).contiguous(), state.c.unsqueeze(0).contiguous())
         h = self.lnstart(x)
         h, (h_n, c_n) = self.rnn(h, hidden)  # (B, T, d), (1, B, d) x 2

@@ -23,8 +23,8 @@ class ComposedBlock(FeedForwardBlock):
         self.self_attn = mixer
         self._build_feed_forward(embed_dim, ffn_dim)
 
-    def forward(self, x: Tensor, state: Optional[object]) -> Tuple[Tensor, Optional[object]]:
-        """x (B, T, C) -> (B, T, C) and the mixer's open state."""
+    def forward(self, x: Tensor, state: Optional[object], context: None = None) -> Tuple[Tensor, Optional[object]]:
+        """x (B, T, C) -> (B, T, C) and the mixer's open state (composed mixers share no per-call context)."""
         if self.normalize_before:
             y, state = self.self_attn(self.self_attn_layer_norm(x), state)
             x = x + self._drop(y)  # (B, T, C)
