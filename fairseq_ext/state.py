@@ -135,6 +135,19 @@ class HiddenCache(SegmentState):
 
 
 @dataclasses.dataclass(frozen=True)
+class SHARNNBlockState(SegmentState):
+    """One SHA-RNN block's carried state (``modules/blocks/sha_rnn_block.py``, Merity 2019): LSTM ``h``, ``c``
+    (B, d); ``memory`` (B, M, d) of ``lnmem`` outputs (attention blocks; None otherwise). The offset into an
+    unfinished segment is the decoder's (``DecoderState.offset``)."""
+
+    retired_fields = {"pending": 0}  # train streams saved before DecoderState held the offset here (always 0)
+
+    h: Tensor
+    c: Tensor
+    memory: Optional[Tensor] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderState(SegmentState):
     """Every decoder's whole state: one state per layer (a SegmentState or None) and ``offset``, the number of tokens
     of the current segment already read (0 at every segment boundary; > 0 only inside incremental decoding)."""

@@ -104,8 +104,7 @@ def test_train_streams_saved_in_the_old_state_classes_decode_as_decoder_states()
     """Checkpoints written before every decoder held one DecoderState saved Transformer-XL / adaptive span memory as
     HiddenMemory(layers, pending), fast weights and SHA-RNN as LayerStates(layers), SHA-RNN blocks with a pending
     field (always 0 at a saved segment boundary); they decode into today's classes."""
-    from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlockState
-    from fairseq_ext.state import state_from_plain
+    from fairseq_ext.state import SHARNNBlockState, state_from_plain
 
     a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
     memory = state_from_plain({"__state__": "HiddenMemory", "layers": {"__tuple__": [a, b]}, "pending": 0})

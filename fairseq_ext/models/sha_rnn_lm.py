@@ -24,7 +24,7 @@ streaming pass over segments of ``tokens_per_sample`` tokens exactly: the memory
 Pieces, in the order the forward pass uses them: ``models/base/core_decoder.py`` (the loop and the state; the
 trim length is the blocks' per-call context), the embedding, ``modules/blocks/sha_rnn_block.py`` (LSTM, Boom)
 -> ``modules/attention/single_head_attention.py``, the tied output with ``modules/dead_rows.py``; state
-SHARNNBlockState (in the block module) in a ``DecoderState``, held by ``models/base``.
+SHARNNBlockState in a ``DecoderState`` (``fairseq_ext/state.py``), held by ``models/base``.
 """
 import math
 from dataclasses import dataclass, field

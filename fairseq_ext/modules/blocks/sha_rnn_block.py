@@ -10,11 +10,10 @@ GELU is the approximation x·σ(1.702x); chunksum splits the d_ff vector into d_
 second linear). Every LayerNorm has eps 1e-12. Every block holds all five LayerNorms, as the original (``lnmid`` and
 ``lnmem`` are unused without attention).
 
-State (``SHARNNBlockState``): the LSTM's (h, c) and, for attention blocks, the memory of ``lnmem`` outputs. At the
+State (``fairseq_ext.state.SHARNNBlockState``): the LSTM's (h, c) and, for attention blocks, the memory of ``lnmem`` outputs. At the
 start of a segment of T tokens the memory is trimmed to its last ``max_memory - T`` positions, so every query sees
 at most ``max_memory`` keys; the new memory is the last ``max_memory`` positions of [memory ; m].
 """
-import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -22,19 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
-from fairseq_ext.state import SegmentState
-
-
-@dataclasses.dataclass(frozen=True)
-class SHARNNBlockState(SegmentState):
-    """One block's carried state: LSTM ``h``, ``c`` (B, d); ``memory`` (B, M, d) of ``lnmem`` outputs (attention
-    blocks; None otherwise). The offset into an unfinished segment is the decoder's (``DecoderState.offset``)."""
-
-    retired_fields = {"pending": 0}  # train streams saved before DecoderState held the offset here (always 0)
-
-    h: Tensor
-    c: Tensor
-    memory: Optional[Tensor] = None
+from fairseq_ext.state import SHARNNBlockState
 
 
 def gelu_1702(x: Tensor) -> Tensor:
