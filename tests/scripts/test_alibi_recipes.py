@@ -9,9 +9,9 @@ import pytest
 from tests.harness import REPO_ROOT
 
 
-def dry_run(script: str, *args: str) -> list:
-    out = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", script), *args], env=dict(os.environ, DRY_RUN="1"),
-                         capture_output=True, text=True, check=True).stdout
+def dry_run(script: str, *args: str, **env: str) -> list:
+    out = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", script), *args],
+                         env=dict(os.environ, DRY_RUN="1", **env), capture_output=True, text=True, check=True).stdout
     return shlex.split(out)[1:]  # drop the executable
 
 
@@ -48,6 +48,18 @@ def test_training_recipe_passes_extra_flags_through():
     cfg = parse(options.get_training_parser, dry_run("train-alibi-wt103.sh", "512", "--max-tokens", "4608",
                                                      "--update-freq", "2"))
     assert (cfg.dataset.max_tokens, cfg.optimization.update_freq) == (4608, [2])
+
+
+@pytest.mark.parametrize("precision,fp16,bf16", [("fp16", True, False), ("bf16", False, True), ("fp32", False, False)])
+def test_training_recipe_precision_can_be_overridden(precision, fp16, bf16):
+    """The paper trains in fp16 (the default); PRECISION=bf16 or fp32 (CPU) runs the same recipe otherwise."""
+    from fairseq import options
+
+    cfg = parse(options.get_training_parser, dry_run("train-alibi-wt103.sh", "512", PRECISION=precision))
+    assert (cfg.common.fp16, cfg.common.bf16) == (fp16, bf16) and cfg.optimizer._name == "nag"
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "train-alibi-wt103.sh"), "512"],
+                          env=dict(os.environ, DRY_RUN="1", PRECISION="fp8"), capture_output=True, text=True)
+    assert proc.returncode == 2 and "fp16 (the paper's), bf16, fp32" in proc.stderr
 
 
 @pytest.mark.parametrize("protocol,extra,context", [("nonoverlap", [], 0), ("sliding", ["512"], 2560),
