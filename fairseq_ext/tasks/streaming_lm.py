@@ -57,6 +57,7 @@ from fairseq_ext.errors import ConfigError, DataError, MissingFileError
 from fairseq_ext.models.base import StatefulDecoder, reset_stream_state
 from fairseq_ext.optim.bounds import clamp_parameters
 from fairseq_ext.tasks.batch_split import split_train_step
+from fairseq_ext.tasks.criterion_check import check_criterion, lm_loss_terms
 from fairseq_ext.tasks.dictionary_check import STATE_KEY, DictionaryCheckedTask
 from fairseq_ext.tasks.eval_protocol import (check_eval_lm, eval_warmup_tokens, protocol_label,
                                              reduce_warmup_metrics, run_warmup_segment, with_eval_warmup)
@@ -301,7 +302,14 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         stateful = bool(decoders)
         logger.info("%s %s", type(model).__name__, "carries state across segments" if stateful else
                     "is stateless: every segment is scored without context from earlier segments")
+        self._lm_loss_terms = (type(model).__name__, lm_loss_terms(model))  # checked by build_criterion
         return model
+
+    def build_criterion(self, cfg: FairseqDataclass, from_checkpoint: bool = False) -> nn.Module:
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        model_name, terms = getattr(self, "_lm_loss_terms", ("the model", []))
+        check_criterion(model_name, terms, criterion)
+        return criterion
 
     def begin_epoch(self, epoch: int, model: nn.Module) -> None:
         reset_stream_state(model, "train")
