@@ -37,6 +37,7 @@ from fairseq.utils import safe_getattr
 import torch
 from torch import Tensor
 
+from fairseq_ext.errors import ConfigError
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
 from fairseq_ext.ops.alibi import BIAS_FORMS, IMPLS
 from fairseq_ext.state import KVCache
@@ -179,6 +180,7 @@ class AlibiLanguageModel(TransformerLanguageModel):
             raise ValueError("alibi_lm does not support --character-embeddings")
         if safe_getattr(args, "quant_noise_pq", 0) > 0:
             raise ValueError("alibi_lm does not support --quant-noise-pq")
+        check_adaptive_cutoffs(args, len(task.source_dictionary))
         if args.adaptive_input:
             embed_tokens = AdaptiveInput(
                 len(task.source_dictionary), task.source_dictionary.pad(), args.decoder_input_dim,
@@ -198,6 +200,23 @@ class AlibiLanguageModel(TransformerLanguageModel):
                                  "and decoder_input_dim == decoder_output_dim")
         decoder = AlibiDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         return cls(decoder)
+
+
+def check_adaptive_cutoffs(args, vocab_size: int) -> None:
+    """fairseq's adaptive input / softmax assert ``cannot specify cutoff larger than vocab size``; name the flags."""
+    flags = [("--adaptive-input-cutoff", args.adaptive_input_cutoff if args.adaptive_input else None),
+             ("--adaptive-softmax-cutoff", args.adaptive_softmax_cutoff)]
+    for flag, value in flags:
+        if value is None:
+            continue
+        cutoffs = options.eval_str_list(value, type=int)
+        if cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] > vocab_size:
+            raise ConfigError(
+                f"alibi_lm: {flag} {value} must be strictly increasing, positive and at most the dictionary size "
+                f"{vocab_size} (the presets' cutoffs are WikiText-103's). Set --adaptive-input-cutoff and "
+                f"--adaptive-softmax-cutoff below it (equal, with --tie-adaptive-weights), e.g. "
+                f"{max(1, vocab_size // 4)},{max(2, vocab_size // 2)}; fairseq's transformer_lm flags, where the "
+                f"other families take one --adaptive-softmax-cutoff for both")
 
 
 def base_architecture(args):

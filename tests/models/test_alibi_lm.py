@@ -5,6 +5,7 @@ Spec acceptance checks 6-9 of shared/specs/alibi.md §9 (1-5 are in tests/ops/al
 import pytest
 import torch
 
+from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.alibi_lm import MAX_POSITIONS, AlibiLanguageModel
 from tests.harness import assert_close, build_model, tiny_dictionary
 
@@ -156,6 +157,17 @@ def test_slopes_stay_fp32_when_the_model_is_cast():
 def test_impossible_head_dim_combination_names_the_fix():
     with pytest.raises(ValueError, match="divisible by the number of attention heads"):
         tiny("--decoder-attention-heads", "5")
+
+
+@pytest.mark.parametrize("arch,extra,flag", [
+    ("alibi_lm_wiki103", [], "--adaptive-input-cutoff 20000,60000"),
+    ("alibi_lm_tiny", ["--adaptive-softmax-cutoff", "10,100"], "--adaptive-softmax-cutoff 10,100"),
+])
+def test_paper_cutoffs_on_a_small_dictionary_name_the_flags(arch, extra, flag):
+    """fairseq's adaptive input asserts 'cannot specify cutoff larger than vocab size'; the error names the flags."""
+    with torch.device("meta"), pytest.raises(ConfigError, match=flag + ".*--adaptive-input-cutoff and "
+                                                                       "--adaptive-softmax-cutoff below it"):
+        build_model(arch, tiny_dictionary(60), ["--tokens-per-sample", "8", *extra])
 
 
 def test_greedy_generation_follows_full_pass_argmax():
