@@ -185,6 +185,10 @@ class AdaptiveSpanDecoder(StatefulDecoder):
         next_state = DecoderState(tuple(HiddenCache(c) for c in next_caches), 0)
         return F.dropout(x, self.emb_dropout, self.training), next_state, {}
 
+    @property
+    def memory_description(self) -> str:
+        return f"each layer's cache of its inputs, up to attn_span {self.max_span} (+ ramp)"
+
     # -- span telemetry (logged by lm_loss) ----------------------------------------------------------------
     def span_masks(self) -> List[AdaptiveSpanMask]:
         return [layer.self_attn.span for layer in self.layers if layer.self_attn.span is not None]

@@ -114,7 +114,16 @@ class ComposedDecoder(CoreDecoder):
                 tie_projs=[False] + [True] * len(cutoffs), bias_per_cluster=cfg.adaptive_softmax_factor > 1),
             dropout=cfg.dropout, tokens_per_sample=cfg.tokens_per_sample)
         self.specs = specs
+        self.mem_len = cfg.mem_len
         xl_weights_init(self, cfg.init_std, cfg.proj_init_std, normal_leaves=("content_bias", "position_bias"))
+
+    @property
+    def memory_description(self) -> str:
+        kinds = {"memory": f"hidden-state memory {self.mem_len}", "window": f"key/value window {self.mem_len}"}
+        carried = dict.fromkeys(
+            "fast weights carried" if spec.mixer in ("sum", "delta") else kinds[spec.source]
+            for spec in self.specs if spec.source in kinds)
+        return ", ".join(carried) or "none"
 
 
 @register_model("composed_lm", dataclass=ComposedLMConfig)

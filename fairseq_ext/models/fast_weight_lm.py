@@ -243,6 +243,10 @@ class FastWeightDecoder(CoreDecoder):
         zero biases, N(0, proj_init_std) adaptive projections; tied tensors initialised once as embeddings."""
         xl_weights_init(self, init_std, proj_init_std)
 
+    @property
+    def memory_description(self) -> str:
+        return "fast weights carried" if self.carries_state else "none (fast weights reset every segment)"
+
     def state_size(self) -> int:
         """Numbers per batch row in the carried state of all layers (fast-weight models: independent of the
         context length)."""

@@ -154,6 +154,11 @@ class SHARNNDecoder(CoreDecoder):
         """features (B, T, d) -> logits (B, T, V) through the tied embedding and the output bias."""
         return self.dead_rows(F.linear(features, self.embed_tokens.weight, self.output_bias))
 
+    @property
+    def memory_description(self) -> str:
+        attention = f", attention memory of max_memory {self.max_memory}" if self.attn_layers else ""
+        return f"LSTM state{attention}"
+
     def layer_context(self, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
                       segment_length: int) -> int:
         """How many tokens to trim each block's memory for (``SHARNNBlock.forward``): a whole segment of

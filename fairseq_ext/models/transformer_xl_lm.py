@@ -179,6 +179,11 @@ class TransformerXLDecoder(CoreDecoder):
         biases, N(0, proj_init_std) adaptive projections; tied tensors are initialised once as embeddings."""
         xl_weights_init(self, init_std, proj_init_std, normal_leaves=("content_bias", "position_bias"))
 
+    @property
+    def memory_description(self) -> str:
+        extras = [f"clamp_len {self.clamp_len}"] * (self.clamp_len > 0) + ["same_length"] * bool(self.same_length)
+        return ", ".join([f"mem_len {self.mem_len}"] + extras) if self.mem_len else "none (mem_len 0)"
+
     def layer_context(self, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
                       segment_length: int) -> XLContext:
         """R for the M + T keys of this call (M = the memory length, the same in every layer), with dropout once

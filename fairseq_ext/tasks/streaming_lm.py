@@ -251,7 +251,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
                     if laid_out.warmup_segments else "")
         split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
         if split is not None and split != self.train_subset:
-            logger.info("%s: evaluation protocol %s", split, protocol_label(laid_out))
+            logger.info("%s: evaluation protocol %s", split, protocol_label(laid_out, getattr(self, "_memory", None)))
         if split == self.train_subset and epoch > 1 and getattr(self.cfg, "train_stream_offset", "none") == "random":
             offset = train_stream_offset(seed, epoch, laid_out.tokens_per_sample)
             laid_out = laid_out.with_start_offset(offset)
@@ -288,7 +288,8 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         check_eval_lm(dataset, batch_size, context_window)
         dataset = with_eval_warmup(dataset, self.eval_warmup_tokens, self.cfg.tokens_per_sample)
         logger.info("evaluation protocol: %s, %s tokens scored",
-                    protocol_label(dataset.with_layout(batch_size, num_shards)), f"{len(dataset.tokens):,}")
+                    protocol_label(dataset.with_layout(batch_size, num_shards), getattr(self, "_memory", None)),
+                    f"{len(dataset.tokens):,}")
         iterator = self._stream_iterator(dataset, batch_size, seed=1, num_shards=num_shards, shard_id=shard_id,
                                          num_workers=num_workers, epoch=1, data_buffer_size=data_buffer_size,
                                          skip_remainder_batch=False, evaluating=True)
@@ -303,6 +304,7 @@ class StreamingLMTask(DictionaryCheckedTask, FairseqTask):
         logger.info("%s %s", type(model).__name__, "carries state across segments" if stateful else
                     "is stateless: every segment is scored without context from earlier segments")
         self._lm_loss_terms = (type(model).__name__, lm_loss_terms(model))  # checked by build_criterion
+        self._memory = decoders[0].memory_description if decoders else "none"  # for the protocol labels
         return model
 
     def build_criterion(self, cfg: FairseqDataclass, from_checkpoint: bool = False) -> nn.Module:

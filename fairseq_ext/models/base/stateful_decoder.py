@@ -93,6 +93,12 @@ class StatefulDecoder(SavedTrainStream, FairseqIncrementalDecoder, abc.ABC):
         window does not apply). Models whose state can be switched off override it."""
         return True
 
+    @property
+    def memory_description(self) -> str:
+        """What this configuration carries across segments, for evaluation protocol labels (models override it with
+        their memory's size)."""
+        return "state carried across segments" if self.carries_state else "none"
+
     def attach_streams(self, source: str) -> None:
         """Declare that consecutive batches continue the same streams (``streaming_lm`` does, fairseq's
         ``language_modeling`` does not). Until then, carrying a state into a second batch is an error."""
