@@ -11,8 +11,8 @@
 * Statistics: every module that defines ``log_stats() -> Dict[str, float | Tensor]`` is logged; values under the
   same key from several modules (e.g. one per layer) are averaged.
 
-Logged: ``loss`` (optimised objective, base 2), ``nll_loss`` (bits per token), ``ppl`` (2 ** nll_loss), ``bpc``
-(bits per token: bits per character on character-level corpora), ``aux_loss`` (when any module has one) and the
+Logged: ``loss`` (optimised objective, base 2), ``nll_loss`` (bits per token), ``ppl`` (2 ** nll_loss),
+``bits_per_token`` (= nll_loss at 4 decimals; on character- or byte-level corpora the papers' bpc), ``aux_loss`` (when any module has one) and the
 module statistics. All logging outputs are sums, so they can be summed across workers.
 """
 
@@ -119,7 +119,7 @@ class LMLossCriterion(FairseqCriterion):
         if ntokens > 0:
             metrics.log_scalar("nll_loss", total("nll_loss") / ntokens / math.log(2), ntokens, round=3)
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-            metrics.log_derived("bpc", lambda meters: round(meters["nll_loss"].avg, 4))
+            metrics.log_derived("bits_per_token", lambda meters: round(meters["nll_loss"].avg, 4))
         count = total(STAT_COUNT)
         if count > 0:
             keys = {key for log in logging_outputs for key in log if key.startswith(STAT_PREFIX)}

@@ -102,7 +102,7 @@ def test_reduce_metrics_in_bits_and_summable():
         assert values["nll_loss"] == pytest.approx(nll_bits, abs=1e-3)
         assert values["loss"] == pytest.approx(loss_bits, abs=1e-3)
         assert values["ppl"] == pytest.approx(2 ** nll_bits, rel=1e-2)
-        assert values["bpc"] == pytest.approx(nll_bits, abs=1e-3)
+        assert values["bits_per_token"] == pytest.approx(nll_bits, abs=1e-3)
         assert values["aux_loss"] == pytest.approx(0.1 * 16 * 0.25, abs=1e-3)
         assert values["toy_weight_mean"] == pytest.approx(1.0)  # (0.5 + 1.5) / 2 forward passes
     assert LMLossCriterion.logging_outputs_can_be_summed()

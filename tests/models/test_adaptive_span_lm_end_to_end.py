@@ -64,7 +64,7 @@ def test_training_logs_span_statistics(data, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         _train(train_args(data, str(tmp_path), "--max-update", "2", "--disable-validation"))
     line = [ln for ln in caplog.text.splitlines() if "train_inner" in ln or "| train |" in ln][-1]
-    for key in ("span_avg", "span_max", "attn_len", "attn_mflop_tok", "aux_loss", "bpc"):
+    for key in ("span_avg", "span_max", "attn_len", "attn_mflop_tok", "aux_loss", "bits_per_token"):
         assert f" {key}=" in line, line
 
 
