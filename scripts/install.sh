@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the project's stack into it. Idempotent: each step is skipped when its
 # result is already importable, so re-running does not reinstall anything.
-# Stack (DEVELOPERS.md): torch==2.13.0 (CPU wheel), fairseq-fixed==0.12.3.1 built with --no-deps
+# Stack (README.md, "Two commands"; docs/design.md): torch==2.13.0 (CPU wheel), fairseq-fixed==0.12.3.1 built with --no-deps
 # --no-build-isolation after its runtime deps (never torchaudio), sentencepiece, tensorboardX.
 # numpy<2: fairseq-fixed 0.12.3.1 calls np.compat.long (gone since numpy 2.0) in TokenBlockDataset's "eos" break
 # mode, i.e. --sample-break-mode eos and every LM inference dataset (fairseq-interactive / fairseq-generate).
