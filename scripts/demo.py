@@ -7,33 +7,52 @@ at L, 2L and 4L with ``fairseq-eval-lm`` (protocol: non-overlapping blocks, ``--
 perplexity table. ALiBi needs no override to score longer inputs; the sinusoidal model needs its position table
 widened (``--model-overrides "{'max_target_positions': 4L}"``), exactly as in the paper's comparison.
 Everything goes through the real CLIs (``fairseq-train`` / ``fairseq-eval-lm`` with ``--user-dir fairseq_ext``).
+
+Training prints a progress line per fairseq log interval. A model whose finished run with the same command is
+already in ``--out`` is reused (and says so), so a re-run prints the same table; any other content of its directory
+is removed first (fairseq-train would otherwise resume from it). The table is also written as
+``extrapolation.csv`` and plotted to ``extrapolation.png`` in ``--out``.
 """
 import argparse
+import csv
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 USER_DIR = os.path.join(REPO, "fairseq_ext")
 PPL_RE = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
 TOKENS_RE = re.compile(r"Evaluated ([0-9,]+) tokens")
+PROGRESS_RE = re.compile(r"num_updates[= ](\d+)")
+LOSS_RE = re.compile(r"\bloss[= ]([0-9.]+)")
+FINISHED = "demo-run.json"  # written next to a model's checkpoint when its training run completed
 
 
-def run(cmd: List[str], log_path: str) -> str:
-    """Run a CLI, tee its output to log_path, fail loudly with the log tail."""
+def run(cmd: List[str], log_path: str, progress: Optional[str] = None) -> str:
+    """Run a CLI, tee its output to log_path, fail loudly with the log tail. With ``progress`` (a model name), print
+    one line per fairseq training log line (update count and loss) while it runs."""
+    lines = []
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log.write(proc.stdout)
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n"
-                 + "\n".join(proc.stdout.splitlines()[-30:]))
-    return proc.stdout
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            lines.append(line.rstrip("\n"))
+            updates, loss = PROGRESS_RE.search(line), LOSS_RE.search(line)
+            if progress and updates and loss and "train_inner" in line:
+                print(f"    {progress}: update {updates.group(1)}, training loss {loss.group(1)} bits", flush=True)
+        returncode = proc.wait()
+    if returncode != 0:
+        sys.exit(f"command failed ({returncode}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n"
+                 + "\n".join(lines[-30:]))
+    return "\n".join(lines)
 
 
 def model_args(name: str, dims: List[str]) -> List[str]:
@@ -46,9 +65,9 @@ def train(name: str, args: argparse.Namespace, data: str) -> str:
     save_dir = os.path.join(args.out, name)
     dims = ["--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.dim),
             "--decoder-ffn-embed-dim", str(4 * args.dim), "--decoder-attention-heads", str(args.heads),
-            "--decoder-normalize-before", "--dropout", "0.1",
-            # the paper's WikiText-103 models use an adaptive softmax; here it keeps the 16k-word output cheap on CPU
-            "--adaptive-softmax-cutoff", "2000,6000", "--adaptive-softmax-dropout", "0.1"]
+            "--decoder-normalize-before", "--dropout", "0.1"]
+    if args.cutoffs:  # the paper's WikiText-103 models use an adaptive softmax; here it keeps 16k words cheap on CPU
+        dims += ["--adaptive-softmax-cutoff", args.cutoffs, "--adaptive-softmax-dropout", "0.1"]
     cmd = [os.path.join(BIN, "fairseq-train"), data, "--user-dir", USER_DIR, "--task", "language_modeling",
            *model_args(name, dims), "--tokens-per-sample", str(args.seq_len), "--sample-break-mode", "none",
            "--max-tokens", str(args.batch_tokens), "--max-update", str(args.updates),
@@ -56,11 +75,22 @@ def train(name: str, args: argparse.Namespace, data: str) -> str:
            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(1, args.updates // 10)),
            "--criterion", "lm_loss", "--seed", "1", "--cpu", "--num-workers", "0",
            "--save-dir", save_dir, "--no-epoch-checkpoints", "--disable-validation",
-           "--log-format", "simple", "--log-interval", "50"]
+           "--log-format", "simple", "--log-interval", str(args.log_interval)]
+    checkpoint, finished = os.path.join(save_dir, "checkpoint_last.pt"), os.path.join(save_dir, FINISHED)
+    if os.path.exists(checkpoint) and os.path.exists(finished) and json.load(open(finished)) == {"command": cmd}:
+        print(f"  reusing {name}'s finished run in {save_dir} (same command; delete the directory to retrain)",
+              flush=True)
+        return checkpoint
+    if os.path.exists(save_dir):  # an interrupted or different run: fairseq-train would resume from it
+        shutil.rmtree(save_dir)
+    print(f"  training {name} ({args.updates} updates; log {os.path.join(args.out, f'train-{name}.log')})",
+          flush=True)
     start = time.time()
-    run(cmd, os.path.join(args.out, f"train-{name}.log"))
+    run(cmd, os.path.join(args.out, f"train-{name}.log"), progress=name)
+    with open(finished, "w") as f:
+        json.dump({"command": cmd}, f)
     print(f"  trained {name:10s} {args.updates} updates in {time.time() - start:.0f}s", flush=True)
-    return os.path.join(save_dir, "checkpoint_last.pt")
+    return checkpoint
 
 
 def evaluate(name: str, ckpt: str, length: int, args: argparse.Namespace, data: str) -> Dict[str, float]:
@@ -87,6 +117,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--cutoffs", default="2000,6000", help="adaptive softmax cutoffs ('' for a full softmax)")
+    parser.add_argument("--log-interval", type=int, default=50, help="updates between progress lines")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(os.path.join(args.data, "dict.txt")):
@@ -109,6 +141,37 @@ def main() -> None:
     print("|---|" + "---|" * len(lengths))
     for name in ("alibi", "sinusoidal"):
         print(f"| {name} | " + " | ".join(f"{results[name][n]['ppl']:.2f}" for n in lengths) + " |")
+    write_curve(results, lengths, args)
+
+
+def write_curve(results: Dict[str, Dict[int, Dict[str, float]]], lengths: List[int], args: argparse.Namespace) -> None:
+    """extrapolation.csv (model, L_valid, perplexity, tokens) and extrapolation.png (perplexity vs L_valid)."""
+    csv_path, png_path = os.path.join(args.out, "extrapolation.csv"), os.path.join(args.out, "extrapolation.png")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "train_length", "eval_length", "perplexity", "tokens_scored"])
+        for name, by_length in results.items():
+            for n in lengths:
+                writer.writerow([name, args.seq_len, n, f"{by_length[n]['ppl']:.2f}", by_length[n]["tokens"]])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, by_length in results.items():
+        ax.plot(lengths, [by_length[n]["ppl"] for n in lengths], marker="o", label=name)
+    ax.axvline(args.seq_len, color="grey", linestyle=":", label=f"training length L={args.seq_len}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("evaluation length L_valid (tokens)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"train short, test long: nonoverlap(L_valid), {os.path.basename(args.data.rstrip('/'))}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {csv_path} and {png_path}")
 
 
 if __name__ == "__main__":
