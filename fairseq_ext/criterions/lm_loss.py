@@ -12,8 +12,8 @@
   same key from several modules (e.g. one per layer) are averaged.
 
 Logged: ``loss`` (optimised objective, base 2), ``nll_loss`` (bits per token), ``ppl`` (2 ** nll_loss),
-``bits_per_token`` (= nll_loss at 4 decimals; on character- or byte-level corpora the papers' bpc), ``aux_loss`` (when any module has one) and the
-module statistics. All logging outputs are sums, so they can be summed across workers.
+``bits_per_token`` (= nll_loss at 4 decimals; on character- or byte-level corpora the papers' bpc), ``aux_loss``
+(when any module has one) and the module statistics. All logging outputs are sums, so they can be summed across workers.
 """
 
 import math

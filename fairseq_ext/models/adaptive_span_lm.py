@@ -17,9 +17,9 @@ spans (+ ramp, rounded to 64; cache + 64 slack, ``--no-adapt-span-cache`` keeps 
 fixed-span baseline. ``--pers-mem-size N``: N persistent key/value vectors per head; the FF sublayers and their
 LayerNorms are removed.
 
-State: a ``DecoderState`` with one ``HiddenCache`` (B, C_l, H) of layer inputs per layer (§1.2). A cold start (None, or a cache
-shorter than the window) reads as zeros, exactly the original's zero-initialised cache (zero inputs give zero keys
-and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
+State: a ``DecoderState`` with one ``HiddenCache`` (B, C_l, H) of layer inputs per layer (§1.2). A cold start
+(None, or a cache shorter than the window) reads as zeros, exactly the original's zero-initialised cache (zero inputs
+give zero keys and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
 where segments start, so streaming with any segment length and incremental decoding (generation) agree.
 
 Pieces, in the order the forward pass uses them: embedding or ``modules/adaptive/adaptive_input.py``,

@@ -10,10 +10,11 @@ adaptive log-softmax with ``div_val`` and tied embeddings/projections (spec §3)
 
 State (a ``DecoderState``: one ``HiddenCache`` per layer and the offset into the current segment) lives only in
 ``StatefulDecoder``: streaming (training, validation, ``fairseq-eval-lm --task streaming_lm``) cuts the memory to
-``mem_len`` after every call (one call = one segment); incremental decoding (generation) appends token by token and cuts at the same segment boundaries,
-every ``tokens_per_sample`` tokens, so its per-token logits equal the streaming pass over segments of that
-length. ``mem_len``, ``clamp_len``, ``same_length`` and ``tokens_per_sample`` can all be changed at evaluation
-with ``--model-overrides`` (the segment length of streaming evaluation is the task's ``--tokens-per-sample``).
+``mem_len`` after every call (one call = one segment); incremental decoding (generation) appends token by token and
+cuts at the same segment boundaries, every ``tokens_per_sample`` tokens, so its per-token logits equal the streaming
+pass over segments of that length. ``mem_len``, ``clamp_len``, ``same_length`` and ``tokens_per_sample`` can all be
+changed at evaluation with ``--model-overrides`` (the segment length of streaming evaluation is the task's
+``--tokens-per-sample``).
 
 Pieces, in the order the forward pass uses them: ``models/base/core_decoder.py`` (the loop and the state; R, u, v
 and the window are the layers' per-call ``XLContext``), ``modules/adaptive/adaptive_input.py`` (XLAdaptiveInput),
@@ -44,7 +45,6 @@ from fairseq_ext.modules.composed.positions import PositionTerm
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
-
 from fairseq_ext.state import SegmentState
 
 BIAS_LAYOUTS = ("original", "nvidia")  # output-bias tensors of the adaptive softmax (adaptive_softmax_bias_layout)

@@ -20,8 +20,9 @@ WARMUP_KEY = "warmup_segment"  # logging output of a warm-up valid_step
 
 
 def protocol_label(dataset: StreamDataset, memory: Optional[str] = None) -> str:
-    """``stream(B=…, T=…, cold)`` or ``stream(B=…, T=…, warm-up W tokens unscored)``; B counts every stream. With
-    ``memory`` (the model's ``memory_description``) the label says what is carried, e.g. ``…, memory: mem_len 64``."""
+    """``stream(B=…, T=…, cold)`` or ``stream(B=…, T=…, warm-up W tokens unscored)``; B counts every stream.
+    With ``memory`` (the model's ``memory_description``) the label says what is carried, e.g.
+    ``…, memory: mem_len 64``."""
     warmup = (f"warm-up {dataset.warmup_tokens} tokens unscored" if dataset.warmup_tokens else "cold")
     label = f"stream(B={dataset.batch_size * dataset.num_shards}, T={dataset.tokens_per_sample}, {warmup})"
     return label if memory is None else f"{label}, memory: {memory}"

@@ -72,7 +72,8 @@ def test_original_reproduction_equals_our_model_over_two_segments(bench, extra, 
             hidden, mems = original(src.t(), mems)  # (T, B, C)
             assert_close(hidden.transpose(0, 1), features, atol=1e-8, msg=f"features, segment {seg}")
             for layer, (ours_mem, their_mem) in enumerate(zip(state.layers, mems)):
-                assert_close(their_mem.transpose(0, 1), ours_mem.hidden, atol=1e-8, msg=f"memory {layer}, segment {seg}")
+                assert_close(their_mem.transpose(0, 1), ours_mem.hidden, atol=1e-8,
+                             msg=f"memory {layer}, segment {seg}")
             ours_nll = bench.nll_sum(ours, (features, {}), tgt_tokens, task.dictionary.pad())
             their_nll = bench.original_nll_sum(original, hidden, tgt_tokens.t(), task.dictionary.pad())
             assert_close(their_nll, ours_nll, atol=1e-7, msg=f"NLL, segment {seg}")

@@ -10,9 +10,9 @@ GELU is the approximation x·σ(1.702x); chunksum splits the d_ff vector into d_
 second linear). Every LayerNorm has eps 1e-12. Every block holds all five LayerNorms, as the original (``lnmid`` and
 ``lnmem`` are unused without attention).
 
-State (``fairseq_ext.state.SHARNNBlockState``): the LSTM's (h, c) and, for attention blocks, the memory of ``lnmem`` outputs. At the
-start of a segment of T tokens the memory is trimmed to its last ``max_memory - T`` positions, so every query sees
-at most ``max_memory`` keys; the new memory is the last ``max_memory`` positions of [memory ; m].
+State (``fairseq_ext.state.SHARNNBlockState``): the LSTM's (h, c) and, for attention blocks, the memory of ``lnmem``
+outputs. At the start of a segment of T tokens the memory is trimmed to its last ``max_memory - T`` positions, so
+every query sees at most ``max_memory`` keys; the new memory is the last ``max_memory`` positions of [memory ; m].
 """
 from typing import Optional, Tuple
 
