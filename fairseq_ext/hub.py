@@ -23,8 +23,9 @@ State never outlives a call: every call starts cold, and the model's stream stat
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -189,8 +190,18 @@ class LanguageModel:
         net_output = self.model(inputs[None])
         return self.model.get_normalized_probs(net_output, log_probs=True).float()
 
-    def _cold_stream(self):
-        return _ColdStream(self.model, self.stateful)
+    @contextlib.contextmanager
+    def _cold_stream(self) -> Iterator[None]:
+        """Eval mode, no gradients, the decoder's "eval" stream reset on entry and on exit."""
+        self.model.eval()
+        if self.stateful:
+            self.model.decoder.reset_state("eval")
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if self.stateful:
+                self.model.decoder.reset_state("eval")
 
     # -- generation ---------------------------------------------------------------------------------------------
     def sample(self, prompt: str = "", max_new_tokens: int = 20, temperature: float = 1.0, top_k: int = 0,
@@ -224,22 +235,3 @@ class LanguageModel:
             log_probs = log_probs.masked_fill(log_probs < threshold, float("-inf"))
         probs = torch.softmax(log_probs / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator)[0]
-
-
-class _ColdStream:
-    """``with``: eval mode, no gradients, the decoder's "eval" stream reset on entry and on exit."""
-
-    def __init__(self, model: nn.Module, stateful: bool) -> None:
-        self.model, self.stateful = model, stateful
-        self.no_grad = torch.no_grad()
-
-    def __enter__(self) -> None:
-        self.model.eval()
-        self.no_grad.__enter__()
-        if self.stateful:
-            self.model.decoder.reset_state("eval")
-
-    def __exit__(self, *exc) -> None:
-        if self.stateful:
-            self.model.decoder.reset_state("eval")
-        self.no_grad.__exit__(*exc)
