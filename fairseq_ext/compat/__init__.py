@@ -19,7 +19,8 @@ after a plain import) patches nothing twice.
                     corrupt binarised split, or a file that is no checkpoint, is a ``DataError`` naming the file and
                     the fix (helpers ``check_torch_file`` / ``damaged_file_errors`` serve the converters).
 * ``launch``     -- ``distributed_utils.call_main``: the entry point of every fairseq command; runs the config
-                    checks of the other shims (``CONFIG_CHECKS``) before anything is built.
+                    checks of the other shims and of ``tasks/launch_checks.py`` (``CONFIG_CHECKS``) before anything
+                    is loaded.
 """
 from typing import Any, Callable, List
 
