@@ -48,3 +48,4 @@ def test_language_modeling_evaluation_logs_its_protocol(data_dir, tmp_path, capl
                          "--sample-break-mode", "none", "--batch-size", "1", "--gen-subset", "valid", "--cpu",
                          "--num-workers", "0"])
     assert f"evaluation protocol: {label}" in caplog.text
+    assert ("forward passes of up to 6 tokens, 1.5x the work of nonoverlap(L=6)" in caplog.text) == (window > 0)
