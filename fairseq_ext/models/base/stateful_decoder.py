@@ -36,6 +36,7 @@ from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from fairseq_ext.models.base.sliding_estimate import log_sliding_estimate
 from fairseq_ext.models.base.train_stream import SavedTrainStream
 from fairseq_ext.state import SegmentState, cat_states
 
@@ -296,6 +297,8 @@ class StatefulLanguageModel(FairseqLanguageModel):
         if window and window > 0 and self.decoder.carries_state:
             raise ValueError(CONTEXT_WINDOW_ERROR.format(name=type(self).__name__, window=window))
         super().prepare_for_inference_(cfg)
+        if window and window > 0:
+            log_sliding_estimate(self, cfg)
 
     def reset_state(self, stream: Optional[str] = None) -> None:
         """Forget the carried state of ``stream`` ("train" / "eval"), or of both when None."""
