@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from fairseq_ext.errors import ConfigError
+from fairseq_ext.models.base.sliding_estimate import log_sliding_estimate
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
 from fairseq_ext.ops.alibi import BIAS_FORMS, IMPLS
 from fairseq_ext.state import KVCache
@@ -200,6 +201,13 @@ class AlibiLanguageModel(TransformerLanguageModel):
                                  "and decoder_input_dim == decoder_output_dim")
         decoder = AlibiDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         return cls(decoder)
+
+    def prepare_for_inference_(self, cfg) -> None:
+        """fairseq-eval-lm --context-window: log the sliding evaluation's estimated duration first."""
+        super().prepare_for_inference_(cfg)
+        eval_lm = getattr(cfg, "eval_lm", None)
+        if eval_lm is not None and getattr(eval_lm, "context_window", 0) > 0:
+            log_sliding_estimate(self, cfg)
 
 
 def check_adaptive_cutoffs(args, vocab_size: int) -> None:

@@ -37,9 +37,10 @@ def test_models_that_carry_nothing_still_train_under_language_modeling(data_dir,
     fairseq_train(train_args(data_dir, str(tmp_path / "ck"), arch, *extra))  # one update, no error
 
 
+@pytest.mark.parametrize("case", ["fast_weight_delta", "alibi"])  # stateless; their dictionaries: w0 .. w35
 @pytest.mark.parametrize("window,label", [(0, "nonoverlap(L=6)"), (2, "sliding(L=6, S=4)")])
-def test_language_modeling_evaluation_logs_its_protocol(data_dir, tmp_path, caplog, window, label):
-    case = os.path.join(FROZEN, "fast_weight_delta")  # stateless; its dictionary: w0 .. w35
+def test_language_modeling_evaluation_logs_its_protocol(data_dir, tmp_path, caplog, case, window, label):
+    case = os.path.join(FROZEN, case)
     data = str(tmp_path / "bin")
     shutil.copytree(data_dir, data)
     shutil.copy(os.path.join(case, "dict.txt"), os.path.join(data, "dict.txt"))  # same symbols w0..w19 used

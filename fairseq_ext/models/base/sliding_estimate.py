@@ -44,7 +44,8 @@ def log_sliding_estimate(model: nn.Module, cfg: Any) -> None:
         model(sample)
         seconds = time.perf_counter() - start
     model.train(was_training)
-    model.reset_state()  # the timing windows leave nothing behind
+    if hasattr(model, "reset_state"):  # a StatefulLanguageModel: the timing windows leave nothing behind
+        model.reset_state()
     batches = math.ceil(math.ceil(tokens / stride) / batch)
     logger.warning("sliding(L=%d, S=%d) over %s tokens: %s batches of %d windows, %.3f s each here: about %s",
                    length, stride, f"{tokens:,}", f"{batches:,}", batch, seconds, _duration(batches * seconds))
