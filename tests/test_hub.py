@@ -136,3 +136,35 @@ def test_load_works_from_any_directory_and_says_what_is_missing(tmp_path, monkey
     os.remove(case_dir / "dict.txt")
     with pytest.raises(hub.MissingFileError, match="pass data="):
         hub.load("copy/model.pt")
+
+
+@pytest.fixture(scope="module")
+def composed_checkpoint(tmp_path_factory):
+    """A composed hybrid (ALiBi softmax over memory + carried delta rule) after 2 updates of fairseq-train."""
+    from tests.harness import fairseq_train, generated_data_dir
+
+    data = generated_data_dir(tmp_path_factory, train_lines=40)
+    save_dir = str(tmp_path_factory.mktemp("composed"))
+    fairseq_train([data, "--user-dir", USER_DIR, "--task", "streaming_lm", "--arch", "composed_hybrid_delta_tiny",
+                   "--tokens-per-sample", "6", "--batch-size", "2", "--max-update", "2", "--optimizer", "adam",
+                   "--lr", "0.003", "--criterion", "lm_loss", "--save-dir", save_dir, "--no-epoch-checkpoints",
+                   "--cpu", "--num-workers", "0", "--disable-validation"])
+    return data, save_dir
+
+
+def test_a_composed_model_scores_and_streams_like_fairseq_eval_lm(composed_checkpoint):
+    data, save_dir = composed_checkpoint
+    lm = hub.load(os.path.join(save_dir, "checkpoint_last.pt"), device="cpu")  # dict.txt: where it was trained
+    text = "w1 w2 w3 w4 w5 w6 w7 w8 w9\nw3 w4"
+    assert torch.equal(lm.score(text)["log_probs"], lm.score(text)["log_probs"])
+    from fairseq.data import data_utils
+
+    lines = data_utils.load_indexed_dataset(os.path.join(data, "valid"), lm.dictionary)
+    tokens = torch.cat([lines[i] for i in range(len(lines))])
+    ours = lm.score_document(tokens)
+    result = fairseq_eval_lm([data, "--user-dir", USER_DIR, "--path", os.path.join(save_dir, "checkpoint_last.pt"),
+                              "--task", "streaming_lm", "--batch-size", "1", "--tokens-per-sample", "6",
+                              "--gen-subset", "valid", "--cpu", "--num-workers", "0"])
+    assert ours["protocol"] == "stream(B=1, T=6, cold)"
+    assert bits_per_token(ours) == pytest.approx(float(result["loss"]), abs=1e-4)
+    assert len(lm.sample("w1 w2", max_new_tokens=8, seed=1).split()) <= 8
