@@ -20,19 +20,20 @@ def log_sliding_estimate(model: nn.Module, cfg: Any) -> None:
     the split: windows of L = S + C tokens, one per block of S targets."""
     from fairseq.data import data_utils
 
-    window = int(cfg.eval_lm.context_window)
-    stride = int(cfg.task.tokens_per_sample)
+    task, dataset = getattr(cfg, "task", None), getattr(cfg, "dataset", None)
+    if task is None or dataset is None:  # not a fairseq-eval-lm config
+        return
+    window, stride = int(cfg.eval_lm.context_window), int(task.tokens_per_sample)
     if window <= 0 or stride < 1:
         return
     try:
-        split = data_utils.load_indexed_dataset(os.path.join(str(cfg.task.data).split(":")[0],
-                                                             cfg.dataset.gen_subset), None)
+        split = data_utils.load_indexed_dataset(os.path.join(str(task.data).split(":")[0], dataset.gen_subset), None)
     except Exception:  # noqa: BLE001  (fairseq reports a missing or damaged split itself)
         return
     if split is None:
         return
     tokens, length = int(split.sizes.sum()), stride + window
-    batch = max(1, int(cfg.dataset.batch_size or 1))
+    batch = max(1, int(dataset.batch_size or 1))
     parameter = next(model.parameters())
     vocab = len(model.decoder.dictionary)
     sample = torch.randint(4, vocab, (batch, length), device=parameter.device)  # real symbols, no pad
