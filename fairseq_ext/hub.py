@@ -30,7 +30,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-import fairseq_ext  # noqa: F401  (registers the models and tasks before a checkpoint is read)
 from fairseq_ext.errors import ConfigError, MissingFileError
 
 CHECKPOINT_NAMES = ("checkpoint_best.pt", "checkpoint_last.pt", "model.pt")

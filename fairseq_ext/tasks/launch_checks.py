@@ -6,12 +6,9 @@
   Whether the configuration carries state is the model's own answer (``decoder.carries_state``), from a build on
   the meta device.
 * ``fairseq-eval-lm --task language_modeling`` logs its protocol (``nonoverlap(L)`` or ``sliding(L, S)``), as
-  ``streaming_lm`` logs ``stream(…)``; a sliding window also logs its cost first (forward passes, and how many times
-  the work of ``nonoverlap(L)`` it is: L / S, e.g. 256x for the fast-weight paper's stride 1).
+  ``streaming_lm`` logs ``stream(…)`` (its estimated duration is the model's: ``models/base/sliding_estimate.py``).
 """
 import logging
-import math
-import os
 from typing import Any, Callable
 
 import torch
@@ -55,23 +52,6 @@ def language_modeling_protocol_label(cfg: DictConfig, main: Callable[..., Any]) 
     length, window = int(cfg.task.tokens_per_sample), int(cfg.eval_lm.context_window)
     label = f"sliding(L={length}, S={length - window})" if window > 0 else f"nonoverlap(L={length})"
     logger.info("evaluation protocol: %s", label)
-    tokens = _split_tokens(str(cfg.task.data).split(":")[0], cfg.dataset.gen_subset)
-    if window > 0 and tokens:
-        stride = length - window
-        logger.warning("%s over %s tokens: %s forward passes of up to %d tokens, %.3gx the work of nonoverlap(L=%d)%s",
-                       label, f"{tokens:,}", f"{math.ceil(tokens / stride):,}", length, length / stride, length,
-                       "; time one nonoverlap run first to estimate this one" if stride < length // 4 else "")
-
-
-def _split_tokens(data: str, split: str) -> int:
-    """Tokens in a binarised split (0 when it cannot be read here: fairseq reports that itself)."""
-    from fairseq.data import data_utils
-
-    try:
-        dataset = data_utils.load_indexed_dataset(os.path.join(data, split), None)
-    except Exception:  # noqa: BLE001
-        return 0
-    return int(dataset.sizes.sum()) if dataset is not None else 0
 
 
 def register() -> None:

@@ -48,8 +48,9 @@ def log_sliding_estimate(model: nn.Module, cfg: Any) -> None:
     if hasattr(model, "reset_state"):  # a StatefulLanguageModel: the timing windows leave nothing behind
         model.reset_state()
     batches = math.ceil(math.ceil(tokens / stride) / batch)
-    logger.warning("sliding(L=%d, S=%d) over %s tokens: %s batches of %d windows, %.3f s each here: about %s",
-                   length, stride, f"{tokens:,}", f"{batches:,}", batch, seconds, _duration(batches * seconds))
+    logger.warning("sliding(L=%d, S=%d) over %s tokens: %s batches of %d windows (%.3gx the work of nonoverlap(L=%d)), "
+                   "%.3f s each here: about %s", length, stride, f"{tokens:,}", f"{batches:,}", batch,
+                   length / stride, length, seconds, _duration(batches * seconds))
 
 
 def _duration(seconds: float) -> str:
