@@ -22,7 +22,8 @@ State: a ``DecoderState`` with one ``HiddenCache`` (B, C_l, H) of layer inputs p
 give zero keys and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
 where segments start, so streaming with any segment length and incremental decoding (generation) agree.
 
-Pieces, in the order the forward pass uses them: embedding or ``modules/adaptive/adaptive_input.py``,
+Pieces, in the order the forward pass uses them (the loop: ``models/base/core_decoder.py``, no position term; the
+layer context is ``key_pe``): embedding or ``modules/adaptive/adaptive_input.py``,
 ``modules/blocks/adaptive_span_layer.py`` -> ``modules/attention/adaptive_span_self_attention.py`` (with
 ``modules/attention/adaptive_span_mask.py``) -> ``ops/adaptive_span/`` (mask.py, skew.py, naive.py), the output
 Linear or ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``); state DecoderState held by
@@ -34,22 +35,21 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from torch import Tensor, nn
 
-from fairseq_ext.models.base import StatefulDecoder, StatefulLanguageModel
+from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
-from fairseq_ext.models.base.stateful_decoder import SegmentOutput
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
 from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
 from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
 from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
 from fairseq_ext.modules.blocks.adaptive_span_layer import AdaptiveSpanLayer
+from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.ops.adaptive_span import IMPLS
-from fairseq_ext.state import DecoderState, HiddenCache
 
 MAX_POSITIONS = 1_000_000  # relative positions: no bound on the length
 
@@ -92,6 +92,19 @@ class AdaptiveSpanConfig(FairseqDataclass):
         default="auto", metadata={"help": "attention kernel: auto (skew), skew, naive (reference)"})
 
 
+@torch.no_grad()
+def init_adaptive_io(inp: XLAdaptiveInput, out: ProjectedAdaptiveLogSoftmax, dim: int) -> None:
+    """The original's PyTorch defaults: embeddings N(0, 1); projections, output biases and the cluster layer as
+    ``nn.Linear(d_i, .)``: U(-1/sqrt(d_i), 1/sqrt(d_i))."""
+    for i, (lo, hi) in enumerate(out.bounds):
+        bound = 1.0 / math.sqrt(inp.emb_projs[str(i)].size(1))
+        nn.init.uniform_(inp.emb_projs[str(i)], -bound, bound)
+        nn.init.uniform_(out.bias[lo:hi], -bound, bound)
+    bound = 1.0 / math.sqrt(dim)
+    nn.init.uniform_(out.cluster_weight, -bound, bound)
+    nn.init.uniform_(out.cluster_bias, -bound, bound)
+
+
 def validate_config(cfg: AdaptiveSpanConfig, vocab_size: int) -> None:
     """Clear errors for impossible combinations, before any tensor is allocated."""
     heads, dim = cfg.decoder_attention_heads, cfg.decoder_embed_dim
@@ -109,56 +122,49 @@ def validate_config(cfg: AdaptiveSpanConfig, vocab_size: int) -> None:
         raise ValueError("the original adaptive input/softmax needs --adaptive-softmax-factor (div_val) >= 2")
 
 
-class AdaptiveSpanDecoder(StatefulDecoder):
-    """Embedding -> emb_dropout -> layers over [cache ; segment] -> emb_dropout -> output layer."""
+class AdaptiveSpanDecoder(CoreDecoder):
+    """Embedding -> emb_dropout -> layers over [cache ; segment] -> emb_dropout -> output layer, on the core loop
+    with no position term (the layers share ``key_pe``: the layer context) and caches that do not depend on where
+    segments start (``cuts_at_segments`` False)."""
+
+    cuts_at_segments = False
 
     def __init__(self, cfg: AdaptiveSpanConfig, dictionary) -> None:
-        super().__init__(dictionary)
         validate_config(cfg, len(dictionary))
         vocab, dim, heads = len(dictionary), cfg.decoder_embed_dim, cfg.decoder_attention_heads
         cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
-        self.embed_dim = dim
-        self.max_span = cfg.attn_span
-        self.emb_dropout = cfg.emb_dropout
+        # built in the original's order (the same initial weights for a seed): input, output, key_pe, layers
         if cutoffs:
-            self.embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)
-            self.adaptive_softmax = ProjectedAdaptiveLogSoftmax(
-                vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=self.embed_tokens,
+            embed_tokens = XLAdaptiveInput(vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor)
+            adaptive_softmax = ProjectedAdaptiveLogSoftmax(
+                vocab, dim, dim, cutoffs, cfg.adaptive_softmax_factor, tie_to=embed_tokens,
                 tie_projs=[True] * (len(cutoffs) + 1), bias_per_cluster=False)
-            self.output_projection = None
-            self._init_adaptive_io(cfg.adaptive_softmax_factor)
+            output_projection = None
+            init_adaptive_io(embed_tokens, adaptive_softmax, dim)
         else:
-            self.embed_tokens = nn.Embedding(vocab, dim)  # N(0, 1), not scaled
-            self.adaptive_softmax = None
-            self.output_projection = nn.Linear(dim, vocab)
-            self.dead_rows = DeadRows(vocab, bias="output_projection.bias", weight="output_projection.weight")
-        self.key_pe = nn.Parameter(torch.randn(dim // heads, cfg.attn_span))  # (d, L), column j = distance L - j
+            embed_tokens = nn.Embedding(vocab, dim)  # N(0, 1), not scaled
+            adaptive_softmax = None
+            output_projection = nn.Linear(dim, vocab)
+        key_pe = nn.Parameter(torch.randn(dim // heads, cfg.attn_span))  # (d, L), column j = distance L - j
         ffn_dim = 0 if cfg.pers_mem_size > 0 else cfg.decoder_ffn_embed_dim
-        self.layers = nn.ModuleList()
+        layers = []
         for _ in range(cfg.decoder_layers):
             span = None if cfg.fixed_span else AdaptiveSpanMask(
                 1 if cfg.adapt_span_layer else heads, cfg.attn_span, cfg.adapt_span_ramp, cfg.adapt_span_init,
                 cfg.adapt_span_loss, adapt_cache=not cfg.no_adapt_span_cache)
             attn = AdaptiveSpanSelfAttention(dim, heads, cfg.attn_span, cfg.dropout, span, cfg.pers_mem_size,
                                              renorm=not cfg.no_span_renorm, impl=str(cfg.attn_impl))
-            self.layers.append(AdaptiveSpanLayer(attn, dim, ffn_dim, cfg.dropout))
+            layers.append(AdaptiveSpanLayer(attn, dim, ffn_dim, cfg.dropout))
+        super().__init__(dictionary, embed_tokens, PositionTerm(), layers, layer_norm=None,
+                         adaptive_softmax=adaptive_softmax, dropout=cfg.emb_dropout, tokens_per_sample=None)
+        self.key_pe = key_pe
+        self.output_projection = output_projection
+        if output_projection is not None:
+            self.dead_rows = DeadRows(vocab, bias="output_projection.bias", weight="output_projection.weight")
+        self.keep_module_order(["embed_tokens", "adaptive_softmax", "output_projection"])  # saved optimizer states
+        self.embed_dim = dim
+        self.max_span = cfg.attn_span
         self._last_length = 0  # M of the last forward, for the FLOP telemetry
-
-    @torch.no_grad()
-    def _init_adaptive_io(self, div_val: int) -> None:
-        """The original's PyTorch defaults: embeddings N(0, 1); projections, output biases and the cluster layer
-        as ``nn.Linear(d_i, .)``: U(-1/sqrt(d_i), 1/sqrt(d_i))."""
-        inp, out = self.embed_tokens, self.adaptive_softmax
-        for i, (lo, hi) in enumerate(out.bounds):
-            bound = 1.0 / math.sqrt(inp.emb_projs[str(i)].size(1))
-            nn.init.uniform_(inp.emb_projs[str(i)], -bound, bound)
-            nn.init.uniform_(out.bias[lo:hi], -bound, bound)
-        bound = 1.0 / math.sqrt(self.embed_dim)
-        nn.init.uniform_(out.cluster_weight, -bound, bound)
-        nn.init.uniform_(out.cluster_bias, -bound, bound)
-
-    def max_positions(self) -> int:
-        return MAX_POSITIONS
 
     def output_layer(self, features: Tensor) -> Tensor:
         """Logits (B, T, V) of the untied output layer; with adaptive softmax the features unchanged (read by
@@ -167,23 +173,10 @@ class AdaptiveSpanDecoder(StatefulDecoder):
             return features
         return self.dead_rows(self.output_projection(features))
 
-    # ------------------------------------------------------------------------------------------------------
-    def forward_segment(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """tokens (B, M) over the per-layer caches in ``state`` (None: zeros) -> (features (B, M, H), next caches,
-        {}). Incremental decoding is the same call with M = number of new tokens."""
-        if state is not None and len(state.layers) != len(self.layers):
-            raise ValueError(f"memory has {len(state.layers)} layers, the model {len(self.layers)}")
-        caches: List[Optional[Tensor]] = \
-            [s.hidden for s in state.layers] if state is not None else [None] * len(self.layers)
-        x = F.dropout(self.embed_tokens(tokens), self.emb_dropout, self.training)  # (B, M, H)
-        key_pe = self.key_pe.to(x.dtype)  # (d, L)
-        next_caches = []
-        for layer, cache in zip(self.layers, caches):
-            x, next_cache = layer(x, cache, key_pe)  # (B, M, H), (B, <= C_l, H)
-            next_caches.append(next_cache)
-        self._last_length = tokens.size(1)
-        next_state = DecoderState(tuple(HiddenCache(c) for c in next_caches), 0)
-        return F.dropout(x, self.emb_dropout, self.training), next_state, {}
+    def layer_context(self, x: Tensor, layer_states, offset: int, segment_length: int) -> Tensor:
+        """Every layer reads the one relative position table ``key_pe`` (d, L), in the input's dtype."""
+        self._last_length = x.size(1)
+        return self.key_pe.to(x.dtype)
 
     @property
     def memory_description(self) -> str:

@@ -12,7 +12,8 @@ segment starts from: memory cut to M, segment caches dropped, fast weights kept 
 ``carries_state``. State: one ``DecoderState`` (per-layer states, and the offset into the current segment). A
 streaming call is one whole segment: every layer's state is closed at its end. Incremental decoding cuts its tokens
 at the same segment boundaries (``segment_pieces``), so its log-probabilities equal the streaming pass over segments
-of ``tokens_per_sample``.
+of ``tokens_per_sample``; a decoder whose outputs do not depend on where segments start (``cuts_at_segments``
+False: adaptive span's caches, ALiBi's KV cache) runs new tokens as one continuation of the open state.
 
 A model's decoder validates its own config, builds the pieces and hands them to ``__init__``: ``composed_lm`` from
 per-layer patterns, ``fast_weight_lm`` from lmtool's settings, ``transformer_xl_lm`` and ``sha_rnn_lm`` with their
@@ -37,6 +38,8 @@ LayerState = Optional[SegmentState]
 
 class CoreDecoder(StatefulDecoder):
     """Input (+ absolute positions) -> dropout -> blocks -> (LN) -> dropout -> output; see the module docstring."""
+
+    cuts_at_segments = True  # whether incremental decoding closes the state at tokens_per_sample boundaries
 
     def __init__(self, dictionary, embed_tokens: nn.Module, input_position: PositionTerm, layers: Sequence[nn.Module],
                  layer_norm: Optional[nn.LayerNorm], adaptive_softmax: Optional[ProjectedAdaptiveLogSoftmax],
@@ -80,9 +83,14 @@ class CoreDecoder(StatefulDecoder):
         return features, self._closed(layer_states), {}
 
     def forward_incremental(self, tokens: Tensor, state: Optional[DecoderState]) -> SegmentOutput:
-        """New tokens (B, T_new) of generation, cut at the streaming pass's segment boundaries."""
+        """New tokens (B, T_new) of generation, cut at the streaming pass's segment boundaries (in one piece, the
+        open state kept, when the decoder does not cut at segments)."""
         offset = state.offset if state is not None else 0
         layer_states = self._layer_states(state)
+        if not self.cuts_at_segments:
+            lengths = torch.full((1, 1), offset + tokens.size(1), device=tokens.device)
+            features, layer_states = self._forward(tokens, layer_states, offset, lengths, offset + tokens.size(1))
+            return features, DecoderState(layer_states, offset + tokens.size(1)), {}
         outputs: List[Tensor] = []
         seg_len = torch.full((1, 1), self.tokens_per_sample or 0, device=tokens.device)
         for start, stop, closes in segment_pieces(tokens.size(1), offset, self.tokens_per_sample):
@@ -93,6 +101,13 @@ class CoreDecoder(StatefulDecoder):
             if closes:
                 layer_states = self._layer_states(self._closed(layer_states))
         return torch.cat(outputs, dim=1), DecoderState(layer_states, offset), {}
+
+    def keep_module_order(self, names: Sequence[str]) -> None:
+        """Re-register the submodules ``names`` first, in that order (the rest keep theirs after them): the
+        ``parameters()`` order in which a family's existing checkpoints saved their optimizer states."""
+        order = [name for name in names if name in self._modules]
+        order += [name for name in self._modules if name not in order]
+        self._modules = {name: self._modules[name] for name in order}
 
     def _layer_states(self, state: Optional[DecoderState]) -> Tuple[LayerState, ...]:
         if state is None:

@@ -6,7 +6,9 @@ spec adaptive_span.md §1.1, §1.2, §1.6), post-LN as the original, no dropout 
 
 The cache holds this layer's *inputs* from earlier segments (detached). The next cache is the last C entries of
 [cache ; x], with C the layer's current cache length (``AdaptiveSpanMask.trim``: L_pos + 64 with the adaptive cache,
-else L), decided before the layer runs, as the original.
+else L), decided before the layer runs, as the original. A ``CoreDecoder`` block: its state is a ``HiddenCache``,
+its context the shared relative position table ``key_pe`` (d, L); the cache is already cut when the layer returns,
+so closing it at a segment end changes nothing (outputs do not depend on where segments start).
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
+from fairseq_ext.state import HiddenCache
 
 
 class AdaptiveSpanLayer(nn.Module):
+    carries_state = True
+
     def __init__(self, self_attn: AdaptiveSpanSelfAttention, embed_dim: int, ffn_dim: int, dropout: float) -> None:
         """ffn_dim 0: no feed-forward sublayer (All-attention layers, where persistent memory replaces it)."""
         super().__init__()
@@ -33,9 +38,10 @@ class AdaptiveSpanLayer(nn.Module):
         else:
             self.fc1 = self.fc2 = self.final_layer_norm = None
 
-    def forward(self, x: Tensor, cache: Optional[Tensor], key_pe: Tensor) -> Tuple[Tensor, Tensor]:
-        """x: (B, M, C); cache: (B, C_prev, C) earlier inputs of this layer or None (zeros). Returns (y (B, M, C),
-        next cache (B, <= C_cache, C), detached)."""
+    def forward(self, x: Tensor, state: Optional[HiddenCache], key_pe: Tensor) -> Tuple[Tensor, HiddenCache]:
+        """x: (B, M, C); state: the cache (B, C_prev, C) of earlier inputs of this layer, or None (zeros); key_pe
+        (d, L) in x's dtype. Returns (y (B, M, C), the next cache (B, <= C_cache, C), detached)."""
+        cache = None if state is None else state.hidden
         window = self.self_attn.window()
         keys_in = x if cache is None or cache.size(1) == 0 else torch.cat([cache, x], dim=1)  # (B, S, C)
         next_cache = keys_in[:, max(0, keys_in.size(1) - window.cache):].detach()  # (B, <= C_cache, C)
@@ -43,4 +49,7 @@ class AdaptiveSpanLayer(nn.Module):
         if self.fc1 is not None:
             ff = self.fc2(F.dropout(F.relu(self.fc1(h)), p=self.dropout, training=self.training))  # (B, M, C)
             h = self.final_layer_norm(h + ff)
-        return h, next_cache
+        return h, HiddenCache(next_cache)
+
+    def close(self, state: HiddenCache) -> HiddenCache:
+        return state  # cut to the cache length already
