@@ -96,7 +96,7 @@ class LanguageModel:
         self.tokens_per_sample = tokens_per_sample
         self.device = device
         decoder = model.decoder
-        self.stateful = hasattr(decoder, "attach_streams")  # a StatefulDecoder (every family but ALiBi)
+        self.stateful = hasattr(decoder, "attach_streams")  # a StatefulDecoder (every family; not stock fairseq)
         self.carries_state = self.stateful and bool(decoder.carries_state)
         if self.stateful:
             decoder.attach_streams("fairseq_ext.hub (one stream, in order)")

@@ -19,8 +19,9 @@ LayerNorms are removed.
 
 State: a ``DecoderState`` with one ``HiddenCache`` (B, C_l, H) of layer inputs per layer (§1.2). A cold start
 (None, or a cache shorter than the window) reads as zeros, exactly the original's zero-initialised cache (zero inputs
-give zero keys and values: the projections have no bias). Outputs depend only on the L previous positions of each layer, not on
-where segments start, so streaming with any segment length and incremental decoding (generation) agree.
+give zero keys and values: the projections have no bias). Outputs depend only on the L previous positions of each
+layer, not on where segments start, so streaming with any segment length and incremental decoding (generation)
+agree.
 
 Pieces, in the order the forward pass uses them (the loop: ``models/base/core_decoder.py``, no position term; the
 layer context is ``key_pe``): embedding or ``modules/adaptive/adaptive_input.py``,
@@ -173,7 +174,7 @@ class AdaptiveSpanDecoder(CoreDecoder):
             return features
         return self.dead_rows(self.output_projection(features))
 
-    def layer_context(self, x: Tensor, layer_states, offset: int, segment_length: int) -> Tensor:
+    def layer_context(self, tokens: Tensor, x: Tensor, layer_states, offset: int, segment_length: int) -> Tensor:
         """Every layer reads the one relative position table ``key_pe`` (d, L), in the input's dtype."""
         self._last_length = x.size(1)
         return self.key_pe.to(x.dtype)

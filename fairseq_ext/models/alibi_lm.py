@@ -1,51 +1,55 @@
-"""``alibi_lm``: fairseq's ``transformer_lm`` decoder with ALiBi attention instead of positional embeddings.
+"""``alibi_lm``: fairseq's ``transformer_lm`` with ALiBi attention instead of positional embeddings, on the core loop.
 
 Press, Smith, Lewis 2021, "Train Short, Test Long" (arXiv 2108.12409), Sec. 3: every self-attention logit gets
--m_h * (i - j); no position embedding is added. The layers, embeddings, adaptive input/softmax and all parameter
-names are fairseq's own (``TransformerDecoder``), so the ALiBi fork's ``transformer_lm_wiki103`` checkpoints load
-after ``scripts/convert_alibi_checkpoint.py``. Unlike the fork, the bias is built per forward from the current
-query/key lengths (any evaluation length, any batch size, no ``--model-overrides``), in the relative form in fp32,
-and it is applied in incremental decoding too (``fairseq-generate`` / sampling).
+-m_h * (i - j); no position embedding is added. The flags are fairseq's ``transformer_lm`` flags, and parameter names
+and construction order are its ``TransformerDecoder``'s, so the ALiBi fork's ``transformer_lm_wiki103``
+checkpoints load after ``scripts/convert_alibi_checkpoint.py``. Unlike the fork, the bias is built per forward from
+the current query/key lengths (any evaluation length, any batch size, no ``--model-overrides``), in the relative
+form in fp32, and it is applied in incremental decoding too (``fairseq-generate`` / sampling).
 
-Pieces, in the order the forward pass uses them: fairseq's ``TransformerDecoder`` (embeddings, layers, norms,
-adaptive input/softmax) with each layer's attention replaced by ``AlibiMultiheadAttention`` (this file) around
-``modules/attention/alibi_self_attention.py`` (pure, ``KVCache`` while generating), the slopes in
-``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py, chunked.py,
-flex.py). ALiBi over Transformer-XL memory or a key/value window is ``composed_lm`` (docs/composed.md).
+The forward pass (``models/base/core_decoder.py``'s loop, read top to bottom):
+
+    x = Drop(LN_emb(W_in (s * E[tokens])))      ``embed``: s = sqrt(C) unless --no-scale-embedding; W_in only when
+                                                --decoder-input-dim differs; LN_emb with --layernorm-embedding
+    c = (bias -m_h (i - j), key padding mask)   ``layer_context``: one (1, H, T, S) bias for every layer
+    x, cache_l = AlibiLayer_l(x, cache_l, c)    ``modules/blocks/alibi_layer.py`` (pre-LN by default in the presets)
+    features = W_out LN(x)                      ``finish``: final LN (pre-LN); W_out with --decoder-output-dim
+    logits = output_projection(features)        or fairseq's AdaptiveSoftmax
+
+Pieces: ``AlibiLayer`` -> ``modules/attention/alibi_self_attention.py`` (pure, ``KVCache`` while generating), the
+slopes in ``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py, chunked.py,
+flex.py); fairseq's ``AdaptiveInput`` / ``AdaptiveSoftmax``. State: none across segments (``close`` drops each
+layer's cache); generation keeps one KV cache over the whole prefix, like fairseq's decoder. ALiBi over
+Transformer-XL memory or a key/value window is ``composed_lm`` (docs/composed.md).
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
+import torch
 from fairseq import options
 from fairseq.dataclass import ChoiceEnum
 from fairseq.distributed import fsdp_wrap
-from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import TransformerConfig, TransformerDecoder
+from fairseq.models.transformer import Embedding
 from fairseq.models.transformer_lm import (
-    TransformerLanguageModel,
     TransformerLanguageModelConfig,
     base_lm_architecture,
     transformer_lm_baevski_wiki103,
     transformer_lm_gpt2_small,
 )
-from fairseq.modules import AdaptiveInput
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
-from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from fairseq.modules import AdaptiveInput, AdaptiveSoftmax, LayerNorm
 from fairseq.utils import safe_getattr
-import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fairseq_ext.errors import ConfigError
-from fairseq_ext.models.base.sliding_estimate import log_sliding_estimate
+from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.core_decoder import MAX_POSITIONS, CoreDecoder  # noqa: F401  (MAX_POSITIONS: re-exported)
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
+from fairseq_ext.modules.blocks.alibi_layer import AlibiContext, AlibiLayer, NormFormerScales, dropout
+from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.ops.alibi import BIAS_FORMS, IMPLS
 from fairseq_ext.state import KVCache
-
-# ALiBi needs no position table, so the model accepts any length; fairseq only uses this for filtering.
-MAX_POSITIONS = 1_000_000
-
 
 @dataclass
 class AlibiLanguageModelConfig(TransformerLanguageModelConfig):
@@ -70,144 +74,145 @@ class AlibiLanguageModelConfig(TransformerLanguageModelConfig):
 
 _ALIBI_FIELDS = ("alibi_bias_form", "attn_impl", "alibi_chunk_size")
 
-
-@with_incremental_state
-class AlibiMultiheadAttention(AlibiSelfAttention):
-    """Speaks fairseq's MultiheadAttention protocol (time-first, ``incremental_state``) for its decoder layer.
-
-    The KVCache is the same object the pure module returns; incremental decoding stores it in
-    ``incremental_state`` and ``reorder_incremental_state`` reorders it for beam search. ``attn_mask`` carries the
-    bias AlibiDecoder builds once per forward (``shared_bias``), never a fairseq future mask.
-    """
-
-    def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
-                key_padding_mask: Optional[Tensor] = None,
-                incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-                need_weights: bool = False, attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
-        if need_weights:
-            raise ValueError("alibi_lm does not return attention weights (need_weights=True unsupported)")
-        state = self._get_cache(incremental_state)
-        if attn_mask is not None and state is not None:
-            raise ValueError("a shared full-pass ALiBi bias cannot be combined with a KV cache")
-        y, cache = super().forward(query.transpose(0, 1), state, key_padding_mask, attn_mask)  # (T,B,C)->(B,T,C)
-        if incremental_state is not None:
-            self.set_incremental_state(incremental_state, "kv", {"cache": cache})
-        return y.transpose(0, 1), None  # (T, B, C)
-
-    def _get_cache(self, incremental_state) -> Optional[KVCache]:
-        saved = self.get_incremental_state(incremental_state, "kv")
-        return None if saved is None else saved["cache"]
-
-    def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
-        return {}  # fairseq's layer checks this only for cross_self_attention (unsupported here)
-
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
-        cache = self._get_cache(incremental_state)
-        if cache is not None:
-            self.set_incremental_state(incremental_state, "kv", {"cache": cache.reorder(new_order)})
+# fairseq's TransformerDecoder order: the parameters() order its checkpoints saved optimizer states in
+SAVED_MODULE_ORDER = ("embed_tokens", "project_in_dim", "layernorm_embedding", "layers", "layer_norm",
+                      "project_out_dim", "adaptive_softmax", "output_projection")
+UNSUPPORTED = (("base_layers", "--base-layers"), ("decoder_xformers_att_config", "--decoder-xformers-att-config"),
+               ("character_embeddings", "--character-embeddings"), ("quant_noise_pq", "--quant-noise-pq"),
+               ("cross_self_attention", "--cross-self-attention"))
 
 
-class AlibiDecoderLayer(TransformerDecoderLayerBase):
-    """fairseq's pre-norm decoder layer with ALiBi self-attention."""
+class AlibiDecoder(CoreDecoder):
+    """fairseq's transformer_lm decoder stages around ``AlibiLayer`` blocks; see the module docstring."""
 
-    def __init__(self, cfg: TransformerConfig, bias_form: str, attn_impl: str, chunk_size: int = 0) -> None:
-        self._alibi_bias_form = bias_form  # read by build_self_attention during the base constructor
-        self._attn_impl = attn_impl
-        self._chunk_size = chunk_size
-        super().__init__(cfg, no_encoder_attn=True)
+    cuts_at_segments = False  # generation: one KV cache over the whole prefix, as fairseq's decoder
 
-    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
-        if add_bias_kv or add_zero_attn or cfg.cross_self_attention:
-            raise ValueError("alibi_lm does not support add_bias_kv, add_zero_attn or cross_self_attention")
-        return AlibiMultiheadAttention(embed_dim, cfg.decoder.attention_heads, dropout=cfg.attention_dropout,
-                                       bias_form=self._alibi_bias_form, attn_impl=self._attn_impl,
-                                       chunk_size=self._chunk_size)
+    def __init__(self, args, dictionary, embed_tokens: nn.Module) -> None:
+        for name, flag in UNSUPPORTED:
+            if safe_getattr(args, name, None):
+                raise ConfigError(f"alibi_lm does not support {flag} (a transformer_lm option); drop it")
+        dim, input_dim, output_dim = args.decoder_embed_dim, embed_tokens.embedding_dim, args.decoder_output_dim
+        # built in fairseq's TransformerDecoder order, so a seed gives its initial weights
+        project_in_dim = _xavier_linear(input_dim, dim) if dim != input_dim else None
+        layernorm_embedding = LayerNorm(dim) if args.layernorm_embedding else None
+        layers = [self._layer(args) for _ in range(args.decoder_layers)]
+        final_norm = args.decoder_normalize_before and not args.no_decoder_final_norm
+        layer_norm = LayerNorm(dim) if final_norm else None
+        tie_adaptive = args.tie_adaptive_weights
+        project_out_dim = _xavier_linear(dim, output_dim) if dim != output_dim and not tie_adaptive else None
+        adaptive_softmax, output_projection = None, None
+        if args.adaptive_softmax_cutoff is not None:
+            adaptive_softmax = AdaptiveSoftmax(
+                len(dictionary), output_dim, options.eval_str_list(args.adaptive_softmax_cutoff, type=int),
+                dropout=args.adaptive_softmax_dropout, adaptive_inputs=embed_tokens if tie_adaptive else None,
+                factor=args.adaptive_softmax_factor, tie_proj=args.tie_adaptive_proj)
+        elif args.share_decoder_input_output_embed:
+            output_projection = nn.Linear(embed_tokens.weight.size(1), embed_tokens.weight.size(0), bias=False)
+            output_projection.weight = embed_tokens.weight
+        else:
+            output_projection = nn.Linear(output_dim, len(dictionary), bias=False)
+            nn.init.normal_(output_projection.weight, mean=0, std=output_dim ** -0.5)
+        super().__init__(dictionary, embed_tokens, PositionTerm(), layers, layer_norm, adaptive_softmax,
+                         dropout=args.dropout, tokens_per_sample=None)
+        self.register_buffer("version", torch.Tensor([3]))  # fairseq's decoder version: its state dicts carry it
+        self.project_in_dim = project_in_dim
+        self.layernorm_embedding = layernorm_embedding
+        self.project_out_dim = project_out_dim
+        self.output_projection = output_projection
+        self.keep_module_order(SAVED_MODULE_ORDER)
+        self.args = args
+        self.padding_idx = dictionary.pad()
+        self.embed_scale = 1.0 if args.no_scale_embedding else dim ** 0.5
+
+    @staticmethod
+    def _layer(args) -> nn.Module:
+        attention = AlibiSelfAttention(args.decoder_embed_dim, args.decoder_attention_heads,
+                                       dropout=args.attention_dropout, bias_form=args.alibi_bias_form,
+                                       attn_impl=args.attn_impl, chunk_size=args.alibi_chunk_size)
+        scales = NormFormerScales(**{name: bool(safe_getattr(args, f"scale_{name}", False))
+                                     for name in ("heads", "attn", "fc", "resids")})
+        layer = AlibiLayer(attention, args.decoder_ffn_embed_dim, args.dropout,
+                           args.activation_dropout or safe_getattr(args, "relu_dropout", 0.0) or 0.0,
+                           args.activation_fn, args.decoder_normalize_before, scales, args.decoder_layerdrop,
+                           args.checkpoint_activations, args.offload_activations)
+        min_params = 0 if args.checkpoint_activations else args.min_params_to_wrap
+        return fsdp_wrap(layer, min_num_params=min_params)  # unchanged unless training under FSDP
+
+    @property
+    def memory_description(self) -> str:
+        return "none (each segment starts cold)"
+
+    def embed(self, tokens: Tensor, offset: int, lengths: Tensor) -> Tensor:
+        """tokens (B, T) -> the first layer's input (B, T, C); no position term (ALiBi biases the logits)."""
+        x = self.embed_scale * self.embed_tokens(tokens)  # (B, T, C_in)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)  # (B, T, C)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return dropout(x, self.input_dropout, self.training)
+
+    def layer_context(self, tokens: Tensor, x: Tensor, layer_states: Tuple[Optional[KVCache], ...], offset: int,
+                      segment_length: int) -> AlibiContext:
+        """The key padding mask of the new tokens (None without padding), and, for a pass without a cache, the
+        (1, H, T, T) bias of the kernel every layer will select, built once (one tensor kept for the backward pass,
+        not one per layer; dropped when the forward returns)."""
+        pad = tokens.eq(self.padding_idx)  # (B, T)
+        key_padding_mask = pad if pad.any() else None
+        if layer_states[0] is not None:
+            return AlibiContext(None, key_padding_mask)  # generation: each layer biases its few new queries
+        device, t = x.device, x.size(1)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        return AlibiContext(self.layers[0].self_attn.shared_bias(t, t, dtype, device), key_padding_mask)
+
+    def finish(self, x: Tensor) -> Tensor:
+        """The last layer's output (B, T, C) -> features (B, T, C_out): final LN (pre-LN stacks), W_out; no
+        dropout (fairseq's decoder)."""
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        """Logits (B, T, V); with adaptive softmax the features unchanged (read by ``get_normalized_probs``)."""
+        return features if self.output_projection is None else self.output_projection(features)
 
 
-class AlibiDecoder(TransformerDecoder):
-    """TransformerDecoder without position embeddings whose layers use ALiBi attention (causal only).
-
-    Like the original fork, the bias is built once per forward and shared by all layers (fairseq asks
-    ``buffered_future_mask`` once per layer; it returns the same tensor), so autograd keeps one H x T x T tensor,
-    not one per layer. It is dropped when the forward returns: nothing sized by a length outlives a call.
-    """
-
-    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
-        super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
-        self._shared_bias: Optional[Tensor] = None
-        self._shared_bias_key: Optional[Tuple[int, torch.dtype, torch.device]] = None
-
-    def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        # fairseq's base constructor passes a TransformerConfig, which drops our fields: read them from self.args.
-        cfg = TransformerConfig.from_namespace(cfg)
-        layer = AlibiDecoderLayer(cfg, self.args.alibi_bias_form, self.args.attn_impl, self.args.alibi_chunk_size)
-        if cfg.checkpoint_activations:
-            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-        return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
-
-    def buffered_future_mask(self, tensor: Tensor) -> Optional[Tensor]:
-        """tensor: (T, B, C) layer input. Returns the shared (1, H, T, T) bias (None for kernels that build none)."""
-        t, device = tensor.size(0), tensor.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tensor.dtype
-        if self._shared_bias_key != (t, dtype, device):  # first layer of this forward
-            attention = next(m for m in self.layers.modules() if isinstance(m, AlibiMultiheadAttention))
-            self._shared_bias = attention.shared_bias(t, t, dtype, device)
-            self._shared_bias_key = (t, dtype, device)
-        return self._shared_bias
-
-    def extract_features_scriptable(self, prev_output_tokens, encoder_out=None, incremental_state=None,
-                                    full_context_alignment: bool = False, alignment_layer=None,
-                                    alignment_heads=None):
-        if full_context_alignment:
-            raise ValueError("alibi_lm is a causal decoder; full_context_alignment is not supported")
-        try:
-            return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
-                                                       full_context_alignment, alignment_layer, alignment_heads)
-        finally:
-            self._shared_bias, self._shared_bias_key = None, None
-
-    def max_positions(self) -> int:
-        return MAX_POSITIONS
+def _xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    """fairseq's decoder projections: bias-free, xavier-uniform."""
+    linear = nn.Linear(in_dim, out_dim, bias=False)
+    nn.init.xavier_uniform_(linear.weight)
+    return linear
 
 
 @register_model("alibi_lm", dataclass=AlibiLanguageModelConfig)
-class AlibiLanguageModel(TransformerLanguageModel):
+class AlibiLanguageModel(StatefulLanguageModel):
+    """transformer_lm with ALiBi; see the module docstring. Presets: ``alibi_lm_wiki103``, ``alibi_lm_gpt2_small``,
+    ``alibi_lm_tiny``."""
+
     @classmethod
-    def build_model(cls, args, task):
+    def build_model(cls, args, task) -> "AlibiLanguageModel":
         base_architecture(args)
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
-        if args.character_embeddings:
-            raise ValueError("alibi_lm does not support --character-embeddings")
-        if safe_getattr(args, "quant_noise_pq", 0) > 0:
-            raise ValueError("alibi_lm does not support --quant-noise-pq")
-        check_adaptive_cutoffs(args, len(task.source_dictionary))
+        dictionary = task.source_dictionary
+        check_adaptive_cutoffs(args, len(dictionary))
         if args.adaptive_input:
             embed_tokens = AdaptiveInput(
-                len(task.source_dictionary), task.source_dictionary.pad(), args.decoder_input_dim,
-                args.adaptive_input_factor, args.decoder_embed_dim,
-                options.eval_str_list(args.adaptive_input_cutoff, type=int),
-                args.quant_noise_pq, args.quant_noise_pq_block_size,
-            )
+                len(dictionary), dictionary.pad(), args.decoder_input_dim, args.adaptive_input_factor,
+                args.decoder_embed_dim, options.eval_str_list(args.adaptive_input_cutoff, type=int),
+                args.quant_noise_pq, args.quant_noise_pq_block_size)
         else:
-            embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+            embed_tokens = Embedding(len(dictionary), args.decoder_input_dim, dictionary.pad())
         if args.tie_adaptive_weights:
             if not args.adaptive_input:
-                raise ValueError("--tie-adaptive-weights needs --adaptive-input")
+                raise ConfigError("--tie-adaptive-weights needs --adaptive-input")
             if (args.adaptive_input_factor != args.adaptive_softmax_factor
                     or args.adaptive_softmax_cutoff != args.adaptive_input_cutoff
                     or args.decoder_input_dim != args.decoder_output_dim):
-                raise ValueError("--tie-adaptive-weights needs equal adaptive input/softmax cutoffs and factors "
-                                 "and decoder_input_dim == decoder_output_dim")
-        decoder = AlibiDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
-        return cls(decoder)
-
-    def prepare_for_inference_(self, cfg) -> None:
-        """fairseq-eval-lm --context-window: log the sliding evaluation's estimated duration first."""
-        super().prepare_for_inference_(cfg)
-        eval_lm = getattr(cfg, "eval_lm", None)
-        if eval_lm is not None and getattr(eval_lm, "context_window", 0) > 0:
-            log_sliding_estimate(self, cfg)
+                raise ConfigError("--tie-adaptive-weights needs equal adaptive input/softmax cutoffs and factors "
+                                  "and decoder_input_dim == decoder_output_dim")
+        return cls(AlibiDecoder(args, task.target_dictionary, embed_tokens))
 
 
 def check_adaptive_cutoffs(args, vocab_size: int) -> None:

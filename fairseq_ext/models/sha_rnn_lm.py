@@ -159,7 +159,7 @@ class SHARNNDecoder(CoreDecoder):
         attention = f", attention memory of max_memory {self.max_memory}" if self.attn_layers else ""
         return f"LSTM state{attention}"
 
-    def layer_context(self, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
+    def layer_context(self, tokens: Tensor, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
                       segment_length: int) -> int:
         """How many tokens to trim each block's memory for (``SHARNNBlock.forward``): a whole segment of
         ``segment_length`` when the call starts one (streaming: the call's T; incremental decoding: tokens_per_sample),

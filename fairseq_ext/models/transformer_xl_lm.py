@@ -184,7 +184,7 @@ class TransformerXLDecoder(CoreDecoder):
         extras = [f"clamp_len {self.clamp_len}"] * (self.clamp_len > 0) + ["same_length"] * bool(self.same_length)
         return ", ".join([f"mem_len {self.mem_len}"] + extras) if self.mem_len else "none (mem_len 0)"
 
-    def layer_context(self, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
+    def layer_context(self, tokens: Tensor, x: Tensor, layer_states: Tuple[Optional[SegmentState], ...], offset: int,
                       segment_length: int) -> XLContext:
         """R for the M + T keys of this call (M = the memory length, the same in every layer), with dropout once
         for all layers, the shared u, v, and the same_length window."""

@@ -144,12 +144,12 @@ def converted_cases() -> Dict[str, Callable[[str], None]]:
 
 
 def stream_log_probs(model: torch.nn.Module, tokens: torch.Tensor, segment: int) -> torch.Tensor:
-    """Log-probs (B, N, V) of tokens (B, N): stateful models over consecutive segments with state carried, others in
-    one pass."""
+    """Log-probs (B, N, V) of tokens (B, N): stateful models over consecutive segments with state carried, full-context
+    models (no state, no segment boundaries: ALiBi) in one pass."""
     model.eval()
     decoder = model.decoder
     with torch.no_grad():
-        if not hasattr(decoder, "attach_streams"):
+        if not hasattr(decoder, "attach_streams") or not (decoder.carries_state or decoder.cuts_at_segments):
             return model.get_normalized_probs(model(tokens), log_probs=True).float()
         decoder.attach_streams("frozen checkpoints")
         decoder.reset_state()

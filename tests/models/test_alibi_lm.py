@@ -44,9 +44,8 @@ def test_wiki103_preset_is_the_papers_247m_model():
     model = build_model("alibi_lm_wiki103", tiny_dictionary(267_744 - 4))
     state = model.state_dict()
     assert sum(p.numel() for p in model.parameters()) == 246_933_504
-    assert len(state) == 272
+    assert len([k for k in state if not k.endswith("._extra_state")]) == 272  # + the (empty) train stream
     assert not any("embed_positions" in k for k in state)
-    assert model.decoder.embed_positions is None
     args = model.decoder.args
     assert (args.decoder_layers, args.decoder_embed_dim, args.decoder_ffn_embed_dim,
             args.decoder_attention_heads) == (16, 1024, 4096, 8)
@@ -61,7 +60,8 @@ def test_same_parameter_names_as_stock_transformer_lm():
             "--decoder-attention-heads", "4", "--no-token-positional-embeddings", "--decoder-normalize-before"]
     stock = build_model("transformer_lm", d, dims)
     ours = build_model("alibi_lm", d, dims)
-    assert {k: v.shape for k, v in stock.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    shapes = [{k: v.shape for k, v in m.state_dict().items() if not k.endswith("_extra_state")} for m in (stock, ours)]
+    assert shapes[0] == shapes[1]
     assert ours.decoder.layer_norm is not None and ours.decoder.layers[0].normalize_before
 
 
@@ -186,14 +186,14 @@ def test_greedy_generation_follows_full_pass_argmax():
         full = logits(model, torch.cat([torch.tensor([d.eos()]), seq])[None])[0]  # generator starts from eos
         for i in range(5, len(seq)):
             lprobs = full[i].clone()
-            lprobs[d.pad()] = -float("inf")
-            lprobs[d.unk()] = -float("inf")
+            lprobs[d.pad()] = -float("inf")  # the generator bans pad; unk only gets --unk-penalty (0)
             lprobs[d.eos()] = -float("inf")  # min_len forbids eos
             assert seq[i].item() == lprobs.argmax().item()
 
 
 def test_one_bias_tensor_is_shared_by_all_layers():
-    """Like the fork, one (1, H, T, T) bias per forward, not one per layer (memory at long T); none outlives it."""
+    """Like the fork, one (1, H, T, T) bias per forward, not one per layer (memory at long T); it is part of the call's
+    layer context, so nothing keeps it once the forward returns."""
     model = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--decoder-layers", "3"]).train()
     t = 40
     saved = {}
@@ -206,7 +206,7 @@ def test_one_bias_tensor_is_shared_by_all_layers():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = model(tokens(2, t))[0]
     assert len(saved) == 1
-    assert model.decoder._shared_bias is None
+    assert not [b for b in model.decoder.buffers() if b.shape == (1, 4, t, t)]
     out.sum().backward()
 
 
@@ -237,8 +237,14 @@ def test_auto_evaluation_chunks_long_inputs_without_a_shared_bias():
     sdpa.load_state_dict(auto.state_dict())
     x = tokens(2, 40)
     shared = []
-    original = auto.decoder.buffered_future_mask
-    auto.decoder.buffered_future_mask = lambda tensor: shared.append(original(tensor)) or shared[-1]
+    original = auto.decoder.layer_context
+
+    def recording_context(*args):
+        context = original(*args)
+        shared.append(context.bias)
+        return context
+
+    auto.decoder.layer_context = recording_context
     assert torch.equal(logits(auto, x), logits(sdpa, x))
     assert shared and all(bias is None for bias in shared)
     shared.clear()
@@ -249,3 +255,95 @@ def test_auto_evaluation_chunks_long_inputs_without_a_shared_bias():
 def test_negative_chunk_size_is_refused():
     with pytest.raises(ValueError, match="chunk_size"):
         tiny("--alibi-chunk-size", "-1")
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--decoder-normalize-before", "--no-decoder-final-norm", "--no-scale-embedding"],
+    ["--decoder-input-dim", "48", "--decoder-output-dim", "40", "--layernorm-embedding", "--activation-fn", "gelu"],
+    ["--share-decoder-input-output-embed", "--decoder-normalize-before"],
+    ["--adaptive-input", "--adaptive-input-cutoff", "10,30", "--adaptive-softmax-cutoff", "10,30",
+     "--tie-adaptive-weights", "--tie-adaptive-proj", "--decoder-normalize-before", "--decoder-input-dim", "32",
+     "--decoder-output-dim", "32"],
+])
+def test_with_zero_slopes_it_is_stock_transformer_lm_without_positions(flags):
+    """The decoder stages around the ALiBi layers are fairseq's: with every slope 0 (no bias), the model is stock
+    transformer_lm without position embeddings, on the same weights (post- and pre-LN, input/output projections,
+    embedding LayerNorm, shared or adaptive output), in float64."""
+    d = tiny_dictionary(VOCAB)
+    dims = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+            "--decoder-attention-heads", "4", "--dropout", "0", *flags]
+    ours = build_model("alibi_lm", d, dims).double().eval()
+    stock = build_model("transformer_lm", d, dims + ["--no-token-positional-embeddings"]).double().eval()
+    weights = {k: v for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
+    stock.load_state_dict({k: v for k, v in weights.items() if "positional.slopes" not in k})
+    for layer in ours.decoder.layers:
+        layer.self_attn.positional.slopes.zero_()
+    x = tokens(2, 13)
+    out, expected = logits(ours, x), logits(stock, x)
+    if "--adaptive-input" in flags:
+        out, expected = (m.get_normalized_probs((o,), log_probs=True) for m, o in ((ours, out), (stock, expected)))
+    assert_close(out, expected)
+
+
+def test_normformer_scalings_are_built_and_trained():
+    """fairseq 0.12.3.1's transformer_lm drops --scale-attn/-fc/-heads/-resids; alibi_lm builds them, they change the
+    function, and every one gets a gradient."""
+    flags = ["--scale-attn", "--scale-fc", "--scale-heads", "--scale-resids", "--decoder-normalize-before"]
+    model = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--dropout", "0", *flags]).train()
+    layer = model.decoder.layers[0]
+    assert layer.attn_ln is not None and layer.ffn_layernorm is not None
+    with torch.no_grad():
+        layer.c_attn.fill_(0.5)
+        layer.w_resid.fill_(2.0)
+    plain = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--dropout", "0", "--decoder-normalize-before"])
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not any(s in k for s in ("c_attn", "attn_ln", "ffn_layernorm", "w_resid"))})
+    x = tokens(2, 9)
+    assert not torch.allclose(logits(plain.eval(), x), logits(model.eval(), x))
+    model.train()
+    model(x)[0].square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "scale" in n or "c_attn" in n
+               or "w_resid" in n or "attn_ln" in n or "ffn_layernorm" in n)
+
+
+def test_checkpoint_without_normformer_tensors_names_the_override(tmp_path):
+    from fairseq_ext.modules.blocks.alibi_layer import AlibiLayer
+
+    model = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--scale-attn"])
+    weights = {k: v for k, v in model.state_dict().items() if "attn_ln" not in k}
+    layer = model.decoder.layers[0]
+    assert isinstance(layer, AlibiLayer)
+    with pytest.raises(ConfigError, match="--model-overrides .*'scale_attn': False"):
+        model.upgrade_state_dict(weights)
+
+
+def test_layerdrop_skips_layers_only_while_training():
+    model = tiny("--decoder-layerdrop", "1.0")
+    x = tokens(2, 9)
+    decoder = model.decoder
+    with torch.no_grad():
+        no_layers = decoder.output_layer(decoder.finish(decoder.embed(x, 0, None)))  # (B, T, V)
+    assert not torch.allclose(logits(model, x), no_layers)  # eval: every layer runs
+    model.train()
+    assert_close(logits(model, x), no_layers)  # training at p = 1: every layer skipped
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = tokens(2, 11)
+    plain = tiny().double().train()
+    checkpointed = tiny("--checkpoint-activations").double().train()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.decoder.layers[0].checkpoint_activations
+    grads = []
+    for model in (plain, checkpointed):
+        model(x)[0].square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for ga, gb in zip(*grads):
+        assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("flag", ["--base-layers 1", "--character-embeddings"])
+def test_transformer_lm_options_alibi_lm_lacks_are_refused(flag):
+    with pytest.raises((ConfigError, ValueError), match=flag.split()[0]):
+        tiny(*flag.split())

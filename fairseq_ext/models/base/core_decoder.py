@@ -1,9 +1,9 @@
 """``CoreDecoder``: the one decoder loop of the stateful models, read top to bottom:
 
-    x = Drop_in(E[tokens] + P_abs)                   (embedding / adaptive input; P_abs an absolute position term)
-    c = layer_context(x, states, offset, T)          (what every layer shares in this call, e.g. Transformer-XL's R)
+    x = embed(tokens) = Drop_in(E[tokens] + P_abs)   (embedding / adaptive input; P_abs an absolute position term)
+    c = layer_context(tokens, x, states, offset, T)  (what every layer shares in this call, e.g. Transformer-XL's R)
     x, state_l = Block_l(x, state_l, c)   l = 1..N   (ComposedBlock or a system's own block)
-    features = Drop(LN(x))                           (LN only where the stack has a final one)
+    features = finish(x) = Drop(LN(x))               (LN only where the stack has a final one)
 
 and the output layer reads the features (the adaptive softmax, or a model's own ``output_layer``).
 
@@ -16,8 +16,9 @@ of ``tokens_per_sample``; a decoder whose outputs do not depend on where segment
 False: adaptive span's caches, ALiBi's KV cache) runs new tokens as one continuation of the open state.
 
 A model's decoder validates its own config, builds the pieces and hands them to ``__init__``: ``composed_lm`` from
-per-layer patterns, ``fast_weight_lm`` from lmtool's settings, ``transformer_xl_lm`` and ``sha_rnn_lm`` with their
-own blocks and ``layer_context``.
+per-layer patterns, ``fast_weight_lm`` from lmtool's settings, ``transformer_xl_lm``, ``sha_rnn_lm`` and
+``adaptive_span_lm`` with their own blocks and ``layer_context``; ``alibi_lm`` also replaces ``embed`` and
+``finish`` with fairseq's transformer_lm input and output stages.
 """
 from __future__ import annotations
 
@@ -121,27 +122,36 @@ class CoreDecoder(StatefulDecoder):
         closed = tuple(layer.close(s) for layer, s in zip(self.layers, layer_states))
         return None if all(s is None for s in closed) else DecoderState(closed, 0)
 
-    def layer_context(self, x: Tensor, layer_states: Tuple[LayerState, ...], offset: int,
+    def layer_context(self, tokens: Tensor, x: Tensor, layer_states: Tuple[LayerState, ...], offset: int,
                       segment_length: int) -> Optional[object]:
-        """What every block shares in one call (None by default): x (B, T, C) the block input, starting ``offset``
-        tokens into a segment of ``segment_length`` tokens, over the layers' states."""
+        """What every block shares in one call (None by default): tokens (B, T) and x (B, T, C) the block input,
+        starting ``offset`` tokens into a segment of ``segment_length`` tokens, over the layers' states."""
         return None
 
-    def _forward(self, tokens: Tensor, layer_states: Tuple[LayerState, ...], offset: int, lengths: Tensor,
-                 segment_length: int) -> Tuple[Tensor, Tuple[LayerState, ...]]:
-        """tokens (B, T) starting ``offset`` tokens into segments of ``lengths`` (B|1, 1) real tokens (of
-        ``segment_length`` tokens, the call's length when streaming) -> (features (B, T, C), the open states)."""
+    def embed(self, tokens: Tensor, offset: int, lengths: Tensor) -> Tensor:
+        """tokens (B, T), ``offset`` tokens into segments of ``lengths`` (B|1, 1) -> the first block's input (B, T, C):
+        the embedding plus the absolute position term, then input dropout."""
         x = self.embed_tokens(tokens)  # (B, T, C)
         position = offset + torch.arange(tokens.size(1), device=tokens.device)[None]  # (1, T)
         absolute = self.input_position.embed(position, lengths, x.dtype)  # (B|1, T, C) or None
         if absolute is not None:
             x = x + absolute
-        x = F.dropout(x, self.input_dropout, self.training)
-        context = self.layer_context(x, layer_states, offset, segment_length)
+        return F.dropout(x, self.input_dropout, self.training)
+
+    def finish(self, x: Tensor) -> Tensor:
+        """The last block's output (B, T, C) -> the features: final LN (where the stack has one), then dropout."""
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return F.dropout(x, self.dropout, self.training)
+
+    def _forward(self, tokens: Tensor, layer_states: Tuple[LayerState, ...], offset: int, lengths: Tensor,
+                 segment_length: int) -> Tuple[Tensor, Tuple[LayerState, ...]]:
+        """tokens (B, T) starting ``offset`` tokens into segments of ``lengths`` (B|1, 1) real tokens (of
+        ``segment_length`` tokens, the call's length when streaming) -> (features (B, T, C), the open states)."""
+        x = self.embed(tokens, offset, lengths)  # (B, T, C)
+        context = self.layer_context(tokens, x, layer_states, offset, segment_length)
         new_states = []
         for layer, layer_state in zip(self.layers, layer_states):
             x, layer_state = layer(x, layer_state, context)  # (B, T, C)
             new_states.append(layer_state)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        return F.dropout(x, self.dropout, self.training), tuple(new_states)
+        return self.finish(x), tuple(new_states)
