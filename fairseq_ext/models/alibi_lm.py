@@ -217,8 +217,8 @@ class AlibiLanguageModel(StatefulLanguageModel):
 
 def check_adaptive_cutoffs(args, vocab_size: int) -> None:
     """fairseq's adaptive input / softmax assert ``cannot specify cutoff larger than vocab size``; name the flags."""
-    flags = [("--adaptive-input-cutoff", args.adaptive_input_cutoff if args.adaptive_input else None),
-             ("--adaptive-softmax-cutoff", args.adaptive_softmax_cutoff)]
+    flags = [("--adaptive-softmax-cutoff", args.adaptive_softmax_cutoff),
+             ("--adaptive-input-cutoff", args.adaptive_input_cutoff if args.adaptive_input else None)]
     for flag, value in flags:
         if value is None:
             continue
@@ -226,10 +226,18 @@ def check_adaptive_cutoffs(args, vocab_size: int) -> None:
         if cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] > vocab_size:
             raise ConfigError(
                 f"alibi_lm: {flag} {value} must be strictly increasing, positive and at most the dictionary size "
-                f"{vocab_size} (the presets' cutoffs are WikiText-103's). Set --adaptive-input-cutoff and "
-                f"--adaptive-softmax-cutoff below it (equal, with --tie-adaptive-weights), e.g. "
-                f"{max(1, vocab_size // 4)},{max(2, vocab_size // 2)}; fairseq's transformer_lm flags, where the "
-                f"other families take one --adaptive-softmax-cutoff for both")
+                f"{vocab_size} (the presets' cutoffs are WikiText-103's). Set --adaptive-softmax-cutoff below it, "
+                f"e.g. {max(1, vocab_size // 4)},{max(2, vocab_size // 2)}: the adaptive input follows it unless "
+                f"--adaptive-input-cutoff is given (then both, equal with --tie-adaptive-weights)")
+
+
+def input_cutoff_follows_softmax(args) -> None:
+    """One cutoff flag, as in the other families: ``--adaptive-softmax-cutoff`` also sets the adaptive input's
+    cutoffs unless ``--adaptive-input-cutoff`` is given (the presets tie them, so they must be equal). Applied before
+    fairseq's presets fill in their defaults."""
+    if safe_getattr(args, "adaptive_softmax_cutoff", None) is not None \
+            and safe_getattr(args, "adaptive_input_cutoff", None) is None:
+        args.adaptive_input_cutoff = args.adaptive_softmax_cutoff
 
 
 def base_architecture(args):
@@ -237,6 +245,7 @@ def base_architecture(args):
     an argparse namespace built outside fairseq's CLI lacks them. Like stock ``transformer_lm``, the plain
     ``alibi_lm`` arch (registered by ``register_model``) uses the dataclass defaults only; the named presets
     below apply fairseq's LM presets (``base_lm_architecture``: pre-norm, ...)."""
+    input_cutoff_follows_softmax(args)
     args.no_token_positional_embeddings = True
     args.decoder_learned_pos = False
     for name in _ALIBI_FIELDS:
@@ -248,6 +257,7 @@ def base_architecture(args):
 def alibi_lm_wiki103(args):
     """The paper's 247M WikiText-103 model: fairseq's ``transformer_lm_wiki103`` (Baevski & Auli 2019) exactly,
     16 layers, d=1024, 8 heads, FFN 4096, adaptive input/softmax (20000, 60000) tied; ALiBi instead of positions."""
+    input_cutoff_follows_softmax(args)
     transformer_lm_baevski_wiki103(args)
     base_architecture(args)
 
@@ -255,6 +265,7 @@ def alibi_lm_wiki103(args):
 @register_model_architecture("alibi_lm", "alibi_lm_gpt2_small")
 def alibi_lm_gpt2_small(args):
     """fairseq's ``transformer_lm_gpt2_small`` (24 layers, d=1024, 16 heads, gelu) with ALiBi."""
+    input_cutoff_follows_softmax(args)
     transformer_lm_gpt2_small(args)
     base_architecture(args)
 
@@ -262,6 +273,7 @@ def alibi_lm_gpt2_small(args):
 @register_model_architecture("alibi_lm", "alibi_lm_tiny")
 def alibi_lm_tiny(args):
     """Tests and the demo: 2 layers, d=64, 4 heads, FFN 256."""
+    input_cutoff_follows_softmax(args)
     args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)

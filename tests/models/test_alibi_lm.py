@@ -160,14 +160,28 @@ def test_impossible_head_dim_combination_names_the_fix():
 
 
 @pytest.mark.parametrize("arch,extra,flag", [
-    ("alibi_lm_wiki103", [], "--adaptive-input-cutoff 20000,60000"),
+    ("alibi_lm_wiki103", [], "--adaptive-softmax-cutoff 20000,60000"),
+    ("alibi_lm_wiki103", ["--adaptive-softmax-cutoff", "10,30", "--adaptive-input-cutoff", "10,100"],
+     "--adaptive-input-cutoff 10,100"),
     ("alibi_lm_tiny", ["--adaptive-softmax-cutoff", "10,100"], "--adaptive-softmax-cutoff 10,100"),
 ])
 def test_paper_cutoffs_on_a_small_dictionary_name_the_flags(arch, extra, flag):
-    """fairseq's adaptive input asserts 'cannot specify cutoff larger than vocab size'; the error names the flags."""
-    with torch.device("meta"), pytest.raises(ConfigError, match=flag + ".*--adaptive-input-cutoff and "
-                                                                       "--adaptive-softmax-cutoff below it"):
+    """fairseq's adaptive input asserts 'cannot specify cutoff larger than vocab size'; the error names the flag."""
+    with torch.device("meta"), pytest.raises(ConfigError, match=flag + ".*Set --adaptive-softmax-cutoff below it"):
         build_model(arch, tiny_dictionary(60), ["--tokens-per-sample", "8", *extra])
+
+
+def test_one_cutoff_flag_sets_the_tied_adaptive_input_and_softmax():
+    """As in the other families, --adaptive-softmax-cutoff alone fits the paper preset to another dictionary: the
+    adaptive input follows it; --adaptive-input-cutoff, when given, still wins."""
+    with torch.device("meta"):
+        model = build_model("alibi_lm_wiki103", tiny_dictionary(60), ["--adaptive-softmax-cutoff", "10,30"])
+        with pytest.raises(ConfigError, match="--tie-adaptive-weights needs equal"):
+            build_model("alibi_lm_wiki103", tiny_dictionary(60), ["--adaptive-softmax-cutoff", "10,30",
+                                                                  "--adaptive-input-cutoff", "20,30"])
+    assert model.decoder.embed_tokens.cutoff == [10, 30, 64]
+    assert model.decoder.adaptive_softmax.cutoff == [10, 30, 64]
+    assert model.decoder.args.adaptive_input_cutoff == "10,30"
 
 
 def test_greedy_generation_follows_full_pass_argmax():
