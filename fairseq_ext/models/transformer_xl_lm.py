@@ -18,7 +18,8 @@ changed at evaluation with ``--model-overrides`` (the segment length of streamin
 
 Pieces, in the order the forward pass uses them: ``models/base/core_decoder.py`` (the loop and the state; R, u, v
 and the window are the layers' per-call ``XLContext``), ``modules/adaptive/adaptive_input.py`` (XLAdaptiveInput),
-``modules/positional/xl_relative.py`` (R), ``modules/blocks/transformer_xl_layer.py`` ->
+``modules/positional/descending_sinusoid.py`` (R: the sinusoid over distances S-1 .. 0),
+``modules/blocks/transformer_xl_layer.py`` ->
 ``modules/attention/xl_relative_self_attention.py`` -> ``ops/xl_relative/`` (mask.py, shift.py, naive.py, fused.py),
 ``modules/blocks/feed_forward.py``, ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``);
 initialisation ``modules/init.py``; state ``fairseq_ext/state.py`` (DecoderState, HiddenCache) held by ``models/base``.
@@ -43,7 +44,7 @@ from fairseq_ext.modules.adaptive.cutoffs import check_cutoffs, parse_cutoffs
 from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer, XLContext
 from fairseq_ext.modules.composed.positions import PositionTerm
 from fairseq_ext.modules.init import xl_weights_init
-from fairseq_ext.modules.positional.xl_relative import XLRelativePositions
+from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
 from fairseq_ext.state import SegmentState
 
@@ -170,7 +171,7 @@ class TransformerXLDecoder(CoreDecoder):
         self.clamp_len = cfg.clamp_len
         self.same_length = cfg.same_length
         self.same_length_convention = str(cfg.same_length_convention)
-        self.positions = XLRelativePositions(dim)
+        self.positions = DescendingSinusoid(dim)  # R's row c encodes distance S - 1 - c (capped at clamp_len)
         self.reset_parameters(cfg.init_std, cfg.proj_init_std)
 
     @torch.no_grad()
@@ -189,7 +190,8 @@ class TransformerXLDecoder(CoreDecoder):
         """R for the M + T keys of this call (M = the memory length, the same in every layer), with dropout once
         for all layers, the shared u, v, and the same_length window."""
         cached = layer_states[0].length if layer_states[0] is not None else 0
-        positions = self.positions(cached + x.size(1), self.clamp_len, x.dtype, x.device)  # (S, C)
+        distances = descending_indices(cached + x.size(1), device=x.device)  # (S,): S-1 .. 0
+        positions = self.positions(distances, self.clamp_len, x.dtype)  # (S, C)
         positions = F.dropout(positions, self.dropout, self.training)
         window = same_length_window(self.mem_len, self.same_length_convention) if self.same_length else None
         return XLContext(positions, self.content_bias, self.position_bias, window)

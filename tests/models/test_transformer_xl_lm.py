@@ -73,14 +73,17 @@ def reference_features(decoder, x, visible):
 
 # ----------------------------------------------------------------------------------------------------------------
 def test_positional_encoding_layout_order_and_clamp():
-    """§14.2: row for distance p is [sin(p f) | cos(p f)], rows descend klen-1..0, distances > c reuse c."""
-    decoder = make().decoder
-    enc = decoder.positions(7, None, torch.float64)
+    """§14.2: row for distance p is [sin(p f) | cos(p f)], rows descend klen-1..0, distances > c reuse c: R as the
+    layers receive it (the layer context of a 7-token call without memory)."""
+    decoder = make().decoder.double().eval()
+    x = torch.zeros(1, 7, 16, dtype=torch.float64)
+    enc = decoder.layer_context(tokens(1, 7), x, (None, None), 0, 7).positions
     f = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     for row in range(7):
         p = 6 - row
         assert_close(enc[row], torch.cat([torch.sin(p * f), torch.cos(p * f)]))
-    clamped = decoder.positions(7, 3, torch.float64)
+    decoder.clamp_len = 3
+    clamped = decoder.layer_context(tokens(1, 7), x, (None, None), 0, 7).positions
     assert_close(clamped[:4], enc[3:4].expand(4, -1))  # distances 6, 5, 4, 3 -> 3
     assert_close(clamped[4:], enc[4:])
 
