@@ -52,8 +52,6 @@ from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.ops.adaptive_span import IMPLS
 
-MAX_POSITIONS = 1_000_000  # relative positions: no bound on the length
-
 
 @dataclass
 class AdaptiveSpanConfig(FairseqDataclass):

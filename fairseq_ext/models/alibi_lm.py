@@ -51,6 +51,7 @@ from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.ops.alibi import BIAS_FORMS, IMPLS
 from fairseq_ext.state import KVCache
 
+
 @dataclass
 class AlibiLanguageModelConfig(TransformerLanguageModelConfig):
     alibi_bias_form: ChoiceEnum(BIAS_FORMS) = field(

@@ -1,4 +1,4 @@
-"""``CoreDecoder``: the one decoder loop of the stateful models, read top to bottom:
+"""``CoreDecoder``: the one decoder loop of every model, read top to bottom:
 
     x = embed(tokens) = Drop_in(E[tokens] + P_abs)   (embedding / adaptive input; P_abs an absolute position term)
     c = layer_context(tokens, x, states, offset, T)  (what every layer shares in this call, e.g. Transformer-XL's R)
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput, StatefulDecoder, segment_pieces
-from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax
 from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.state import DecoderState, SegmentState
 
@@ -43,9 +42,10 @@ class CoreDecoder(StatefulDecoder):
     cuts_at_segments = True  # whether incremental decoding closes the state at tokens_per_sample boundaries
 
     def __init__(self, dictionary, embed_tokens: nn.Module, input_position: PositionTerm, layers: Sequence[nn.Module],
-                 layer_norm: Optional[nn.LayerNorm], adaptive_softmax: Optional[ProjectedAdaptiveLogSoftmax],
+                 layer_norm: Optional[nn.Module], adaptive_softmax: Optional[nn.Module],
                  dropout: float, tokens_per_sample: Optional[int], input_dropout: Optional[float] = None) -> None:
-        """input_dropout: dropout on the input embeddings (default: ``dropout``). The submodules are registered in
+        """adaptive_softmax: fairseq's AdaptiveSoftmax interface (``ProjectedAdaptiveLogSoftmax`` or fairseq's own), or
+        None; input_dropout: dropout on the input embeddings (default: ``dropout``). The submodules are registered in
         the order above: ``parameters()``, which optimizer states index, lists the decoder's own parameters (e.g.
         Transformer-XL's shared u, v), then these modules' in this order."""
         super().__init__(dictionary)
