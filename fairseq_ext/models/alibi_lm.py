@@ -46,7 +46,7 @@ from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulLanguageModel
 from fairseq_ext.models.base.core_decoder import MAX_POSITIONS, CoreDecoder  # noqa: F401  (MAX_POSITIONS: re-exported)
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
-from fairseq_ext.modules.blocks.alibi_layer import AlibiContext, AlibiLayer, NormFormerScales, dropout
+from fairseq_ext.modules.blocks.alibi_layer import AlibiContext, AlibiLayer, NormFormerScales, fairseq_dropout
 from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.ops.alibi import BIAS_FORMS, IMPLS
 from fairseq_ext.state import KVCache
@@ -79,8 +79,7 @@ _ALIBI_FIELDS = ("alibi_bias_form", "attn_impl", "alibi_chunk_size")
 SAVED_MODULE_ORDER = ("embed_tokens", "project_in_dim", "layernorm_embedding", "layers", "layer_norm",
                       "project_out_dim", "adaptive_softmax", "output_projection")
 UNSUPPORTED = (("base_layers", "--base-layers"), ("decoder_xformers_att_config", "--decoder-xformers-att-config"),
-               ("character_embeddings", "--character-embeddings"), ("quant_noise_pq", "--quant-noise-pq"),
-               ("cross_self_attention", "--cross-self-attention"))
+               ("character_embeddings", "--character-embeddings"), ("quant_noise_pq", "--quant-noise-pq"))
 
 
 class AlibiDecoder(CoreDecoder):
@@ -150,7 +149,7 @@ class AlibiDecoder(CoreDecoder):
             x = self.project_in_dim(x)  # (B, T, C)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
-        return dropout(x, self.input_dropout, self.training)
+        return fairseq_dropout(x, self.input_dropout, self.training)
 
     def layer_context(self, tokens: Tensor, x: Tensor, layer_states: Tuple[Optional[KVCache], ...], offset: int,
                       segment_length: int) -> AlibiContext:

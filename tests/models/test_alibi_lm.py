@@ -317,8 +317,9 @@ def test_normformer_scalings_are_built_and_trained():
     assert not torch.allclose(logits(plain.eval(), x), logits(model.eval(), x))
     model.train()
     model(x)[0].square().mean().backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if "scale" in n or "c_attn" in n
-               or "w_resid" in n or "attn_ln" in n or "ffn_layernorm" in n)
+    scalings = [p for n, p in model.named_parameters()
+                if any(s in n for s in ("c_attn", "w_resid", "attn_ln", "ffn_layernorm"))]
+    assert len(scalings) == 2 * 6 and all(p.grad is not None for p in scalings)  # 6 tensors per layer, 2 layers
 
 
 def test_checkpoint_without_normformer_tensors_names_the_override(tmp_path):

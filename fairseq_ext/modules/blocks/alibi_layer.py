@@ -50,7 +50,7 @@ class NormFormerScales:
     resids: bool = False  # --scale-resids: learned scale of the FFN residual
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+def fairseq_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """fairseq's FairseqDropout: no RNG draw at all when it is off (the same random stream as fairseq's layers)."""
     return F.dropout(x, p, True) if p > 0 and training else x
 
@@ -103,15 +103,15 @@ class AlibiLayer(nn.Module):
             h = (h.view(b, t, self.c_attn.numel(), -1) * self.c_attn[:, None]).reshape(b, t, c)
         if self.attn_ln is not None:
             h = self.attn_ln(h)
-        x = residual + dropout(h, self.dropout, self.training)
+        x = residual + fairseq_dropout(h, self.dropout, self.training)
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
         residual = x
         h = self.final_layer_norm(x) if self.normalize_before else x
-        h = dropout(self.activation_fn(self.fc1(h)), self.activation_dropout, self.training)  # (B, T, F)
+        h = fairseq_dropout(self.activation_fn(self.fc1(h)), self.activation_dropout, self.training)  # (B, T, F)
         if self.ffn_layernorm is not None:
             h = self.ffn_layernorm(h)
-        h = dropout(self.fc2(h), self.dropout, self.training)  # (B, T, C)
+        h = fairseq_dropout(self.fc2(h), self.dropout, self.training)  # (B, T, C)
         if self.w_resid is not None:
             residual = self.w_resid * residual
         x = residual + h
