@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-xl bench-span bench-fw bench-sha
+.PHONY: install test test-fast demo bench bench-all bench-xl bench-span bench-fw bench-sha
 install:
 	bash scripts/install.sh
 
@@ -17,6 +17,9 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench_alibi.py
+
+bench-all: install
+	$(PY) scripts/bench.py
 
 bench-xl: install
 	$(PY) scripts/bench_transformer_xl.py

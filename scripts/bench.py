@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""One benchmark of every family: training, evaluation and generation speed and peak memory, per sequence length.
+
+Each model is a row of fairseq-train flags (``--arch`` plus any model, optimizer and dropout flags), so an
+original's configuration can be given exactly; ``{T}`` in the flags is replaced by the row's segment length (e.g.
+``--mem-len {T}``). The default set (``--models families``) is every family and the composed hybrid at a matched
+size: 4 layers, d 256, FFN 1024, 8 heads (SHA-RNN: 4 LSTM layers of 256, Boom 1024, one attention layer), memory /
+span / attention window = T; the table states each model's parameter count. Every row is built the way
+``fairseq-train`` builds it (fairseq's training parser over a temporary ``dict.txt`` of ``--vocab`` entries,
+``--task streaming_lm``, ``--criterion lm_loss``) and measured on tokens drawn from a Zipf(1) law over the
+dictionary (fairseq dictionaries are sorted by frequency, so adaptive-softmax clusters see a text-like share):
+
+* **train**: tokens/s of ``fairseq.trainer.Trainer.train_step`` (forward over the carried streams, ``lm_loss``,
+  backward, fairseq's optimizer step with ``--clip-norm``, fp16/bf16 as fairseq runs them), B x T per step, and the
+  peak memory of the warm-up steps (CUDA: ``torch.cuda.max_memory_allocated``; CPU: live bytes of PyTorch's
+  allocator replayed from ``torch.profiler`` events), which include at least one step with a full memory;
+* **stream**: evaluation tokens/s of the streaming protocol (eval mode, no_grad, B streams of T-token segments with
+  the state carried; a model that carries nothing reads non-overlapping segments);
+* **sliding**: scored tokens/s of ``fairseq-eval-lm --context-window T/2`` (windows of T tokens scoring their last
+  T/2), for models that carry no state (the protocol does not apply to the others: "n/a");
+* **gen**: new tokens/s of greedy incremental decoding (one stream, G = ``--gen-tokens`` tokens, fairseq's
+  ``incremental_state`` and ``get_normalized_probs``) after a prompt of min(16, T/4) tokens (short) or T - G
+  tokens (long: the last new token sees a whole segment).
+
+Rows run in a fresh subprocess each (``--in-process`` to disable); ``--repeats R`` runs the whole list R times,
+interleaved (row 1, row 2, ..., row 1, ...), so a ratio between two rows is fair on a noisy machine; the table
+shows the best run of each (the ``timeit`` convention) and the JSON keeps every run with the 1-minute load average
+before and after it, and the machine. An out-of-memory row prints ``OOM``.
+
+    python scripts/bench.py                                   # every family, T 512 and 1024, CPU fp32
+    python scripts/bench.py --quick                           # tiny presets, a minute on 2 cores (the test)
+    python scripts/bench.py --lengths 512,1024,2048,4096,8192,16384 --device cuda --dtype bf16
+    python scripts/bench.py --model "xl-original=--arch transformer_xl_lm --decoder-layers 4 \\
+        --decoder-embed-dim 256 --decoder-attention-heads 8 --decoder-ffn-embed-dim 1024 --mem-len 128 \\
+        --dropout 0.1 --adaptive-softmax-cutoff 2000,8000 --optimizer adam" --lengths 128 --batch-size 8 --vocab 20000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench.py` from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
+from benchlib import (Result, bench_command, device_description, fairseq_config, lm_sample, measure,  # noqa: E402
+                      memory_description, run_worker, timed, warm_up_peak, write_dictionary)
+
+SIZE = "--decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024"
+FAMILIES: Dict[str, str] = {
+    "alibi": f"--arch alibi_lm {SIZE} --decoder-input-dim 256 --decoder-output-dim 256 "
+             f"--decoder-attention-heads 8 --share-decoder-input-output-embed",
+    "transformer_xl": f"--arch transformer_xl_lm {SIZE} --decoder-attention-heads 8 --mem-len {{T}}",
+    "adaptive_span": f"--arch adaptive_span_lm {SIZE} --decoder-attention-heads 8 --attn-span {{T}}",
+    "fast_weight_delta": f"--arch fast_weight_lm {SIZE} --decoder-attention-heads 8 --attn-type linear "
+                         f"--update-rule delta --carry-over-fast-weight",
+    "sha_rnn": f"--arch sha_rnn_lm {SIZE} --max-memory {{T}}",
+    "composed_hybrid": f"--arch composed_lm {SIZE} --decoder-attention-heads 8 --mixer softmax,delta "
+                       f"--position alibi,none --source memory --mem-len {{T}}",
+}
+TINY: Dict[str, str] = {
+    "alibi": "--arch alibi_lm_tiny",
+    "transformer_xl": "--arch transformer_xl_tiny --mem-len {T}",
+    "adaptive_span": "--arch adaptive_span_tiny --attn-span {T}",
+    "fast_weight_delta": "--arch fast_weight_tiny --carry-over-fast-weight",
+    "sha_rnn": "--arch sha_rnn_tiny --max-memory {T}",
+    "composed_hybrid": "--arch composed_hybrid_delta_tiny --mem-len {T}",
+}
+MODEL_SETS = {"families": FAMILIES, "tiny": TINY}
+METRICS = ("train", "stream", "sliding", "gen_short", "gen_long")
+SHORT_PROMPT = 16
+NORMAL = dict(models=["families"], lengths=[512, 1024], batch_size=4, vocab=10000, steps=3, warmup=2, gen_tokens=32)
+QUICK = dict(models=["tiny"], lengths=[16, 32], batch_size=2, vocab=64, steps=1, warmup=1, gen_tokens=4)
+TRAIN_FLAGS = ["--optimizer", "adam", "--lr", "2.5e-4", "--clip-norm", "0.25"]  # before the row's own flags
+DTYPE_FLAGS = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}
+RESULT_PREFIX = "BENCH_RESULT "
+MEMORY_WINDOW = "bench_warmup"
+
+
+# ====================================================================================================================
+# Command line: which rows
+# ====================================================================================================================
+
+def _ints(text: str) -> List[int]:
+    values = [int(v) for v in text.replace(",", " ").split()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers, got {text!r}")
+    return values
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"rows from the named sets ({', '.join(MODEL_SETS)}) or single names of them, e.g. "
+                        f"'families' or 'alibi sha_rnn' (default families; --quick: tiny)")
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=FLAGS",
+                   help="a row of fairseq-train flags (--arch and any others; {T} = the segment length); "
+                        "repeatable, added after --models (give --models none for only these)")
+    p.add_argument("--lengths", type=_ints, default=None, help="segment lengths T, one row each (default 512,1024)")
+    p.add_argument("--batch-size", type=int, default=None, help="streams B of training and evaluation (default 4)")
+    p.add_argument("--vocab", type=int, default=None, help="dictionary entries incl. 4 specials (default 10000)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; peak memory over them)")
+    p.add_argument("--gen-tokens", type=int, default=None, help="generated tokens G per measurement (default 32)")
+    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {', '.join(METRICS)}")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the whole list")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPE_FLAGS), default="fp32", help="fairseq's --bf16 / --fp16")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="bench-out", help="directory of bench.json and bench.md")
+    p.add_argument("--quick", action="store_true", help="tiny presets and sizes (the test): " +
+                   ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--in-process", action="store_true", help="every row in this process (default: a fresh "
+                                                              "subprocess per row and run)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per row and run (subprocesses)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one row index, JSON result
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    opts = build_arg_parser().parse_args(argv)
+    for name, value in (QUICK if opts.quick else NORMAL).items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
+    if opts.device is None:
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    opts.metrics = [m.strip() for m in opts.metrics.split(",") if m.strip()]
+    unknown = sorted(set(opts.metrics) - set(METRICS))
+    if unknown:
+        raise SystemExit(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+    if min(opts.batch_size, opts.steps, opts.warmup, opts.gen_tokens, opts.repeats) < 1:
+        raise SystemExit("--batch-size, --steps, --warmup, --gen-tokens and --repeats must be >= 1")
+    if opts.dtype != "fp32" and opts.device == "cpu":
+        raise SystemExit(f"--dtype {opts.dtype} runs through fairseq's --{opts.dtype}, which needs --device cuda")
+    opts.rows = model_rows(opts.models, opts.model)
+    return opts
+
+
+def model_rows(names: Sequence[str], extra: Sequence[str]) -> List[Tuple[str, str]]:
+    """(label, flags template) of every model: the named sets or entries, then each ``LABEL=FLAGS``."""
+    rows: Dict[str, str] = {}
+    entries = {label: flags for models in MODEL_SETS.values() for label, flags in models.items()}
+    for name in names:
+        if name == "none":
+            continue
+        if name in MODEL_SETS:
+            rows.update(MODEL_SETS[name])
+        elif name in entries:  # a family of the default set (the tiny set only under --quick)
+            rows[name] = FAMILIES.get(name, entries[name])
+        else:
+            raise SystemExit(f"--models: unknown {name!r}; choose sets {', '.join(MODEL_SETS)}, none, or entries "
+                             f"{', '.join(FAMILIES)}")
+    for item in extra:
+        label, sep, flags = item.partition("=")
+        if not sep or not label.strip() or "--arch" not in shlex.split(flags):
+            raise SystemExit(f"--model {item!r}: give LABEL=FLAGS with --arch among the flags")
+        rows[label.strip()] = flags
+    if not rows:
+        raise SystemExit("no models: give --models and/or --model")
+    return list(rows.items())
+
+
+def row_list(opts: argparse.Namespace) -> List[Tuple[str, str, int]]:
+    """Every (label, flags template, T), model-major."""
+    return [(label, flags, t) for label, flags in opts.rows for t in opts.lengths]
+
+
+# ====================================================================================================================
+# One row: build as fairseq-train does, then measure
+# ====================================================================================================================
+
+def fairseq_flags(opts: argparse.Namespace, flags: str, t: int, data_dir: str) -> List[str]:
+    own = shlex.split(flags.replace("{T}", str(t)))
+    return [data_dir, "--task", "streaming_lm", "--criterion", "lm_loss", "--tokens-per-sample", str(t),
+            "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), *TRAIN_FLAGS,
+            *(["--cpu"] if opts.device == "cpu" else []), *DTYPE_FLAGS[opts.dtype], *own]
+
+
+def zipf_tokens(vocab: int, nspecial: int, shape: Tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Token ids nspecial..V-1 with probability proportional to 1 / rank."""
+    weights = 1.0 / torch.arange(1, vocab - nspecial + 1, dtype=torch.float64)
+    draws = torch.multinomial(weights, shape[0] * shape[1], replacement=True, generator=gen)
+    return (draws + nspecial).view(shape)
+
+
+class Bench:
+    """Task, model, criterion and fairseq Trainer of one row, and its stream of samples."""
+
+    def __init__(self, opts: argparse.Namespace, flags: str, t: int) -> None:
+        import fairseq_ext  # noqa: F401,F811  (registers the models, streaming_lm, lm_loss)
+        from fairseq import tasks, utils
+        from fairseq.trainer import Trainer
+
+        self.opts, self.t, self.device = opts, t, torch.device(opts.device)
+        with tempfile.TemporaryDirectory(prefix="bench_dict_") as data_dir:
+            write_dictionary(data_dir, opts.vocab)
+            self.cfg = fairseq_config(fairseq_flags(opts, flags, t, data_dir))
+            utils.set_torch_seed(opts.seed)
+            task = tasks.setup_task(self.cfg.task)
+            self.model = task.build_model(self.cfg.model)
+            self.trainer = Trainer(self.cfg, task, self.model, task.build_criterion(self.cfg.criterion))
+        self.model = self.trainer.model  # moved to the device (and cast by fairseq's --bf16 / --fp16)
+        self.nspecial = task.dictionary.nspecial
+        self.decoder = self.model.decoder
+        self.decoder.attach_streams("bench")  # consecutive samples continue the same B streams
+        self.gen = torch.Generator().manual_seed(opts.seed)
+        self.samples = [self.sample(opts.batch_size, t) for _ in range(4)]
+        self.count = 0
+
+    def sample(self, batch: int, length: int) -> Result:
+        return lm_sample(zipf_tokens(self.opts.vocab, self.nspecial, (batch, length + 1), self.gen), self.device)
+
+    def next_sample(self) -> Result:
+        self.count += 1
+        return self.samples[self.count % len(self.samples)]
+
+    def train_step(self) -> None:
+        self.trainer.train_step([self.next_sample()])
+
+    @property
+    def carries_state(self) -> bool:
+        return bool(self.decoder.carries_state)
+
+    def eval_forward(self) -> None:
+        self.model(self.next_sample()["net_input"]["src_tokens"])
+
+    def generate(self, prompt: int, new: int) -> List[float]:
+        """Seconds of each of ``new`` greedy incremental decoding steps of one stream after a ``prompt``."""
+        tokens = zipf_tokens(self.opts.vocab, self.nspecial, (1, prompt), self.gen).to(self.device)
+        incremental_state: Dict[str, Any] = {}
+
+        def step() -> None:
+            nonlocal tokens
+            net_output = self.model(tokens, incremental_state=incremental_state)
+            log_probs = self.model.get_normalized_probs((net_output[0][:, -1:], net_output[1]), log_probs=True)
+            tokens = torch.cat([tokens, log_probs[:, -1].argmax(-1, keepdim=True)], dim=1)  # (1, n + 1)
+
+        step()  # the prompt
+        return timed(step, new, self.device)
+
+
+def run_row(opts: argparse.Namespace, index: int) -> Result:
+    label, flags, t = row_list(opts)[index]
+    result: Result = {"model": label, "T": t, "B": opts.batch_size, "flags": flags.replace("{T}", str(t))}
+    torch.manual_seed(opts.seed)
+
+    def run() -> Result:
+        from fairseq_ext.models.base.stateful_decoder import reset_stream_state
+
+        bench, peak = warm_up_peak(torch.device(opts.device), lambda: Bench(opts, flags, t), Bench.train_step,
+                                   opts.warmup, MEMORY_WINDOW)
+        named = list(bench.model.named_parameters())
+        out: Result = {"arch": bench.cfg.model._name, "params": sum(p.numel() for _, p in named),
+                       "layer_params": sum(p.numel() for n, p in named if n.startswith("decoder.layers.")),
+                       "carries_state": bench.carries_state}
+        tokens = opts.batch_size * t
+        if "train" in opts.metrics:
+            out.update(train=tokens / min(timed(bench.train_step, opts.steps, bench.device)), peak_mb=peak / 2 ** 20)
+        bench.model.eval()
+        with torch.no_grad():
+            if "stream" in opts.metrics:
+                reset_stream_state(bench.model, "eval")
+                timed(bench.eval_forward, opts.warmup, bench.device)  # fills the memory
+                out["stream"] = tokens / min(timed(bench.eval_forward, opts.steps, bench.device))
+            if "sliding" in opts.metrics and not bench.carries_state:
+                scored = opts.batch_size * (t - t // 2)  # windows of T scoring their last T - T/2 tokens
+                out["sliding"] = scored / min(timed(bench.eval_forward, opts.steps, bench.device))
+            prompts = (("gen_short", max(1, min(SHORT_PROMPT, t // 4))), ("gen_long", max(1, t - opts.gen_tokens)))
+            for metric, prompt in prompts:
+                if metric in opts.metrics:
+                    out[metric] = 1.0 / min(bench.generate(prompt, opts.gen_tokens))
+        return out
+
+    return measure(result, opts.device, run)
+
+
+# ====================================================================================================================
+# Driver, JSON and the table
+# ====================================================================================================================
+
+def machine(opts: argparse.Namespace) -> Result:
+    import fairseq
+
+    return {"device": device_description(torch.device(opts.device)), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "fairseq": fairseq.__version__,
+            "dtype": opts.dtype, "memory": memory_description(torch.device(opts.device))}
+
+
+def best_of(runs: Sequence[Result]) -> Result:
+    """One row from its runs: the fastest of each speed, the largest peak memory, ``ok`` when any run was."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    if not ok:
+        return dict(runs[-1])
+    row = dict(ok[0])
+    for metric in METRICS:
+        values = [r[metric] for r in ok if metric in r]
+        if values:
+            row[metric], row[f"{metric}_median"] = max(values), statistics.median(values)
+    if any("peak_mb" in r for r in ok):
+        row["peak_mb"] = max(r["peak_mb"] for r in ok if "peak_mb" in r)
+    return row
+
+
+def run_all(opts: argparse.Namespace, argv: Sequence[str]) -> List[Result]:
+    rows = row_list(opts)
+    runs: List[List[Result]] = [[] for _ in rows]
+    for repeat in range(opts.repeats):
+        for index, (label, _, t) in enumerate(rows):
+            load_before = os.getloadavg()[0]
+            if opts.in_process:
+                result = run_row(opts, index)
+            else:
+                result = run_worker(__file__, argv, str(index), {"model": label, "T": t}, RESULT_PREFIX,
+                                    opts.timeout, f"{label} T={t}")
+            runs[index].append({**result, "repeat": repeat, "load_before": load_before,
+                                "load_after": os.getloadavg()[0]})
+            shown = f" train {result['train']:,.0f} tokens/s" if "train" in result else ""
+            print(f"[bench] {label} T={t} run {repeat + 1}/{opts.repeats}: {result['status']}{shown}",
+                  file=sys.stderr, flush=True)
+    return [{**best_of(r), "runs": r} for r in runs]
+
+
+def cell(row: Result, metric: str) -> str:
+    if row.get("status") != "ok":
+        return row.get("status", "?")
+    if metric not in row:
+        return "n/a" if metric == "sliding" and row.get("carries_state") else "—"
+    return f"{row[metric]:,.0f}"
+
+
+def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> str:
+    head = ("| model | arch | params (layers) | T | train tok/s | peak MB | stream tok/s | sliding tok/s "
+            "| gen tok/s (short) | gen tok/s (long) |")
+    lines = [f"## Benchmark: {machine(opts)['device']}, {opts.dtype}", "",
+             f"- command: `{command}`",
+             f"- B {opts.batch_size}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; best of {opts.repeats} "
+             f"interleaved run(s) of {opts.steps} timed step(s) after {opts.warmup} warm-up; peak MB: "
+             f"{memory_description(torch.device(opts.device))}",
+             "", head, "|" + "---|" * head.count(" |")]
+    for row in rows:
+        params = f"{row['params'] / 1e6:.2f}M ({row['layer_params'] / 1e6:.2f}M)" if "params" in row else "—"
+        peak = f"{row['peak_mb']:,.1f}" if row.get("status") == "ok" and "peak_mb" in row else cell(row, "peak_mb")
+        lines.append(f"| {row['model']} | {row.get('arch', '—')} | {params} | {row['T']} | {cell(row, 'train')} | "
+                     f"{peak} | {cell(row, 'stream')} | {cell(row, 'sliding')} | {cell(row, 'gen_short')} | "
+                     f"{cell(row, 'gen_long')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(argv)
+    if opts.worker is not None:
+        print(RESULT_PREFIX + json.dumps(run_row(opts, int(opts.worker))), flush=True)
+        return 0
+    rows = run_all(opts, argv)
+    command = bench_command(__file__, argv)
+    table = render(opts, rows, command)
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "bench.json"), "w") as f:
+        json.dump({"command": command, "machine": machine(opts), "batch_size": opts.batch_size,
+                   "vocab": opts.vocab, "steps": opts.steps, "warmup": opts.warmup, "gen_tokens": opts.gen_tokens,
+                   "repeats": opts.repeats, "rows": rows}, f, indent=1)
+    with open(os.path.join(opts.out, "bench.md"), "w") as f:
+        f.write(table)
+    print(table, end="")
+    return 0 if all(row.get("status") == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

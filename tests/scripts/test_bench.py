@@ -1,0 +1,101 @@
+"""scripts/bench.py, the one benchmark of every family: the quick run (a fresh subprocess per row, the default)
+measures every family at every length, writes bench.json and bench.md, and the printed table shows the JSON's
+numbers; rows given as fairseq flags; interleaved repeats; bad input fails naming the fix."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+
+from tests.harness import REPO_ROOT
+from tests.scripts.tables import number, parse_tables
+
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench.py")
+SPEEDS = ("train tok/s", "stream tok/s", "gen tok/s (short)", "gen tok/s (long)")
+JSON_KEYS = {"train tok/s": "train", "stream tok/s": "stream", "sliding tok/s": "sliding",
+             "gen tok/s (short)": "gen_short", "gen tok/s (long)": "gen_long", "peak MB": "peak_mb"}
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    if "bench_harness" in sys.modules:
+        return sys.modules["bench_harness"]
+    spec = importlib.util.spec_from_file_location("bench_harness", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_harness"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_table_matches_json(stdout: str, report: dict) -> list:
+    (table,) = parse_tables(stdout)
+    assert len(table) == len(report["rows"])
+    for cells, row in zip(table, report["rows"]):
+        assert (cells["model"], int(cells["T"])) == (row["model"], row["T"])
+        assert cells["arch"] == row["arch"] and row["status"] == "ok", row
+        for header, key in JSON_KEYS.items():
+            if key in row:  # the printed cell is the JSON value, rounded as printed
+                digits = 1 if key == "peak_mb" else 0
+                assert number(cells[header]) == round(row[key], digits), (header, cells, row)
+        assert len(row["runs"]) == report["repeats"]
+        for run in row["runs"]:
+            assert run["load_before"] >= 0 and run["load_after"] >= 0
+    return table
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_family_and_writes_json_and_table(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text() == proc.stdout
+    assert "python" in report["command"] and "--quick" in report["command"]
+    assert report["machine"]["torch"] and report["machine"]["cpus"] >= 1 and "CPU" in report["machine"]["device"]
+    table = _check_table_matches_json(proc.stdout, report)
+    families = ["alibi", "transformer_xl", "adaptive_span", "fast_weight_delta", "sha_rnn", "composed_hybrid"]
+    assert [(c["model"], c["T"]) for c in table] == [(f, t) for f in families for t in ("16", "32")]
+    for cells in table:
+        for header in SPEEDS:
+            assert number(cells[header]) > 0, (header, cells)
+        assert number(cells["peak MB"]) > 0
+        assert number(cells["params (layers)"].split()[0]) > 0
+        # only a model that carries nothing across segments has a sliding-window protocol
+        assert (cells["sliding tok/s"] == "n/a") == (cells["model"] != "alibi"), cells
+
+
+def test_rows_from_flags_interleaved_repeats(bench, tmp_path, capsys):
+    flags = "--arch transformer_xl_lm --decoder-layers 1 --decoder-embed-dim 16 --decoder-attention-heads 2 " \
+            "--decoder-ffn-embed-dim 32 --mem-len {T} --dropout 0.1"
+    argv = ["--quick", "--models", "none", "--model", f"xl-small={flags}", "--model", "alibi=--arch alibi_lm_tiny",
+            "--lengths", "8", "--repeats", "2", "--in-process", "--metrics", "train,sliding", "--out",
+            str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    table = _check_table_matches_json(capsys.readouterr().out, report)
+    assert [c["model"] for c in table] == ["xl-small", "alibi"]
+    xl, alibi = report["rows"]
+    assert xl["flags"].endswith("--mem-len 8 --dropout 0.1") and xl["params"] < 10000  # {T} replaced, own size
+    assert xl["carries_state"] and "sliding" not in xl and "stream" not in xl
+    assert alibi["sliding"] > 0 and "gen_short" not in alibi
+    assert [r["repeat"] for r in xl["runs"]] == [0, 1]
+    assert xl["train"] == max(r["train"] for r in xl["runs"])  # best of the interleaved runs
+    cells = {c["model"]: c for c in table}
+    assert cells["xl-small"]["stream tok/s"] == "—" and cells["xl-small"]["sliding tok/s"] == "n/a"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "x=--decoder-layers 2"], "with --arch among the flags"),
+    (["--models", "nope"], "unknown 'nope'"),
+    (["--metrics", "train,speed"], "unknown ['speed']"),
+    (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
+    (["--lengths", "0"], "positive integers"),
+])
+def test_bad_arguments_name_the_fix(bench, argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        bench.parse_args(["--quick", *argv])
+    assert message in str(err.value) + capsys.readouterr().err
