@@ -1,6 +1,7 @@
-"""scripts/bench_sha_rnn.py (Merity 2019, arXiv 1911.11423; spec sha_rnn.md §2): the quick run prints the presets
-and memory tables, every row trains (tokens/s and peak memory > 0) with its attention memories carried and filled
-to their full length W, and a larger W keeps a longer memory."""
+"""scripts/bench_sha_rnn.py (Merity 2019, arXiv 1911.11423; spec sha_rnn.md §2): the quick run prints the presets,
+memory and original tables, every row trains (tokens/s and peak memory > 0) with its attention memories carried and
+filled to their full length W, and a larger W keeps a longer memory; the original's reproduction computes our
+logits."""
 import importlib.util
 import os
 import sys
@@ -26,11 +27,12 @@ def bench() -> ModuleType:
     return module
 
 
-def test_quick_bench_prints_both_tables(bench, capsys):
+def test_quick_bench_prints_every_table(bench, capsys):
     assert bench.main(["--quick", "--in-process", "--steps", "1", "--memories", "48"]) == 0
     stdout = capsys.readouterr().out
     assert "python scripts/bench_sha_rnn.py --quick" in stdout and "threads" in stdout and "min-trust 0.25" in stdout
-    presets, memory = parse_tables(stdout)
+    presets, memory, original = parse_tables(stdout)
+    assert [row["implementation"] for row in original] == ["sha_rnn_lm", "original"]
     assert [row["preset"] for row in presets] == ["sha_rnn_tiny"]
     assert [row["W (max_memory)"] for row in memory] == ["48"]
     for row in presets + memory:
@@ -66,3 +68,45 @@ def test_a_preset_window_shorter_than_the_segment_is_raised_to_it(bench):
     flags = bench.fairseq_flags(opts, "sha_rnn_tiny", None, "/data")
     assert flags[-2:] == ["--max-memory", "256"]
     assert "--max-memory" not in bench.fairseq_flags(opts, "sha_rnn_enwik8", None, "/data")  # W 5000 >= T
+
+
+def test_original_reproduction_computes_our_logits(bench):
+    """scripts/sha_rnn_original.py (the original's time-first stack with a copy of our weights) gives sha_rnn_lm's
+    logits over three consecutive segments with carried LSTM states and a memory trimmed to W - T, two attention
+    blocks, random gates (eval mode, fp32)."""
+    from argparse import Namespace
+
+    import torch
+
+    opts = bench.parse_bench_args(["--quick", "--in-process"])
+    shaped = Namespace(**{**vars(opts), "batch_size": 2, "tgt_len": 8})
+    size = ["--decoder-layers", "3", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--attn-layers",
+            "0,2"]
+    model = bench.make_trainee(shaped, "sha_rnn_lm", 12, size).model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    original = bench.OriginalSHARNN(model.decoder, 0.1, 0.1, 0.1).eval()
+    model.decoder.attach_streams("test")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            tokens = torch.randint(4, 32, (2, 8), generator=gen)
+            ours, theirs = model(tokens)[0], original(tokens).transpose(0, 1)  # (B, T, V)
+            assert ours.abs().max() > 0.1
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert [len(m) for m in original.mems if m is not None] == [12, 12]
+
+
+def test_original_table_interleaves_pairs_and_prints_the_ratio(bench, capsys):
+    argv = ["--quick", "--in-process", "--tables", "original", "--steps", "1", "--repeats", "2"]
+    assert list(bench.iter_configs(bench.parse_bench_args(argv))) == [
+        "original|sha_rnn_lm|0", "original|original|0", "original|sha_rnn_lm|1", "original|original|1"]
+    assert bench.main(argv) == 0
+    stdout = capsys.readouterr().out
+    (table,) = parse_tables(stdout)
+    assert [row["implementation"] for row in table] == ["sha_rnn_lm", "original"]
+    for row in table:
+        assert row["B × T"] == "1 × 16" and row["W"] == "32" and row["runs"] == "2", row
+        assert number(row["tokens/s (best)"]) >= number(row["tokens/s (median)"]) > 0
+    assert "sha_rnn_lm / original (best of each): **" in stdout
