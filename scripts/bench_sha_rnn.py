@@ -332,7 +332,8 @@ def render_report(opts: Namespace, results: Sequence[Result], command: str,
     if "original" in opts.tables:
         lines += ["", "### sha_rnn_lm beside the original algorithm (scripts/sha_rnn_original.py, same weights, loop, "
                   "loss and LAMB step; d 256, 4 blocks, Boom 1024)", "",
-                  "| implementation | B × T | W | runs | tokens/s (best) | tokens/s (median) | peak tensor memory (MB) |",
+                  "| implementation | B × T | W | runs | tokens/s (best) | tokens/s (median) "
+                  "| peak tensor memory (MB) |",
                   "|---|---|---:|---:|---:|---:|---:|", *original_rows(results)]
     return "\n".join(lines) + "\n"
 

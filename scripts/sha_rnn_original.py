@@ -28,7 +28,8 @@ class OriginalAttention(nn.Module):
     def __init__(self, ours: nn.Module, dropout: float) -> None:
         super().__init__()
         d = ours.dim
-        self.qs, self.ks, self.vs = (nn.Parameter(p.detach().clone().view(1, 1, d)) for p in (ours.qs, ours.ks, ours.vs))
+        gates = (ours.qs, ours.ks, ours.vs)
+        self.qs, self.ks, self.vs = (nn.Parameter(p.detach().clone().view(1, 1, d)) for p in gates)  # (1, 1, d)
         self.q, self.qln, self.vq = copy.deepcopy(ours.q), copy.deepcopy(ours.qln), copy.deepcopy(ours.vq)
         self.drop = nn.Dropout(dropout)
         self.nhid = d
