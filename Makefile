@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-all bench-xl bench-span bench-fw bench-sha
+.PHONY: install test test-fast demo compare bench bench-all bench-xl bench-span bench-fw bench-sha
 install:
 	bash scripts/install.sh
 
@@ -14,6 +14,10 @@ test-fast: install
 
 demo: install
 	$(PY) scripts/demo.py
+
+compare: install
+	$(PY) scripts/compare_quality.py --quick --out compare-out
+	$(PY) scripts/bench.py --quick --out compare-out/bench
 
 bench: install
 	$(PY) scripts/bench_alibi.py

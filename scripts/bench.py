@@ -2,10 +2,11 @@
 """One benchmark of every family: training, evaluation and generation speed and peak memory, per sequence length.
 
 Each model is a row of fairseq-train flags (``--arch`` plus any model, optimizer and dropout flags), so an
-original's configuration can be given exactly; ``{T}`` in the flags is replaced by the row's segment length (e.g.
-``--mem-len {T}``). The default set (``--models families``) is every family and the composed hybrid at a matched
-size: 4 layers, d 256, FFN 1024, 8 heads (SHA-RNN: 4 LSTM layers of 256, Boom 1024, one attention layer), memory /
-span / attention window = T; the table states each model's parameter count. Every row is built the way
+original's configuration can be given exactly; ``{T}`` (and ``{W}``) in the flags is replaced by the row's segment
+length (e.g. ``--mem-len {T}``). The default set (``--models families``, ``scripts/families.py``) is every family and
+the composed hybrid at a matched size: 4 layers, d 256, FFN 1024, 8 heads (SHA-RNN: 4 LSTM layers of 256, Boom
+1024, one attention layer), memory / span / attention window = T; the table states each model's parameter count,
+in all and in the blocks. Every row is built the way
 ``fairseq-train`` builds it (fairseq's training parser over a temporary ``dict.txt`` of ``--vocab`` entries,
 ``--task streaming_lm``, ``--criterion lm_loss``) and measured on tokens drawn from a Zipf(1) law over the
 dictionary (fairseq dictionaries are sorted by frequency, so adaptive-softmax clusters see a text-like share):
@@ -25,7 +26,8 @@ dictionary (fairseq dictionaries are sorted by frequency, so adaptive-softmax cl
 Rows run in a fresh subprocess each (``--in-process`` to disable); ``--repeats R`` runs the whole list R times,
 interleaved (row 1, row 2, ..., row 1, ...), so a ratio between two rows is fair on a noisy machine; the table
 shows the best run of each (the ``timeit`` convention) and the JSON keeps every run with the 1-minute load average
-before and after it, and the machine. An out-of-memory row prints ``OOM``.
+before and after it, and the machine. An out-of-memory row prints ``OOM``. Written to ``--out``: ``bench.json``,
+``bench.md`` (the table) and, over more than one length, ``bench.png`` (training tokens/s and peak memory versus T).
 
     python scripts/bench.py                                   # every family, T 512 and 1024, CPU fp32
     python scripts/bench.py --quick                           # tiny presets, a minute on 2 cores (the test)
@@ -54,27 +56,9 @@ if REPO_ROOT not in sys.path:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
 from benchlib import (Result, bench_command, device_description, fairseq_config, lm_sample, measure,  # noqa: E402
                       memory_description, run_worker, timed, warm_up_peak, write_dictionary)
+from families import TINY, family_flags, fill  # noqa: E402
 
-SIZE = "--decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024"
-FAMILIES: Dict[str, str] = {
-    "alibi": f"--arch alibi_lm {SIZE} --decoder-input-dim 256 --decoder-output-dim 256 "
-             f"--decoder-attention-heads 8 --share-decoder-input-output-embed",
-    "transformer_xl": f"--arch transformer_xl_lm {SIZE} --decoder-attention-heads 8 --mem-len {{T}}",
-    "adaptive_span": f"--arch adaptive_span_lm {SIZE} --decoder-attention-heads 8 --attn-span {{T}}",
-    "fast_weight_delta": f"--arch fast_weight_lm {SIZE} --decoder-attention-heads 8 --attn-type linear "
-                         f"--update-rule delta --carry-over-fast-weight",
-    "sha_rnn": f"--arch sha_rnn_lm {SIZE} --max-memory {{T}}",
-    "composed_hybrid": f"--arch composed_lm {SIZE} --decoder-attention-heads 8 --mixer softmax,delta "
-                       f"--position alibi,none --source memory --mem-len {{T}}",
-}
-TINY: Dict[str, str] = {
-    "alibi": "--arch alibi_lm_tiny",
-    "transformer_xl": "--arch transformer_xl_tiny --mem-len {T}",
-    "adaptive_span": "--arch adaptive_span_tiny --attn-span {T}",
-    "fast_weight_delta": "--arch fast_weight_tiny --carry-over-fast-weight",
-    "sha_rnn": "--arch sha_rnn_tiny --max-memory {T}",
-    "composed_hybrid": "--arch composed_hybrid_delta_tiny --mem-len {T}",
-}
+FAMILIES = family_flags(layers=4, dim=256, heads=8)
 MODEL_SETS = {"families": FAMILIES, "tiny": TINY}
 METRICS = ("train", "stream", "sliding", "gen_short", "gen_long")
 SHORT_PROMPT = 16
@@ -144,21 +128,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit("--batch-size, --steps, --warmup, --gen-tokens and --repeats must be >= 1")
     if opts.dtype != "fp32" and opts.device == "cpu":
         raise SystemExit(f"--dtype {opts.dtype} runs through fairseq's --{opts.dtype}, which needs --device cuda")
-    opts.rows = model_rows(opts.models, opts.model)
+    opts.rows = model_rows(opts.models, opts.model, TINY if opts.quick else FAMILIES)
     return opts
 
 
-def model_rows(names: Sequence[str], extra: Sequence[str]) -> List[Tuple[str, str]]:
-    """(label, flags template) of every model: the named sets or entries, then each ``LABEL=FLAGS``."""
+def model_rows(names: Sequence[str], extra: Sequence[str], entries: Dict[str, str]) -> List[Tuple[str, str]]:
+    """(label, flags template) of every model: the named sets or single ``entries`` (the families' default size, or
+    their tiny presets under --quick), then each ``LABEL=FLAGS``."""
     rows: Dict[str, str] = {}
-    entries = {label: flags for models in MODEL_SETS.values() for label, flags in models.items()}
     for name in names:
         if name == "none":
             continue
         if name in MODEL_SETS:
             rows.update(MODEL_SETS[name])
-        elif name in entries:  # a family of the default set (the tiny set only under --quick)
-            rows[name] = FAMILIES.get(name, entries[name])
+        elif name in entries:
+            rows[name] = entries[name]
         else:
             raise SystemExit(f"--models: unknown {name!r}; choose sets {', '.join(MODEL_SETS)}, none, or entries "
                              f"{', '.join(FAMILIES)}")
@@ -182,7 +166,7 @@ def row_list(opts: argparse.Namespace) -> List[Tuple[str, str, int]]:
 # ====================================================================================================================
 
 def fairseq_flags(opts: argparse.Namespace, flags: str, t: int, data_dir: str) -> List[str]:
-    own = shlex.split(flags.replace("{T}", str(t)))
+    own = shlex.split(fill(flags, t, t))
     return [data_dir, "--task", "streaming_lm", "--criterion", "lm_loss", "--tokens-per-sample", str(t),
             "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), *TRAIN_FLAGS,
             *(["--cpu"] if opts.device == "cpu" else []), *DTYPE_FLAGS[opts.dtype], *own]
@@ -253,7 +237,7 @@ class Bench:
 
 def run_row(opts: argparse.Namespace, index: int) -> Result:
     label, flags, t = row_list(opts)[index]
-    result: Result = {"model": label, "T": t, "B": opts.batch_size, "flags": flags.replace("{T}", str(t))}
+    result: Result = {"model": label, "T": t, "B": opts.batch_size, "flags": fill(flags, t, t)}
     torch.manual_seed(opts.seed)
 
     def run() -> Result:
@@ -359,6 +343,35 @@ def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
+    """Training tokens/s and peak memory versus the segment length T, one line per model (log-log)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, _ in opts.rows:
+        ok = [r for r in rows if r["model"] == label and r.get("status") == "ok" and "train" in r]
+        for ax, key in zip(axes, ("train", "peak_mb")):
+            ax.plot([r["T"] for r in ok], [r[key] for r in ok], marker="o", label=label)
+    for ax, ylabel in zip(axes, ("training tokens/s", "peak memory of a training step (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(opts.lengths, [str(t) for t in opts.lengths])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("segment length T (tokens)")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{machine(opts)['device']}, {opts.dtype}, B {opts.batch_size}, V {opts.vocab:,}: fairseq "
+                 f"Trainer steps on Zipf tokens", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
@@ -375,6 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "repeats": opts.repeats, "rows": rows}, f, indent=1)
     with open(os.path.join(opts.out, "bench.md"), "w") as f:
         f.write(table)
+    if len(opts.lengths) > 1 and "train" in opts.metrics:
+        plot(opts, rows, os.path.join(opts.out, "bench.png"))
     print(table, end="")
     return 0 if all(row.get("status") == "ok" for row in rows) else 1
 

@@ -54,6 +54,7 @@ def test_quick_run_measures_every_family_and_writes_json_and_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert (out / "bench.md").read_text() == proc.stdout
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "python" in report["command"] and "--quick" in report["command"]
     assert report["machine"]["torch"] and report["machine"]["cpus"] >= 1 and "CPU" in report["machine"]["device"]
     table = _check_table_matches_json(proc.stdout, report)
