@@ -1,6 +1,13 @@
-"""Reading what the bench scripts (scripts/bench_*.py) print: their markdown tables and the numbers in the cells."""
+"""The bench scripts (scripts/bench*.py) from tests: importing one as a module, and reading the markdown tables it
+prints and the numbers in their cells."""
+import importlib.util
+import os
 import re
+import sys
+from types import ModuleType
 from typing import Dict, List
+
+from tests.harness import REPO_ROOT
 
 
 def parse_tables(stdout: str) -> List[List[Dict[str, str]]]:
@@ -19,3 +26,13 @@ def parse_tables(stdout: str) -> List[List[Dict[str, str]]]:
 def number(text: str) -> float:
     """A cell's number without thousands separators, a ratio's ``×`` or a parameter count's ``M``."""
     return float(re.sub(r"[,×M]", "", text))
+
+
+def script_module(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as the module ``name`` (once per session: every test shares it)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -1,7 +1,6 @@
 """scripts/bench.py, the one benchmark of every family: the quick run (a fresh subprocess per row, the default)
 measures every family at every length, writes bench.json and bench.md, and the printed table shows the JSON's
 numbers; rows given as fairseq flags; interleaved repeats; bad input fails naming the fix."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from types import ModuleType
 import pytest
 
 from tests.harness import REPO_ROOT
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench.py")
 SPEEDS = ("train tok/s", "stream tok/s", "gen tok/s (short)", "gen tok/s (long)")
@@ -21,13 +20,7 @@ JSON_KEYS = {"train tok/s": "train", "stream tok/s": "stream", "sliding tok/s": 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    if "bench_harness" in sys.modules:
-        return sys.modules["bench_harness"]
-    spec = importlib.util.spec_from_file_location("bench_harness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_harness"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench")
 
 
 def _check_table_matches_json(stdout: str, report: dict) -> list:

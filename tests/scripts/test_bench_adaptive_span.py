@@ -1,15 +1,13 @@
 """scripts/bench_adaptive_span.py (Sukhbaatar et al. 2019, arXiv 1905.07799: small spans cost less): the quick
 run prints both tables with a row per configuration, and the small-span configuration computes a 64-position window
 and reports fewer attention GFLOP than the large-span and fixed-span ones."""
-import importlib.util
 import os
-import sys
 from types import ModuleType
 
 import pytest
 
 from tests.harness import REPO_ROOT
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_adaptive_span.py")
 
@@ -17,13 +15,7 @@ SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_adaptive_span.py")
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The script imported as a module."""
-    if "bench_adaptive_span" in sys.modules:
-        return sys.modules["bench_adaptive_span"]
-    spec = importlib.util.spec_from_file_location("bench_adaptive_span", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_adaptive_span"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_adaptive_span")
 
 
 def test_config_names(bench):

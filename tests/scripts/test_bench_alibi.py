@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.harness import REPO_ROOT, assert_close
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_alibi.py")
 TINY = ["--layers", "2", "--embed-dim", "32", "--heads", "4", "--ffn-dim", "64", "--vocab", "64"]
@@ -21,13 +21,7 @@ LABEL_PREFIX = {"alibi": "alibi_lm", "sinusoidal": "transformer_lm", "fork": "fo
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The script imported as a module (registers ``alibi_fork_lm`` with fairseq once)."""
-    if "bench_alibi" in sys.modules:
-        return sys.modules["bench_alibi"]
-    spec = importlib.util.spec_from_file_location("bench_alibi", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_alibi"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_alibi")
 
 
 def build(bench: ModuleType, model: str, seq_len: int, batch: int, *extra: str) -> torch.nn.Module:

@@ -1,15 +1,13 @@
 """scripts/bench_fast_weights.py (spec fast_weights.md §5.4): the quick run prints the training-step table (recurrent,
 chunked and softmax rows per B and T, the recurrence extrapolated above --recurrent-max-len and marked) and the
 decode table (fast-weight state vs KV cache); a timed-out row reads "skipped (>N s)"."""
-import importlib.util
 import os
-import sys
 from types import ModuleType
 
 import pytest
 
 from tests.harness import REPO_ROOT
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_fast_weights.py")
 
@@ -17,13 +15,7 @@ SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_fast_weights.py")
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The script imported as a module."""
-    if "bench_fast_weights" in sys.modules:
-        return sys.modules["bench_fast_weights"]
-    spec = importlib.util.spec_from_file_location("bench_fast_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_fast_weights"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_fast_weights")
 
 
 def test_quick_bench_prints_both_tables(bench, capsys) -> None:

@@ -2,15 +2,13 @@
 memory and original tables, every row trains (tokens/s and peak memory > 0) with its attention memories carried and
 filled to their full length W, and a larger W keeps a longer memory; the original's reproduction computes our
 logits."""
-import importlib.util
 import os
-import sys
 from types import ModuleType
 
 import pytest
 
 from tests.harness import REPO_ROOT
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_sha_rnn.py")
 
@@ -18,13 +16,7 @@ SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_sha_rnn.py")
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The script imported as a module."""
-    if "bench_sha_rnn" in sys.modules:
-        return sys.modules["bench_sha_rnn"]
-    spec = importlib.util.spec_from_file_location("bench_sha_rnn", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sha_rnn"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_sha_rnn")
 
 
 def test_quick_bench_prints_every_table(bench, capsys):

@@ -1,6 +1,5 @@
 """scripts/bench_transformer_xl.py: the original-algorithm reproduction computes what our model computes (so the
 speed comparison compares equal work), and the benchmark prints a complete table for every implementation."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from tests.harness import REPO_ROOT, assert_close
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_transformer_xl.py")
 IMPL_PREFIX = {"sdpa": "ours (sdpa)", "shift": "ours (shift)", "original": "original"}
@@ -20,13 +19,7 @@ IMPL_PREFIX = {"sdpa": "ours (sdpa)", "shift": "ours (shift)", "original": "orig
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The script imported as a module."""
-    if "bench_transformer_xl" in sys.modules:
-        return sys.modules["bench_transformer_xl"]
-    spec = importlib.util.spec_from_file_location("bench_transformer_xl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_transformer_xl"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_transformer_xl")
 
 
 def build_pair(bench: ModuleType, extra: List[str], tgt: int, mem: int, vocab: int = 40):

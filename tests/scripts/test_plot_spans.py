@@ -2,10 +2,8 @@
 printed spans equal min(L, ceil(z·L) + R) on the checkpoint's z values, the PNG is written, and other models /
 fixed-span checkpoints are refused with the reason. Fast tests save a state dict in the layout fairseq-train writes;
 the slow one reads a checkpoint of a real in-process fairseq-train run."""
-import importlib.util
 import math
 import os
-import sys
 from types import ModuleType
 from typing import Dict, List
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from tests.harness import REPO_ROOT, USER_DIR, fairseq_preprocess, fairseq_train, random_corpus
+from tests.scripts.tables import script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "plot_spans.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,13 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def plot_spans() -> ModuleType:
     """The script imported as a module."""
-    if "plot_spans" in sys.modules:
-        return sys.modules["plot_spans"]
-    spec = importlib.util.spec_from_file_location("plot_spans", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plot_spans"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("plot_spans")
 
 
 def save_checkpoint(path: str, zs: List[torch.Tensor], *, arch: str = "adaptive_span_tiny", attn_span: int = 48,
