@@ -198,7 +198,8 @@ class Bench:
         self.model = self.trainer.model  # moved to the device (and cast by fairseq's --bf16 / --fp16)
         self.nspecial = task.dictionary.nspecial
         self.decoder = self.model.decoder
-        self.decoder.attach_streams("bench")  # consecutive samples continue the same B streams
+        if hasattr(self.decoder, "attach_streams"):  # ours; a stock fairseq decoder carries nothing
+            self.decoder.attach_streams("bench")  # consecutive samples continue the same B streams
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.samples = [self.sample(opts.batch_size, t) for _ in range(4)]
         self.count = 0
@@ -215,7 +216,7 @@ class Bench:
 
     @property
     def carries_state(self) -> bool:
-        return bool(self.decoder.carries_state)
+        return bool(getattr(self.decoder, "carries_state", False))
 
     def eval_forward(self) -> None:
         self.model(self.next_sample()["net_input"]["src_tokens"])

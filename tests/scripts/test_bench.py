@@ -65,14 +65,17 @@ def test_quick_run_measures_every_family_and_writes_json_and_table(tmp_path):
 def test_rows_from_flags_interleaved_repeats(bench, tmp_path, capsys):
     flags = "--arch transformer_xl_lm --decoder-layers 1 --decoder-embed-dim 16 --decoder-attention-heads 2 " \
             "--decoder-ffn-embed-dim 32 --mem-len {T} --dropout 0.1"
+    stock = "--arch transformer_lm --decoder-layers 1 --decoder-embed-dim 16 --decoder-input-dim 16 " \
+            "--decoder-output-dim 16 --decoder-ffn-embed-dim 32 --decoder-attention-heads 2"  # fairseq's own model
     argv = ["--quick", "--models", "none", "--model", f"xl-small={flags}", "--model", "alibi=--arch alibi_lm_tiny",
-            "--lengths", "8", "--repeats", "2", "--in-process", "--metrics", "train,sliding", "--out",
+            "--model", f"sinusoidal={stock}", "--lengths", "8", "--repeats", "2", "--in-process", "--metrics", "train,sliding", "--out",
             str(tmp_path)]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     table = _check_table_matches_json(capsys.readouterr().out, report)
-    assert [c["model"] for c in table] == ["xl-small", "alibi"]
-    xl, alibi = report["rows"]
+    assert [c["model"] for c in table] == ["xl-small", "alibi", "sinusoidal"]
+    xl, alibi, sinusoidal = report["rows"]
+    assert sinusoidal["arch"] == "transformer_lm" and not sinusoidal["carries_state"] and sinusoidal["sliding"] > 0
     assert xl["flags"].endswith("--mem-len 8 --dropout 0.1") and xl["params"] < 10000  # {T} replaced, own size
     assert xl["carries_state"] and "sliding" not in xl and "stream" not in xl
     assert alibi["sliding"] > 0 and "gen_short" not in alibi
