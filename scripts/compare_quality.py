@@ -280,6 +280,7 @@ def render(report: Result) -> str:
 
 def plots(report: Result, out: str) -> List[str]:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -299,7 +300,7 @@ def plots(report: Result, out: str) -> List[str]:
     plt.close(fig)
 
     split, unit = report["splits"][0], report["unit"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for model in report["models"]:
         for protocol, style in (("stream", "-"), ("nonoverlap", "-"), ("sliding", "--")):
             points = sorted((e["length"], metric(e, unit)) for e in model["evals"]
@@ -307,12 +308,17 @@ def plots(report: Result, out: str) -> List[str]:
             if points:
                 ax.plot(*zip(*points), style, marker="o", label=f"{model['model']} ({protocol})")
     ax.axvline(report["settings"]["seq_len"], color="grey", linestyle=":", label="training length L")
+    lengths = [m * report["settings"]["seq_len"] for m in report["settings"]["lengths"]]
     ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("evaluation length n (tokens)")
     ax.set_ylabel(f"{split} {'bits per token' if unit == 'bpc' else 'perplexity'}")
     ax.set_title(f"quality vs evaluation length, {data} {split}\nstream(n) / nonoverlap(n) solid, sliding(n, n/2) "
                  f"dashed", fontsize=9)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     written.append(os.path.join(out, "lengths.png"))
     fig.savefig(written[-1], dpi=120)
@@ -337,7 +343,9 @@ def parameter_counts(report: Result) -> None:
 
     for model in report["models"]:
         state = torch.load(model["checkpoint"], map_location="cpu", weights_only=False)["model"]
-        count = sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+        tensors = {v.untyped_storage().data_ptr(): v for v in state.values()  # tied weights: one storage
+                   if torch.is_tensor(v) and v.is_floating_point()}
+        count = sum(v.numel() for v in tensors.values())
         model["params"] = f"{count / 1e6:.2f}M"
 
 

@@ -2,7 +2,9 @@
 memory) and ``scripts/compare_quality.py`` (quality), so both compare the same configurations.
 
 ``family_flags(layers, dim, heads)``: every family at one size (FFN 4d; SHA-RNN: ``layers`` LSTM blocks of d, Boom
-4d, one attention block); the parameter counts in the blocks match within about 10% (the tables print them).
+4d, one attention block); the parameter counts in the blocks match within about 10% (the tables print them). The
+fast-weight model carries its fast weights across segments without absolute positions, as the paper's carry-over
+configuration (``--no-pos``: positions restarting every segment would not match the carried state).
 ``TINY``: each family's tiny preset, for tests. Placeholders filled per run: ``{T}`` the segment length (memory,
 span and window lengths follow it) and ``{W}`` the longest segment the model will read (SHA-RNN refuses a window
 shorter than the segment).
@@ -21,7 +23,7 @@ def family_flags(layers: int, dim: int, heads: int) -> Dict[str, str]:
         "transformer_xl": f"--arch transformer_xl_lm {attention} --mem-len {{T}}",
         "adaptive_span": f"--arch adaptive_span_lm {attention} --attn-span {{T}}",
         "fast_weight_delta": f"--arch fast_weight_lm {attention} --attn-type linear --update-rule delta "
-                             f"--carry-over-fast-weight",
+                             f"--carry-over-fast-weight --no-pos",
         "sha_rnn": f"--arch sha_rnn_lm {size} --max-memory {{W}}",
         "composed_hybrid": f"--arch composed_lm {attention} --mixer softmax,delta --position alibi,none "
                            f"--source memory --mem-len {{T}}",
