@@ -81,6 +81,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="evaluation lengths as multiples of L (default 1,2,4,8)")
     p.add_argument("--unit", choices=("auto", "ppl", "bpc"), default="auto")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu "
+                                                                           "(fp32 either way)")
     p.add_argument("--log-interval", type=int, default=None, help="updates between training-curve points")
     p.add_argument("--quick", action="store_true", help="the families' tiny presets, a 4k-token budget, L 16 "
                                                         "(the test; a few minutes on 2 cores)")
@@ -92,6 +94,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name, value in (QUICK if opts.quick else NORMAL).items():
         if getattr(opts, name) is None:
             setattr(opts, name, value)
+    if opts.device is None:
+        import torch
+
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
     if min(opts.seq_len, opts.batch_size, opts.tokens, opts.eval_batch_size, *opts.lengths) < 1:
         raise SystemExit("--seq-len, --batch-size, --tokens, --eval-batch-size and --lengths must be >= 1")
     if opts.tokens < opts.seq_len * opts.batch_size:
@@ -145,6 +151,10 @@ class Done:
         os.replace(self.path + ".tmp", self.path)
 
 
+def cpu_flag(opts: argparse.Namespace) -> List[str]:
+    return ["--cpu"] if opts.device == "cpu" else []
+
+
 def train_command(opts: argparse.Namespace, flags: str, save_dir: str) -> Tuple[List[str], int]:
     updates = opts.tokens // (opts.batch_size * opts.seq_len)
     longest = opts.seq_len * max(opts.lengths)
@@ -153,7 +163,7 @@ def train_command(opts: argparse.Namespace, flags: str, save_dir: str) -> Tuple[
            "--batch-size", str(opts.batch_size), "--max-update", str(updates), "--optimizer", "adam",
            "--adam-betas", "(0.9, 0.98)", "--lr", str(opts.lr), "--lr-scheduler", "inverse_sqrt",
            "--warmup-updates", str(max(1, updates // 10)), "--clip-norm", "0.25", "--criterion", "lm_loss",
-           "--seed", "1", "--cpu", "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints",
+           "--seed", "1", *cpu_flag(opts), "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints",
            "--disable-validation", "--log-format", "simple", "--log-interval", str(opts.log_interval)]
     return cmd, updates
 
@@ -181,7 +191,7 @@ def train(opts: argparse.Namespace, label: str, flags: str) -> Result:
 
 def eval_command(opts: argparse.Namespace, checkpoint: str, protocol: str, length: int, split: str) -> List[str]:
     cmd = [os.path.join(BIN, "fairseq-eval-lm"), opts.data, "--user-dir", USER_DIR, "--path", checkpoint,
-           "--gen-subset", split, "--tokens-per-sample", str(length), "--cpu", "--num-workers", "0",
+           "--gen-subset", split, "--tokens-per-sample", str(length), *cpu_flag(opts), "--num-workers", "0",
            "--log-format", "simple", "--no-progress-bar"]
     if protocol == "stream":
         return cmd + ["--task", "streaming_lm", "--batch-size", str(opts.eval_batch_size)]
@@ -223,7 +233,8 @@ def unit_of(opts: argparse.Namespace) -> str:
 def compare(opts: argparse.Namespace) -> Result:
     report: Result = {"data": opts.data, "unit": unit_of(opts), "splits": splits(opts.data),
                       "settings": {k: getattr(opts, k) for k in ("seq_len", "batch_size", "tokens", "lr",
-                                                                 "eval_batch_size", "lengths")}, "models": []}
+                                                                 "eval_batch_size", "lengths", "device")},
+                      "models": []}
     if not report["splits"]:
         sys.exit(f"{opts.data} has no valid or test split to evaluate")
     for label, flags in opts.rows:
@@ -260,7 +271,7 @@ def render(report: Result) -> str:
     lines = [f"## Quality: {os.path.basename(report['data'].rstrip('/'))}, {name}", "",
              f"- every model: {settings['tokens']:,} training tokens (B {settings['batch_size']} streams x L "
              f"{settings['seq_len']}), the same optimizer, schedule and seed; evaluation streams Be "
-             f"{settings['eval_batch_size']}; fp32, CPU",
+             f"{settings['eval_batch_size']}; fp32, {settings['device'].upper()}",
              "- stream(n): segments of n tokens, memory carried; nonoverlap(n): the same for a model that carries "
              "nothing; sliding(n): windows of n tokens scoring the last n/2 (models that carry nothing)", ""]
     lengths = [m * settings["seq_len"] for m in settings["lengths"]]
