@@ -56,7 +56,7 @@ if REPO_ROOT not in sys.path:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
 from benchlib import (Result, bench_command, device_description, fairseq_config, lm_sample, measure,  # noqa: E402
                       memory_description, run_worker, timed, warm_up_peak, write_dictionary)
-from families import TINY, family_flags, fill  # noqa: E402
+from families import TINY, family_flags, fill, model_flag  # noqa: E402
 
 FAMILIES = family_flags(layers=4, dim=256, heads=8)
 MODEL_SETS = {"families": FAMILIES, "tiny": TINY}
@@ -147,10 +147,8 @@ def model_rows(names: Sequence[str], extra: Sequence[str], entries: Dict[str, st
             raise SystemExit(f"--models: unknown {name!r}; choose sets {', '.join(MODEL_SETS)}, none, or entries "
                              f"{', '.join(FAMILIES)}")
     for item in extra:
-        label, sep, flags = item.partition("=")
-        if not sep or not label.strip() or "--arch" not in shlex.split(flags):
-            raise SystemExit(f"--model {item!r}: give LABEL=FLAGS with --arch among the flags")
-        rows[label.strip()] = flags
+        label, flags = model_flag(item)
+        rows[label] = flags
     if not rows:
         raise SystemExit("no models: give --models and/or --model")
     return list(rows.items())

@@ -40,7 +40,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/families.py
-from families import TINY, family_flags, fill  # noqa: E402
+from families import TINY, family_flags, fill, model_flag  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -108,11 +108,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(entries)} or none")
     opts.rows = [(name, entries[name]) for name in names]
-    for item in opts.model:
-        label, sep, flags = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or "--arch" not in shlex.split(flags):
-            raise SystemExit(f"--model {item!r}: give LABEL=FLAGS (label of letters, digits, _ . -) with --arch")
-        opts.rows.append((label, flags))
+    opts.rows += [model_flag(item) for item in opts.model]
     if not opts.rows:
         raise SystemExit("no models: give --models and/or --model")
     return opts

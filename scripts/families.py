@@ -11,7 +11,9 @@ shorter than the segment).
 """
 from __future__ import annotations
 
-from typing import Dict
+import re
+import shlex
+from typing import Dict, Tuple
 
 
 def family_flags(layers: int, dim: int, heads: int) -> Dict[str, str]:
@@ -38,6 +40,16 @@ TINY: Dict[str, str] = {
     "sha_rnn": "--arch sha_rnn_tiny --max-memory {W}",
     "composed_hybrid": "--arch composed_hybrid_delta_tiny --mem-len {T}",
 }
+
+
+def model_flag(item: str) -> Tuple[str, str]:
+    """``--model LABEL=FLAGS`` -> (label, flags); the label is a file name (letters, digits, ``_ . -``) and the
+    flags name an ``--arch``."""
+    label, sep, flags = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", label.strip()) or "--arch" not in shlex.split(flags):
+        raise SystemExit(f"--model {item!r}: give LABEL=FLAGS (a label of letters, digits, _ . -) with --arch "
+                         f"among the flags")
+    return label.strip(), flags
 
 
 def fill(flags: str, segment: int, longest: int) -> str:
