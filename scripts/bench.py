@@ -185,7 +185,7 @@ class Bench:
         from fairseq import tasks, utils
         from fairseq.trainer import Trainer
 
-        self.opts, self.t, self.device = opts, t, torch.device(opts.device)
+        self.opts, self.device = opts, torch.device(opts.device)
         with tempfile.TemporaryDirectory(prefix="bench_dict_") as data_dir:
             write_dictionary(data_dir, opts.vocab)
             self.cfg = fairseq_config(fairseq_flags(opts, flags, t, data_dir))

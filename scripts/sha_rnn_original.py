@@ -32,7 +32,6 @@ class OriginalAttention(nn.Module):
         self.qs, self.ks, self.vs = (nn.Parameter(p.detach().clone().view(1, 1, d)) for p in gates)  # (1, 1, d)
         self.q, self.qln, self.vq = copy.deepcopy(ours.q), copy.deepcopy(ours.qln), copy.deepcopy(ours.vq)
         self.drop = nn.Dropout(dropout)
-        self.nhid = d
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor) -> Tensor:
         """query (T, B, d), key = value (S, B, d), attn_mask (T, S) additive -> (T, B, d)."""
