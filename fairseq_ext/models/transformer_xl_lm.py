@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.utils import safe_getattr
@@ -45,6 +44,7 @@ from fairseq_ext.modules.blocks.transformer_xl_layer import TransformerXLLayer, 
 from fairseq_ext.modules.composed.positions import PositionTerm
 from fairseq_ext.modules.init import xl_weights_init
 from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid, descending_indices
+from fairseq_ext.ops.dropout import dropout
 from fairseq_ext.ops.xl_relative import IMPLS, SAME_LENGTH_CONVENTIONS, same_length_window
 from fairseq_ext.state import SegmentState
 
@@ -192,7 +192,7 @@ class TransformerXLDecoder(CoreDecoder):
         cached = layer_states[0].length if layer_states[0] is not None else 0
         distances = descending_indices(cached + x.size(1), device=x.device)  # (S,): S-1 .. 0
         positions = self.positions(distances, self.clamp_len, x.dtype)  # (S, C)
-        positions = F.dropout(positions, self.dropout, self.training)
+        positions = dropout(positions, self.dropout, self.training)
         window = same_length_window(self.mem_len, self.same_length_convention) if self.same_length else None
         return XLContext(positions, self.content_bias, self.position_bias, window)
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.models.base.stateful_decoder import SegmentOutput, StatefulDecoder, segment_pieces
 from fairseq_ext.modules.composed import PositionTerm
+from fairseq_ext.ops.dropout import dropout
 from fairseq_ext.state import DecoderState, SegmentState
 
 MAX_POSITIONS = 1_000_000  # no learned positions: fairseq uses this only for filtering
@@ -136,13 +136,13 @@ class CoreDecoder(StatefulDecoder):
         absolute = self.input_position.embed(position, lengths, x.dtype)  # (B|1, T, C) or None
         if absolute is not None:
             x = x + absolute
-        return F.dropout(x, self.input_dropout, self.training)
+        return dropout(x, self.input_dropout, self.training)
 
     def finish(self, x: Tensor) -> Tensor:
         """The last block's output (B, T, C) -> the features: final LN (where the stack has one), then dropout."""
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return F.dropout(x, self.dropout, self.training)
+        return dropout(x, self.dropout, self.training)
 
     def _forward(self, tokens: Tensor, layer_states: Tuple[LayerState, ...], offset: int, lengths: Tensor,
                  segment_length: int) -> Tuple[Tensor, Tuple[LayerState, ...]]:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fairseq_ext.ops.dropout import dropout
+
 
 class Overparam(nn.Module):
     """The Overparam gate: Linear(d, 2d) -> split into (c, f) -> σ(f)·tanh(c)."""
@@ -88,13 +90,13 @@ class SingleHeadAttention(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)  # the LN in (at least) fp32, as the original
         q = F.layer_norm(q.to(dtype), (self.dim,), self.qln.weight.to(dtype), self.qln.bias.to(dtype),
                          self.qln.eps).to(query.dtype)
-        q = F.dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)
+        q = dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)
         k = torch.sigmoid(self.ks) * memory  # (B, S, d)
-        v = F.dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
+        v = dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
         scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(self.dim)  # (B, T, S)
         rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
         cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
         scores = scores.masked_fill(cols > rows, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=dtype).to(v.dtype)  # (B, T, S) normalised in fp32 at least
-        probs = F.dropout(probs, self.dropout, self.training)
+        probs = dropout(probs, self.dropout, self.training)
         return torch.matmul(probs, v)  # (B, T, d)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
+from fairseq_ext.ops.dropout import dropout
 from fairseq_ext.state import HiddenCache
 
 
@@ -47,7 +48,7 @@ class AdaptiveSpanLayer(nn.Module):
         next_cache = keys_in[:, max(0, keys_in.size(1) - window.cache):].detach()  # (B, <= C_cache, C)
         h = self.self_attn_layer_norm(x + self.self_attn(x, keys_in, key_pe, window))  # (B, M, C)
         if self.fc1 is not None:
-            ff = self.fc2(F.dropout(F.relu(self.fc1(h)), p=self.dropout, training=self.training))  # (B, M, C)
+            ff = self.fc2(dropout(F.relu(self.fc1(h)), p=self.dropout, training=self.training))  # (B, M, C)
             h = self.final_layer_norm(h + ff)
         return h, HiddenCache(next_cache)
 

@@ -19,7 +19,6 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from fairseq.modules import LayerNorm
 from fairseq.utils import get_activation_fn
 from torch import Tensor, nn
@@ -27,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fairseq_ext.errors import ConfigError
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
+from fairseq_ext.ops.dropout import dropout
 from fairseq_ext.state import KVCache
 
 
@@ -51,8 +51,8 @@ class NormFormerScales:
 
 
 def fairseq_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """fairseq's FairseqDropout: no RNG draw at all when it is off (the same random stream as fairseq's layers)."""
-    return F.dropout(x, p, True) if p > 0 and training else x
+    """fairseq's FairseqDropout semantics: no RNG draw at all when it is off."""
+    return dropout(x, p, True) if p > 0 and training else x
 
 
 class AlibiLayer(nn.Module):

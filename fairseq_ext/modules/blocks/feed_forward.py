@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fairseq_ext.ops.dropout import dropout
+
 
 class FeedForwardBlock(nn.Module):
     """Base of a layer with ``self_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm`` (the state-dict names)
@@ -19,7 +21,7 @@ class FeedForwardBlock(nn.Module):
         self.final_layer_norm = nn.LayerNorm(embed_dim)
 
     def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, p=self.dropout, training=self.training)
+        return dropout(x, p=self.dropout, training=self.training)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         """The residual branch Drop(W_2 Drop(ReLU(W_1 x + b_1)) + b_2): (B, T, C) -> (B, T, C)."""

@@ -17,10 +17,10 @@ every query sees at most ``max_memory`` keys; the new memory is the last ``max_m
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+from fairseq_ext.ops.dropout import dropout
 from fairseq_ext.state import SHARNNBlockState
 
 
@@ -42,7 +42,7 @@ class Boom(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, d) -> (B, T, d)."""
-        z = F.dropout(gelu_1702(self.linear1(x)), self.dropout, self.training)  # (B, T, d_ff)
+        z = dropout(gelu_1702(self.linear1(x)), self.dropout, self.training)  # (B, T, d_ff)
         return z.view(*z.shape[:-1], -1, self.dim).sum(dim=-2)  # (B, T, d_ff/d, d) -> (B, T, d)
 
 
@@ -88,7 +88,7 @@ class SHARNNBlock(nn.Module):
         hidden = None if state is None else (state.h.unsqueeze(0).contiguous(), state.c.unsqueeze(0).contiguous())
         h = self.lnstart(x)
         h, (h_n, c_n) = self.rnn(h, hidden)  # (B, T, d), (1, B, d) x 2
-        h = F.dropout(h, self.dropouth, self.training)
+        h = dropout(h, self.dropouth, self.training)
         new_memory: Optional[Tensor] = None
         if self.attn is not None:
             m = self.lnmem(h)  # (B, T, d): memory / key / value stream
@@ -99,8 +99,8 @@ class SHARNNBlock(nn.Module):
             elif trim_to > 0:
                 memory = self.trim(memory, trim_to)
             big = m if memory is None else torch.cat([memory, m], dim=1)  # (B, M + T, d)
-            h = F.dropout(self.attn(h, big), self.dropouth, self.training) + h
+            h = dropout(self.attn(h, big), self.dropouth, self.training) + h
             new_memory = big[:, max(big.size(1) - self.max_memory, 0):]  # (B, <= max_memory, d)
         base = self.lnff(h)
-        h = F.dropout(self.ff(self.lnxff(h)), self.dropouth, self.training) + base
+        h = dropout(self.ff(self.lnxff(h)), self.dropouth, self.training) + base
         return h, SHARNNBlockState(h_n.squeeze(0), c_n.squeeze(0), new_memory)

@@ -23,8 +23,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..dropout import dropout
 
 
 def adaptive_span_attention_naive(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor,
@@ -65,7 +66,7 @@ def adaptive_span_attention_naive(q: Tensor, k: Tensor, v: Tensor, key_pe: Tenso
         probs = probs * mask  # (B, H, M, L [+ N])
         if renorm:
             probs = probs / (probs.sum(-1, keepdim=True) + eps)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, p=dropout_p, training=dropout_p > 0)
     out = torch.einsum("bhml,bhmld->bhmd", probs[..., :span], v_win)  # (B, H, M, D)
     if pers_v is not None:
         pv = pers_v.to(acc) * math.sqrt(pers_v.size(-2))  # (H, N, D) effective values

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..dropout import dropout
+
 
 def _check_window(m: int, s: int, span: int) -> None:
     if span < 1 or s < span + m - 1:
@@ -93,7 +95,7 @@ def adaptive_span_attention_skew(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor
         probs = probs * mask
         if renorm:
             probs = probs / (probs.sum(-1, keepdim=True) + eps)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0).to(q.dtype)
+    probs = dropout(probs, p=dropout_p, training=dropout_p > 0).to(q.dtype)
     out = torch.matmul(skew(probs[..., :span], s), v)  # (B, H, M, D)
     if pers_v is not None:
         pv = pers_v.to(q.dtype) * math.sqrt(pers_v.size(-2))  # (H, N, D) effective values

@@ -11,9 +11,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..dropout import dropout
 from .bias import alibi_bias, causal_mask
 
 
@@ -38,5 +38,5 @@ def alibi_attention_naive(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_
     any_visible = visible.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
     probs = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1)  # (B, H, T, S)
     probs = probs.masked_fill(~any_visible, 0.0)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, p=dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, v.to(acc)).to(q.dtype)  # (B, H, T, D)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..dropout import dropout
 
 
 def biased_attention_naive(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], visible: Tensor,
@@ -28,5 +29,5 @@ def biased_attention_naive(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         probs = probs * span_mask.to(acc)
         probs = probs / probs.sum(-1, keepdim=True)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows without a visible key
-    probs = F.dropout(probs, dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, v.to(acc)).to(v.dtype)  # (B, H, T, D)

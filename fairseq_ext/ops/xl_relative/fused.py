@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..dropout import dropout
 from .mask import xl_attention_mask
 from .shift import rel_shift
 
@@ -41,7 +42,7 @@ def xl_relative_attention_shift(q: Tensor, k: Tensor, v: Tensor, r: Tensor, cont
     scores = scores.masked_fill(xl_attention_mask(t, s, window, q.device), float("-inf"))
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least (fp64 stays fp64)
     probs = torch.softmax(scores, dim=-1, dtype=acc).to(q.dtype)  # (B, H, T, S)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, p=dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, v)  # (B, H, T, D)
 
 

@@ -12,9 +12,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..dropout import dropout
 from .mask import xl_attention_mask
 
 
@@ -38,5 +38,5 @@ def xl_relative_attention_naive(q: Tensor, k: Tensor, v: Tensor, r: Tensor, cont
     scores = (ac + bd) / math.sqrt(d)  # (B, H, T, S)
     scores = scores.masked_fill(xl_attention_mask(t, s, window, q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # (B, H, T, S)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, p=dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, v.to(acc)).to(q.dtype)  # (B, H, T, D)

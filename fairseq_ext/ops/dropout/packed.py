@@ -1,0 +1,43 @@
+"""Dropout with a mask from packed random bits: one 64-bit draw of torch's generator gives four 16-bit uniforms, and
+element i is kept iff its uniform u_i in [0, 2^16) satisfies u_i >= k, k = round(p * 2^16) (so the drop probability
+is exactly k / 2^16) and kept elements are scaled by 2^16 / (2^16 - k): E[out] = x.
+
+The draw is ``random_(-2**63, None)`` (all 64 bits uniform; plain ``random_()`` leaves the sign bit 0) viewed as
+int16; the comparison is done on the signed view (u_i - 2^15 >= k - 2^15). Deterministic for a given torch seed, but
+not the same stream as ``F.dropout``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+PROB_BITS = 16
+_LEVELS = 1 << PROB_BITS
+
+
+def quantized_drop_count(p: float) -> int:
+    """k: the drop probability is k / 2^16 (p rounded to the nearest multiple of 2^-16)."""
+    return int(round(p * _LEVELS))
+
+
+def random_bits16(n: int, device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
+    """(n,) int16 of independent uniform 16-bit draws, four per 64-bit random number; as int16 a draw is u - 2^15
+    for u uniform in [0, 2^16)."""
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-2 ** 63, None, generator=generator)  # every bit uniform
+    return words.view(torch.int16)[:n]
+
+
+def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """x (any shape) -> x * keep * 2^16 / (2^16 - k), keep from ``random_bits16``; differentiable in x (the backward
+    reuses the bool mask, as ``F.dropout`` does)."""
+    k = quantized_drop_count(p)
+    if k == 0:
+        return x
+    if k == _LEVELS:
+        return x * 0.0
+    bits = random_bits16(x.numel(), x.device, generator).view(x.shape)  # int16, x's shape
+    keep = bits >= k - _LEVELS // 2  # (..) bool: unsigned u >= k  <=>  signed u - 2^15 >= k - 2^15
+    return torch.where(keep, x * (_LEVELS / (_LEVELS - k)), 0.0)

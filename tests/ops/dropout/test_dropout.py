@@ -1,0 +1,85 @@
+"""Packed-bits dropout: the fast path equals the written-out reference on the same draws (outputs and gradients,
+float64, odd sizes, non-contiguous input), its drop rate and mean match inverted dropout's, and the dispatcher uses
+it only for CPU training (F.dropout elsewhere; p = 0 / 1 and bad p as F.dropout)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairseq_ext.ops.dropout import dropout, dropout_from_bits, packed_dropout, quantized_drop_count, random_bits16
+
+PROBS = [0.1, 0.25, 1 / 3, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("p", PROBS)
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 1, 9, 13)])
+def test_packed_equals_reference_outputs_and_grads(p, shape):
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    fast = packed_dropout(x, p, torch.Generator().manual_seed(5))
+    bits = random_bits16(x.numel(), x.device, torch.Generator().manual_seed(5))
+    ref = dropout_from_bits(x, bits, p)
+    torch.testing.assert_close(fast, ref, rtol=1e-14, atol=0)  # the scale rounds differently: within an ulp
+    g = torch.randn(*shape, dtype=torch.float64)
+    (grad_fast,) = torch.autograd.grad(fast, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-14, atol=0)
+
+
+def test_non_contiguous_input_uses_its_own_shape():
+    base = torch.randn(6, 5, dtype=torch.float64)
+    x = base.t()  # (5, 6), not contiguous
+    fast = packed_dropout(x, 0.3, torch.Generator().manual_seed(1))
+    ref = dropout_from_bits(x, random_bits16(x.numel(), x.device, torch.Generator().manual_seed(1)), 0.3)
+    assert fast.shape == (5, 6)
+    torch.testing.assert_close(fast, ref, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("p", PROBS)
+def test_drop_rate_and_mean_match_inverted_dropout(p):
+    n = 1 << 20
+    out = packed_dropout(torch.ones(n), p, torch.Generator().manual_seed(2))
+    drop_p = quantized_drop_count(p) / 65536
+    assert abs(drop_p - p) <= 2 ** -17
+    dropped = (out == 0).double().mean().item()
+    sigma = math.sqrt(drop_p * (1 - drop_p) / n)
+    assert abs(dropped - drop_p) < 5 * sigma
+    kept = out[out != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - drop_p)))
+    assert abs(out.double().mean().item() - 1.0) < 5 * sigma / (1 - drop_p)
+
+
+def test_bits_are_uniform_in_every_lane():
+    """All four 16-bit lanes of a 64-bit draw are uniform (plain random_() would leave one lane's top bit 0)."""
+    bits = random_bits16(1 << 20, torch.device("cpu"), torch.Generator().manual_seed(0)).view(-1, 4)
+    top = (bits < 0).double().mean(0)  # the sign bit of each lane
+    assert torch.all((top - 0.5).abs() < 0.005), top
+
+
+def test_dispatch_cpu_training_is_packed_and_seeded():
+    x = torch.randn(4, 33)
+    torch.manual_seed(7)
+    a = dropout(x, 0.2, True)
+    torch.manual_seed(7)
+    b = packed_dropout(x, 0.2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(8)
+    assert not torch.equal(dropout(x, 0.2, True), a)
+
+
+def test_dispatch_identity_and_edges():
+    x = torch.randn(3, 10, dtype=torch.bfloat16)
+    assert dropout(x, 0.5, False) is x or torch.equal(dropout(x, 0.5, False), x)
+    assert torch.equal(dropout(x, 0.0, True), x)
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    assert dropout(x, 0.3, True).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(x, 1.5, True)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        F.dropout(x, 1.5, True)  # the same refusal as torch's
+
+
+def test_tiny_probability_is_no_dropout_not_a_silent_shift():
+    """p below 2^-17 rounds to k = 0: nothing dropped, no rescaling (F.dropout's scale would be 1/(1-p) ~ 1)."""
+    x = torch.randn(100, dtype=torch.float64)
+    assert torch.equal(packed_dropout(x, 1e-6), x)
