@@ -67,6 +67,8 @@ QUICK = dict(models=["tiny"], lengths=[16, 32], batch_size=2, vocab=64, steps=1,
 TRAIN_FLAGS = ["--optimizer", "adam", "--lr", "2.5e-4", "--clip-norm", "0.25"]  # before the row's own flags
 DTYPE_FLAGS = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}
 RESULT_PREFIX = "BENCH_RESULT "
+ORIGINAL_SUFFIX = "-original"
+ORIGINAL_METRICS = ("train", "stream")  # the originals carry state; they have no incremental decoding
 MEMORY_WINDOW = "bench_warmup"
 
 
@@ -89,6 +91,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="LABEL=FLAGS",
                    help="a row of fairseq-train flags (--arch and any others; {T} = the segment length); "
                         "repeatable, added after --models (give --models none for only these)")
+    p.add_argument("--original", action="append", default=[], metavar="LABEL",
+                   help="also time LABEL's row as the original code's algorithm (scripts/originals: "
+                        "transformer_xl_lm and sha_rnn_lm rows), interleaved with it as row LABEL-original; "
+                        "repeatable")
     p.add_argument("--lengths", type=_ints, default=None, help="segment lengths T, one row each (default 512,1024)")
     p.add_argument("--batch-size", type=int, default=None, help="streams B of training and evaluation (default 4)")
     p.add_argument("--vocab", type=int, default=None, help="dictionary entries incl. 4 specials (default 10000)")
@@ -128,7 +134,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit("--batch-size, --steps, --warmup, --gen-tokens and --repeats must be >= 1")
     if opts.dtype != "fp32" and opts.device == "cpu":
         raise SystemExit(f"--dtype {opts.dtype} runs through fairseq's --{opts.dtype}, which needs --device cuda")
-    opts.rows = model_rows(opts.models, opts.model, TINY if opts.quick else FAMILIES)
+    opts.rows = with_originals(model_rows(opts.models, opts.model, TINY if opts.quick else FAMILIES),
+                               opts.original)
     return opts
 
 
@@ -154,9 +161,24 @@ def model_rows(names: Sequence[str], extra: Sequence[str], entries: Dict[str, st
     return list(rows.items())
 
 
-def row_list(opts: argparse.Namespace) -> List[Tuple[str, str, int]]:
-    """Every (label, flags template, T), model-major."""
-    return [(label, flags, t) for label, flags in opts.rows for t in opts.lengths]
+def with_originals(rows: List[Tuple[str, str]], originals: Sequence[str]) -> List[Tuple[str, str, bool]]:
+    """(label, flags template, run as the original) of every row: each row named by ``--original`` is followed by
+    ``LABEL-original``, its flags run through the original code's algorithm."""
+    labels = [label for label, _ in rows]
+    unknown = sorted(set(originals) - set(labels))
+    if unknown:
+        raise SystemExit(f"--original {', '.join(unknown)}: not a row label (rows: {', '.join(labels)})")
+    out: List[Tuple[str, str, bool]] = []
+    for label, flags in rows:
+        out.append((label, flags, False))
+        if label in originals:
+            out.append((f"{label}{ORIGINAL_SUFFIX}", flags, True))
+    return out
+
+
+def row_list(opts: argparse.Namespace) -> List[Tuple[str, str, bool, int]]:
+    """Every (label, flags template, original, T), model-major."""
+    return [(label, flags, original, t) for label, flags, original in opts.rows for t in opts.lengths]
 
 
 # ====================================================================================================================
@@ -180,7 +202,7 @@ def zipf_tokens(vocab: int, nspecial: int, shape: Tuple[int, int], gen: torch.Ge
 class Bench:
     """Task, model, criterion and fairseq Trainer of one row, and its stream of samples."""
 
-    def __init__(self, opts: argparse.Namespace, flags: str, t: int) -> None:
+    def __init__(self, opts: argparse.Namespace, flags: str, t: int, original: bool = False) -> None:
         import fairseq_ext  # noqa: F401,F811  (registers the models, streaming_lm, lm_loss)
         from fairseq import tasks, utils
         from fairseq.trainer import Trainer
@@ -191,8 +213,16 @@ class Bench:
             self.cfg = fairseq_config(fairseq_flags(opts, flags, t, data_dir))
             utils.set_torch_seed(opts.seed)
             task = tasks.setup_task(self.cfg.task)
-            self.model = task.build_model(self.cfg.model)
-            self.trainer = Trainer(self.cfg, task, self.model, task.build_criterion(self.cfg.criterion))
+            model = task.build_model(self.cfg.model)
+            named = list(model.named_parameters())  # an original reproduction holds these same weights
+            self.params = (sum(p.numel() for _, p in named),
+                           sum(p.numel() for n, p in named if n.startswith("decoder.layers.")))
+            if original:
+                from originals import original_of
+
+                model = original_of(model, self.cfg.model)
+            self.trainer = Trainer(self.cfg, task, model, task.build_criterion(self.cfg.criterion))
+        self.original = original
         self.model = self.trainer.model  # moved to the device (and cast by fairseq's --bf16 / --fp16)
         self.nspecial = task.dictionary.nspecial
         self.decoder = self.model.decoder
@@ -216,6 +246,14 @@ class Bench:
     def carries_state(self) -> bool:
         return bool(getattr(self.decoder, "carries_state", False))
 
+    def reset_eval_state(self) -> None:
+        from fairseq_ext.models.base.stateful_decoder import reset_stream_state
+
+        if self.original:
+            self.model.reset()
+        else:
+            reset_stream_state(self.model, "eval")
+
     def eval_forward(self) -> None:
         self.model(self.next_sample()["net_input"]["src_tokens"])
 
@@ -235,34 +273,31 @@ class Bench:
 
 
 def run_row(opts: argparse.Namespace, index: int) -> Result:
-    label, flags, t = row_list(opts)[index]
-    result: Result = {"model": label, "T": t, "B": opts.batch_size, "flags": fill(flags, t, t)}
+    label, flags, original, t = row_list(opts)[index]
+    result: Result = {"model": label, "T": t, "B": opts.batch_size, "flags": fill(flags, t, t), "original": original}
+    metrics = [m for m in opts.metrics if not original or m in ORIGINAL_METRICS]
     torch.manual_seed(opts.seed)
 
     def run() -> Result:
-        from fairseq_ext.models.base.stateful_decoder import reset_stream_state
-
-        bench, peak = warm_up_peak(torch.device(opts.device), lambda: Bench(opts, flags, t), Bench.train_step,
-                                   opts.warmup, MEMORY_WINDOW)
-        named = list(bench.model.named_parameters())
-        out: Result = {"arch": bench.cfg.model._name, "params": sum(p.numel() for _, p in named),
-                       "layer_params": sum(p.numel() for n, p in named if n.startswith("decoder.layers.")),
+        bench, peak = warm_up_peak(torch.device(opts.device), lambda: Bench(opts, flags, t, original),
+                                   Bench.train_step, opts.warmup, MEMORY_WINDOW)
+        out: Result = {"arch": bench.cfg.model._name, "params": bench.params[0], "layer_params": bench.params[1],
                        "carries_state": bench.carries_state}
         tokens = opts.batch_size * t
-        if "train" in opts.metrics:
+        if "train" in metrics:
             out.update(train=tokens / min(timed(bench.train_step, opts.steps, bench.device)), peak_mb=peak / 2 ** 20)
         bench.model.eval()
         with torch.no_grad():
-            if "stream" in opts.metrics:
-                reset_stream_state(bench.model, "eval")
+            if "stream" in metrics:
+                bench.reset_eval_state()
                 timed(bench.eval_forward, opts.warmup, bench.device)  # fills the memory
                 out["stream"] = tokens / min(timed(bench.eval_forward, opts.steps, bench.device))
-            if "sliding" in opts.metrics and not bench.carries_state:
+            if "sliding" in metrics and not bench.carries_state:
                 scored = opts.batch_size * (t - t // 2)  # windows of T scoring their last T - T/2 tokens
                 out["sliding"] = scored / min(timed(bench.eval_forward, opts.steps, bench.device))
             prompts = (("gen_short", max(1, min(SHORT_PROMPT, t // 4))), ("gen_long", max(1, t - opts.gen_tokens)))
             for metric, prompt in prompts:
-                if metric in opts.metrics:
+                if metric in metrics:
                     out[metric] = 1.0 / min(bench.generate(prompt, opts.gen_tokens))
         return out
 
@@ -301,7 +336,7 @@ def run_all(opts: argparse.Namespace, argv: Sequence[str]) -> List[Result]:
     rows = row_list(opts)
     runs: List[List[Result]] = [[] for _ in rows]
     for repeat in range(opts.repeats):
-        for index, (label, _, t) in enumerate(rows):
+        for index, (label, _, _, t) in enumerate(rows):
             load_before = os.getloadavg()[0]
             if opts.in_process:
                 result = run_row(opts, index)
@@ -320,7 +355,8 @@ def cell(row: Result, metric: str) -> str:
     if row.get("status") != "ok":
         return row.get("status", "?")
     if metric not in row:
-        return "n/a" if metric == "sliding" and row.get("carries_state") else "—"
+        applies = metric in ORIGINAL_METRICS if row.get("original") else metric != "sliding"
+        return "—" if applies or not row.get("carries_state") and metric == "sliding" else "n/a"
     return f"{row[metric]:,.0f}"
 
 
@@ -339,7 +375,23 @@ def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> st
         lines.append(f"| {row['model']} | {row.get('arch', '—')} | {params} | {row['T']} | {cell(row, 'train')} | "
                      f"{peak} | {cell(row, 'stream')} | {cell(row, 'sliding')} | {cell(row, 'gen_short')} | "
                      f"{cell(row, 'gen_long')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + original_ratios(rows)) + "\n"
+
+
+def original_ratios(rows: Sequence[Result]) -> List[str]:
+    """One line per (LABEL, T) timed beside LABEL-original: ours / original tokens/s, best and median of the runs."""
+    found = {(r["model"], r["T"]): r for r in rows if r.get("status") == "ok"}
+    lines: List[str] = []
+    for row in rows:
+        ours = found.get((row["model"].removesuffix(ORIGINAL_SUFFIX), row["T"])) if row.get("original") else None
+        if ours is None or row.get("status") != "ok":
+            continue
+        parts = [f"{m} {ours[m] / row[m]:.2f}x (median {ours[f'{m}_median'] / row[f'{m}_median']:.2f}x)"
+                 for m in ORIGINAL_METRICS if m in ours and m in row]
+        lines.append(f"- {ours['model']} / {row['model']}, T {row['T']}, {len(row['runs'])} interleaved run(s): "
+                     + "; ".join(parts))
+    title = "Ours against the original code's algorithm (tokens/s ratio, best run of each):"
+    return ["", title, *lines] if lines else []
 
 
 def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
@@ -351,7 +403,7 @@ def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, _ in opts.rows:
+    for label, _, _ in opts.rows:
         ok = [r for r in rows if r["model"] == label and r.get("status") == "ok" and "train" in r]
         for ax, key in zip(axes, ("train", "peak_mb")):
             ax.plot([r["T"] for r in ok], [r[key] for r in ok], marker="o", label=label)

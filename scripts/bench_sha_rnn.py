@@ -10,7 +10,7 @@ streaming_lm``, ``--criterion lm_loss``, ``--optimizer lamb_torch`` with the pap
 * ``presets`` table -- one row per preset (``--presets``, default ``sha_rnn_tiny`` and ``sha_rnn_enwik8``);
 * ``memory`` table  -- ``sha_rnn_enwik8`` with ``--max-memory`` W in ``--memories`` (default 1000, 5000, 10000;
   a default below T, e.g. 1000 at CUDA's T = 1024, is raised to T);
-* ``original`` table -- ``sha_rnn_lm`` beside the original algorithm (``scripts/sha_rnn_original.py``, a
+* ``original`` table -- ``sha_rnn_lm`` beside the original algorithm (``scripts/originals/sha_rnn.py``, a
   reproduction of Smerity/sha-rnn's ``model.py`` holding a copy of the same weights, trained by the same loop, loss
   and LAMB step) at ``--original-shape`` B,T,W (default 4,256,1024: d 256, 4 blocks, Boom 1024, the shape of an
   outside comparison), ``--repeats`` interleaved pairs; the table gives the best and median of the repeats.
@@ -54,7 +54,7 @@ from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream
 import fairseq_ext  # noqa: E402,F401  (registers sha_rnn_lm, streaming_lm, lm_loss, lamb_torch)
 from fairseq import optim, tasks, utils  # noqa: E402
 from fairseq_ext.models.sha_rnn_lm import SHARNNConfig  # noqa: E402
-from sha_rnn_original import OriginalSHARNN, original_loss  # noqa: E402
+from originals.sha_rnn import OriginalSHARNN, original_loss  # noqa: E402
 
 TABLES = ("presets", "memory", "original")
 ORIGINAL_IMPLS = ("sha_rnn_lm", "original")
@@ -330,7 +330,7 @@ def render_report(opts: Namespace, results: Sequence[Result], command: str,
         lines += ["", f"### Attention memory length W ({opts.memory_preset})", "", HEADER.format(ref="vs first row"),
                   ALIGN, *table_rows(results, "memory")]
     if "original" in opts.tables:
-        lines += ["", "### sha_rnn_lm beside the original algorithm (scripts/sha_rnn_original.py, same weights, loop, "
+        lines += ["", "### sha_rnn_lm beside the original algorithm (scripts/originals/sha_rnn.py, same weights, loop, "
                   "loss and LAMB step; d 256, 4 blocks, Boom 1024)", "",
                   "| implementation | B × T | W | runs | tokens/s (best) | tokens/s (median) "
                   "| peak tensor memory (MB) |",

@@ -63,7 +63,7 @@ def test_a_preset_window_shorter_than_the_segment_is_raised_to_it(bench):
 
 
 def test_original_reproduction_computes_our_logits(bench):
-    """scripts/sha_rnn_original.py (the original's time-first stack with a copy of our weights) gives sha_rnn_lm's
+    """scripts/originals/sha_rnn.py (the original's time-first stack with a copy of our weights) gives sha_rnn_lm's
     logits over three consecutive segments with carried LSTM states and a memory trimmed to W - T, two attention
     blocks, random gates (eval mode, fp32)."""
     from argparse import Namespace

@@ -83,3 +83,18 @@ def test_tiny_probability_is_no_dropout_not_a_silent_shift():
     """p below 2^-17 rounds to k = 0: nothing dropped, no rescaling (F.dropout's scale would be 1/(1-p) ~ 1)."""
     x = torch.randn(100, dtype=torch.float64)
     assert torch.equal(packed_dropout(x, 1e-6), x)
+
+
+def test_double_backward_matches_reference():
+    """The mask-and-scale backward is itself differentiable (as F.dropout's): second derivatives equal the
+    reference's on the same draws."""
+    x = torch.randn(3, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+
+    def second(fn):
+        (g,) = torch.autograd.grad((fn(x) ** 3).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    fast = second(lambda t: packed_dropout(t, 0.4, torch.Generator().manual_seed(9)))
+    bits = random_bits16(x.numel(), x.device, torch.Generator().manual_seed(9))
+    ref = second(lambda t: dropout_from_bits(t, bits, 0.4))
+    torch.testing.assert_close(fast, ref, rtol=1e-13, atol=0)

@@ -102,6 +102,10 @@ class OriginalSHARNN(nn.Module):
         self.hidden: List = [None] * len(self.blocks)
         self.mems: Optional[List[Optional[Tensor]]] = None
 
+    def reset(self) -> None:
+        """Empty LSTM states and memories (the original's ``init_hidden`` and ``mems = None``)."""
+        self.hidden, self.mems = [None] * len(self.blocks), None
+
     def forward(self, tokens: Tensor) -> Tensor:
         x = tokens.t()  # (T, B)
         h = self.idrop(self.encoder(x))  # (T, B, d)
@@ -130,3 +134,8 @@ def original_loss(model: OriginalSHARNN, sample: dict) -> Tuple[Tensor, int, dic
     target = sample["target"].t()  # (T, B)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), reduction="sum")
     return loss, target.numel(), {}
+
+
+def wrap_original(model_cfg, decoder: nn.Module) -> Tuple[nn.Module, None]:
+    """(the original stack with ``decoder``'s weights, no adaptive softmax) for ``originals.OriginalLM``."""
+    return OriginalSHARNN(decoder, model_cfg.dropout, model_cfg.dropouti, model_cfg.dropouth), None
