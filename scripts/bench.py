@@ -172,8 +172,24 @@ def with_originals(rows: List[Tuple[str, str]], originals: Sequence[str]) -> Lis
     for label, flags in rows:
         out.append((label, flags, False))
         if label in originals:
+            check_original(label, flags)
             out.append((f"{label}{ORIGINAL_SUFFIX}", flags, True))
     return out
+
+
+def check_original(label: str, flags: str) -> None:
+    """Refuse ``--original LABEL`` before any run when LABEL's arch has no reproduction in scripts/originals."""
+    import fairseq_ext  # noqa: F401  (registers the archs)
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    from originals import WRAPPERS
+
+    words = shlex.split(flags)
+    arch = words[words.index("--arch") + 1]
+    model = ARCH_MODEL_REGISTRY.get(arch)
+    if model is None or not any(issubclass(model, cls) for cls, _ in WRAPPERS):
+        raise SystemExit(f"--original {label}: no reproduction of the original code for --arch {arch}; "
+                         f"scripts/originals has {', '.join(cls.__name__ for cls, _ in WRAPPERS)} "
+                         f"(see its docstring for the other families)")
 
 
 def row_list(opts: argparse.Namespace) -> List[Tuple[str, str, bool, int]]:

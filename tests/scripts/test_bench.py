@@ -68,8 +68,8 @@ def test_rows_from_flags_interleaved_repeats(bench, tmp_path, capsys):
     stock = "--arch transformer_lm --decoder-layers 1 --decoder-embed-dim 16 --decoder-input-dim 16 " \
             "--decoder-output-dim 16 --decoder-ffn-embed-dim 32 --decoder-attention-heads 2"  # fairseq's own model
     argv = ["--quick", "--models", "none", "--model", f"xl-small={flags}", "--model", "alibi=--arch alibi_lm_tiny",
-            "--model", f"sinusoidal={stock}", "--lengths", "8", "--repeats", "2", "--in-process", "--metrics", "train,sliding", "--out",
-            str(tmp_path)]
+            "--model", f"sinusoidal={stock}", "--lengths", "8", "--repeats", "2", "--in-process", "--metrics",
+            "train,sliding", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     table = _check_table_matches_json(capsys.readouterr().out, report)
@@ -91,8 +91,62 @@ def test_rows_from_flags_interleaved_repeats(bench, tmp_path, capsys):
     (["--metrics", "train,speed"], "unknown ['speed']"),
     (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
     (["--lengths", "0"], "positive integers"),
+    (["--original", "nope"], "--original nope: not a row label"),
+    (["--original", "alibi"], "no reproduction of the original code for --arch alibi_lm_tiny"),
 ])
 def test_bad_arguments_name_the_fix(bench, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         bench.parse_args(["--quick", *argv])
     assert message in str(err.value) + capsys.readouterr().err
+
+
+def test_original_rows_train_beside_ours_and_print_the_ratio(bench, tmp_path, capsys):
+    """--original LABEL adds LABEL-original after LABEL (same flags, the original code's algorithm holding the same
+    weights), interleaved; it has no incremental decoding ("n/a"); the ratio lines are the JSON's numbers."""
+    argv = ["--quick", "--models", "transformer_xl", "sha_rnn", "--original", "transformer_xl", "--original",
+            "sha_rnn", "--lengths", "8", "--repeats", "2", "--in-process", "--metrics", "train,stream,gen_short",
+            "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    table = _check_table_matches_json(stdout, report)
+    assert [c["model"] for c in table] == ["transformer_xl", "transformer_xl-original", "sha_rnn", "sha_rnn-original"]
+    rows = {r["model"]: r for r in report["rows"]}
+    for label in ("transformer_xl", "sha_rnn"):
+        ours, original = rows[label], rows[f"{label}-original"]
+        assert original["original"] and not ours["original"] and original["flags"] == ours["flags"]
+        assert original["params"] == ours["params"] and original["stream"] > 0 and "gen_short" not in original
+        assert [r["repeat"] for r in original["runs"]] == [0, 1]
+        ratio = (f"train {ours['train'] / original['train']:.2f}x (median "
+                 f"{ours['train_median'] / original['train_median']:.2f}x); "
+                 f"stream {ours['stream'] / original['stream']:.2f}x")
+        assert f"- {label} / {label}-original, T 8, 2 interleaved run(s): {ratio}" in stdout
+    cells = {c["model"]: c for c in table}
+    assert cells["sha_rnn-original"]["gen tok/s (short)"] == "n/a" and number(cells["sha_rnn"]["gen tok/s (short)"]) > 0
+
+
+@pytest.mark.parametrize("label, flags", [
+    ("transformer_xl", "--arch transformer_xl_tiny --mem-len {T} --dropout 0.1"),
+    ("sha_rnn", "--arch sha_rnn_tiny --max-memory {W} --attn-layers 0,1"),
+])
+def test_original_row_computes_our_loss(bench, label, flags):
+    """The original's reproduction, built for a row from the same seed, holds our weights: through the same lm_loss
+    it gives our loss on consecutive segments with carried state (eval mode), and its own gradients in training."""
+    import torch
+
+    opts = bench.parse_args(["--quick", "--in-process"])
+    ours, original = (bench.Bench(opts, flags, 8, original=o) for o in (False, True))
+    assert type(original.model).__name__ == "OriginalLM" and original.params == ours.params
+    assert sum(p.numel() for p in original.model.parameters()) == ours.params[0]
+    criterion = ours.trainer.criterion
+    ours.model.eval(), original.model.eval()
+    ours.reset_eval_state(), original.reset_eval_state()
+    with torch.no_grad():
+        for sample in ours.samples[:3]:
+            (loss, size, log), (their_loss, their_size, _) = (criterion(b.model, sample) for b in (ours, original))
+            assert size == their_size == log["ntokens"] > 0
+            torch.testing.assert_close(their_loss, loss, rtol=1e-5, atol=1e-4)
+    original.model.train()
+    loss, size, _ = criterion(original.model, ours.samples[0])
+    loss.backward()
+    assert all(p.grad is not None for p in original.model.parameters() if p.requires_grad)
