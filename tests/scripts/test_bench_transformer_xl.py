@@ -74,11 +74,13 @@ def test_original_reproduction_equals_our_model_over_two_segments(bench, extra, 
 
 
 def test_original_rel_shift_is_ours(bench):
+    from originals.transformer_xl import OriginalRelPartialLearnableMultiHeadAttn
+
     from fairseq_ext.ops.xl_relative import rel_shift_pad
 
     x = torch.randn(5, 9, 2, 3, dtype=torch.float64)  # (T, S, B, H)
     ours = rel_shift_pad(x.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)  # ours is (..., T, S)
-    assert torch.equal(bench.OriginalRelPartialLearnableMultiHeadAttn._rel_shift(x), ours)
+    assert torch.equal(OriginalRelPartialLearnableMultiHeadAttn._rel_shift(x), ours)
 
 
 def test_zipf_tokens_and_dictionary(bench, tmp_path):
