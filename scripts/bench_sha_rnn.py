@@ -10,10 +10,9 @@ streaming_lm``, ``--criterion lm_loss``, ``--optimizer lamb_torch`` with the pap
 * ``presets`` table -- one row per preset (``--presets``, default ``sha_rnn_tiny`` and ``sha_rnn_enwik8``);
 * ``memory`` table  -- ``sha_rnn_enwik8`` with ``--max-memory`` W in ``--memories`` (default 1000, 5000, 10000;
   a default below T, e.g. 1000 at CUDA's T = 1024, is raised to T);
-* ``original`` table -- ``sha_rnn_lm`` beside the original algorithm (``scripts/originals/sha_rnn.py``, a
-  reproduction of Smerity/sha-rnn's ``model.py`` holding a copy of the same weights, trained by the same loop, loss
-  and LAMB step) at ``--original-shape`` B,T,W (default 4,256,1024: d 256, 4 blocks, Boom 1024, the shape of an
-  outside comparison), ``--repeats`` interleaved pairs; the table gives the best and median of the repeats.
+
+``sha_rnn_lm`` beside a reproduction of the original ``model.py`` at the same configuration is a row pair of
+``scripts/bench.py --original`` (see docs/benchmarks.md).
 
 A training step is forward over the carried streams (LSTM states and attention memories of the decoder's "train"
 stream, carried from step to step), ``lm_loss``, backward, gradient-norm clip 0.25 (the paper's ``clip``) and a
@@ -34,14 +33,12 @@ CPU defaults are reduced: B 1 x T 256 (the paper's B 16 x T 1024 takes minutes p
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
 from argparse import Namespace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -54,11 +51,8 @@ from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream
 import fairseq_ext  # noqa: E402,F401  (registers sha_rnn_lm, streaming_lm, lm_loss, lamb_torch)
 from fairseq import optim, tasks, utils  # noqa: E402
 from fairseq_ext.models.sha_rnn_lm import SHARNNConfig  # noqa: E402
-from originals.sha_rnn import OriginalSHARNN, original_loss  # noqa: E402
 
-TABLES = ("presets", "memory", "original")
-ORIGINAL_IMPLS = ("sha_rnn_lm", "original")
-ORIGINAL_SIZE = ["--decoder-layers", "4", "--decoder-embed-dim", "256", "--decoder-ffn-embed-dim", "1024"]
+TABLES = ("presets", "memory")
 PRESETS = ("sha_rnn_tiny", "sha_rnn_enwik8", "sha_rnn_enwik8_full_attn")
 MEMORY_PRESET = "sha_rnn_enwik8"
 ENWIK8_VOCAB = 205  # dictionary entries incl. fairseq's 4 specials
@@ -66,9 +60,9 @@ LR, MIN_TRUST, WEIGHT_DECAY, CLIP_NORM = 2e-3, 0.25, 1.2e-6, 0.25  # sha_rnn.md 
 CPU_DEFAULTS = dict(batch_size=1, tgt_len=256)
 CUDA_DEFAULTS = dict(batch_size=16, tgt_len=1024)  # the paper's shape
 QUICK = dict(presets=["sha_rnn_tiny"], memories=[16, 48], memory_preset="sha_rnn_tiny", batch_size=1, tgt_len=16,
-             vocab=32, steps=2, warmup=1, original_shape=[1, 16, 32], repeats=1)
+             vocab=32, steps=2, warmup=1)
 NORMAL = dict(presets=["sha_rnn_tiny", "sha_rnn_enwik8"], memories=[1000, 5000, 10000], memory_preset=MEMORY_PRESET,
-              vocab=ENWIK8_VOCAB, steps=3, warmup=2, original_shape=[4, 256, 1024], repeats=3)
+              vocab=ENWIK8_VOCAB, steps=3, warmup=2)
 RESULT_PREFIX = "BENCH_SHA_RESULT "
 MEMORY_WINDOW = "bench_sha_warmup"
 
@@ -106,17 +100,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt-len", type=int, default=None, help="segment length T (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--vocab", type=int, default=None, help=f"dictionary size incl. 4 specials (default "
                                                             f"{ENWIK8_VOCAB}, enwik8)")
-    p.add_argument("--original-shape", type=_list(int), default=None,
-                   help="B,T,W of the original table (default 4,256,1024; d 256, 4 blocks, Boom 1024)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved (ours, original) pairs (default 3)")
     add_stream_run_arguments(p, QUICK, NORMAL, "memory")
     return p
 
 
 def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     opts = parse_stream_args(build_arg_parser(), argv, QUICK, NORMAL, CPU_DEFAULTS, CUDA_DEFAULTS)
-    if len(opts.original_shape) != 3 or min(opts.original_shape) < 1 or opts.repeats < 1:
-        raise SystemExit("--original-shape takes three positive integers B,T,W and --repeats must be >= 1")
     if opts.batch_size < 1 or opts.tgt_len < 1 or min(opts.memories) < 1:
         raise SystemExit("--batch-size, --tgt-len and every --memories value must be >= 1")
     if min(opts.memories) < opts.tgt_len:
@@ -152,11 +141,9 @@ def preset_max_memory(preset: str) -> int:
     return int(getattr(args, "max_memory", SHARNNConfig.max_memory))
 
 
-def make_trainee(opts: Namespace, preset: str, memory: Optional[int], extra: Sequence[str] = (),
-                 original: bool = False) -> StreamTrainer:
+def make_trainee(opts: Namespace, preset: str, memory: Optional[int], extra: Sequence[str] = ()) -> StreamTrainer:
     """Task, model, criterion and LAMB optimizer as fairseq-train builds them, on 4 random samples; a step clips
-    the gradient norm to 0.25. ``original``: the model's weights moved into the original's stack
-    (``OriginalSHARNN``), trained with its cross-entropy and the same LAMB."""
+    the gradient norm to 0.25."""
     device = torch.device(opts.device)
     with tempfile.TemporaryDirectory(prefix="bench_sha_dict_") as data_dir:
         write_dictionary(data_dir, opts.vocab)
@@ -165,12 +152,8 @@ def make_trainee(opts: Namespace, preset: str, memory: Optional[int], extra: Seq
         task = tasks.setup_task(cfg.task)
         model = task.build_model(cfg.model)
         criterion = task.build_criterion(cfg.criterion)
-    if original:
-        model = OriginalSHARNN(model.decoder, cfg.model.dropout, cfg.model.dropouti, cfg.model.dropouth)
-        criterion = original_loss
     model.to(device).train()
-    if isinstance(criterion, nn.Module):
-        criterion.to(device)
+    criterion.to(device)
     optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad]).optimizer
     samples = random_lm_samples(opts.vocab, task.dictionary.nspecial, opts.batch_size, opts.tgt_len, opts.seed,
                                 device)
@@ -204,59 +187,29 @@ def run_config(opts: Namespace, table: str, preset: str, memory: Optional[int]) 
                                    telemetry)
 
 
-def run_original(opts: Namespace, impl: str, repeat: int) -> Result:
-    """One row of the original table: ``sha_rnn_lm`` or the original's stack at --original-shape B,T,W."""
-    batch, tgt, memory = opts.original_shape
-    shaped = Namespace(**{**vars(opts), "batch_size": batch, "tgt_len": tgt})
-    result: Result = {"table": "original", "preset": impl, "repeat": repeat, "batch": batch, "tgt": tgt,
-                      "max_memory": memory}
-
-    def build_and_fill() -> Tuple[StreamTrainer, int]:
-        trainer = make_trainee(shaped, "sha_rnn_lm", memory, ORIGINAL_SIZE, original=impl == "original")
-        fills = math.ceil(memory / tgt)
-        trainer.fill_streams(fills)
-        return trainer, fills
-
-    def telemetry(trainer: StreamTrainer) -> Result:
-        if impl == "original":
-            held = [len(m) for m in trainer.model.mems or [] if m is not None]
-        else:
-            held = memory_lengths(trainer)
-        return dict(memory_held=held)
-
-    return measure_stream_training(result, shaped, build_and_fill, batch * tgt, MEMORY_WINDOW, telemetry)
-
-
 # ====================================================================================================================
 # Driver: one subprocess per row
 # ====================================================================================================================
 
 def iter_configs(opts: Namespace) -> Iterator[str]:
-    """Worker specs ``presets|PRESET|``, ``memory|PRESET|W`` and ``original|IMPL|REPEAT`` (pairs interleaved)."""
+    """Worker specs ``presets|PRESET|`` and ``memory|PRESET|W``."""
     if "presets" in opts.tables:
         for preset in opts.presets:
             yield f"presets|{preset}|"
     if "memory" in opts.tables:
         for memory in opts.memories:
             yield f"memory|{opts.memory_preset}|{memory}"
-    if "original" in opts.tables:
-        for repeat in range(opts.repeats):
-            for impl in ORIGINAL_IMPLS:
-                yield f"original|{impl}|{repeat}"
 
 
 def run_spec(opts: Namespace, spec: str) -> Result:
     table, preset, memory = spec.split("|")
-    if table == "original":
-        return run_original(opts, preset, int(memory))
     return run_config(opts, table, preset, int(memory) if memory else None)
 
 
 def run_isolated(argv: Sequence[str], spec: str, timeout: Optional[float]) -> Result:
     """One row in a fresh Python process running this script with ``--worker``."""
-    table, preset, repeat = spec.split("|")
-    base = {"table": table, "preset": preset, **({"repeat": int(repeat)} if table == "original" else {})}
-    return run_worker(__file__, argv, spec, base, RESULT_PREFIX, timeout, spec)
+    table, preset, _ = spec.split("|")
+    return run_worker(__file__, argv, spec, {"table": table, "preset": preset}, RESULT_PREFIX, timeout, spec)
 
 
 # ====================================================================================================================
@@ -289,25 +242,6 @@ def table_rows(results: Sequence[Result], table: str) -> List[str]:
     return rows
 
 
-def original_rows(results: Sequence[Result]) -> List[str]:
-    """Best and median over the interleaved repeats, per implementation, and ours / original."""
-    rows, best = [], {}
-    for impl in ORIGINAL_IMPLS:
-        runs = [r for r in results if r["table"] == "original" and r["preset"] == impl]
-        ok = [r for r in runs if r.get("status") == "ok"]
-        if not ok:
-            rows.append(f"| {impl} | {(runs or [{}])[0].get('status', '-')} | - | - | - | - | - |")
-            continue
-        speeds = sorted(r["tokens_per_s"] for r in ok)
-        best[impl] = speeds[-1]
-        r = ok[0]
-        rows.append(f"| {impl} | {r['batch']} × {r['tgt']} | {r['max_memory']:,} | {len(ok)} | {speeds[-1]:,.0f} | "
-                    f"{statistics.median(speeds):,.0f} | {max(x['peak_mb'] for x in ok):,.1f} |")
-    if len(best) == 2:
-        rows.append(f"\nsha_rnn_lm / original (best of each): **{best['sha_rnn_lm'] / best['original']:.2f}×**")
-    return rows
-
-
 def render_report(opts: Namespace, results: Sequence[Result], command: str,
                   load: Tuple[float, float] = (float("nan"), float("nan"))) -> str:
     device = torch.device(opts.device)
@@ -329,12 +263,6 @@ def render_report(opts: Namespace, results: Sequence[Result], command: str,
     if "memory" in opts.tables:
         lines += ["", f"### Attention memory length W ({opts.memory_preset})", "", HEADER.format(ref="vs first row"),
                   ALIGN, *table_rows(results, "memory")]
-    if "original" in opts.tables:
-        lines += ["", "### sha_rnn_lm beside the original algorithm (scripts/originals/sha_rnn.py, same weights, loop, "
-                  "loss and LAMB step; d 256, 4 blocks, Boom 1024)", "",
-                  "| implementation | B × T | W | runs | tokens/s (best) | tokens/s (median) "
-                  "| peak tensor memory (MB) |",
-                  "|---|---|---:|---:|---:|---:|---:|", *original_rows(results)]
     return "\n".join(lines) + "\n"
 
 

@@ -127,15 +127,6 @@ class OriginalSHARNN(nn.Module):
         return self.decoder(self.drop(h))  # (T, B, V)
 
 
-def original_loss(model: OriginalSHARNN, sample: dict) -> Tuple[Tensor, int, dict]:
-    """A fairseq criterion's (loss, sample_size, logging) for the original: summed cross-entropy over every target
-    (its ``SplitCrossEntropyLoss`` without splits), from time-first logits."""
-    logits = model(sample["net_input"]["src_tokens"])  # (T, B, V)
-    target = sample["target"].t()  # (T, B)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), reduction="sum")
-    return loss, target.numel(), {}
-
-
 def wrap_original(model_cfg, decoder: nn.Module) -> Tuple[nn.Module, None]:
     """(the original stack with ``decoder``'s weights, no adaptive softmax) for ``originals.OriginalLM``."""
     return OriginalSHARNN(decoder, model_cfg.dropout, model_cfg.dropouti, model_cfg.dropouth), None
