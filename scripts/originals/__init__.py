@@ -11,9 +11,10 @@ fairseq language model (``forward``, ``get_normalized_probs``, ``get_targets``, 
 fairseq's ``Trainer`` and the same ``lm_loss`` train it with the same optimizer step. Its outputs and targets are
 time-first, as the originals compute them.
 
-Not reproduced: adaptive span (facebookresearch/adaptive-span is CC-BY-NC), fast weights (IDSIA/lmtool-fwms trains
-with CUDA kernels only; no CPU path to compare with), and ALiBi (its original is a fairseq fork: stock fairseq's
-``transformer_lm`` is that code without the bias, and ``scripts/bench_alibi.py`` times the fork's bias beside ours).
+Not reproduced: adaptive span (facebookresearch/adaptive-span is CC-BY-NC), fast weights (IDSIA/lmtool-fwms
+JIT-compiles CUDA kernels for its fast-weight layers; no CPU path to compare with), and ALiBi (its original is a
+fairseq fork: stock fairseq's ``transformer_lm`` is that code without the bias, and ``scripts/bench_alibi.py`` times
+the fork's bias beside ours).
 """
 from __future__ import annotations
 
