@@ -32,9 +32,14 @@ before and after it, and the machine. An out-of-memory row prints ``OOM``. Writt
     python scripts/bench.py                                   # every family, T 512 and 1024, CPU fp32
     python scripts/bench.py --quick                           # tiny presets, a minute on 2 cores (the test)
     python scripts/bench.py --lengths 512,1024,2048,4096,8192,16384 --device cuda --dtype bf16
-    python scripts/bench.py --model "xl-original=--arch transformer_xl_lm --decoder-layers 4 \\
+    python scripts/bench.py --models none --original xl --model "xl=--arch transformer_xl_lm --decoder-layers 4 \\
         --decoder-embed-dim 256 --decoder-attention-heads 8 --decoder-ffn-embed-dim 1024 --mem-len 128 \\
         --dropout 0.1 --adaptive-softmax-cutoff 2000,8000 --optimizer adam" --lengths 128 --batch-size 8 --vocab 20000
+
+``--original LABEL`` adds the row ``LABEL-original``: the same flags and weights run through a reproduction of the
+original code's model (``scripts/originals``: Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``),
+trained by the same ``Trainer``, interleaved with LABEL, and the table ends with ours / original ratios (train and
+stream; the reproductions have no incremental decoding).
 """
 from __future__ import annotations
 
