@@ -137,3 +137,16 @@ def test_errors():
         xl_relative_attention(q, k, v, r[:, 1:], u, w)
     with pytest.raises(ValueError, match="keys"):
         xl_relative_attention(k, q, q, r, u, w)
+
+
+@pytest.mark.parametrize("t,s", [(1, 1), (1, 4), (3, 3), (4, 7), (5, 9)])
+def test_rel_shift_backward_equals_the_generic_strided_backward(t, s):
+    """rel_shift's own backward (two slice copies) equals autograd's as_strided backward on the same view, junk
+    entries above the diagonal included (they alias the next row's first columns), and passes gradcheck."""
+    x = torch.randn(2, 3, t, s, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, t, s, dtype=torch.float64)
+    view = x.as_strided((2, 3, t, s), (3 * t * s, t * s, s - 1, 1), t - 1)  # the reference: autograd's own
+    (ours,) = torch.autograd.grad(rel_shift(x), x, g)
+    (reference,) = torch.autograd.grad(view, x, g)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(rel_shift, (x,))
