@@ -1,6 +1,6 @@
 """A bench-only reproduction of the original SHA-RNN's model (Smerity/sha-rnn ``model.py``: ``SHARNN``, ``Block``,
-``Attention``, ``Boom``), written for ``scripts/bench_sha_rnn.py --tables original`` from reading that code, so that
-this machine can time the original algorithm beside ``sha_rnn_lm`` (the original code is not part of this project).
+``Attention``, ``Boom``), written here from reading that code so that ``scripts/bench.py --original`` can time the
+original algorithm beside ``sha_rnn_lm`` (the original code is not part of this project).
 
 What it keeps of the original, because it decides the speed: time-first (T, B, d) tensors and a time-first
 ``nn.LSTM``; the attention as the original's ``attention()``: explicit ``matmul(q, k^T.contiguous()) / sqrt(d)``

@@ -139,8 +139,9 @@ def test_original_row_computes_our_loss(bench, label, flags):
     assert type(original.model).__name__ == "OriginalLM" and original.params == ours.params
     assert sum(p.numel() for p in original.model.parameters()) == ours.params[0]
     criterion = ours.trainer.criterion
-    ours.model.eval(), original.model.eval()
-    ours.reset_eval_state(), original.reset_eval_state()
+    for b in (ours, original):
+        b.model.eval()
+        b.reset_eval_state()
     with torch.no_grad():
         for sample in ours.samples[:3]:
             (loss, size, log), (their_loss, their_size, _) = (criterion(b.model, sample) for b in (ours, original))
