@@ -37,7 +37,8 @@ before and after it, and the machine. An out-of-memory row prints ``OOM``. Writt
         --dropout 0.1 --adaptive-softmax-cutoff 2000,8000 --optimizer adam" --lengths 128 --batch-size 8 --vocab 20000
 
 ``--original LABEL`` adds the row ``LABEL-original``: the same flags and weights run through a reproduction of the
-original code's model (``scripts/originals``: Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``),
+original code's model (``scripts/originals``: the ALiBi fork's materialised bias mask on stock fairseq layers,
+Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``),
 trained by the same ``Trainer``, interleaved with LABEL, and the table ends with ours / original ratios (train and
 stream; the reproductions have no incremental decoding).
 """
@@ -50,8 +51,7 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,8 +59,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench.py` from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (Result, bench_command, device_description, fairseq_config, lm_sample, measure,  # noqa: E402
-                      memory_description, run_worker, timed, warm_up_peak, write_dictionary)
+from benchlib import (Result, bench_command, device_description, measure, memory_description, run_worker,  # noqa: E402
+                      timed, warm_up_peak)
+from benchrow import STREAM_TASK, FairseqRow  # noqa: E402
+from benchlib import DTYPE_FLAGS, dtype_flags  # noqa: E402
 from families import TINY, family_flags, fill, model_flag  # noqa: E402
 
 FAMILIES = family_flags(layers=4, dim=256, heads=8)
@@ -70,7 +72,6 @@ SHORT_PROMPT = 16
 NORMAL = dict(models=["families"], lengths=[512, 1024], batch_size=4, vocab=10000, steps=3, warmup=2, gen_tokens=32)
 QUICK = dict(models=["tiny"], lengths=[16, 32], batch_size=2, vocab=64, steps=1, warmup=1, gen_tokens=4)
 TRAIN_FLAGS = ["--optimizer", "adam", "--lr", "2.5e-4", "--clip-norm", "0.25"]  # before the row's own flags
-DTYPE_FLAGS = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}
 RESULT_PREFIX = "BENCH_RESULT "
 ORIGINAL_SUFFIX = "-original"
 ORIGINAL_METRICS = ("train", "stream")  # the originals carry state; they have no incremental decoding
@@ -97,11 +98,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="a row of fairseq-train flags (--arch and any others; {T} = the segment length); "
                         "repeatable, added after --models (give --models none for only these)")
     p.add_argument("--original", action="append", default=[], metavar="LABEL",
-                   help="also time LABEL's row as the original code's algorithm (scripts/originals: "
+                   help="also time LABEL's row as the original code's algorithm (scripts/originals: alibi_lm, "
                         "transformer_xl_lm and sha_rnn_lm rows), interleaved with it as row LABEL-original; "
                         "repeatable")
     p.add_argument("--lengths", type=_ints, default=None, help="segment lengths T, one row each (default 512,1024)")
     p.add_argument("--batch-size", type=int, default=None, help="streams B of training and evaluation (default 4)")
+    p.add_argument("--tokens-per-batch", type=int, default=None, metavar="N",
+                   help="B = max(1, N // T) at every length T instead of --batch-size (a sweep at a constant "
+                        "number of tokens per step)")
     p.add_argument("--vocab", type=int, default=None, help="dictionary entries incl. 4 specials (default 10000)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; peak memory over them)")
@@ -137,8 +141,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
     if min(opts.batch_size, opts.steps, opts.warmup, opts.gen_tokens, opts.repeats) < 1:
         raise SystemExit("--batch-size, --steps, --warmup, --gen-tokens and --repeats must be >= 1")
-    if opts.dtype != "fp32" and opts.device == "cpu":
-        raise SystemExit(f"--dtype {opts.dtype} runs through fairseq's --{opts.dtype}, which needs --device cuda")
+    if opts.tokens_per_batch is not None and opts.tokens_per_batch < 1:
+        raise SystemExit("--tokens-per-batch must be >= 1")
+    dtype_flags(opts.device, opts.dtype)  # fp16 / bf16 need CUDA
     opts.rows = with_originals(model_rows(opts.models, opts.model, TINY if opts.quick else FAMILIES),
                                opts.original)
     return opts
@@ -186,14 +191,14 @@ def check_original(label: str, flags: str) -> None:
     """Refuse ``--original LABEL`` before any run when LABEL's arch has no reproduction in scripts/originals."""
     import fairseq_ext  # noqa: F401  (registers the archs)
     from fairseq.models import ARCH_MODEL_REGISTRY
-    from originals import WRAPPERS
+    from originals import ORIGINALS
 
     words = shlex.split(flags)
     arch = words[words.index("--arch") + 1]
     model = ARCH_MODEL_REGISTRY.get(arch)
-    if model is None or not any(issubclass(model, cls) for cls, _ in WRAPPERS):
+    if model is None or not any(issubclass(model, cls) for cls, _ in ORIGINALS):
         raise SystemExit(f"--original {label}: no reproduction of the original code for --arch {arch}; "
-                         f"scripts/originals has {', '.join(cls.__name__ for cls, _ in WRAPPERS)} "
+                         f"scripts/originals has {', '.join(cls.__name__ for cls, _ in ORIGINALS)} "
                          f"(see its docstring for the other families)")
 
 
@@ -206,105 +211,36 @@ def row_list(opts: argparse.Namespace) -> List[Tuple[str, str, bool, int]]:
 # One row: build as fairseq-train does, then measure
 # ====================================================================================================================
 
-def fairseq_flags(opts: argparse.Namespace, flags: str, t: int, data_dir: str) -> List[str]:
-    own = shlex.split(fill(flags, t, t))
-    return [data_dir, "--task", "streaming_lm", "--criterion", "lm_loss", "--tokens-per-sample", str(t),
-            "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), *TRAIN_FLAGS,
-            *(["--cpu"] if opts.device == "cpu" else []), *DTYPE_FLAGS[opts.dtype], *own]
+def batch_size(opts: argparse.Namespace, t: int) -> int:
+    """Streams B at segment length T: ``--batch-size``, or max(1, N // T) under ``--tokens-per-batch N``."""
+    return max(1, opts.tokens_per_batch // t) if opts.tokens_per_batch else opts.batch_size
 
 
-def zipf_tokens(vocab: int, nspecial: int, shape: Tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """Token ids nspecial..V-1 with probability proportional to 1 / rank."""
-    weights = 1.0 / torch.arange(1, vocab - nspecial + 1, dtype=torch.float64)
-    draws = torch.multinomial(weights, shape[0] * shape[1], replacement=True, generator=gen)
-    return (draws + nspecial).view(shape)
+def row_flags(opts: argparse.Namespace, flags: str, t: int) -> List[str]:
+    """The fairseq-train flags of one row at segment length T (``FairseqRow`` adds the data, seed, device and
+    precision flags); ``--max-tokens`` B x T sizes the ALiBi fork's bias buffer as its training run did."""
+    b = batch_size(opts, t)
+    return [*STREAM_TASK, "--tokens-per-sample", str(t), "--batch-size", str(b), "--max-tokens", str(b * t),
+            *TRAIN_FLAGS, *shlex.split(fill(flags, t, t))]
 
 
-class Bench:
-    """Task, model, criterion and fairseq Trainer of one row, and its stream of samples."""
-
-    def __init__(self, opts: argparse.Namespace, flags: str, t: int, original: bool = False) -> None:
-        import fairseq_ext  # noqa: F401,F811  (registers the models, streaming_lm, lm_loss)
-        from fairseq import tasks, utils
-        from fairseq.trainer import Trainer
-
-        self.opts, self.device = opts, torch.device(opts.device)
-        with tempfile.TemporaryDirectory(prefix="bench_dict_") as data_dir:
-            write_dictionary(data_dir, opts.vocab)
-            self.cfg = fairseq_config(fairseq_flags(opts, flags, t, data_dir))
-            utils.set_torch_seed(opts.seed)
-            task = tasks.setup_task(self.cfg.task)
-            model = task.build_model(self.cfg.model)
-            named = list(model.named_parameters())  # an original reproduction holds these same weights
-            self.params = (sum(p.numel() for _, p in named),
-                           sum(p.numel() for n, p in named if n.startswith("decoder.layers.")))
-            if original:
-                from originals import original_of
-
-                model = original_of(model, self.cfg.model)
-            self.trainer = Trainer(self.cfg, task, model, task.build_criterion(self.cfg.criterion))
-        self.original = original
-        self.model = self.trainer.model  # moved to the device (and cast by fairseq's --bf16 / --fp16)
-        self.nspecial = task.dictionary.nspecial
-        self.decoder = self.model.decoder
-        if hasattr(self.decoder, "attach_streams"):  # ours; a stock fairseq decoder carries nothing
-            self.decoder.attach_streams("bench")  # consecutive samples continue the same B streams
-        self.gen = torch.Generator().manual_seed(opts.seed)
-        self.samples = [self.sample(opts.batch_size, t) for _ in range(4)]
-        self.count = 0
-
-    def sample(self, batch: int, length: int) -> Result:
-        return lm_sample(zipf_tokens(self.opts.vocab, self.nspecial, (batch, length + 1), self.gen), self.device)
-
-    def next_sample(self) -> Result:
-        self.count += 1
-        return self.samples[self.count % len(self.samples)]
-
-    def train_step(self) -> None:
-        self.trainer.train_step([self.next_sample()])
-
-    @property
-    def carries_state(self) -> bool:
-        return bool(getattr(self.decoder, "carries_state", False))
-
-    def reset_eval_state(self) -> None:
-        from fairseq_ext.models.base.stateful_decoder import reset_stream_state
-
-        if self.original:
-            self.model.reset()
-        else:
-            reset_stream_state(self.model, "eval")
-
-    def eval_forward(self) -> None:
-        self.model(self.next_sample()["net_input"]["src_tokens"])
-
-    def generate(self, prompt: int, new: int) -> List[float]:
-        """Seconds of each of ``new`` greedy incremental decoding steps of one stream after a ``prompt``."""
-        tokens = zipf_tokens(self.opts.vocab, self.nspecial, (1, prompt), self.gen).to(self.device)
-        incremental_state: Dict[str, Any] = {}
-
-        def step() -> None:
-            nonlocal tokens
-            net_output = self.model(tokens, incremental_state=incremental_state)
-            log_probs = self.model.get_normalized_probs((net_output[0][:, -1:], net_output[1]), log_probs=True)
-            tokens = torch.cat([tokens, log_probs[:, -1].argmax(-1, keepdim=True)], dim=1)  # (1, n + 1)
-
-        step()  # the prompt
-        return timed(step, new, self.device)
+def build_row(opts: argparse.Namespace, flags: str, t: int, original: bool = False) -> FairseqRow:
+    return FairseqRow(row_flags(opts, flags, t), opts.vocab, opts.device, opts.dtype, opts.seed, original)
 
 
 def run_row(opts: argparse.Namespace, index: int) -> Result:
     label, flags, original, t = row_list(opts)[index]
-    result: Result = {"model": label, "T": t, "B": opts.batch_size, "flags": fill(flags, t, t), "original": original}
+    result: Result = {"model": label, "T": t, "B": batch_size(opts, t), "flags": fill(flags, t, t),
+                      "original": original}
     metrics = [m for m in opts.metrics if not original or m in ORIGINAL_METRICS]
     torch.manual_seed(opts.seed)
 
     def run() -> Result:
-        bench, peak = warm_up_peak(torch.device(opts.device), lambda: Bench(opts, flags, t, original),
-                                   Bench.train_step, opts.warmup, MEMORY_WINDOW)
+        bench, peak = warm_up_peak(torch.device(opts.device), lambda: build_row(opts, flags, t, original),
+                                   FairseqRow.train_step, opts.warmup, MEMORY_WINDOW)
         out: Result = {"arch": bench.cfg.model._name, "params": bench.params[0], "layer_params": bench.params[1],
                        "carries_state": bench.carries_state}
-        tokens = opts.batch_size * t
+        tokens = bench.tokens
         if "train" in metrics:
             out.update(train=tokens / min(timed(bench.train_step, opts.steps, bench.device)), peak_mb=peak / 2 ** 20)
         bench.model.eval()
@@ -314,7 +250,7 @@ def run_row(opts: argparse.Namespace, index: int) -> Result:
                 timed(bench.eval_forward, opts.warmup, bench.device)  # fills the memory
                 out["stream"] = tokens / min(timed(bench.eval_forward, opts.steps, bench.device))
             if "sliding" in metrics and not bench.carries_state:
-                scored = opts.batch_size * (t - t // 2)  # windows of T scoring their last T - T/2 tokens
+                scored = bench.batch * (t - t // 2)  # windows of T scoring their last T - T/2 tokens
                 out["sliding"] = scored / min(timed(bench.eval_forward, opts.steps, bench.device))
             prompts = (("gen_short", max(1, min(SHORT_PROMPT, t // 4))), ("gen_long", max(1, t - opts.gen_tokens)))
             for metric, prompt in prompts:
@@ -362,8 +298,8 @@ def run_all(opts: argparse.Namespace, argv: Sequence[str]) -> List[Result]:
             if opts.in_process:
                 result = run_row(opts, index)
             else:
-                result = run_worker(__file__, argv, str(index), {"model": label, "T": t}, RESULT_PREFIX,
-                                    opts.timeout, f"{label} T={t}")
+                result = run_worker(__file__, argv, str(index), {"model": label, "T": t, "B": batch_size(opts, t)},
+                                    RESULT_PREFIX, opts.timeout, f"{label} T={t}")
             runs[index].append({**result, "repeat": repeat, "load_before": load_before,
                                 "load_after": os.getloadavg()[0]})
             shown = f" train {result['train']:,.0f} tokens/s" if "train" in result else ""
@@ -381,19 +317,24 @@ def cell(row: Result, metric: str) -> str:
     return f"{row[metric]:,.0f}"
 
 
+def streams_description(opts: argparse.Namespace) -> str:
+    return f"B = max(1, {opts.tokens_per_batch} // T)" if opts.tokens_per_batch else f"B {opts.batch_size}"
+
+
 def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> str:
-    head = ("| model | arch | params (layers) | T | train tok/s | peak MB | stream tok/s | sliding tok/s "
+    head = ("| model | arch | params (layers) | T | B | train tok/s | peak MB | stream tok/s | sliding tok/s "
             "| gen tok/s (short) | gen tok/s (long) |")
     lines = [f"## Benchmark: {machine(opts)['device']}, {opts.dtype}", "",
              f"- command: `{command}`",
-             f"- B {opts.batch_size}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; best of {opts.repeats} "
+             f"- {streams_description(opts)}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; best of {opts.repeats} "
              f"interleaved run(s) of {opts.steps} timed step(s) after {opts.warmup} warm-up; peak MB: "
              f"{memory_description(torch.device(opts.device))}",
              "", head, "|" + "---|" * head.count(" |")]
     for row in rows:
         params = f"{row['params'] / 1e6:.2f}M ({row['layer_params'] / 1e6:.2f}M)" if "params" in row else "—"
         peak = f"{row['peak_mb']:,.1f}" if row.get("status") == "ok" and "peak_mb" in row else cell(row, "peak_mb")
-        lines.append(f"| {row['model']} | {row.get('arch', '—')} | {params} | {row['T']} | {cell(row, 'train')} | "
+        lines.append(f"| {row['model']} | {row.get('arch', '—')} | {params} | {row['T']} | {row['B']} | "
+                     f"{cell(row, 'train')} | "
                      f"{peak} | {cell(row, 'stream')} | {cell(row, 'sliding')} | {cell(row, 'gen_short')} | "
                      f"{cell(row, 'gen_long')} |")
     return "\n".join(lines + original_ratios(rows)) + "\n"
@@ -417,9 +358,12 @@ def original_ratios(rows: Sequence[Result]) -> List[str]:
 
 def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
     """Training tokens/s and peak memory versus the segment length T, one line per model (log-log)."""
+    import logging
+
     import matplotlib
     import matplotlib.ticker
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging setup would print its font search
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -437,7 +381,7 @@ def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
         ax.set_xlabel("segment length T (tokens)")
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{machine(opts)['device']}, {opts.dtype}, B {opts.batch_size}, V {opts.vocab:,}: fairseq "
+    fig.suptitle(f"{machine(opts)['device']}, {opts.dtype}, {streams_description(opts)}, V {opts.vocab:,}: fairseq "
                  f"Trainer steps on Zipf tokens", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -456,6 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "bench.json"), "w") as f:
         json.dump({"command": command, "machine": machine(opts), "batch_size": opts.batch_size,
+                   "tokens_per_batch": opts.tokens_per_batch,
                    "vocab": opts.vocab, "steps": opts.steps, "warmup": opts.warmup, "gen_tokens": opts.gen_tokens,
                    "repeats": opts.repeats, "rows": rows}, f, indent=1)
     with open(os.path.join(opts.out, "bench.md"), "w") as f:

@@ -12,10 +12,10 @@ layer ∝ M·(M + L_pos)·d per head; cache C = L_pos + 64). This bench measures
 * ``z=F``    -- adaptive span with every z = F (e.g. ``z=0.125``), for intermediate points.
 
 Each row is one training configuration built the way ``fairseq-train`` builds it (``--task streaming_lm``,
-``--criterion lm_loss``, a ``dict.txt`` of ``--vocab`` entries) and trained on random tokens as B streams of M
-tokens with the per-layer caches carried from step to step (the decoder's "train" stream). A step is forward,
-``lm_loss`` (mean NLL + the span loss), backward, and the paper's optimizer (``AdagradClip``, lr 0.07, per-tensor
-clip 0.03). z is pinned: after every optimizer step it is reset to the configured value (a real run clamps it to
+``--criterion lm_loss``, a ``dict.txt`` of ``--vocab`` entries) and trained by fairseq's ``Trainer``
+(``scripts/benchrow.py``) on Zipf(1) tokens as B streams of M tokens with the per-layer caches carried from step to
+step (the decoder's "train" stream). A step is forward, ``lm_loss`` (mean NLL + the span loss), backward, and the
+paper's optimizer (``--optimizer adagrad_clip``, lr 0.07, per-tensor clip 0.03). z is pinned: after every optimizer step it is reset to the configured value (a real run clamps it to
 [0, 1] there), so every step computes the same window; its gradient is still computed. Before timing, the caches
 are filled by no-grad forwards (ceil(C / M) segments) and ``--warmup`` training steps run; tokens/s = B·M / step
 time (fastest of ``--steps``, the ``timeit`` convention on a shared machine; the median is printed too).
@@ -42,7 +42,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -54,12 +53,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_adaptive_span.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream_run_arguments,  # noqa: E402
-                      bench_main, fairseq_config, measure_stream_training, memory_description, parse_stream_args,
-                      random_lm_samples, run_header, run_worker, write_dictionary)
-import fairseq_ext  # noqa: E402,F401  (registers adaptive_span_lm, streaming_lm, lm_loss)
-from fairseq import tasks, utils  # noqa: E402
-from fairseq_ext.optim.adagrad_clip import AdagradClip  # noqa: E402
+from benchlib import (RSS_DESCRIPTION, Result, add_stream_run_arguments, bench_main,  # noqa: E402
+                      measure_stream_training, memory_description, parse_stream_args, run_header, run_worker)
+from benchrow import STREAM_TASK, FairseqRow  # noqa: E402
 
 NAMED_CONFIGS = {"small": 0.0, "large": 1.0, "fixed": None}  # z (None: --fixed-span)
 DEFAULT_CONFIGS = ("small", "large", "fixed")
@@ -164,71 +160,48 @@ def table_shape(opts: Namespace, table: str) -> Shape:
     return Shape(opts.batch_size, opts.tgt_len, opts.attn_span, opts.vocab)
 
 
-def fairseq_flags(opts: Namespace, config: str, impl: str, shape: Shape, data_dir: str) -> List[str]:
+def row_flags(opts: Namespace, config: str, impl: str, shape: Shape) -> List[str]:
     z = parse_config_name(config)
-    flags = [data_dir, "--task", "streaming_lm", "--tokens-per-sample", str(shape.tgt), "--batch-size",
-             str(shape.batch), "--arch", opts.preset, "--criterion", "lm_loss", "--optimizer", "adagrad_clip",
-             "--lr", str(LR), "--adagrad-clip", str(ADAGRAD_CLIP), "--seed", str(opts.seed), "--attn-span",
-             str(shape.span), "--attn-impl", impl]
+    flags = [*STREAM_TASK, "--tokens-per-sample", str(shape.tgt), "--batch-size", str(shape.batch), "--arch",
+             opts.preset, "--optimizer", "adagrad_clip", "--lr", str(LR), "--adagrad-clip", str(ADAGRAD_CLIP),
+             "--attn-span", str(shape.span), "--attn-impl", impl]
     if opts.layers is not None:
         flags += ["--decoder-layers", str(opts.layers)]
     flags += ["--fixed-span"] if z is None else ["--adapt-span-init", repr(z)]
     return flags
 
 
-def build(opts: Namespace, config: str, impl: str, shape: Shape):
-    """(cfg, task, model, criterion) on CPU in fp32, exactly as fairseq-train builds them."""
-    with tempfile.TemporaryDirectory(prefix="bench_span_dict_") as data_dir:
-        write_dictionary(data_dir, shape.vocab)
-        cfg = fairseq_config(fairseq_flags(opts, config, impl, shape, data_dir))
-        utils.set_torch_seed(opts.seed)
-        task = tasks.setup_task(cfg.task)
-        model = task.build_model(cfg.model)
-        criterion = task.build_criterion(cfg.criterion)
-    return cfg, task, model, criterion
-
-
 # ====================================================================================================================
-# Training steps, timing and peak memory
+# Training steps: fairseq's Trainer (scripts/benchrow.py) with the spans pinned
 # ====================================================================================================================
 
-class Trainee(StreamTrainer):
-    """A StreamTrainer (forward over the carried caches + lm_loss (NLL + span loss) under autocast, backward,
-    AdagradClip step, no norm clip) that resets every z to the configured value after each step."""
+class PinnedSpanRow(FairseqRow):
+    """A row of fairseq's Trainer (forward over the carried caches + lm_loss (NLL + span loss), backward, AdagradClip
+    step) that resets every z to the configured value after each step."""
 
-    def __init__(self, z: Optional[float], *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.z = z
+    def __init__(self, opts: Namespace, config: str, impl: str, shape: Shape) -> None:
+        super().__init__(row_flags(opts, config, impl, shape), shape.vocab, opts.device, opts.dtype, opts.seed)
+        self.z = parse_config_name(config)
 
     def train_step(self) -> None:
         super().train_step()
         pin_spans(self)
 
 
-def make_trainee(opts: Namespace, config: str, impl: str, shape: Shape) -> Trainee:
-    device = torch.device(opts.device)
-    _, task, model, criterion = build(opts, config, impl, shape)
-    model.to(device).train()
-    criterion.to(device)
-    optimizer = AdagradClip(model.parameters(), lr=LR, grad_clip=ADAGRAD_CLIP)
-    samples = random_lm_samples(shape.vocab, task.dictionary.nspecial, shape.batch, shape.tgt, opts.seed, device)
-    return Trainee(parse_config_name(config), model, criterion, optimizer, samples, device, DTYPES[opts.dtype])
-
-
-def pin_spans(t: Trainee) -> None:
+def pin_spans(row: PinnedSpanRow) -> None:
     """Reset every z to the configured value (where a real run clamps z to [0, 1])."""
-    if t.z is None:
+    if row.z is None:
         return
     with torch.no_grad():
-        for mask in t.model.decoder.span_masks():
-            mask.z.fill_(t.z)
+        for mask in row.model.decoder.span_masks():
+            mask.z.fill_(row.z)
 
 
-def fill_caches(t: Trainee) -> int:
+def fill_caches(row: PinnedSpanRow) -> int:
     """No-grad training-mode forwards until every layer's cache holds its full length C; returns their number."""
-    longest = max(layer.self_attn.window().cache for layer in t.model.decoder.layers)
-    count = math.ceil(longest / t.samples[0]["target"].size(1))
-    t.fill_streams(count)
+    longest = max(layer.self_attn.window().cache for layer in row.model.decoder.layers)
+    count = math.ceil(longest / row.length)
+    row.fill(count)
     return count
 
 
@@ -239,12 +212,12 @@ def run_config(opts: Namespace, table: str, config: str, impl: str) -> Result:
     result: Result = {"table": table, "config": config, "impl": impl, "batch": shape.batch, "tgt": shape.tgt,
                       "span": shape.span, "vocab": shape.vocab}
 
-    def build_and_fill() -> Tuple[Trainee, int]:
-        trainee = make_trainee(opts, config, impl, shape)
-        return trainee, fill_caches(trainee)
+    def build_and_fill() -> Tuple[PinnedSpanRow, int]:
+        row = PinnedSpanRow(opts, config, impl, shape)
+        return row, fill_caches(row)
 
-    def telemetry(trainee: Trainee) -> Result:
-        decoder = trainee.model.decoder
+    def telemetry(row: PinnedSpanRow) -> Result:
+        decoder = row.model.decoder
         windows = [layer.self_attn.window() for layer in decoder.layers]
         stats = decoder.log_stats()
         return dict(

@@ -305,7 +305,8 @@ def render_report(opts: Namespace, results: Sequence[Result], command: str,
         "## Fast-weight (delta rule) benchmark",
         "",
         *run_header(command, device, opts.dtype, load,
-                    "in-process" if opts.in_process else "one fresh subprocess per row", "; rerun on an idle host"),
+                    "in-process" if opts.in_process else "one fresh subprocess per row", "; rerun on an idle host",
+                    precision="autocast"),
         f"- one layer's attention: H {HEADS} heads, d = D_φ = {HEAD_DIM} (ELU+1, q and k sum-normalised), β = "
         f"sigmoid(N(0, 1)); step = forward + backward w.r.t. q, k, v (, β); chunk C = {opts.chunk_size}; "
         f"{opts.warmup} warm-up and {opts.steps} timed steps, time = fastest (median beside it)",

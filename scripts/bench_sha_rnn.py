@@ -5,7 +5,8 @@ Merity 2019, "Single Headed Attention RNN" (arXiv 1911.11423); spec sha_rnn.md �
 trains at B 16 x T 1024 (about 30 min per epoch of ≈ 5,493 batches on a Titan V / V100, i.e. ≈ 3 steps/s,
 ≈ 50k tokens/s). This bench measures ``sha_rnn_lm`` built the way ``fairseq-train`` builds it (``--task
 streaming_lm``, ``--criterion lm_loss``, ``--optimizer lamb_torch`` with the paper's ``--min-trust 0.25
---trust-denominator update_norm --weight-decay 1.2e-6``, a ``dict.txt`` of ``--vocab`` entries) on random tokens:
+--trust-denominator update_norm --weight-decay 1.2e-6``, a ``dict.txt`` of ``--vocab`` entries) and trains it
+with fairseq's ``Trainer`` (``scripts/benchrow.py``) on Zipf(1) tokens:
 
 * ``presets`` table -- one row per preset (``--presets``, default ``sha_rnn_tiny`` and ``sha_rnn_enwik8``);
 * ``memory`` table  -- ``sha_rnn_enwik8`` with ``--max-memory`` W in ``--memories`` (default 1000, 5000, 10000;
@@ -34,7 +35,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from argparse import Namespace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -45,11 +45,10 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_sha_rnn.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, RSS_DESCRIPTION, Result, StreamTrainer, add_stream_run_arguments,  # noqa: E402
-                      bench_main, fairseq_config, measure_stream_training, memory_description, parse_stream_args,
-                      random_lm_samples, run_header, run_worker, write_dictionary)
+from benchlib import (RSS_DESCRIPTION, Result, add_stream_run_arguments, bench_main,  # noqa: E402
+                      measure_stream_training, memory_description, parse_stream_args, run_header, run_worker)
+from benchrow import STREAM_TASK, FairseqRow  # noqa: E402
 import fairseq_ext  # noqa: E402,F401  (registers sha_rnn_lm, streaming_lm, lm_loss, lamb_torch)
-from fairseq import optim, tasks, utils  # noqa: E402
 from fairseq_ext.models.sha_rnn_lm import SHARNNConfig  # noqa: E402
 
 TABLES = ("presets", "memory")
@@ -120,13 +119,11 @@ def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
 # Building a configuration like fairseq-train, and the training step
 # ====================================================================================================================
 
-def fairseq_flags(opts: Namespace, preset: str, memory: Optional[int], data_dir: str,
-                  extra: Sequence[str] = ()) -> List[str]:
+def row_flags(opts: Namespace, preset: str, memory: Optional[int]) -> List[str]:
     """fairseq-train flags of one row (memory None: the preset's max_memory, raised to T when shorter)."""
-    flags = [data_dir, "--task", "streaming_lm", "--tokens-per-sample", str(opts.tgt_len), "--batch-size",
-             str(opts.batch_size), "--arch", preset, "--criterion", "lm_loss", "--optimizer", "lamb_torch",
-             "--lr", str(LR), "--min-trust", str(MIN_TRUST), "--trust-denominator", "update_norm",
-             "--weight-decay", str(WEIGHT_DECAY), "--clip-norm", str(CLIP_NORM), "--seed", str(opts.seed), *extra]
+    flags = [*STREAM_TASK, "--tokens-per-sample", str(opts.tgt_len), "--batch-size", str(opts.batch_size), "--arch",
+             preset, "--optimizer", "lamb_torch", "--lr", str(LR), "--min-trust", str(MIN_TRUST),
+             "--trust-denominator", "update_norm", "--weight-decay", str(WEIGHT_DECAY), "--clip-norm", str(CLIP_NORM)]
     if memory is None and preset_max_memory(preset) < opts.tgt_len:
         memory = opts.tgt_len  # the model refuses a window shorter than a segment (sha_rnn_tiny's 40 < T = 256)
     return flags + (["--max-memory", str(memory)] if memory is not None else [])
@@ -141,28 +138,9 @@ def preset_max_memory(preset: str) -> int:
     return int(getattr(args, "max_memory", SHARNNConfig.max_memory))
 
 
-def make_trainee(opts: Namespace, preset: str, memory: Optional[int], extra: Sequence[str] = ()) -> StreamTrainer:
-    """Task, model, criterion and LAMB optimizer as fairseq-train builds them, on 4 random samples; a step clips
-    the gradient norm to 0.25."""
-    device = torch.device(opts.device)
-    with tempfile.TemporaryDirectory(prefix="bench_sha_dict_") as data_dir:
-        write_dictionary(data_dir, opts.vocab)
-        cfg = fairseq_config(fairseq_flags(opts, preset, memory, data_dir, extra))
-        utils.set_torch_seed(opts.seed)
-        task = tasks.setup_task(cfg.task)
-        model = task.build_model(cfg.model)
-        criterion = task.build_criterion(cfg.criterion)
-    model.to(device).train()
-    criterion.to(device)
-    optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad]).optimizer
-    samples = random_lm_samples(opts.vocab, task.dictionary.nspecial, opts.batch_size, opts.tgt_len, opts.seed,
-                                device)
-    return StreamTrainer(model, criterion, optimizer, samples, device, DTYPES[opts.dtype], CLIP_NORM)
-
-
-def memory_lengths(t: StreamTrainer) -> List[int]:
+def memory_lengths(row: FairseqRow) -> List[int]:
     """Attention-memory lengths held by the attention blocks of the carried "train" stream."""
-    state = t.model.decoder.stream_state("train")
+    state = row.model.decoder.stream_state("train")
     return [] if state is None else [int(s.memory.size(1)) for s in state.layers if s.memory is not None]
 
 
@@ -171,15 +149,15 @@ def run_config(opts: Namespace, table: str, preset: str, memory: Optional[int]) 
     (ceil(W / T) no-grad forwards), the warm-up steps (peak memory) and the timed steps."""
     result: Result = {"table": table, "preset": preset, "batch": opts.batch_size, "tgt": opts.tgt_len}
 
-    def build_and_fill() -> Tuple[StreamTrainer, int]:
-        trainer = make_trainee(opts, preset, memory)
-        fills = math.ceil(trainer.model.decoder.max_memory / opts.tgt_len)
-        trainer.fill_streams(fills)
-        return trainer, fills
+    def build_and_fill() -> Tuple[FairseqRow, int]:
+        row = FairseqRow(row_flags(opts, preset, memory), opts.vocab, opts.device, opts.dtype, opts.seed)
+        fills = math.ceil(row.model.decoder.max_memory / opts.tgt_len)
+        row.fill(fills)
+        return row, fills
 
-    def telemetry(trainer: StreamTrainer) -> Result:
-        decoder = trainer.model.decoder
-        return dict(max_memory=decoder.max_memory, memory_held=memory_lengths(trainer),
+    def telemetry(row: FairseqRow) -> Result:
+        decoder = row.model.decoder
+        return dict(max_memory=decoder.max_memory, memory_held=memory_lengths(row),
                     attn_layers=list(decoder.attn_layers), layers=len(decoder.layers),
                     dim=decoder.embed_tokens.embedding_dim)
 

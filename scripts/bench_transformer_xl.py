@@ -3,9 +3,9 @@
 
 Two tables (spec transformer_xl.md §6.4, §6.5, §12 item 9):
 
-1. **Training** -- tokens/s (B*T per step: forward, the summed NLL over the projected adaptive softmax exactly as
-   ``lm_loss`` computes it, backward, gradient clipping at 0.25 and a fused Adam step, the memory carried from step to
-   step as in training) and peak memory, per (arch preset, implementation). Defaults: ``transformer_xl_tiny``
+1. **Training** -- tokens/s (B*T per step of fairseq's ``Trainer``, ``scripts/benchrow.py``: forward, ``lm_loss``
+   over the projected adaptive softmax, backward, clip 0.25, fairseq's Adam, the memory carried from step to step
+   as in training) and peak memory, per (arch preset, implementation). Defaults: ``transformer_xl_tiny``
    (B 16, T 64, M 32, vocabulary 10,000) and ``transformer_xl_wiki103_nvidia_base`` at NVIDIA's tgt/mem 192/192,
    vocabulary 267,735, batch 2 (NVIDIA trains at 16-32 per GPU; batch 2 keeps a CPU run short).
 2. **Evaluation** -- the paper's evaluation-speed comparison (Dai et al. 2019, Sec. 4.3 "1,874x faster"):
@@ -25,12 +25,12 @@ Implementations (one row each):
   ``scripts/originals/transformer_xl.py`` (time-first, einsum scores, pad-and-view ``_rel_shift``), with our
   embedding, adaptive softmax and weights, so only the layer stack differs; a test checks equal features.
 
-Every model is built the way ``fairseq-train`` builds it: fairseq's training parser with ``--task streaming_lm``
-over a temporary ``dict.txt`` of exactly ``--vocab`` entries (4 specials included), the arch registries,
-``convert_namespace_to_omegaconf``, ``task.build_model`` / ``task.build_criterion`` (``lm_loss``). Tokens are
-random, drawn from a Zipf(1) law over the dictionary ids (fairseq dictionaries are sorted by frequency), so the
-adaptive-softmax clusters see a text-like share of tokens (about 80% in the 20k head at 267,735 types) rather than
-the 93% tail share of uniform tokens. Each configuration runs in a fresh subprocess by default (``--in-process``
+Every model is built the way ``fairseq-train`` builds it (``scripts/benchrow.py``: fairseq's training parser with
+``--task streaming_lm`` over a temporary ``dict.txt`` of exactly ``--vocab`` entries, 4 specials included, the
+registries, ``lm_loss``). Tokens are random, drawn from a Zipf(1) law over the dictionary ids (fairseq
+dictionaries are sorted by frequency), so the adaptive-softmax clusters see a text-like share of tokens (about 80%
+in the 20k head at 267,735 types) rather than the 93% tail share of uniform tokens. The same rows run in
+``scripts/bench.py`` (every family, generation too): ``--model LABEL="--arch ... --mem-len M" --original LABEL``. Each configuration runs in a fresh subprocess by default (``--in-process``
 to disable); an out-of-memory configuration prints ``OOM`` in its row.
 
 Peak memory (training) is measured over the warm-up steps, which always include at least one step with a full
@@ -50,26 +50,23 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench_transformer_xl.py` from a checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (DTYPES, Result, add_run_arguments, apply_run_arguments, bench_main,  # noqa: E402
-                      fairseq_config, lm_sample, measure, memory_description, run_header, run_worker, speed, timed,
-                      warm_up_peak, write_dictionary)
+from benchlib import (Result, add_run_arguments, apply_run_arguments, bench_main, fairseq_config,  # noqa: E402
+                      measure, memory_description, run_header, run_worker, speed, timed, warm_up_peak)
+from benchrow import STREAM_TASK, FairseqRow, dtype_flags, zipf_tokens  # noqa: E402
 import fairseq_ext  # noqa: E402,F401  (registers transformer_xl_lm, streaming_lm, lm_loss)
-from fairseq import tasks, utils  # noqa: E402
 from fairseq_ext.criterions.lm_loss import nll_sum  # noqa: E402
-from originals.transformer_xl import build_original, original_nll_sum  # noqa: E402
 
 OURS = ("sdpa", "shift", "naive")
 IMPLS = OURS + ("original",)
@@ -139,13 +136,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                                                  f"{NORMAL['eval_steps']})")
     p.add_argument("--eval-warmup", type=int, default=None,
                    help="untimed evaluation steps (default 1; streaming adds ceil(M/T_eval) to fill the memory)")
-    add_run_arguments(p, QUICK, "fp32, or autocast to bf16/fp16")
+    add_run_arguments(p, QUICK, "fp32, or fairseq's --bf16 / --fp16 (CUDA)")
     return p
 
 
 def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     opts = build_arg_parser().parse_args(argv)
     apply_run_arguments(opts)
+    dtype_flags(opts.device, opts.dtype)  # fp16 / bf16 need CUDA
     for name, value in (QUICK if opts.quick else NORMAL).items():
         if getattr(opts, name, None) is None:
             setattr(opts, name, value)
@@ -200,11 +198,11 @@ def train_warmup(opts: Namespace, shape: Shape) -> int:
     return max(opts.warmup, math.ceil(shape.mem / shape.tgt) + 1 if shape.mem else 1)
 
 
-def fairseq_flags(arch: str, impl: str, shape: Shape, data_dir: str, seed: int) -> List[str]:
-    return [data_dir, "--task", "streaming_lm", "--tokens-per-sample", str(shape.tgt), "--batch-size",
-            str(shape.batch), "--arch", arch, "--criterion", "lm_loss", "--optimizer", "adam", "--clip-norm",
-            str(CLIP_NORM), "--seed", str(seed), "--mem-len", str(shape.mem),
-            "--attn-impl", impl if impl in OURS else "shift"]  # original: our layers are built, then replaced
+def row_flags(arch: str, impl: str, shape: Shape) -> List[str]:
+    """fairseq-train flags of one row (``original``: our layers are built with ``shift``, then replaced)."""
+    return [*STREAM_TASK, "--tokens-per-sample", str(shape.tgt), "--batch-size", str(shape.batch), "--arch", arch,
+            "--optimizer", "adam", "--lr", "2.5e-4", "--clip-norm", str(CLIP_NORM), "--mem-len", str(shape.mem),
+            "--attn-impl", impl if impl in OURS else "shift"]
 
 
 def model_config(arch: str, extra: Sequence[str] = ()):
@@ -212,95 +210,15 @@ def model_config(arch: str, extra: Sequence[str] = ()):
     return fairseq_config(["/nonexistent", "--task", "streaming_lm", "--arch", arch, *extra]).model
 
 
-def build(opts: Namespace, arch: str, impl: str, shape: Shape):
-    """(cfg, task, model, criterion) on CPU in fp32, exactly as fairseq-train builds them; for ``original`` the
-    model is the reproduction carrying the fairseq-built model's embedding, softmax and weights."""
-    with tempfile.TemporaryDirectory(prefix="bench_xl_dict_") as data_dir:
-        write_dictionary(data_dir, shape.vocab)
-        cfg = fairseq_config(fairseq_flags(arch, impl, shape, data_dir, opts.seed))
-        utils.set_torch_seed(opts.seed)
-        task = tasks.setup_task(cfg.task)
-        model = task.build_model(cfg.model)
-        criterion = task.build_criterion(cfg.criterion)
-    if impl == "original":
-        model = build_original(cfg.model, model.decoder)  # our layer stack is dropped here
-    return cfg, task, model, criterion
-
-
-def zipf_tokens(vocab_size: int, nspecial: int, shape: Tuple[int, int], seed: int) -> Tensor:
-    """Token ids in [nspecial, vocab) with P(id) proportional to 1 / (id - nspecial + 1)."""
-    ranks = torch.arange(1, vocab_size - nspecial + 1, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.multinomial(1.0 / ranks, shape[0] * shape[1], replacement=True, generator=gen)
-    return (draws + nspecial).view(*shape)
+def build_row(opts: Namespace, arch: str, impl: str, shape: Shape) -> FairseqRow:
+    """The row as fairseq-train builds and trains it; ``original``: the reproduction holding its weights."""
+    return FairseqRow(row_flags(arch, impl, shape), shape.vocab, opts.device, opts.dtype, opts.seed,
+                      original=impl == "original")
 
 
 # ====================================================================================================================
-# Training steps, timing and peak memory
+# Training: fairseq's Trainer over the carried memory (scripts/benchrow.py)
 # ====================================================================================================================
-
-@dataclass
-class Trainee:
-    impl: str
-    model: nn.Module
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Any
-    sample: Dict[str, Any]
-    pad: int
-    device: torch.device
-    dtype: torch.dtype
-    mems: Optional[List[Tensor]] = None  # the original's memories (ours live in the decoder's "train" stream)
-
-
-def make_sample(tokens: Tensor, device: torch.device) -> Dict[str, Any]:
-    """A streaming_lm batch from tokens (B, T + 1); the original reads the time-first copies."""
-    sample = lm_sample(tokens, device)
-    src, tgt = sample["net_input"]["src_tokens"], sample["target"]
-    return {**sample, "data_tb": src.t().contiguous(), "target_tb": tgt.t().contiguous()}
-
-
-def make_trainee(opts: Namespace, arch: str, impl: str, shape: Shape) -> Trainee:
-    device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
-    _, task, model, criterion = build(opts, arch, impl, shape)
-    model.to(device).train()
-    criterion.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2.5e-4, fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    tokens = zipf_tokens(len(task.dictionary), task.dictionary.nspecial, (shape.batch, shape.tgt + 1), opts.seed)
-    trainee = Trainee(impl, model, criterion, optimizer, scaler, make_sample(tokens, device),
-                      task.dictionary.pad(), device, dtype)
-    if impl == "original":
-        trainee.mems = model.init_mems(shape.batch)
-    return trainee
-
-
-def train_step(t: Trainee) -> None:
-    """One update: forward + summed NLL under autocast, backward, clip 0.25, Adam (torch's fused kernel, one pass per
-    tensor: the 267,735 x 512 tied embedding makes a per-op Adam dominate a CPU step); the memory moves on."""
-    t.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype != torch.float32):
-        if t.impl == "original":
-            hidden, new_mems = t.model(t.sample["data_tb"], t.mems)  # (T, B, C)
-            loss = original_nll_sum(t.model, hidden, t.sample["target_tb"], t.pad)
-            sample_size = t.sample["ntokens"]
-        else:
-            loss, sample_size, _ = t.criterion(t.model, t.sample)  # the decoder carries its "train" memory
-            new_mems = None
-    t.scaler.scale(loss / sample_size).backward()
-    t.scaler.unscale_(t.optimizer)
-    torch.nn.utils.clip_grad_norm_(t.model.parameters(), CLIP_NORM)
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    if t.impl == "original":
-        t.mems = new_mems
-
-
-def build_and_warm_up(opts: Namespace, arch: str, impl: str, shape: Shape) -> Tuple[Trainee, int]:
-    """Build, run the warm-up steps, return the trainee and the peak memory (bytes) of those steps."""
-    return warm_up_peak(torch.device(opts.device), lambda: make_trainee(opts, arch, impl, shape), train_step,
-                        train_warmup(opts, shape), MEMORY_WINDOW)
-
 
 def run_train(opts: Namespace, arch: str, impl: str) -> Result:
     """Training throughput and peak memory of one (arch, impl), in this process."""
@@ -310,10 +228,11 @@ def run_train(opts: Namespace, arch: str, impl: str) -> Result:
     torch.manual_seed(opts.seed)
 
     def run() -> Result:
-        trainee, peak = build_and_warm_up(opts, arch, impl, shape)
-        times = timed(lambda: train_step(trainee), opts.steps, trainee.device)
-        return {**speed(shape.batch * shape.tgt, times), "peak_mb": peak / 2 ** 20,
-                "params": sum(p.numel() for p in trainee.model.parameters())}
+        row, peak = warm_up_peak(torch.device(opts.device), lambda: build_row(opts, arch, impl, shape),
+                                 FairseqRow.train_step, train_warmup(opts, shape), MEMORY_WINDOW)
+        times = timed(row.train_step, opts.steps, row.device)
+        return {**speed(row.tokens, times), "peak_mb": peak / 2 ** 20,
+                "params": sum(p.numel() for p in row.model.parameters())}
 
     return measure(result, opts.device, run)
 
@@ -327,19 +246,17 @@ class Evaluator:
     ``sliding`` re-encodes the M previous tokens with every block (mem_len 0). Eval mode, no_grad."""
 
     def __init__(self, opts: Namespace, arch: str, impl: str, protocol: str) -> None:
-        self.protocol, self.impl = protocol, impl
+        self.protocol, self.time_first = protocol, impl == "original"  # the original's outputs are (W, B, C)
         self.t, self.m = opts.eval_tgt_len, opts.eval_mem_len
         shape = eval_shape(opts, arch, protocol)
-        self.device, self.dtype = torch.device(opts.device), DTYPES[opts.dtype]
-        _, task, model, _ = build(opts, arch, impl, shape)
-        self.model = model.to(self.device).eval()
-        self.pad = task.dictionary.pad()
+        row = build_row(opts, arch, impl, shape)
+        self.model, self.device = row.model.eval(), row.device
+        self.pad = row.task.dictionary.pad()
         self.fill = math.ceil(self.m / self.t) if protocol == "stream" else 0  # segments that fill the memory
         self.steps = self.fill + opts.eval_warmup + opts.eval_steps
         length = self.m + self.steps * self.t + 1
-        self.tokens = zipf_tokens(len(task.dictionary), task.dictionary.nspecial, (shape.batch, length),
-                                  opts.seed).to(self.device)  # (B, L)
-        self.mems = model.init_mems(shape.batch) if impl == "original" else None
+        gen = torch.Generator().manual_seed(opts.seed)
+        self.tokens = zipf_tokens(shape.vocab, row.nspecial, (shape.batch, length), gen).to(self.device)  # (B, L)
         self.k = 0
 
     def window(self, k: int) -> Tuple[Tensor, Tensor]:
@@ -353,14 +270,10 @@ class Evaluator:
         """Encode the next segment/window and return the NLL (nats) of its last T_eval targets."""
         src, tgt = self.window(self.k)
         self.k += 1
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            if self.impl == "original":
-                hidden, self.mems = self.model(src.t(), self.mems)  # (W, B, C)
-                nll = original_nll_sum(self.model, hidden[-self.t:], tgt.t()[-self.t:], self.pad)
-            else:
-                features = self.model(src)[0]  # (B, W, C); the decoder carries its "eval" memory
-                nll = nll_sum(self.model, (features[:, -self.t:], {}), tgt[:, -self.t:], self.pad)
-        return float(nll)
+        out = self.model(src)[0]  # ours (B, W, C), the decoder carrying its "eval" memory; the original (W, B, C)
+        if self.time_first:
+            return float(nll_sum(self.model, (out[-self.t:], {}), tgt.t()[-self.t:], self.pad))
+        return float(nll_sum(self.model, (out[:, -self.t:], {}), tgt[:, -self.t:], self.pad))
 
 
 def run_eval(opts: Namespace, arch: str, impl: str, protocol: str) -> Result:
@@ -509,8 +422,8 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
     if "train" in opts.tables:
         lines += [
             "",
-            "### Training (forward + lm_loss NLL over the adaptive softmax + backward + clip 0.25 + fused Adam, "
-            "memory carried)",
+            "### Training (fairseq Trainer: forward + lm_loss over the adaptive softmax + backward + clip 0.25 + "
+            "fairseq's Adam, memory carried)",
             "",
             f"{opts.steps} timed steps after max({opts.warmup}, ceil(M/T) + 1) warm-up steps; tokens/s = B·T / step "
             f"time (fastest and median); peak memory: {memory_description(device)}.",

@@ -3,8 +3,9 @@ detection, GPU synchronisation, the peak-memory measurements (CUDA allocator, CP
 step timing, building configs the way ``fairseq-train`` does (a ``dict.txt`` of a given size, fairseq's training
 parser, a language-modelling sample), one configuration per row in a fresh worker subprocess (result line, failure
 and out-of-memory statuses), the shared command-line flags and report header lines, the driver ``bench_main``,
-and training a stateful LM on carried streams (``StreamTrainer``, ``random_lm_samples``, ``resolve_defaults``,
-``add_stream_run_arguments``, ``parse_stream_args``, ``measure_stream_training``).
+and measuring a row trained on carried streams after a fill of its state (``resolve_defaults``,
+``add_stream_run_arguments``, ``parse_stream_args``, ``measure_stream_training``). The training step itself is
+``benchrow.FairseqRow``: fairseq's ``Trainer``, the one training loop of every bench.
 
 CPU peak memory is the maximum of live tensor bytes in PyTorch's CPU allocator, replayed from ``torch.profiler``
 (``profile_memory=True``) allocation/free events -- the CPU analogue of ``torch.cuda.max_memory_allocated``.
@@ -22,12 +23,16 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from benchrow import FairseqRow
+
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_FLAGS: Dict[str, List[str]] = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 Built = TypeVar("Built")
 Result = Dict[str, Any]
@@ -94,6 +99,13 @@ def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> List[float
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def dtype_flags(device: str, dtype: str) -> List[str]:
+    """fairseq's precision flags for ``dtype``; fp16/bf16 (fairseq's half-precision trainer) need CUDA."""
+    if dtype != "fp32" and device == "cpu":
+        raise SystemExit(f"--dtype {dtype} runs through fairseq's --{dtype}, which needs --device cuda")
+    return list(DTYPE_FLAGS[dtype])
 
 
 def write_dictionary(data_dir: str, vocab: int) -> None:
@@ -275,7 +287,7 @@ def apply_run_arguments(opts: argparse.Namespace) -> None:
 
 
 def run_header(command: str, device: torch.device, dtype: str, load: Tuple[float, float], isolation: str,
-               advice: str) -> List[str]:
+               advice: str, precision: str = "fairseq's --bf16 / --fp16") -> List[str]:
     """The report's first bullet lines: command, versions, device and dtype, host load and isolation, and a warning
     (ending in ``advice``) when the load at the start exceeded the torch threads on CPU."""
     import fairseq
@@ -283,7 +295,7 @@ def run_header(command: str, device: torch.device, dtype: str, load: Tuple[float
     return [
         f"- command: `{command}`",
         f"- torch {torch.__version__}, fairseq {fairseq.__version__}; device: {device_description(device)}; dtype "
-        f"{dtype}{' (autocast)' if dtype != 'fp32' else ''}",
+        f"{dtype}{f' ({precision})' if dtype != 'fp32' else ''}",
         f"- host load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs; "
         f"isolation: {isolation}",
         *([f"- **warning**: the 1-minute load average ({load[0]:.1f}) exceeded the {torch.get_num_threads()} torch "
@@ -314,7 +326,7 @@ def add_stream_run_arguments(p: argparse.ArgumentParser, quick: Mapping[str, Any
     p.add_argument("--warmup", type=int, default=None,
                    help=f"untimed training steps after the {filled} fill (default {normal['warmup']}; >= 1: peak "
                         f"memory is measured over them)")
-    add_run_arguments(p, quick, "fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)")
+    add_run_arguments(p, quick, "fp32, or fairseq's --bf16 / --fp16 (CUDA)")
 
 
 def parse_stream_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], quick: Mapping[str, Any],
@@ -322,60 +334,17 @@ def parse_stream_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     """Parse, :func:`apply_run_arguments`, :func:`resolve_defaults` and check --steps / --warmup >= 1."""
     opts = p.parse_args(argv)
     apply_run_arguments(opts)
+    dtype_flags(opts.device, opts.dtype)  # fp16 / bf16 need CUDA
     resolve_defaults(opts, quick, normal, cpu, cuda)
     if opts.steps < 1 or opts.warmup < 1:
         raise SystemExit("--steps and --warmup must be >= 1")
     return opts
 
 
-def random_lm_samples(vocab: int, nspecial: int, batch: int, tgt: int, seed: int, device: torch.device,
-                      count: int = 4) -> List[Result]:
-    """``count`` :func:`lm_sample` batches of B x T random non-special tokens (seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    return [lm_sample(torch.randint(nspecial, vocab, (batch, tgt + 1), generator=gen), device) for _ in range(count)]
-
-
-class StreamTrainer:
-    """A model trained on B carried streams: cycles through ``samples``; a step is forward + criterion under
-    autocast (``dtype``; fp16 with a GradScaler), backward of loss / sample_size, optional gradient-norm clip and
-    the optimizer step."""
-
-    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 samples: List[Result], device: torch.device, dtype: torch.dtype,
-                 clip_norm: Optional[float] = None) -> None:
-        self.model, self.criterion, self.optimizer, self.samples = model, criterion, optimizer, samples
-        self.device, self.dtype, self.clip_norm, self.step = device, dtype, clip_norm, 0
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-    def next_sample(self) -> Result:
-        self.step += 1
-        return self.samples[self.step % len(self.samples)]
-
-    def train_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss, sample_size, _ = self.criterion(self.model, self.next_sample())
-        self.scaler.scale(loss / sample_size).backward()
-        if self.clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def fill_streams(self, count: int) -> None:
-        """``count`` no-grad training-mode forwards: the carried state (caches, memories) grows without a step."""
-        with torch.no_grad(), self.autocast():
-            for _ in range(count):
-                self.model(self.next_sample()["net_input"]["src_tokens"])
-
-
 def measure_stream_training(result: Result, opts: argparse.Namespace,
-                            build_and_fill: Callable[[], Tuple[StreamTrainer, int]], tokens: int, window: str,
-                            telemetry: Callable[[StreamTrainer], Result]) -> Result:
-    """Seed, build and fill (``build_and_fill`` -> (trainer, fill forwards)), run the warm-up steps (peak memory over
+                            build_and_fill: Callable[[], Tuple["FairseqRow", int]], tokens: int, window: str,
+                            telemetry: Callable[["FairseqRow"], Result]) -> Result:
+    """Seed, build and fill (``build_and_fill`` -> (row, fill forwards)), run the warm-up steps (peak memory over
     them, profiler ``window``) and ``opts.steps`` timed steps of ``tokens`` tokens each, in this process; ``result``
     gains speed, peak_mb, rss_mb, fills, ``telemetry(trainer)`` and params (see :func:`measure`)."""
     torch.manual_seed(opts.seed)

@@ -2,35 +2,34 @@
 of this project), so that ``scripts/bench.py --original LABEL`` times a row's configuration both as ours and as the
 original algorithm, interleaved, on the same machine:
 
+* ``alibi`` -- the ALiBi fork ofirpress/attention_with_linear_biases (stock fairseq ``TransformerDecoder`` with a
+  materialised (B*H, T, T) bias mask);
 * ``transformer_xl`` -- kimiyoung/transformer-xl ``mem_transformer.py`` (``MemTransformerLM``, attn_type 0);
 * ``sha_rnn`` -- Smerity/sha-rnn ``model.py`` (``SHARNN``).
 
 Each reproduction is built from the fairseq-built model of the row and holds its weights (the same parameter
-count; tests check equal outputs in eval mode), so only the algorithm differs. ``OriginalLM`` gives it the face of a
-fairseq language model (``forward``, ``get_normalized_probs``, ``get_targets``, ``decoder.adaptive_softmax``), so
-fairseq's ``Trainer`` and the same ``lm_loss`` train it with the same optimizer step. Its outputs and targets are
-time-first, as the originals compute them.
+count; tests check equal outputs in eval mode), so only the algorithm differs. The fork is a fairseq model itself;
+``OriginalLM`` gives the other two the face of a fairseq language model (``forward``, ``get_normalized_probs``,
+``get_targets``, ``decoder.adaptive_softmax``), so fairseq's ``Trainer`` and the same ``lm_loss`` train every one
+with the same optimizer step. Their outputs and targets are time-first, as the originals compute them.
 
-Not reproduced: adaptive span (facebookresearch/adaptive-span is CC-BY-NC), fast weights (IDSIA/lmtool-fwms
-JIT-compiles CUDA kernels for its fast-weight layers; no CPU path to compare with), and ALiBi (its original is a
-fairseq fork: stock fairseq's ``transformer_lm`` is that code without the bias, and ``scripts/bench_alibi.py`` times
-the fork's bias beside ours).
+Not reproduced: adaptive span (facebookresearch/adaptive-span is CC-BY-NC) and fast weights (IDSIA/lmtool-fwms
+JIT-compiles CUDA kernels for its fast-weight layers; no CPU path to compare with).
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn.functional as F
 from fairseq.models import BaseFairseqModel
 from torch import Tensor, nn
 
+from fairseq_ext.models.alibi_lm import AlibiLanguageModel
 from fairseq_ext.models.sha_rnn_lm import SHARNNLanguageModel
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
 
-from . import sha_rnn, transformer_xl
-
-WRAPPERS = ((TransformerXLLanguageModel, transformer_xl.wrap_original), (SHARNNLanguageModel, sha_rnn.wrap_original))
+from . import alibi, sha_rnn, transformer_xl
 
 
 class OriginalLM(BaseFairseqModel):
@@ -58,13 +57,24 @@ class OriginalLM(BaseFairseqModel):
         self.net.reset()
 
 
-def original_of(model: nn.Module, model_cfg: Any) -> OriginalLM:
-    """The reproduction of ``model``'s original code holding ``model``'s weights; a clear error for a family whose
-    original is not reproduced here."""
-    wrap = next((w for cls, w in WRAPPERS if isinstance(model, cls)), None)
-    if wrap is None:
+def _as_lm(wrap: Callable[[Any, nn.Module], Tuple[nn.Module, Optional[nn.Module]]]) -> Callable[..., nn.Module]:
+    """A ``wrap(model_cfg, decoder) -> (net, adaptive softmax)`` reproduction as an ``OriginalLM`` builder."""
+    def build(model: nn.Module, cfg: Any, task: Any) -> OriginalLM:
+        return OriginalLM(*wrap(cfg.model, model.decoder))
+    return build
+
+
+# (our model class, builder(model, cfg, task) -> the original's model holding the same weights)
+ORIGINALS = ((AlibiLanguageModel, alibi.fork_of), (TransformerXLLanguageModel, _as_lm(transformer_xl.wrap_original)),
+             (SHARNNLanguageModel, _as_lm(sha_rnn.wrap_original)))
+
+
+def original_of(model: nn.Module, cfg: Any, task: Any) -> nn.Module:
+    """The reproduction of ``model``'s original code holding ``model``'s weights (``cfg``: the row's whole
+    fairseq config); a clear error for a family whose original is not reproduced here."""
+    build = next((b for cls, b in ORIGINALS if isinstance(model, cls)), None)
+    if build is None:
         raise ValueError(f"no reproduction of the original code for {type(model).__name__} (--arch "
-                         f"{model_cfg._name}): --original works for transformer_xl_lm and sha_rnn_lm rows; see "
-                         f"scripts/originals/__init__.py for the other families")
-    net, adaptive_softmax = wrap(model_cfg, model.decoder)
-    return OriginalLM(net, adaptive_softmax)
+                         f"{cfg.model._name}): --original works for {', '.join(c.__name__ for c, _ in ORIGINALS)} "
+                         f"rows; see scripts/originals/__init__.py for the other families")
+    return build(model, cfg, task)

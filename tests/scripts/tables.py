@@ -1,5 +1,5 @@
-"""The bench scripts (scripts/bench*.py) from tests: importing one as a module, and reading the markdown tables it
-prints and the numbers in their cells."""
+"""The bench scripts (scripts/bench*.py) from tests: importing one as a module (or putting scripts/ on the path), and
+reading the markdown tables it prints and the numbers in their cells."""
 import importlib.util
 import os
 import re
@@ -30,9 +30,18 @@ def number(text: str) -> float:
 
 def script_module(name: str) -> ModuleType:
     """``scripts/<name>.py`` imported as the module ``name`` (once per session: every test shares it)."""
+    scripts_on_path()  # what the scripts import (benchlib, benchrow, originals)
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def scripts_on_path() -> None:
+    """Put scripts/ on sys.path, as every bench script does for itself, so that tests can import its modules
+    (``benchlib``, ``benchrow``, ``originals``)."""
+    scripts = os.path.join(REPO_ROOT, "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)

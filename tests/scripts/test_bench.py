@@ -92,7 +92,8 @@ def test_rows_from_flags_interleaved_repeats(bench, tmp_path, capsys):
     (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
     (["--lengths", "0"], "positive integers"),
     (["--original", "nope"], "--original nope: not a row label"),
-    (["--original", "alibi"], "no reproduction of the original code for --arch alibi_lm_tiny"),
+    (["--original", "adaptive_span"], "no reproduction of the original code for --arch adaptive_span_tiny"),
+    (["--tokens-per-batch", "0"], "--tokens-per-batch must be >= 1"),
 ])
 def test_bad_arguments_name_the_fix(bench, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -126,6 +127,7 @@ def test_original_rows_train_beside_ours_and_print_the_ratio(bench, tmp_path, ca
 
 
 @pytest.mark.parametrize("label, flags", [
+    ("alibi", "--arch alibi_lm_tiny --dropout 0.1"),
     ("transformer_xl", "--arch transformer_xl_tiny --mem-len {T} --dropout 0.1"),
     ("sha_rnn", "--arch sha_rnn_tiny --max-memory {W} --attn-layers 0,1"),
 ])
@@ -135,8 +137,9 @@ def test_original_row_computes_our_loss(bench, label, flags):
     import torch
 
     opts = bench.parse_args(["--quick", "--in-process"])
-    ours, original = (bench.Bench(opts, flags, 8, original=o) for o in (False, True))
-    assert type(original.model).__name__ == "OriginalLM" and original.params == ours.params
+    ours, original = (bench.build_row(opts, flags, 8, original=o) for o in (False, True))
+    assert type(original.model).__name__ in ("OriginalLM", "TransformerLanguageModel")
+    assert original.params == ours.params
     assert sum(p.numel() for p in original.model.parameters()) == ours.params[0]
     criterion = ours.trainer.criterion
     for b in (ours, original):
@@ -151,3 +154,38 @@ def test_original_row_computes_our_loss(bench, label, flags):
     loss, size, _ = criterion(original.model, ours.samples[0])
     loss.backward()
     assert all(p.grad is not None for p in original.model.parameters() if p.requires_grad)
+
+
+def test_tokens_per_batch_sets_b_per_length(bench, tmp_path, capsys):
+    argv = ["--quick", "--models", "alibi", "--lengths", "8,16", "--tokens-per-batch", "40", "--in-process",
+            "--metrics", "train", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    table = _check_table_matches_json(capsys.readouterr().out, json.loads((tmp_path / "bench.json").read_text()))
+    assert [(c["T"], c["B"]) for c in table] == [("8", "5"), ("16", "2")]  # max(1, 40 // T)
+
+
+def test_cpu_peak_replays_allocations_inside_the_window():
+    import torch
+
+    benchlib = script_module("benchlib")
+    mib = 1 << 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        before = torch.empty(mib, dtype=torch.uint8)
+        with torch.profiler.record_function("window"):
+            transient = torch.empty(2 * mib, dtype=torch.uint8)
+            del transient
+            kept = torch.empty(mib, dtype=torch.uint8)
+    assert before.numel() + kept.numel() == 2 * mib
+    assert benchlib.cpu_peak_bytes(prof, "window") == 3 * mib
+
+
+def test_zipf_tokens_and_dictionary(tmp_path):
+    import torch
+    from fairseq.data import Dictionary
+
+    benchrow = script_module("benchrow")
+    tokens = benchrow.zipf_tokens(1000, 4, (4, 500), torch.Generator().manual_seed(0))
+    assert tokens.shape == (4, 500) and tokens.min() >= 4 and tokens.max() < 1000
+    assert (tokens == 4).float().mean() > (tokens >= 500).float().mean() / 10  # rank 1 is the most frequent
+    benchrow.write_dictionary(str(tmp_path), 50)
+    assert len(Dictionary.load(str(tmp_path / "dict.txt"))) == 50

@@ -1,122 +1,91 @@
-"""scripts/bench_alibi.py: the fork reproduction is faithful (so the bench compares like with like) and the
-benchmark prints a complete table."""
+"""scripts/bench_alibi.py: ALiBi, the sinusoidal transformer and the original fork as three rows of scripts/bench.py
+(the fork's faithfulness is tests/scripts/test_originals.py): the rows it builds, the targets it checks, and a run
+that prints a row for every model and length; plus scripts/bench_alibi_eval_memory.py."""
 import importlib.util
+import json
 import os
+import shlex
 import subprocess
 import sys
 from types import ModuleType
-from typing import Dict, List, Tuple
 
 import pytest
-import torch
 
-from tests.harness import REPO_ROOT, assert_close
+from tests.harness import REPO_ROOT
 from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_alibi.py")
 TINY = ["--layers", "2", "--embed-dim", "32", "--heads", "4", "--ffn-dim", "64", "--vocab", "64"]
-LABEL_PREFIX = {"alibi": "alibi_lm", "sinusoidal": "transformer_lm", "fork": "fork"}
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    """The script imported as a module (registers ``alibi_fork_lm`` with fairseq once)."""
     return script_module("bench_alibi")
 
 
-def build(bench: ModuleType, model: str, seq_len: int, batch: int, *extra: str) -> torch.nn.Module:
-    opts = bench.parse_bench_args([*TINY, "--tokens-per-batch", str(batch * seq_len), "--seq-lens", str(seq_len),
-                                   *extra])
-    _, lm, _ = bench.build_model_and_criterion(opts, model, seq_len)
-    return lm
+def rows_of(argv) -> dict:
+    """``--model LABEL=FLAGS`` of a bench.py command line -> {label: flags}."""
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--model")
 
 
-@pytest.mark.parametrize("heads", [4, 6])
-def test_fork_mask_is_causal_plus_key_index_bias_at_b_times_h_plus_h(bench, heads):
-    from fairseq_ext.ops.alibi import alibi_slopes
-
-    t, b_max, b = 8, 3, 2
-    decoder = build(bench, "fork", t, b_max, "--heads", str(heads), "--embed-dim", str(8 * heads)).decoder
-    assert type(decoder) is bench.ForkAlibiDecoder and decoder.embed_positions is None
-    assert decoder.alibi.shape == (b_max * heads, 1, t)  # sized from max_tokens // tokens_per_sample
-    mask = decoder.buffered_future_mask(torch.zeros(t, b, 8 * heads))  # x is (T, B, C) at the call site
-    assert mask.shape == (b * heads, t, t) and mask.dtype == torch.float32
-    slopes = alibi_slopes(heads)
-    j = torch.arange(t, dtype=torch.float32)
-    future = torch.ones(t, t, dtype=torch.bool).triu(1)
-    for bi in range(b):
-        for h in range(heads):
-            expected = (slopes[h] * j).expand(t, t).masked_fill(future, float("-inf"))
-            assert torch.equal(mask[bi * heads + h], expected), (bi, h)
-    assert decoder.buffered_future_mask(torch.zeros(t, b, 8 * heads)) is not None  # cached: no rebuild
-    assert decoder._future_mask.shape == (b_max * heads, t, t)
+def test_rows_are_alibi_sinusoidal_and_the_fork_of_the_alibi_row(bench):
+    opts = bench.build_arg_parser().parse_args([*TINY, "--attn-impl", "naive", "--seq-lens", "16,32"])
+    argv = bench.bench_argv(opts)
+    rows = rows_of(argv)
+    assert shlex.split(rows["alibi"]) == ["--arch", "alibi_lm", "--decoder-layers", "2", "--decoder-embed-dim", "32",
+                                          "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "64",
+                                          "--attn-impl", "naive", "--alibi-bias-form", "relative"]
+    assert shlex.split(rows["sinusoidal"])[:2] == ["--arch", "transformer_lm"]
+    assert shlex.split(rows["sinusoidal"])[2:] == shlex.split(rows["alibi"])[2:10]  # the same dimensions
+    assert argv[argv.index("--original") + 1] == "alibi" and argv[argv.index("--models") + 1] == "none"
+    assert argv[argv.index("--tokens-per-batch") + 1] == "4096" and argv[argv.index("--metrics") + 1] == "train"
+    preset = bench.bench_argv(bench.build_arg_parser().parse_args(["--arch", "alibi_lm_wiki103", "--layers", "2"]))
+    assert rows_of(preset)["sinusoidal"] == "--arch transformer_lm_wiki103 --decoder-layers 2"
 
 
-@pytest.mark.parametrize("bias_form", ["key_index", "relative"])
-def test_fork_logits_equal_alibi_lm_logits_for_the_same_weights(bench, bias_form):
-    t, b = 16, 3
-    ours = build(bench, "alibi", t, b, "--alibi-bias-form", bias_form).eval()
-    fork = build(bench, "fork", t, b).eval()
-    fork.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.endswith("._extra_state")}, strict=True)
-    tokens = torch.randint(4, 64, (b, t), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert_close(fork(tokens)[0], ours(tokens)[0], atol=1e-5, msg=f"fork vs alibi_lm ({bias_form})")
+def test_bad_choices_name_the_fix(bench, capsys):
+    with pytest.raises(SystemExit) as err:
+        bench.sinusoidal_arch("alibi_lm_tiny")
+    assert "transformer_lm_tiny, which does not exist" in str(err.value) and "--models alibi,fork" in str(err.value)
+    with pytest.raises(SystemExit):
+        bench.build_arg_parser().parse_args(["--models", "sinusoidal,fork"])
+    assert "it needs alibi" in capsys.readouterr().err
 
 
-def test_the_three_models_have_the_same_size(bench):
-    models = {name: build(bench, name, 16, 2) for name in bench.MODELS}
-    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    assert len(set(sizes.values())) == 1, sizes
-    assert models["sinusoidal"].decoder.embed_positions is not None  # sinusoidal: no parameters
-    assert models["fork"].decoder.embed_positions is None
-    assert not any("embed_positions" in k for k in models["alibi"].state_dict())
-    shapes = {name: [tuple(p.shape) for p in m.parameters()] for name, m in models.items()}
-    assert shapes["alibi"] == shapes["sinusoidal"] == shapes["fork"]
+def test_targets_follow_the_measured_rows(bench):
+    ok = dict(status="ok")
+    rows = [dict(model="alibi", T=512, train=96.0, peak_mb=10.0, **ok), dict(model="sinusoidal", T=512, train=100.0,
+                                                                           peak_mb=9.0, **ok),
+            dict(model="alibi", T=2048, train=50.0, peak_mb=20.0, **ok),
+            dict(model="alibi-original", T=2048, train=50.0, peak_mb=25.0, **ok),
+            dict(model="alibi", T=4096, train=10.0, peak_mb=30.0, **ok),
+            dict(model="alibi-original", T=4096, status="OOM")]
+    lines = bench.target_lines(rows)
+    assert "- alibi / sinusoidal training tokens/s at T=512: 0.96x (target >= 0.95x: met)" in lines
+    assert "- ALiBi peak memory < fork at T=2048: 20.0 vs 25.0 MB -> met" in lines
+    assert "- ALiBi peak memory < fork at T=4096: n/a (a row is missing or failed)" in lines
+    rows[0]["train"] = 90.0
+    assert "NOT met" in bench.target_lines(rows)[0]
 
 
-def test_cpu_peak_replays_allocations_inside_the_window(bench):
-    mib = 1 << 20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        before = torch.empty(mib, dtype=torch.uint8)
-        with torch.profiler.record_function("window"):
-            transient = torch.empty(2 * mib, dtype=torch.uint8)
-            del transient
-            kept = torch.empty(mib, dtype=torch.uint8)
-    assert before.numel() + kept.numel() == 2 * mib
-    assert bench.cpu_peak_bytes(prof, "window") == 3 * mib
-
-
-def run_bench(*args: str) -> Tuple[str, List[Dict[str, str]]]:
-    proc = subprocess.run([sys.executable, SCRIPT, *TINY, "--steps", "2", "--warmup", "1", *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+@pytest.mark.slow
+def test_bench_prints_a_row_for_every_model_and_length(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, *TINY, "--steps", "1", "--warmup", "1", "--seq-lens", "16,32",
+                           "--tokens-per-batch", "64", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, parse_tables(proc.stdout)[0]
-
-
-@pytest.mark.slow
-def test_bench_prints_a_row_for_every_model_and_length():
-    stdout, rows = run_bench("--seq-lens", "16,32", "--tokens-per-batch", "64", "--isolation", "none")
-    assert "torch " + torch.__version__ in stdout and "python scripts/bench_alibi.py" in stdout
-    assert "Targets:" in stdout
-    seen = set()
+    assert "python scripts/bench.py --models none --model" in proc.stdout and "Targets:" in proc.stdout
+    rows = parse_tables(proc.stdout)[0]
+    assert [(r["model"], r["T"], r["B"]) for r in rows] == [
+        (m, t, b) for m in ("alibi", "alibi-original", "sinusoidal") for t, b in (("16", "4"), ("32", "2"))]
     for row in rows:
-        model = next(m for m, prefix in LABEL_PREFIX.items() if row["model"].startswith(prefix))
-        seen.add((model, int(row["T"])))
-        assert int(row["batch"]) == 64 // int(row["T"])
-        fastest, median = (number(v) for v in row["step ms (min / median)"].split("/"))
-        assert 0 < fastest <= median, row
-        for column in ("tokens/s", "peak memory (MB)", "params"):
-            assert number(row[column]) > 0, row
-        if model == "sinusoidal":
-            assert row["vs sinusoidal"] == "1.00×"
-    assert seen == {(m, t) for m in LABEL_PREFIX for t in (16, 32)}
-
-
-@pytest.mark.slow
-def test_bench_isolates_each_configuration_in_a_subprocess():
-    _, rows = run_bench("--seq-lens", "16", "--tokens-per-batch", "32", "--models", "fork")
-    assert len(rows) == 1 and rows[0]["model"].startswith("fork") and number(rows[0]["tokens/s"]) > 0
-    assert rows[0]["vs sinusoidal"] == "n/a"
+        assert number(row["train tok/s"]) > 0 and number(row["peak MB"]) > 0, row
+    assert len({r["params (layers)"] for r in rows}) == 1  # the same size
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["tokens_per_batch"] == 64 and (tmp_path / "bench.png").exists()
+    ratio = report["rows"][0]["train"] / report["rows"][4]["train"]
+    assert f"- alibi / sinusoidal training tokens/s at T=16: {ratio:.2f}x" in proc.stdout
+    assert "- alibi / alibi-original, T 16, 1 interleaved run(s): train" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """scripts/bench_sha_rnn.py (Merity 2019, arXiv 1911.11423; spec sha_rnn.md §2): the quick run prints the presets
 and memory tables, every row trains (tokens/s and peak memory > 0) with its attention memories carried and filled to
-their full length W, and a larger W keeps a longer memory; the original's reproduction (scripts/originals/sha_rnn.py,
-timed by scripts/bench.py --original) computes our logits."""
+their full length W, and a larger W keeps a longer memory (the original's reproduction, timed by scripts/bench.py
+--original, is tested in tests/scripts/test_originals.py)."""
 import os
 from types import ModuleType
 
@@ -56,36 +56,6 @@ def test_a_preset_window_shorter_than_the_segment_is_raised_to_it(bench):
     from argparse import Namespace
 
     opts = Namespace(tgt_len=256, batch_size=1, seed=1)
-    flags = bench.fairseq_flags(opts, "sha_rnn_tiny", None, "/data")
+    flags = bench.row_flags(opts, "sha_rnn_tiny", None)
     assert flags[-2:] == ["--max-memory", "256"]
-    assert "--max-memory" not in bench.fairseq_flags(opts, "sha_rnn_enwik8", None, "/data")  # W 5000 >= T
-
-
-def test_original_reproduction_computes_our_logits(bench):
-    """scripts/originals/sha_rnn.py (the original's time-first stack with a copy of our weights) gives sha_rnn_lm's
-    logits over three consecutive segments with carried LSTM states and a memory trimmed to W - T, two attention
-    blocks, random gates (eval mode, fp32)."""
-    from argparse import Namespace
-
-    import torch
-
-    opts = bench.parse_bench_args(["--quick", "--in-process"])
-    shaped = Namespace(**{**vars(opts), "batch_size": 2, "tgt_len": 8})
-    size = ["--decoder-layers", "3", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--attn-layers",
-            "0,2"]
-    model = bench.make_trainee(shaped, "sha_rnn_lm", 12, size).model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    from originals.sha_rnn import OriginalSHARNN
-
-    original = OriginalSHARNN(model.decoder, 0.1, 0.1, 0.1).eval()
-    model.decoder.attach_streams("test")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(3):
-            tokens = torch.randint(4, 32, (2, 8), generator=gen)
-            ours, theirs = model(tokens)[0], original(tokens).transpose(0, 1)  # (B, T, V)
-            assert ours.abs().max() > 0.1
-            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert [len(m) for m in original.mems if m is not None] == [12, 12]
+    assert "--max-memory" not in bench.row_flags(opts, "sha_rnn_enwik8", None)  # W 5000 >= T

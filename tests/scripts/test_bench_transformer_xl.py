@@ -1,15 +1,15 @@
-"""scripts/bench_transformer_xl.py: the original-algorithm reproduction computes what our model computes (so the
-speed comparison compares equal work), and the benchmark prints a complete table for every implementation."""
+"""scripts/bench_transformer_xl.py: its rows are fairseq-train flags trained by scripts/benchrow.py (the original's
+reproduction, tests/scripts/test_originals.py, computes what our model computes), and the benchmark prints a complete
+table for every implementation."""
 import os
 import subprocess
 import sys
 from types import ModuleType
-from typing import List
 
 import pytest
 import torch
 
-from tests.harness import REPO_ROOT, assert_close
+from tests.harness import REPO_ROOT
 from tests.scripts.tables import number, parse_tables, script_module
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_transformer_xl.py")
@@ -22,75 +22,14 @@ def bench() -> ModuleType:
     return script_module("bench_transformer_xl")
 
 
-def build_pair(bench: ModuleType, extra: List[str], tgt: int, mem: int, vocab: int = 40):
-    """Our fairseq-built tiny model and the original reproduction carrying its weights, float64, eval mode."""
-    opts = bench.parse_bench_args(["--quick"])
-    shape = bench.Shape(batch=2, tgt=tgt, mem=mem, vocab=vocab)
-    flags = ["--decoder-layers", "2", "--decoder-embed-dim", "16", "--decoder-attention-heads", "2",
-             "--decoder-ffn-embed-dim", "24", "--adaptive-softmax-cutoff", "10,20", *extra]
-    original_fn = bench.fairseq_flags
-    bench.fairseq_flags = lambda *a, **k: original_fn(*a, **k) + flags
-    try:
-        cfg, task, ours, _ = bench.build(opts, "transformer_xl_tiny", "naive", shape)
-    finally:
-        bench.fairseq_flags = original_fn
-    ours = ours.double().eval()
-    with torch.no_grad():  # non-zero u, v and LayerNorm biases so every copied tensor matters
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    original = bench.build_original(cfg.model, ours.decoder).double().eval()
-    return ours, original, task
-
-
-@pytest.mark.parametrize("extra,tgt,mem", [
-    ([], 5, 3),  # memory shorter than a segment: cut to M
-    ([], 4, 7),  # memory longer than a segment: mlen < mem_len on the second segment
-    (["--decoder-normalize-before", "--clamp-len", "3"], 5, 4),
-    (["--same-length"], 5, 4),  # original same_length convention
-])
-def test_original_reproduction_equals_our_model_over_two_segments(bench, extra, tgt, mem):
-    """float64 throughout, except that the original rounds the attention scores to fp32 for the masked_fill
-    (``attn_score.float().masked_fill(...).type_as(attn_score)``): about 1e-8 relative, hence atol 1e-8; a wrong
-    shift, mask, weight copy or memory update is off by 1e-2 or more."""
-    ours, original, task = build_pair(bench, extra, tgt, mem)
-    assert sum(p.numel() for p in original.parameters()) == sum(p.numel() for p in ours.parameters())
-    assert original.word_emb is ours.decoder.embed_tokens and original.crit is ours.decoder.adaptive_softmax
-    tokens = torch.randint(4, 40, (2, 2 * tgt + 1), generator=torch.Generator().manual_seed(3))
-    state, mems = None, original.init_mems(2)
-    for seg in range(2):
-        src = tokens[:, seg * tgt:(seg + 1) * tgt]
-        tgt_tokens = tokens[:, seg * tgt + 1:(seg + 1) * tgt + 1]
-        with torch.no_grad():
-            features, state, _ = ours.decoder.forward_segment(src, state)  # (B, T, C)
-            hidden, mems = original(src.t(), mems)  # (T, B, C)
-            assert_close(hidden.transpose(0, 1), features, atol=1e-8, msg=f"features, segment {seg}")
-            for layer, (ours_mem, their_mem) in enumerate(zip(state.layers, mems)):
-                assert_close(their_mem.transpose(0, 1), ours_mem.hidden, atol=1e-8,
-                             msg=f"memory {layer}, segment {seg}")
-            ours_nll = bench.nll_sum(ours, (features, {}), tgt_tokens, task.dictionary.pad())
-            their_nll = bench.original_nll_sum(original, hidden, tgt_tokens.t(), task.dictionary.pad())
-            assert_close(their_nll, ours_nll, atol=1e-7, msg=f"NLL, segment {seg}")
-        assert mems[0].size(0) == min(mem, (seg + 1) * tgt) and len(mems) == len(original.layers) + 1
-
-
-def test_original_rel_shift_is_ours(bench):
-    from originals.transformer_xl import OriginalRelPartialLearnableMultiHeadAttn
-
-    from fairseq_ext.ops.xl_relative import rel_shift_pad
-
-    x = torch.randn(5, 9, 2, 3, dtype=torch.float64)  # (T, S, B, H)
-    ours = rel_shift_pad(x.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)  # ours is (..., T, S)
-    assert torch.equal(OriginalRelPartialLearnableMultiHeadAttn._rel_shift(x), ours)
-
-
-def test_zipf_tokens_and_dictionary(bench, tmp_path):
-    tokens = bench.zipf_tokens(1000, 4, (4, 500), seed=0)
-    assert tokens.shape == (4, 500) and tokens.min() >= 4 and tokens.max() < 1000
-    assert (tokens == 4).float().mean() > (tokens >= 500).float().mean() / 10  # rank 1 is the most frequent
-    bench.write_dictionary(str(tmp_path), 50)
-    from fairseq.data import Dictionary
-
-    assert len(Dictionary.load(str(tmp_path / "dict.txt"))) == 50
+def test_rows_are_fairseq_train_flags(bench):
+    shape = bench.Shape(batch=2, tgt=8, mem=4, vocab=40)
+    flags = bench.row_flags("transformer_xl_tiny", "original", shape)
+    assert flags[:4] == ["--task", "streaming_lm", "--criterion", "lm_loss"]
+    assert flags[flags.index("--attn-impl") + 1] == "shift"  # the original replaces our layers after the build
+    assert flags[flags.index("--mem-len") + 1] == "4" and flags[flags.index("--clip-norm") + 1] == "0.25"
+    row = bench.build_row(bench.parse_bench_args(["--quick"]), "transformer_xl_tiny", "original", shape)
+    assert type(row.model).__name__ == "OriginalLM" and (row.batch, row.length, row.tokens) == (2, 8, 16)
 
 
 def run_bench(*args: str) -> str:
