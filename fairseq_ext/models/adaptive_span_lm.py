@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from torch import Tensor, nn
 
 from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.compile import CompileOptions
 from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
@@ -54,7 +55,7 @@ from fairseq_ext.ops.adaptive_span import IMPLS
 
 
 @dataclass
-class AdaptiveSpanConfig(FairseqDataclass):
+class AdaptiveSpanConfig(CompileOptions):
     """Defaults are the original ``enwik8_small.sh`` (= fairseq's AdaptiveSpanSmallConfig); presets set the rest."""
 
     decoder_layers: int = field(default=8, metadata={"help": "number of layers (original --nlayers)"})

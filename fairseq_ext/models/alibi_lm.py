@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.compile import CompileOptions, compile_blocks
 from fairseq_ext.models.base.core_decoder import MAX_POSITIONS, CoreDecoder  # noqa: F401  (MAX_POSITIONS: re-exported)
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
 from fairseq_ext.modules.blocks.alibi_layer import AlibiContext, AlibiLayer, NormFormerScales, fairseq_dropout
@@ -53,7 +54,7 @@ from fairseq_ext.state import KVCache
 
 
 @dataclass
-class AlibiLanguageModelConfig(TransformerLanguageModelConfig):
+class AlibiLanguageModelConfig(TransformerLanguageModelConfig, CompileOptions):
     alibi_bias_form: ChoiceEnum(BIAS_FORMS) = field(
         default="relative",
         metadata={"help": "relative: -m*(i-j) (paper; exact in fp16/bf16); key_index: m*j as in the original fork "
@@ -212,7 +213,9 @@ class AlibiLanguageModel(StatefulLanguageModel):
                     or args.decoder_input_dim != args.decoder_output_dim):
                 raise ConfigError("--tie-adaptive-weights needs equal adaptive input/softmax cutoffs and factors "
                                   "and decoder_input_dim == decoder_output_dim")
-        return cls(AlibiDecoder(args, task.target_dictionary, embed_tokens))
+        model = cls(AlibiDecoder(args, task.target_dictionary, embed_tokens))
+        compile_blocks(model.decoder, args)
+        return model
 
 
 def check_adaptive_cutoffs(args, vocab_size: int) -> None:

@@ -10,13 +10,14 @@ positions) -> the composed blocks (``modules/composed/block.py``; pre-LN by defa
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from omegaconf import II
 from torch import nn
 
 from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.compile import CompileOptions
 from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
@@ -33,7 +34,7 @@ FW_NORMALIZE = ("auto", "none", "output")  # "full" needs a fresh stream's first
 
 
 @dataclass
-class ComposedLMConfig(FairseqDataclass):
+class ComposedLMConfig(CompileOptions):
     decoder_layers: int = field(default=4, metadata={"help": "number of layers N"})
     decoder_embed_dim: int = field(default=256, metadata={"help": "model dim C"})
     decoder_ffn_embed_dim: int = field(default=1024, metadata={"help": "feed-forward inner dim"})

@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from omegaconf import II
 from torch import nn
 
 from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.compile import CompileOptions
 from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
@@ -91,7 +92,7 @@ LMTOOL_UNSUPPORTED = {
 
 
 @dataclass
-class FastWeightLMConfig(FairseqDataclass):
+class FastWeightLMConfig(CompileOptions):
     """Defaults: the small WikiText-103 fast weight memory (lmtool's ``train.py`` defaults where the scripts pass
     nothing); presets set the paper's scripts."""
 

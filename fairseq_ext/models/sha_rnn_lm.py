@@ -32,7 +32,6 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.utils import safe_getattr
 from omegaconf import II
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.compile import CompileOptions
 from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
@@ -51,7 +51,7 @@ from fairseq_ext.state import SegmentState
 
 
 @dataclass
-class SHARNNConfig(FairseqDataclass):
+class SHARNNConfig(CompileOptions):
     """Defaults are the published enwik8 model (spec §1, §2)."""
 
     decoder_layers: int = field(default=4, metadata={"help": "number of blocks n (original --nlayers)"})

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
 from fairseq_ext.models.base import StatefulLanguageModel
+from fairseq_ext.models.base.compile import CompileOptions
 from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
 from fairseq_ext.modules.adaptive import ProjectedAdaptiveLogSoftmax, XLAdaptiveInput
@@ -54,7 +55,7 @@ TIE_PROJS = ("none", "tails", "all")
 
 
 @dataclass
-class TransformerXLConfig(FairseqDataclass):
+class TransformerXLConfig(CompileOptions):
     """Defaults are the original ``train.py`` argparse defaults; presets set the paper/script values."""
 
     decoder_layers: int = field(default=12, metadata={"help": "number of layers (original n_layer)"})

@@ -36,6 +36,7 @@ from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from fairseq_ext.models.base.compile import compile_blocks
 from fairseq_ext.models.base.sliding_estimate import log_sliding_estimate
 from fairseq_ext.models.base.train_stream import SavedTrainStream
 from fairseq_ext.state import SegmentState, cat_states
@@ -281,7 +282,9 @@ class StatefulLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: Any, task: Any) -> "StatefulLanguageModel":
-        return cls(cls.decoder_class(cfg, task.target_dictionary))
+        model = cls(cls.decoder_class(cfg, task.target_dictionary))
+        compile_blocks(model.decoder, cfg)
+        return model
 
     def __init__(self, decoder: StatefulDecoder) -> None:
         if not isinstance(decoder, StatefulDecoder):

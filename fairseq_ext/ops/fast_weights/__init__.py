@@ -61,6 +61,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], rule: str
                          f"{None if beta is None else tuple(beta.shape)}")
 
 
+# Runs eagerly inside --compile-blocks: torch 2.13's AOT-compiled backward of the chunked delta rule fails ("view size
+# is not compatible with input tensor's size and stride"; tests/models/test_compile.py).
+@torch.compiler.disable
 def fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor] = None,
                           state: Optional[FastWeightState] = None, *, rule: str, normalize: str,
                           scale: float, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK,
