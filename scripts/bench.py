@@ -112,6 +112,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=None, help="generated tokens G per measurement (default 32)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {', '.join(METRICS)}")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the whole list")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="TF",
+                   help="the device's measured dense matmul TFLOP/s (scripts/matmul_peak.py): adds the column "
+                        "MFU = training tokens/s x 6 x matmul parameters / TF (attention products not counted)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPE_FLAGS), default="fp32", help="fairseq's --bf16 / --fp16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -141,6 +144,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
     if min(opts.batch_size, opts.steps, opts.warmup, opts.gen_tokens, opts.repeats) < 1:
         raise SystemExit("--batch-size, --steps, --warmup, --gen-tokens and --repeats must be >= 1")
+    if opts.peak_tflops is not None and opts.peak_tflops <= 0:
+        raise SystemExit("--peak-tflops must be > 0 (measure it with scripts/matmul_peak.py)")
     if opts.tokens_per_batch is not None and opts.tokens_per_batch < 1:
         raise SystemExit("--tokens-per-batch must be >= 1")
     dtype_flags(opts.device, opts.dtype)  # fp16 / bf16 need CUDA
@@ -239,7 +244,7 @@ def run_row(opts: argparse.Namespace, index: int) -> Result:
         bench, peak = warm_up_peak(torch.device(opts.device), lambda: build_row(opts, flags, t, original),
                                    FairseqRow.train_step, opts.warmup, MEMORY_WINDOW)
         out: Result = {"arch": bench.cfg.model._name, "params": bench.params[0], "layer_params": bench.params[1],
-                       "carries_state": bench.carries_state}
+                       "flops_per_token": 6 * bench.matmul_params, "carries_state": bench.carries_state}
         tokens = bench.tokens
         if "train" in metrics:
             out.update(train=tokens / min(timed(bench.train_step, opts.steps, bench.device)), peak_mb=peak / 2 ** 20)
@@ -321,14 +326,24 @@ def streams_description(opts: argparse.Namespace) -> str:
     return f"B = max(1, {opts.tokens_per_batch} // T)" if opts.tokens_per_batch else f"B {opts.batch_size}"
 
 
+def mfu(row: Result, peak_tflops: float) -> str:
+    """Model FLOPs utilisation of the training row: tokens/s x FLOPs per token / the measured peak."""
+    if row.get("status") != "ok" or "train" not in row:
+        return cell(row, "train")
+    return f"{100 * row['train'] * row['flops_per_token'] / (peak_tflops * 1e12):.1f}%"
+
+
 def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> str:
     head = ("| model | arch | params (layers) | T | B | train tok/s | peak MB | stream tok/s | sliding tok/s "
-            "| gen tok/s (short) | gen tok/s (long) |")
+            "| gen tok/s (short) | gen tok/s (long) |" + (" MFU (6N) |" if opts.peak_tflops else ""))
     lines = [f"## Benchmark: {machine(opts)['device']}, {opts.dtype}", "",
              f"- command: `{command}`",
              f"- {streams_description(opts)}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; best of {opts.repeats} "
              f"interleaved run(s) of {opts.steps} timed step(s) after {opts.warmup} warm-up; peak MB: "
              f"{memory_description(torch.device(opts.device))}",
+             *([f"- MFU (6N): training tokens/s x 6 x parameters in matrices (the input embedding lookup excluded, "
+                f"attention score and value products not counted) / the measured {opts.peak_tflops:g} TFLOP/s"]
+               if opts.peak_tflops else []),
              "", head, "|" + "---|" * head.count(" |")]
     for row in rows:
         params = f"{row['params'] / 1e6:.2f}M ({row['layer_params'] / 1e6:.2f}M)" if "params" in row else "—"
@@ -336,7 +351,7 @@ def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> st
         lines.append(f"| {row['model']} | {row.get('arch', '—')} | {params} | {row['T']} | {row['B']} | "
                      f"{cell(row, 'train')} | "
                      f"{peak} | {cell(row, 'stream')} | {cell(row, 'sliding')} | {cell(row, 'gen_short')} | "
-                     f"{cell(row, 'gen_long')} |")
+                     f"{cell(row, 'gen_long')} |" + (f" {mfu(row, opts.peak_tflops)} |" if opts.peak_tflops else ""))
     return "\n".join(lines + original_ratios(rows)) + "\n"
 
 
@@ -400,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "bench.json"), "w") as f:
         json.dump({"command": command, "machine": machine(opts), "batch_size": opts.batch_size,
-                   "tokens_per_batch": opts.tokens_per_batch,
+                   "tokens_per_batch": opts.tokens_per_batch, "peak_tflops": opts.peak_tflops,
                    "vocab": opts.vocab, "steps": opts.steps, "warmup": opts.warmup, "gen_tokens": opts.gen_tokens,
                    "repeats": opts.repeats, "rows": rows}, f, indent=1)
     with open(os.path.join(opts.out, "bench.md"), "w") as f:

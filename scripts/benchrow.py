@@ -19,6 +19,7 @@ import tempfile
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from benchlib import Result, dtype_flags, fairseq_config, lm_sample, timed, write_dictionary
 
@@ -30,6 +31,20 @@ def zipf_tokens(vocab: int, nspecial: int, shape: Tuple[int, int], gen: torch.Ge
     weights = 1.0 / torch.arange(1, vocab - nspecial + 1, dtype=torch.float64)
     draws = torch.multinomial(weights, shape[0] * shape[1], replacement=True, generator=gen)
     return (draws + nspecial).view(shape)
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters the step multiplies by: every matrix (2-D or more) except tables that are only looked up (an
+    embedding whose weight no other module shares; a tied output layer shares it, so it counts). 6 x this per token
+    is the model FLOPs of a training step without the attention score and value products; it overstates adaptive
+    softmax tails, which only their cluster's tokens reach."""
+    owners: Dict[int, List[nn.Module]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(module)
+    return sum(p.numel() for p in model.parameters()  # parameters() lists a shared tensor once
+               if p.dim() >= 2 and not all(isinstance(m, nn.Embedding) for m in owners[id(p)]))
 
 
 class FairseqRow:
@@ -53,6 +68,7 @@ class FairseqRow:
             named = list(model.named_parameters())  # an original reproduction holds these same weights
             self.params = (sum(p.numel() for _, p in named),
                            sum(p.numel() for n, p in named if n.startswith("decoder.layers.")))
+            self.matmul_params = matmul_params(model)
             if original:
                 from originals import original_of
 

@@ -189,3 +189,34 @@ def test_zipf_tokens_and_dictionary(tmp_path):
     assert (tokens == 4).float().mean() > (tokens >= 500).float().mean() / 10  # rank 1 is the most frequent
     benchrow.write_dictionary(str(tmp_path), 50)
     assert len(Dictionary.load(str(tmp_path / "dict.txt"))) == 50
+
+
+def test_matmul_params_skip_lookup_tables_and_count_a_tied_table_once():
+    from torch import nn
+
+    benchrow = script_module("benchrow")
+
+    def lm(tied: bool) -> nn.Module:
+        model = nn.Module()
+        model.embed = nn.Embedding(10, 4)  # 40: a lookup, unless the output layer shares it
+        model.ffn = nn.Linear(4, 4)  # 16 + a bias (1-D: not a matrix)
+        model.out = nn.Linear(4, 10, bias=False)  # 40
+        if tied:
+            model.out.weight = model.embed.weight
+        return model
+
+    assert benchrow.matmul_params(lm(tied=False)) == 16 + 40  # the input table excluded
+    assert benchrow.matmul_params(lm(tied=True)) == 16 + 40  # the shared table counted once, as the output layer
+
+
+def test_peak_tflops_adds_the_mfu_column(bench, tmp_path, capsys):
+    argv = ["--quick", "--models", "alibi", "--lengths", "16", "--in-process", "--metrics", "train",
+            "--peak-tflops", "0.5", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    (cells,) = parse_tables(capsys.readouterr().out)[0]
+    assert row["flops_per_token"] == 6 * script_module("benchrow").matmul_params(
+        bench.build_row(bench.parse_args(argv), "--arch alibi_lm_tiny", 16).trainer.model)
+    assert cells["MFU (6N)"] == f"{100 * row['train'] * row['flops_per_token'] / 0.5e12:.1f}%"
+    with pytest.raises(SystemExit, match="--peak-tflops must be > 0"):
+        bench.parse_args(["--quick", "--peak-tflops", "0"])
