@@ -56,7 +56,7 @@ class FairseqRow:
         from fairseq import tasks, utils
         from fairseq.trainer import Trainer
 
-        self.device, self.vocab, self.original = torch.device(device), vocab, original
+        self.device, self.vocab = torch.device(device), vocab
         own = [*flags, "--seed", str(seed), *(["--cpu"] if self.device.type == "cpu" else []),
                *dtype_flags(self.device.type, dtype)]
         with tempfile.TemporaryDirectory(prefix="bench_dict_") as data_dir:
