@@ -338,7 +338,8 @@ def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> st
             "| gen tok/s (short) | gen tok/s (long) |" + (" MFU (6N) |" if opts.peak_tflops else ""))
     lines = [f"## Benchmark: {machine(opts)['device']}, {opts.dtype}", "",
              f"- command: `{command}`",
-             f"- {streams_description(opts)}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; best of {opts.repeats} "
+             f"- {streams_description(opts)}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; "
+             f"best of {opts.repeats} "
              f"interleaved run(s) of {opts.steps} timed step(s) after {opts.warmup} warm-up; peak MB: "
              f"{memory_description(torch.device(opts.device))}",
              *([f"- MFU (6N): training tokens/s x 6 x parameters in matrices (the input embedding lookup excluded, "

@@ -15,10 +15,11 @@ Each row is one training configuration built the way ``fairseq-train`` builds it
 ``--criterion lm_loss``, a ``dict.txt`` of ``--vocab`` entries) and trained by fairseq's ``Trainer``
 (``scripts/benchrow.py``) on Zipf(1) tokens as B streams of M tokens with the per-layer caches carried from step to
 step (the decoder's "train" stream). A step is forward, ``lm_loss`` (mean NLL + the span loss), backward, and the
-paper's optimizer (``--optimizer adagrad_clip``, lr 0.07, per-tensor clip 0.03). z is pinned: after every optimizer step it is reset to the configured value (a real run clamps it to
-[0, 1] there), so every step computes the same window; its gradient is still computed. Before timing, the caches
-are filled by no-grad forwards (ceil(C / M) segments) and ``--warmup`` training steps run; tokens/s = B·M / step
-time (fastest of ``--steps``, the ``timeit`` convention on a shared machine; the median is printed too).
+paper's optimizer (``--optimizer adagrad_clip``, lr 0.07, per-tensor clip 0.03). z is pinned: after every
+optimizer step it is reset to the configured value (a real run clamps it to [0, 1] there), so every step computes
+the same window; its gradient is still computed. Before timing, the caches are filled by no-grad forwards
+(ceil(C / M) segments) and ``--warmup`` training steps run; tokens/s = B·M / step time (fastest of ``--steps``, the
+``timeit`` convention on a shared machine; the median is printed too).
 
 Reported per row: L, the computed window L_pos and the cache length C of every layer, the forward attention GFLOP of
 one step (``decoder.attention_gflop(B, M)``: content, position and value products over the materialised

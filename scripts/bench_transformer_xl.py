@@ -30,7 +30,8 @@ Every model is built the way ``fairseq-train`` builds it (``scripts/benchrow.py`
 registries, ``lm_loss``). Tokens are random, drawn from a Zipf(1) law over the dictionary ids (fairseq
 dictionaries are sorted by frequency), so the adaptive-softmax clusters see a text-like share of tokens (about 80%
 in the 20k head at 267,735 types) rather than the 93% tail share of uniform tokens. The same rows run in
-``scripts/bench.py`` (every family, generation too): ``--model LABEL="--arch ... --mem-len M" --original LABEL``. Each configuration runs in a fresh subprocess by default (``--in-process``
+``scripts/bench.py`` (every family, generation too): ``--model LABEL="--arch ... --mem-len M" --original LABEL``.
+Each configuration runs in a fresh subprocess by default (``--in-process``
 to disable); an out-of-memory configuration prints ``OOM`` in its row.
 
 Peak memory (training) is measured over the warm-up steps, which always include at least one step with a full
