@@ -1,15 +1,30 @@
 """ALiBi attention through PyTorch FlexAttention: the bias is a ``score_mod`` and the causal / padding masks a
-``block_mask``, so no (B, H, T, S) tensor is ever materialised (on GPU, under torch.compile).
+``block_mask``, so no (B, H, T, S) tensor is ever materialised.
 
 score_mod(s, b, h, i, j) = s - m_h * (q_offset + i - j)   (relative form), or s + m_h * j (key-index form).
-FlexAttention has no attention dropout, and in torch 2.13 no backward on CPU; asking for either is an error.
+
+On CUDA ``flex_attention`` runs compiled (``torch.compile``, built once per process): called eagerly it falls back
+to an unfused implementation that materialises the whole score matrix. The query offset enters ``score_mod`` and
+``mask_mod`` as a tensor, so a new offset (incremental decoding) does not recompile. On CPU it stays eager (the
+unfused reference; inductor's CPU FlexAttention template fails to compile some of the tested shapes in torch 2.13:
+a C++ error, ``cur_qSplitSize5`` undeclared). FlexAttention has no attention dropout, and in torch 2.13 no backward
+on CPU; asking for either is an error.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    """torch.compile(flex_attention), built on first use (compiling is lazy: nothing happens at import)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def alibi_attention_flex(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_offset: int = 0,
@@ -30,10 +45,11 @@ def alibi_attention_flex(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_o
     s = k.size(2)
     acc = torch.promote_types(q.dtype, torch.float32)
     slopes = slopes.to(device=q.device, dtype=acc)  # (H,)
+    offset = torch.tensor(q_offset, device=q.device)  # a tensor: a new offset is data, not a recompile
 
     if form == "relative":
         def score_mod(score, bi, hi, qi, kj):
-            return score - slopes[hi] * (qi + q_offset - kj).to(acc)
+            return score - slopes[hi] * (qi + offset - kj).to(acc)
     else:
         def score_mod(score, bi, hi, qi, kj):
             return score + slopes[hi] * kj.to(acc)
@@ -41,11 +57,12 @@ def alibi_attention_flex(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_o
     pad = key_padding_mask
 
     def mask_mod(bi, hi, qi, kj):
-        keep = kj <= qi + q_offset if causal else kj >= 0
+        keep = kj <= qi + offset if causal else kj >= 0
         if pad is not None:
             keep = keep & ~pad[bi, kj]
         return keep
 
     block_mask = create_block_mask(mask_mod, b if pad is not None else None, None, t, s, device=q.device)
-    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, T, D)
+    kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, T, D)
     return out
