@@ -9,7 +9,9 @@ The renormalisation a / (sum a + eps), eps = 1e-8 as the original, makes the res
 mass: trimmed and untrimmed windows (or the log-mask bias form) agree to ~eps / mass relative, exactly with eps = 0.
 
 ``impl="auto"`` picks ``skew`` and logs the choice once; ``skew`` is the original skew layout as zero-copy strided
-index maps; ``naive`` gathers each query's L-key window (the reference). An unknown implementation is an error.
+index maps; ``naive`` gathers each query's L-key window (the reference); ``flex`` is FlexAttention with the window
+and each head's span as a block mask (opt-in: no dropout, no CPU backward; flex.py). An unknown implementation is an
+error.
 """
 from __future__ import annotations
 
@@ -34,11 +36,19 @@ from .mask import (
 from .naive import adaptive_span_attention_naive
 from .skew import adaptive_span_attention_skew, skew, skew_pad, unskew, unskew_pad
 
-IMPLS = ("auto", "naive", "skew")
+IMPLS = ("auto", "naive", "skew", "flex")
+
+
+def _flex(*args, **kwargs) -> Tensor:
+    from .flex import adaptive_span_attention_flex  # imported lazily, as ALiBi's: CPU-only installs import cleanly
+
+    return adaptive_span_attention_flex(*args, **kwargs)
+
 
 _KERNELS: Dict[str, Callable[..., Tensor]] = {
     "naive": adaptive_span_attention_naive,
     "skew": adaptive_span_attention_skew,
+    "flex": _flex,
 }
 
 resolve_impl = ImplResolver("adaptive-span attention", IMPLS, "skew", "strided skew layout, no padded copies")
