@@ -1,7 +1,9 @@
 """Transformer-XL relative attention op: ``xl_relative_attention(q, k, v, r, u, v_bias, impl=...)``.
 
 ``impl="auto"`` picks ``sdpa`` and logs the choice once; ``shift`` is the original explicit-score algorithm with
-the relative shift; ``naive`` gathers r_{i-j} per (i, j) (the reference). An unknown implementation is an error.
+the relative shift; ``naive`` gathers r_{i-j} per (i, j) (the reference); ``flex`` is FlexAttention reading the
+unshifted position scores by index (opt-in: no dropout, no CPU backward; flex.py). An unknown implementation is an
+error.
 """
 from __future__ import annotations
 
@@ -15,12 +17,20 @@ from .mask import SAME_LENGTH_CONVENTIONS, same_length_window, xl_attention_mask
 from .naive import xl_relative_attention_naive
 from .shift import rel_shift, rel_shift_pad
 
-IMPLS = ("auto", "naive", "shift", "sdpa")
+IMPLS = ("auto", "naive", "shift", "sdpa", "flex")
+
+
+def _flex(*args, **kwargs) -> Tensor:
+    from .flex import xl_relative_attention_flex  # imported lazily, as ALiBi's: CPU-only installs import cleanly
+
+    return xl_relative_attention_flex(*args, **kwargs)
+
 
 _KERNELS: Dict[str, Callable[..., Tensor]] = {
     "naive": xl_relative_attention_naive,
     "shift": xl_relative_attention_shift,
     "sdpa": xl_relative_attention_sdpa,
+    "flex": _flex,
 }
 
 resolve_impl = ImplResolver("Transformer-XL attention", IMPLS, "sdpa", "relative scores as the additive bias")
