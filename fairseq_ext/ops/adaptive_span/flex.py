@@ -61,7 +61,8 @@ def adaptive_span_attention_flex(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor
     from torch.nn.attention.flex_attention import flex_attention
 
     if dropout_p > 0.0:
-        raise ValueError("attn_impl='flex' has no attention dropout; use attn_impl='skew' or --attention-dropout 0")
+        raise ValueError("attn_impl='flex' has no attention dropout (the span attention's is --dropout); use "
+                         "attn_impl='skew' to train with dropout")
     if span_mask is not None and not renorm:
         raise ValueError("attn_impl='flex' computes the renormalised span mask (softmax of s + log m); "
                          "--no-span-renorm needs attn_impl='skew' or 'naive'")
