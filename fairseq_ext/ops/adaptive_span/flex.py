@@ -12,24 +12,18 @@ for query i and context key j:
 softmax(s + log m) = (softmax(s) m) / sum(softmax(s) m), which is the reference's renormalisation with eps = 0: the
 reference's eps = 1e-8 changes the result by about eps / (the unmasked probability mass), far below fp32 resolution
 for any span that keeps its nearest positions. Without renormalisation (``renorm=False``) the masked weights are not
-a softmax, and FlexAttention has no attention dropout: both are errors. On CUDA ``flex_attention`` runs compiled
-(eager FlexAttention materialises the scores); on CPU it stays eager and forward-only (torch 2.13 has no CPU backward).
+a softmax, and FlexAttention has no attention dropout: both are errors. It runs through ``ops/flex_kernel.py``
+(compiled on CUDA, eager forward-only on CPU).
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-@functools.cache
-def _compiled_flex() -> Callable[..., Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
+from ..flex_kernel import cpu_forward_only, flex_kernel
 
 
 def _window(qi: Tensor, kj: Tensor, span: int) -> Tensor:
@@ -58,17 +52,14 @@ def adaptive_span_attention_flex(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor
                                  eps: float = 1e-8) -> Tensor:
     """Same arguments as ``adaptive_span_attention_naive`` (``eps`` is not applied: see the module docstring);
     returns (B, H, M, D)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     if dropout_p > 0.0:
         raise ValueError("attn_impl='flex' has no attention dropout (the span attention's is --dropout); use "
                          "attn_impl='skew' to train with dropout")
     if span_mask is not None and not renorm:
         raise ValueError("attn_impl='flex' computes the renormalised span mask (softmax of s + log m); "
                          "--no-span-renorm needs attn_impl='skew' or 'naive'")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise ValueError("attn_impl='flex' has no backward pass on CPU in this torch version; use attn_impl='skew' "
-                         "for CPU training (flex works for CPU inference and on GPU)")
+    q, k, v, key_pe, span_mask, pers_k, pers_v = cpu_forward_only([q, k, v, key_pe, span_mask, pers_k, pers_v],
+                                                                   fallback="skew")
     b, h, m, d = q.shape
     span, s = key_pe.size(-1), k.size(2)  # L, L + M
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -81,14 +72,9 @@ def adaptive_span_attention_flex(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor
         pk = (pers_k.to(q.dtype) * math.sqrt(d)).transpose(-1, -2).expand(b, -1, -1, -1)  # (B, H, N, D)
         pv = (pers_v.to(q.dtype) * math.sqrt(pers_v.size(-2))).expand(b, -1, -1, -1)  # (B, H, N, D)
         k, v = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)  # (B, H, L + M + N, D)
-    if q.device.type == "cpu":
-        q, k, v = q.detach(), k.detach(), v.detach()  # eager CPU FlexAttention refuses inputs requiring grad
-        pos = pos.detach()
-
     def score_mod(score: Tensor, bi: Tensor, hi: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
         w = _window(qi, kj, span)
         return torch.where(kj < s, score + pos[bi, hi, qi, w] + log_m[hi, w], score)
 
     block_mask = span_block_mask(log_m, m, s, k.size(2))
-    kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, M, D)
+    return flex_kernel(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, M, D)

@@ -3,44 +3,30 @@
 
 score_mod(s, b, h, i, j) = s - m_h * (q_offset + i - j)   (relative form), or s + m_h * j (key-index form).
 
-On CUDA ``flex_attention`` runs compiled (``torch.compile``, built once per process): called eagerly it falls back
-to an unfused implementation that materialises the whole score matrix. The query offset enters ``score_mod`` and
-``mask_mod`` as a tensor, so a new offset (incremental decoding) does not recompile. On CPU it stays eager (the
-unfused reference; inductor's CPU FlexAttention template fails to compile some of the tested shapes in torch 2.13:
-a C++ error, ``cur_qSplitSize5`` undeclared). FlexAttention has no attention dropout, and in torch 2.13 no backward
-on CPU; asking for either is an error.
+It runs through ``ops/flex_kernel.py`` (compiled on CUDA, eager forward-only on CPU). The query offset enters
+``score_mod`` and ``mask_mod`` as a tensor, so a new offset (incremental decoding) does not recompile.
+FlexAttention has no attention dropout; asking for it is an error.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-@functools.cache
-def _compiled_flex() -> Callable[..., Tensor]:
-    """torch.compile(flex_attention), built on first use (compiling is lazy: nothing happens at import)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
+from ..flex_kernel import cpu_forward_only, flex_kernel
 
 
 def alibi_attention_flex(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_offset: int = 0,
                          key_padding_mask: Optional[Tensor] = None, causal: bool = True, form: str = "relative",
                          dropout_p: float = 0.0) -> Tensor:
     """Same signature and result as ``alibi_attention_naive``; q: (B, H, T, D), k/v: (B, H, S, D)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     if dropout_p > 0.0:
         raise ValueError("attn_impl='flex' does not support attention dropout; use attn_impl='sdpa' or "
                          "--attention-dropout 0")
-    if q.device.type == "cpu":
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise ValueError("attn_impl='flex' has no backward pass on CPU in this torch version; use "
-                             "attn_impl='sdpa' for CPU training (flex works for CPU inference and on GPU)")
-        q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses CPU inputs that merely require grad
+    q, k, v = cpu_forward_only([q, k, v], fallback="sdpa")
     b, h, t, _ = q.shape
     s = k.size(2)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -63,6 +49,5 @@ def alibi_attention_flex(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_o
         return keep
 
     block_mask = create_block_mask(mask_mod, b if pad is not None else None, None, t, s, device=q.device)
-    kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, T, D)
+    out = flex_kernel(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, T, D)
     return out

@@ -6,38 +6,30 @@ Column c of the unshifted BD = (q + v) R^T holds distance S - 1 - c, and query i
 j at distance S - T + i - j, i.e. column T - 1 - i + j. The score_mod reads that column of BD as a captured buffer,
 so the relative shift is an index computation: BD is materialised once, never shifted or copied, and the content
 scores, softmax and P V are FlexAttention's (the causal / same-length mask is a ``block_mask``). FlexAttention has
-no attention dropout (an error). On CUDA it runs compiled; on CPU it stays eager and forward-only (torch 2.13 has no
-CPU backward), which is what its CPU tests check against the naive reference.
+no attention dropout (an error). It runs through ``ops/flex_kernel.py`` (compiled on CUDA, eager forward-only on
+CPU, which is what its CPU tests check against the naive reference).
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-@functools.cache
-def _compiled_flex() -> Callable[..., Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
+from ..flex_kernel import cpu_forward_only, flex_kernel
 
 
 def xl_relative_attention_flex(q: Tensor, k: Tensor, v: Tensor, r: Tensor, content_bias: Tensor,
                                position_bias: Tensor, *, window: Optional[int] = None,
                                dropout_p: float = 0.0) -> Tensor:
     """Same arguments as ``xl_relative_attention_naive``; returns (B, H, T, D)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     if dropout_p > 0.0:
         raise ValueError("attn_impl='flex' has no attention dropout; use attn_impl='sdpa' or --attention-dropout 0")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-            x.requires_grad for x in (q, k, v, r, content_bias, position_bias)):
-        raise ValueError("attn_impl='flex' has no backward pass on CPU in this torch version; use attn_impl='sdpa' "
-                         "for CPU training (flex works for CPU inference and on GPU)")
+    q, k, v, r, content_bias, position_bias = cpu_forward_only([q, k, v, r, content_bias, position_bias],
+                                                               fallback="sdpa")
     b, h, t, d = q.shape
     s = k.size(2)
     mem = s - t
@@ -55,5 +47,4 @@ def xl_relative_attention_flex(q: Tensor, k: Tensor, v: Tensor, r: Tensor, conte
         return visible
 
     block_mask = create_block_mask(mask_mod, None, None, t, s, device=q.device)
-    kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return kernel(qu, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, T, D)
+    return flex_kernel(q.device)(qu, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, T, D)
