@@ -59,10 +59,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run as `python scripts/bench.py` from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchlib.py
-from benchlib import (Result, bench_command, device_description, measure, memory_description, run_worker,  # noqa: E402
-                      timed, warm_up_peak)
+from benchlib import (DTYPE_FLAGS, Result, bench_command, device_description, dtype_flags, measure,  # noqa: E402
+                      memory_description, run_worker, timed, warm_up_peak)
 from benchrow import STREAM_TASK, FairseqRow  # noqa: E402
-from benchlib import DTYPE_FLAGS, dtype_flags  # noqa: E402
 from families import TINY, family_flags, fill, model_flag  # noqa: E402
 
 FAMILIES = family_flags(layers=4, dim=256, heads=8)
@@ -74,7 +73,8 @@ QUICK = dict(models=["tiny"], lengths=[16, 32], batch_size=2, vocab=64, steps=1,
 TRAIN_FLAGS = ["--optimizer", "adam", "--lr", "2.5e-4", "--clip-norm", "0.25"]  # before the row's own flags
 RESULT_PREFIX = "BENCH_RESULT "
 ORIGINAL_SUFFIX = "-original"
-ORIGINAL_METRICS = ("train", "stream")  # the originals carry state; they have no incremental decoding
+ORIGINAL_METRICS = ("train", "stream")  # what a reproduction is timed on (Transformer-XL's and SHA-RNN's have no
+#                                        incremental decoding; the ALiBi fork's generation is stock fairseq's)
 MEMORY_WINDOW = "bench_warmup"
 
 
