@@ -4,11 +4,13 @@
 On CPU in training the mask comes from packed random bits (``packed.py``: four 16-bit draws per 64-bit random
 number), about 4x cheaper than ``F.dropout``'s per-element Bernoulli draws, which cost a fifth of an SHA-RNN
 training step on CPU; the drop probability is ``p`` rounded to a multiple of 2^-16 and the scale matches it, so the
-output stays unbiased. Elsewhere (CUDA, where ``F.dropout`` is one fused kernel; evaluation; p = 0 or 1) this is
-``F.dropout``. ``naive.py`` is the reference the packed path is tested against (same bits, same mask).
+output stays unbiased. Elsewhere (CUDA, where ``F.dropout`` is one fused kernel; evaluation; p = 0 or 1; inside
+``torch.compile``, which fuses ``F.dropout``'s draws into its own kernels and cannot trace the int64 -> int16 view of
+the packed bits) this is ``F.dropout``. ``naive.py`` is the reference the packed path is tested against (same bits, same mask).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,6 +25,6 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout(x, p, training)`` with the CPU training mask drawn from packed bits (see the module docstring)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if training and 0.0 < p < 1.0 and x.device.type == "cpu":
+    if training and 0.0 < p < 1.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         return packed_dropout(x, p)
     return F.dropout(x, p, training)

@@ -98,3 +98,16 @@ def test_double_backward_matches_reference():
     bits = random_bits16(x.numel(), x.device, torch.Generator().manual_seed(9))
     ref = second(lambda t: dropout_from_bits(t, bits, 0.4))
     torch.testing.assert_close(fast, ref, rtol=1e-13, atol=0)
+
+
+def test_inside_torch_compile_it_is_torch_dropout():
+    """torch.compile cannot trace the int64 -> int16 view of the packed bits (its alias replay reads past the int64
+    storage): compiled code draws F.dropout's mask, an unbiased inverted dropout with the exact p."""
+    n, p = 1 << 18, 0.25
+    compiled = torch.compile(lambda x: dropout(x, p, True), backend="aot_eager", fullgraph=True)
+    out = compiled(torch.ones(n, requires_grad=True))
+    out.sum().backward()
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+    kept = out[out != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
