@@ -9,6 +9,8 @@ growing O(T·d)). Ops level, one attention layer's heads:
 
 * ``recurrent`` -- ``ops.fast_weights.delta_rule_recurrent`` (the token loop, lmtool's CUDA kernel's algorithm);
 * ``chunked``   -- ``ops.fast_weights.delta_rule_chunked`` (chunk C = ``--chunk-size``);
+* ``fla``       -- flash-linear-attention's Triton ``chunk_delta_rule`` through ``ops.fast_weights.fla`` (CUDA,
+  bf16 inputs; not in the default ``--impls``);
 * ``softmax``   -- ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on the same q, k, v sizes.
 
 Inputs: B × H heads × T tokens, d = D_φ = 16 (ELU+1), q and k sum-normalised (φ(x)/Σφ(x)), β = sigmoid(N(0, 1)),
@@ -49,8 +51,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchl
 from benchlib import (DTYPES, Result, add_run_arguments, apply_run_arguments, bench_main, measure,  # noqa: E402
                       memory_description, run_header, run_worker, speed, timed, warm_up_peak)
 from fairseq_ext.ops.fast_weights import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
+from fairseq_ext.ops.fast_weights.fla import delta_rule_fla  # noqa: E402
 
-IMPLS = ("recurrent", "chunked", "softmax")
+IMPLS = ("recurrent", "chunked", "fla", "softmax")
+DEFAULT_IMPLS = ("recurrent", "chunked", "softmax")  # fla: flash-linear-attention's Triton kernel, CUDA only
 DECODE_IMPLS = ("fast-weight", "softmax-kv-cache")
 HEADS, HEAD_DIM = 8, 16  # lmtool small: 8 heads of d = 16, ELU+1 keeps D_phi = d
 QUICK = dict(batch_sizes=[1, 2], lengths=[16, 64], steps=1, warmup=1, decode_context=128, decode_steps=3,
@@ -90,7 +94,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch-sizes", type=_ints, default=None, help="B values (default 1,4)")
     p.add_argument("--lengths", type=_ints, default=None, help="T values (default 256,1024,4096,16384)")
-    p.add_argument("--impls", type=_names(IMPLS), default=list(IMPLS), help="training-step rows")
+    p.add_argument("--impls", type=_names(IMPLS), default=list(DEFAULT_IMPLS),
+                   help="training-step rows (fla: fla-core's chunk_delta_rule, needs CUDA and Triton)")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk C of the chunked form")
     p.add_argument("--recurrent-max-len", type=int, default=None,
                    help="longest T the recurrence really runs; longer rows are extrapolated linearly from it "
@@ -156,6 +161,8 @@ def forward(impl: str, x: Inputs, chunk_size: int) -> Tensor:
         return delta_rule_recurrent(x.q, x.k, x.v, x.beta, None, scale)[0]
     if impl == "chunked":
         return delta_rule_chunked(x.q, x.k, x.v, x.beta, None, scale, chunk_size)[0]
+    if impl == "fla":
+        return delta_rule_fla(x.q, x.k, x.v, x.beta, None, scale)[0]
     return F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, scale=scale)
 
 

@@ -7,8 +7,8 @@
 #        Transformer-XL NVIDIA base (B 32 x 192, M 192; NVIDIA: 59,961 tokens/s on one A100 with AMP),
 #        SHA-RNN enwik8 (B 16 x 1024, LAMB);
 #   3. adaptive span large with spans pinned small .. large and the fixed span (scripts/bench_adaptive_span.py:
-#      tokens/s should rise as the span falls), and the delta rule's kernels at T = 4096
-#      (scripts/bench_fast_weights.py);
+#      tokens/s should rise as the span falls), and the delta rule's kernels at T = 4096: ours, fla's Triton
+#      kernel (target: ours >= 0.8x fla) and softmax SDPA (scripts/bench_fast_weights.py);
 #   4. the GPU tests: tests/gpu (bf16 fast paths) and tests/models/test_compile.py.
 # Everything lands in OUT (default bench-out/gpu): peak.json, one directory or .md per bench, tests.txt.
 set -euo pipefail
@@ -74,5 +74,5 @@ run_to "$OUT/adaptive_span.md" "$PY" scripts/bench_adaptive_span.py --device cud
   --preset adaptive_span_enwik8_large --batch-size 8 --configs small,z=0.0625,z=0.25,large,fixed --tables main \
   --steps "$STEPS" --timeout 600
 run_to "$OUT/fast_weights.md" "$PY" scripts/bench_fast_weights.py --device cuda --dtype bf16 --batch-sizes 8 \
-  --lengths 1024,4096 --steps "$STEPS" --timeout 600
+  --lengths 1024,4096 --impls recurrent,chunked,fla,softmax --steps "$STEPS" --timeout 600
 run_to "$OUT/tests.txt" "$PY" -m pytest tests/gpu tests/models/test_compile.py -q -p no:cacheprovider

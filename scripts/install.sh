@@ -23,6 +23,12 @@ fi
 if ! "$PY" -c "import matplotlib" 2>/dev/null; then
   "$PY" -m pip install -q "matplotlib>=3.7" "numpy<2"
 fi
+# fla-core (MIT, pure Python; its Triton kernels need CUDA): the optional --attn-impl fla path of the delta rule. Its
+# reference recurrence is what tests/ops/fast_weights/test_fla.py checks our conventions against on CPU; --no-deps so
+# that pip never resolves torch or triton (einops is its one import outside torch).
+if ! "$PY" -c "import importlib.util as u, einops; assert u.find_spec('fla')" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps fla-core==0.6.0 einops
+fi
 if ! "$PY" -c "import fairseq, fairseq.data.data_utils_fast" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
 fi

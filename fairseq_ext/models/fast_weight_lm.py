@@ -58,7 +58,7 @@ from fairseq_ext.modules.init import xl_weights_init
 ATTN_TYPES = ("softmax", "linear", "performer", "dpfp")
 UPDATE_RULES = ("sum", "delta")
 FWP_NORMALIZE = ("auto", "none", "output", "full")
-ATTN_IMPLS = ("auto", "recurrent", "chunked")
+ATTN_IMPLS = ("auto", "recurrent", "chunked", "fla")
 
 # lmtool --attn_type code -> (attn_type, update_rule, normalisation without / with --skip_attn_normalization)
 LMTOOL_ATTN_TYPES = {
@@ -130,7 +130,8 @@ class FastWeightLMConfig(CompileOptions):
     fwp_chunk_size: int = field(default=64, metadata={"help": "chunk size C of the chunkwise-parallel form"})
     attn_impl: ChoiceEnum(ATTN_IMPLS) = field(
         default="auto", metadata={"help": "fast-weight kernel: auto (chunked; one token: recurrent), recurrent, "
-                                          "chunked"})
+                                          "chunked, fla (delta rule on CUDA: flash-linear-attention's Triton "
+                                          "kernel, needs fla-core)"})
     adaptive_softmax_cutoff: Optional[str] = field(
         default=None, metadata={"help": "comma-separated adaptive input/softmax cutoffs, e.g. 20000,40000,200000; "
                                         "default: full softmax"})

@@ -68,3 +68,41 @@ def test_bf16_fast_path_matches_fp32(arch: str, base: Sequence[str], impl: Seque
             continue  # a gradient that is zero in fp32 (e.g. an unused bias) has no direction to compare
         cosine = torch.nn.functional.cosine_similarity(a.flatten(), e.flatten(), dim=0)
         assert cosine >= 0.98, f"{arch}: gradient {i} cosine {cosine:.4f} to fp32 in bf16"
+
+
+def fla_imports() -> bool:
+    try:
+        import fla.ops.delta_rule  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not (CUDA and fla_imports()), reason="needs CUDA and fla-core with Triton")
+@pytest.mark.parametrize("t", [1, 100, 512])
+def test_fla_chunk_kernel_matches_our_recurrence(t: int):
+    """flash-linear-attention's Triton chunked delta rule (``--attn-impl fla``: bf16 inputs, fp32 state) against
+    this package's fp32 recurrence with an initial state: outputs, final state, and gradients (cosine >= 0.98)."""
+    from fairseq_ext.ops.fast_weights import delta_rule_recurrent
+    from fairseq_ext.ops.fast_weights.fla import delta_rule_fla
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, dk, dv = 2, 4, 64, 64
+    q = torch.randn(b, h, t, dk, device="cuda", generator=g)
+    k = torch.rand(b, h, t, dk, device="cuda", generator=g) + 0.05
+    k = k / k.sum(-1, keepdim=True)  # sum-normalised keys, as the model feeds the delta rule
+    v = torch.randn(b, h, t, dv, device="cuda", generator=g)
+    beta = torch.rand(b, h, t, device="cuda", generator=g)
+    s0 = torch.randn(b, h, dk, dv, device="cuda", generator=g) * 0.1
+    leaves = [x.requires_grad_() for x in (q, k, v, beta, s0)]
+    ref, ref_state = delta_rule_recurrent(q, k, v, beta, s0, dk ** -0.5)
+    out, state = delta_rule_fla(q, k, v, beta, s0, dk ** -0.5)
+    for name, a, e in (("output", out, ref), ("final state", state, ref_state)):
+        error = (a - e).abs().max() / e.abs().max()
+        assert error < 0.05, f"fla {name} off by {error:.3g} of its scale"
+    g_out, g_state = torch.randn_like(ref), torch.randn_like(ref_state)
+    expected = torch.autograd.grad((ref * g_out).sum() + (ref_state * g_state).sum(), leaves)
+    actual = torch.autograd.grad((out * g_out).sum() + (state * g_state).sum(), leaves)
+    for name, a, e in zip(["q", "k", "v", "beta", "initial state"], actual, expected):
+        cosine = torch.nn.functional.cosine_similarity(a.flatten().float(), e.flatten(), dim=0)
+        assert cosine >= 0.98, f"fla gradient of {name}: cosine {cosine:.4f} to the fp32 recurrence"

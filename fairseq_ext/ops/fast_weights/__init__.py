@@ -15,8 +15,9 @@ sum carried in the state):
 The state (``FastWeightState``: S (B, H, D_k, D_v), z (B, H, D_k) for the normalised variants) is accumulated in fp32
 at least whatever the input dtype, also inside an autocast region (the op turns autocast off); pass
 ``state.detach()`` for truncated BPTT or the state itself to let gradients reach it. ``impl``: ``recurrent`` (token
-loop, the reference), ``chunked`` (chunkwise-parallel, chunk_size C), ``auto`` (``chunked``, logged once; a single
-token always takes the recurrence, which is the same maths).
+loop, the reference), ``chunked`` (chunkwise-parallel, chunk_size C), ``fla`` (the delta rule on CUDA by
+flash-linear-attention's Triton kernel when fla-core imports, bfloat16 inputs, float32 state: ``fla.py``), ``auto``
+(``chunked``, logged once; a single token always takes the recurrence, which is the same maths).
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from fairseq_ext.state import FastWeightState
 
 from ..dispatch import ImplResolver
 from .chunked import DEFAULT_CHUNK, check_keys, delta_rule_chunked, sum_rule_chunked
+from .fla import check_fla_inputs, delta_rule_fla
 from .recurrent import acc_dtype, autocast_off, delta_rule_recurrent, sum_rule_recurrent
 
 RULES = ("sum", "delta")
 NORMALIZATIONS = ("none", "output", "full")
-IMPLS = ("auto", "recurrent", "chunked")
+IMPLS = ("auto", "recurrent", "chunked", "fla")
 EPS = 1e-5  # the original's denominator epsilon
 
 resolve_impl = ImplResolver("fast-weight attention", IMPLS, "chunked", "chunkwise-parallel form, any chunk size")
@@ -85,6 +87,8 @@ def _fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tenso
     acc = acc_dtype(q.dtype)
     t = q.size(2)
     concrete = "recurrent" if t == 1 and impl == "auto" else resolve_impl(impl)
+    if concrete == "fla":
+        check_fla_inputs(q, rule)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     weight = state.weight if state is not None else None
     key_sum = state.key_sum if state is not None else None
@@ -112,6 +116,9 @@ def _fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tenso
             check = False  # the original's transform; its keys are not bounded (the recurrence is the model)
         if concrete == "recurrent":
             out, weight = delta_rule_recurrent(qa, ka, va, ba, weight, scale)
+        elif concrete == "fla":
+            out, weight = delta_rule_fla(qa, ka, va, ba, weight, scale)
+            out = out.to(acc)
         else:
             out, weight = delta_rule_chunked(qa, ka, va, ba, weight, scale, chunk_size, check=check)
     new_sum = None
