@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fairseq_ext.models.sha_rnn_lm import SHARNNLanguageModel
-from fairseq_ext.modules.blocks.sha_rnn_block import Boom, gelu_1702
+from fairseq_ext.modules.blocks.sha_rnn_block import Boom
+from fairseq_ext.ops.boom import gelu_1702
 from tests.harness import assert_close, build_model, single_thread, stream_segments, tiny_dictionary
 
 VOCAB = 40  # 4 specials + 36 words

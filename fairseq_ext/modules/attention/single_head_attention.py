@@ -93,10 +93,10 @@ class SingleHeadAttention(nn.Module):
         q = dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)
         k = torch.sigmoid(self.ks) * memory  # (B, S, d)
         v = dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
-        scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(self.dim)  # (B, T, S)
+        scores = torch.matmul(q, k.transpose(1, 2)).div_(math.sqrt(self.dim))  # (B, T, S), scaled in place
         rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
         cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
-        scores = scores.masked_fill(cols > rows, float("-inf"))
+        scores = scores.masked_fill_(cols > rows, float("-inf"))  # in place: the product saves its inputs only
         probs = torch.softmax(scores, dim=-1, dtype=dtype).to(v.dtype)  # (B, T, S) normalised in fp32 at least
         probs = dropout(probs, self.dropout, self.training)
         return torch.matmul(probs, v)  # (B, T, d)

@@ -20,17 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+from fairseq_ext.ops.boom import boom_activation
 from fairseq_ext.ops.dropout import dropout
 from fairseq_ext.state import SHARNNBlockState
 
 
-def gelu_1702(x: Tensor) -> Tensor:
-    """The original's GELU approximation x·σ(1.702x)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
 class Boom(nn.Module):
-    """Linear(d, d_ff) with bias -> GELU_1.702 -> dropout -> sum of the d_ff/d chunks of width d."""
+    """Linear(d, d_ff) with bias -> GELU_1.702 -> dropout -> sum of the d_ff/d chunks of width d (``ops/boom``)."""
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
@@ -42,8 +38,7 @@ class Boom(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, d) -> (B, T, d)."""
-        z = dropout(gelu_1702(self.linear1(x)), self.dropout, self.training)  # (B, T, d_ff)
-        return z.view(*z.shape[:-1], -1, self.dim).sum(dim=-2)  # (B, T, d_ff/d, d) -> (B, T, d)
+        return boom_activation(self.linear1(x), self.dim, self.dropout, self.training)  # (B, T, d_ff) -> (B, T, d)
 
 
 class SHARNNBlock(nn.Module):

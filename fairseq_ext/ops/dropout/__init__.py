@@ -15,16 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .naive import dropout_from_bits
-from .packed import PROB_BITS, packed_dropout, quantized_drop_count, random_bits16
+from .packed import FLOAT_MASK_DTYPES, PROB_BITS, float_mask, packed_dropout, quantized_drop_count, random_bits16
 
-__all__ = ["dropout", "dropout_from_bits", "packed_dropout", "quantized_drop_count", "random_bits16",
-           "PROB_BITS"]
+__all__ = ["dropout", "dropout_from_bits", "packed_dropout", "quantized_drop_count", "random_bits16", "float_mask",
+           "uses_packed_bits", "FLOAT_MASK_DTYPES", "PROB_BITS"]
+
+
+def uses_packed_bits(x: Tensor, p: float, training: bool) -> bool:
+    """Whether ``dropout(x, p, training)`` draws its mask from packed bits (CPU training outside torch.compile)."""
+    return training and 0.0 < p < 1.0 and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout(x, p, training)`` with the CPU training mask drawn from packed bits (see the module docstring)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if training and 0.0 < p < 1.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if uses_packed_bits(x, p, training):
         return packed_dropout(x, p)
     return F.dropout(x, p, training)

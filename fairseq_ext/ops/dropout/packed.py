@@ -30,6 +30,16 @@ def random_bits16(n: int, device: torch.device, generator: Optional[torch.Genera
     return words.view(torch.int16)[:n]
 
 
+FLOAT_MASK_DTYPES = (torch.float32, torch.float64)  # every int16 draw is exact in these
+
+
+def float_mask(bits: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """int16 draws (``random_bits16``) -> the inverted-dropout mask in {0, 2^16 / (2^16 - k)} as ``dtype`` (one of
+    ``FLOAT_MASK_DTYPES``), element kept iff its unsigned draw u >= k."""
+    # signed draw - (k - 2^15 - 1) is >= 1 iff kept and <= 0 iff dropped: clamped to 0 / 1, then scaled
+    return bits.to(dtype).sub_(k - _LEVELS // 2 - 1).clamp_(0.0, 1.0).mul_(_LEVELS / (_LEVELS - k))
+
+
 def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) -> Tensor:
     """x (any shape) -> x * keep * 2^16 / (2^16 - k), keep from ``random_bits16``; differentiable in x.
 
@@ -45,10 +55,8 @@ def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = N
         return x * 0.0
     bits = random_bits16(x.numel(), x.device, generator).view(x.shape)  # int16, x's shape
     scale = _LEVELS / (_LEVELS - k)
-    if x.dtype in (torch.float32, torch.float64):  # every int16 is exact in these: the mask is built in x's dtype
-        # signed draw - (k - 2^15 - 1) is >= 1 iff kept (u >= k) and <= 0 iff dropped: clamped to 0 / 1, scaled
-        mask = bits.to(x.dtype).sub_(k - _LEVELS // 2 - 1).clamp_(0.0, 1.0).mul_(scale)  # (..) in {0, scale}
-        return x * mask  # autograd saves only the mask (x's gradient is grad * mask)
+    if x.dtype in FLOAT_MASK_DTYPES:
+        return x * float_mask(bits, k, x.dtype)  # autograd saves only the mask (x's gradient is grad * mask)
     keep = bits >= k - _LEVELS // 2  # (..) bool: unsigned u >= k  <=>  signed u - 2^15 >= k - 2^15
     return _MaskScale.apply(x, keep, scale)
 
