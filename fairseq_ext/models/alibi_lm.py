@@ -64,8 +64,9 @@ class AlibiLanguageModelConfig(TransformerLanguageModelConfig, CompileOptions):
         default="auto",
         metadata={"help": "attention kernel: naive (explicit reference), sdpa (scaled_dot_product_attention with "
                           "a broadcast (1,H,T,S) bias), chunked (sdpa per block of query rows, bias built per "
-                          "block: memory O(chunk x S)), flex (FlexAttention score_mod), auto (sdpa; chunked "
-                          "without gradients when T exceeds one chunk; logs its choice)"},
+                          "block: memory O(chunk x S)), flex (FlexAttention score_mod), flash (FlashAttention-2 "
+                          "alibi_slopes: CUDA fp16/bf16, needs flash-attn), auto (sdpa; chunked without gradients "
+                          "when T exceeds one chunk; logs its choice)"},
     )
     alibi_chunk_size: int = field(
         default=0,

@@ -1,10 +1,12 @@
-"""ALiBi attention op: ``alibi_attention(q, k, v, slopes, impl=...)`` dispatching to naive / sdpa / chunked / flex.
+"""ALiBi attention op: ``alibi_attention(q, k, v, slopes, impl=...)`` dispatching to naive / sdpa / chunked / flex /
+flash.
 
 ``impl="auto"`` picks ``sdpa`` (fused kernels on CPU and GPU, handles dropout and padding), except when no gradient
 is being recorded (``torch.no_grad`` / ``inference_mode``: evaluation) and the T queries need more than one chunk
 (``T > chunk_size``, by default the rows whose (1, H, rows, S) bias fits ``BIAS_BUDGET`` values): then ``chunked``,
 which builds the bias per query chunk (O(chunk x S) memory instead of O(T x S)). Each choice is logged once.
-``naive`` is the explicit reference; ``flex`` is FlexAttention with a score_mod (opt-in). An explicitly requested
+``naive`` is the explicit reference; ``flex`` is FlexAttention with a score_mod (opt-in); ``flash`` is
+FlashAttention-2's ``alibi_slopes`` when the ``flash-attn`` package imports (opt-in, CUDA fp16/bf16, ``flash.py``). An explicitly requested
 implementation that cannot run is an error, never a silent fallback.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .chunked import BIAS_BUDGET, alibi_attention_chunked, chunk_rows
 from .naive import alibi_attention_naive
 from .sdpa import alibi_attention_sdpa, alibi_sdpa_bias
 
-IMPLS = ("auto", "naive", "sdpa", "chunked", "flex")
+IMPLS = ("auto", "naive", "sdpa", "chunked", "flex", "flash")
 
 
 def _flex(*args, **kwargs) -> Tensor:
@@ -29,11 +31,18 @@ def _flex(*args, **kwargs) -> Tensor:
     return alibi_attention_flex(*args, **kwargs)
 
 
+def _flash(*args, **kwargs) -> Tensor:
+    from .flash import alibi_attention_flash
+
+    return alibi_attention_flash(*args, **kwargs)
+
+
 _KERNELS: Dict[str, Callable[..., Tensor]] = {
     "naive": alibi_attention_naive,
     "sdpa": alibi_attention_sdpa,
     "chunked": alibi_attention_chunked,
     "flex": _flex,
+    "flash": _flash,
 }
 
 resolve_impl = ImplResolver("ALiBi attention", IMPLS, "sdpa", "scaled_dot_product_attention, (1,H,T,S) bias")
