@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.utils import safe_getattr
 from omegaconf import II
@@ -42,6 +43,7 @@ from fairseq_ext.models.base import StatefulLanguageModel
 from fairseq_ext.models.base.compile import CompileOptions
 from fairseq_ext.models.base.core_decoder import CoreDecoder
 from fairseq_ext.models.base.presets import set_defaults
+from fairseq_ext.modules.attention.single_head_attention import IMPLS as ATTN_IMPLS
 from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
 from fairseq_ext.modules.dead_rows import DeadRows
 from fairseq_ext.modules.blocks.sha_rnn_block import SHARNNBlock
@@ -67,6 +69,10 @@ class SHARNNConfig(CompileOptions):
     max_memory: int = field(default=5000, metadata={"help": "attention window W: keys seen by a query"})
     collapse_value_gate: bool = field(default=False, metadata={"help": "build the Overparam value gate collapsed "
                                                                        "(vs used as is, no vq)"})
+    attn_impl: ChoiceEnum(ATTN_IMPLS) = field(
+        default="auto", metadata={"help": "attention kernel: naive (written-out softmax, the reference; what auto "
+                                          "runs), sdpa (scaled_dot_product_attention with its own dropout: fused "
+                                          "kernels on CUDA)"})
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 
@@ -117,7 +123,9 @@ class SHARNNDecoder(CoreDecoder):
         super().__init__(
             dictionary, nn.Embedding(vocab, dim), PositionTerm(),
             layers=[SHARNNBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropouth, i in attn_layers, cfg.max_memory,
-                                collapsed=cfg.collapse_value_gate) for i in range(cfg.decoder_layers)],
+                                collapsed=cfg.collapse_value_gate,
+                                attn_impl=str(safe_getattr(cfg, "attn_impl", "auto")))
+                    for i in range(cfg.decoder_layers)],
             layer_norm=None, adaptive_softmax=None, dropout=cfg.dropout, tokens_per_sample=tokens_per_sample,
             input_dropout=cfg.dropouti)
         self.embed_dim = dim

@@ -32,6 +32,7 @@ CASES = [
     ("fast_weight_tiny", ["--carry-over-fast-weight"], {"cuda": ["--attn-impl", "chunked"],
                                                          "cpu": ["--attn-impl", "chunked"]}),
     ("sha_rnn_tiny", ["--max-memory", "32"], {"cuda": [], "cpu": []}),
+    ("sha_rnn_tiny", ["--max-memory", "32"], {"cuda": ["--attn-impl", "sdpa"], "cpu": ["--attn-impl", "sdpa"]}),
     ("composed_hybrid_delta_tiny", ["--mem-len", "16"], {"cuda": [], "cpu": []}),
 ]
 PARAMS = [pytest.param(arch, base, impl[device], device, id=f"{device}-{arch}-{'-'.join(impl[device]) or 'default'}",

@@ -151,6 +151,38 @@ def test_memory_fully_visible_current_segment_causal():
         assert torch.all(norms[:6 + i + 1] > 0) and torch.all(norms[6 + i + 1:] == 0), (i, norms)
 
 
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_sdpa_attention_equals_naive_outputs_and_gradients(collapsed):
+    """--attn-impl sdpa (scaled_dot_product_attention, boolean mask) == the written-out attention (float64, memory
+    keys before an odd segment, every parameter's gradient)."""
+    model = make(["--collapse-value-gate"] if collapsed else [])
+    naive = model.decoder.layers[0].attn
+    assert naive.attn_impl == "auto"
+    query = torch.randn(3, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    memory = torch.randn(3, 12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                         requires_grad=True)
+    expected = naive(query, memory)
+    naive.attn_impl = "sdpa"
+    actual = naive(query, memory)
+    assert_close(actual, expected, atol=1e-12, rtol=1e-10, msg="output")
+    params = [memory, *naive.parameters()]
+    grad = torch.randn_like(expected)
+    for i, (a, e) in enumerate(zip(torch.autograd.grad(actual, params, grad),
+                                   torch.autograd.grad(expected, params, grad))):
+        assert_close(a, e, atol=1e-12, rtol=1e-10, msg=f"gradient {i}")
+
+
+def test_sdpa_flag_reaches_every_attention_block_and_bad_names_are_refused():
+    model = make(["--attn-impl", "sdpa"])
+    assert [layer.attn.attn_impl for layer in model.decoder.layers if layer.attn is not None] == ["sdpa", "sdpa"]
+    reference = make()
+    x = tokens(2, 8)
+    assert_close(model(x)[0], reference(x)[0], atol=1e-10, rtol=1e-10, msg="model log-probs, sdpa vs naive")
+    from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+    with pytest.raises(ValueError, match="unknown attn_impl 'flash' for SHA-RNN attention"):
+        SingleHeadAttention(8, 0.1, attn_impl="flash")
+
 # ----------------------------------------------------------------------------------------------------------------------
 # check 6: trimming (segments == one pass, incremental decoding == streaming, beam reordering, forward/backward and
 # save -> load of sha_rnn_tiny: tests/models/test_contract.py)

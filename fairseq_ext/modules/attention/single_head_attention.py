@@ -13,6 +13,11 @@ outputs: carried memory followed by the current segment) and the query stream x 
 sigmoid), as the original's ``vq_collapse``. The mask: the first S - T keys (memory) are visible to every query,
 the last T (current segment) causally.
 
+``attn_impl``: ``naive`` (the scores, mask, softmax and probability dropout written out: the reference, and what
+``auto`` runs) or ``sdpa`` (``scaled_dot_product_attention`` with a boolean mask and its own dropout: on CUDA its
+fused kernels keep no (B, T, S) scores; opt-in, since on CPU it is no faster and it moves the converted checkpoints'
+log-probabilities by their last bits).
+
 Precision under a half-precision model (``model.half()`` / ``.to(torch.bfloat16)``): ``qln`` keeps fp32 parameters
 and runs in fp32; the softmax normalises in fp32 and the probabilities are cast back for the value product.
 """
@@ -23,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fairseq_ext.ops.dispatch import ImplResolver
 from fairseq_ext.ops.dropout import dropout
+
+IMPLS = ("auto", "naive", "sdpa")
+resolve_impl = ImplResolver("SHA-RNN attention", IMPLS, "naive", "written-out softmax: the reference; sdpa is opt-in")
 
 
 class Overparam(nn.Module):
@@ -44,8 +53,12 @@ class SingleHeadAttention(nn.Module):
     """Pure single-headed attention; see the module docstring. Parameters: qs, ks, vs (d,), q (Linear d -> d),
     qln (LayerNorm d, eps 1e-12), vq.l1 (Linear d -> 2d; absent when collapsed)."""
 
-    def __init__(self, dim: int, dropout: float, collapsed: bool = False, eps: float = 1e-12) -> None:
+    def __init__(self, dim: int, dropout: float, collapsed: bool = False, eps: float = 1e-12,
+                 attn_impl: str = "auto") -> None:
         super().__init__()
+        if attn_impl not in IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r} for SHA-RNN attention; choose one of {IMPLS}")
+        self.attn_impl = attn_impl
         self.dim = dim
         self.dropout = dropout
         self.qs = nn.Parameter(torch.zeros(dim))
@@ -93,9 +106,14 @@ class SingleHeadAttention(nn.Module):
         q = dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)
         k = torch.sigmoid(self.ks) * memory  # (B, S, d)
         v = dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
-        scores = torch.matmul(q, k.transpose(1, 2)).div_(math.sqrt(self.dim))  # (B, T, S), scaled in place
         rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
         cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
+        if resolve_impl(self.attn_impl) == "sdpa":
+            out = F.scaled_dot_product_attention(  # one head: (B, 1, T|S, d)
+                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=cols <= rows,
+                dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.dim))
+            return out.squeeze(1)  # (B, T, d)
+        scores = torch.matmul(q, k.transpose(1, 2)).div_(math.sqrt(self.dim))  # (B, T, S), scaled in place
         scores = scores.masked_fill_(cols > rows, float("-inf"))  # in place: the product saves its inputs only
         probs = torch.softmax(scores, dim=-1, dtype=dtype).to(v.dtype)  # (B, T, S) normalised in fp32 at least
         probs = dropout(probs, self.dropout, self.training)

@@ -45,7 +45,7 @@ class SHARNNBlock(nn.Module):
     """One SHA-RNN block; pure: ``forward(x, state) -> (y, new_state)``."""
 
     def __init__(self, dim: int, ffn_dim: int, dropouth: float, use_attn: bool, max_memory: int,
-                 collapsed: bool = False, eps: float = 1e-12) -> None:
+                 collapsed: bool = False, eps: float = 1e-12, attn_impl: str = "auto") -> None:
         super().__init__()
         self.dim = dim
         self.dropouth = dropouth
@@ -56,7 +56,7 @@ class SHARNNBlock(nn.Module):
         self.lnff = nn.LayerNorm(dim, eps=eps)
         self.lnxff = nn.LayerNorm(dim, eps=eps)
         self.rnn = nn.LSTM(dim, dim, batch_first=True)
-        self.attn: Optional[SingleHeadAttention] = SingleHeadAttention(dim, dropouth, collapsed, eps) \
+        self.attn: Optional[SingleHeadAttention] = SingleHeadAttention(dim, dropouth, collapsed, eps, attn_impl) \
             if use_attn else None
         self.ff = Boom(dim, ffn_dim, dropouth)
 
