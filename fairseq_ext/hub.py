@@ -46,12 +46,19 @@ def load(path: str, data: Optional[str] = None, device: Union[str, torch.device,
     ``--model-overrides`` (e.g. ``{"mem_len": 1600}``). ``device``: default CUDA when available, else CPU.
     """
     from fairseq import checkpoint_utils
+    from fairseq.dataclass.utils import overwrite_args_by_name
 
     checkpoint = _checkpoint_file(path)
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
     data_dir = _data_dir(checkpoint, data, state)
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data_dir, **(overrides or {})}, state=state)
+    arg_overrides = {"data": data_dir, **(overrides or {})}
+    # load_model_ensemble_and_task applies arg_overrides only when it reads the file itself: with a state given, the
+    # checkpoint's own data directory (gone on another machine) would be used, so the state's config is overridden
+    # here as load_checkpoint_to_cpu does
+    if state.get("cfg") is not None:
+        overwrite_args_by_name(state["cfg"], arg_overrides)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=arg_overrides,
+                                                                      state=state)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return LanguageModel(models[0], task.target_dictionary, int(cfg.task.tokens_per_sample), device)
 

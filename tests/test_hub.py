@@ -133,6 +133,7 @@ def test_load_works_from_any_directory_and_says_what_is_missing(tmp_path, monkey
     state = torch.load(case_dir / "model.pt", weights_only=False)
     state["cfg"]["task"]["data"] = str(tmp_path / "gone")  # the training data directory no longer exists
     torch.save(state, case_dir / "model.pt")
+    assert hub.load("copy", device="cpu").score("w1 w2")["log_probs"].numel() == 3  # the dict.txt beside it serves
     os.remove(case_dir / "dict.txt")
     with pytest.raises(hub.MissingFileError, match="pass data="):
         hub.load("copy/model.pt")
