@@ -10,6 +10,7 @@ is the whole model's bf16 error, not the kernel's: on CPU, Transformer-XL's naiv
 its reference is the fp64 kernel tests' job (tests/ops).
 """
 import copy
+import importlib
 from typing import List, Sequence
 
 import pytest
@@ -71,15 +72,28 @@ def test_bf16_fast_path_matches_fp32(arch: str, base: Sequence[str], impl: Seque
         assert cosine >= 0.98, f"{arch}: gradient {i} cosine {cosine:.4f} to fp32 in bf16"
 
 
-def fla_imports() -> bool:
+def imports(module: str) -> bool:
+    """Whether an optional kernel package imports here (fla needs Triton, flash-attn a CUDA build)."""
     try:
-        import fla.ops.delta_rule  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not (CUDA and fla_imports()), reason="needs CUDA and fla-core with Triton")
+def assert_bf16_matches(name: str, actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
+                        grads: Sequence[torch.Tensor], expected_grads: Sequence[torch.Tensor],
+                        grad_names: Sequence[str]) -> None:
+    """bf16 outputs within 5% of the fp32 reference's scale, gradients with cosine >= 0.98 to the reference's."""
+    for a, e in zip(actual, expected):
+        error = (a.float() - e).abs().max() / e.abs().max()
+        assert error < 0.05, f"{name}: output off by {error:.3g} of its scale"
+    for grad_name, a, e in zip(grad_names, grads, expected_grads):
+        cosine = torch.nn.functional.cosine_similarity(a.flatten().float(), e.flatten(), dim=0)
+        assert cosine >= 0.98, f"{name}: gradient of {grad_name}: cosine {cosine:.4f} to the fp32 reference"
+
+
+@pytest.mark.skipif(not (CUDA and imports("fla.ops.delta_rule")), reason="needs CUDA and fla-core with Triton")
 @pytest.mark.parametrize("t", [1, 100, 512])
 def test_fla_chunk_kernel_matches_our_recurrence(t: int):
     """flash-linear-attention's Triton chunked delta rule (``--attn-impl fla``: bf16 inputs, fp32 state) against
@@ -98,26 +112,14 @@ def test_fla_chunk_kernel_matches_our_recurrence(t: int):
     leaves = [x.requires_grad_() for x in (q, k, v, beta, s0)]
     ref, ref_state = delta_rule_recurrent(q, k, v, beta, s0, dk ** -0.5)
     out, state = delta_rule_fla(q, k, v, beta, s0, dk ** -0.5)
-    for name, a, e in (("output", out, ref), ("final state", state, ref_state)):
-        error = (a - e).abs().max() / e.abs().max()
-        assert error < 0.05, f"fla {name} off by {error:.3g} of its scale"
     g_out, g_state = torch.randn_like(ref), torch.randn_like(ref_state)
     expected = torch.autograd.grad((ref * g_out).sum() + (ref_state * g_state).sum(), leaves)
     actual = torch.autograd.grad((out * g_out).sum() + (state * g_state).sum(), leaves)
-    for name, a, e in zip(["q", "k", "v", "beta", "initial state"], actual, expected):
-        cosine = torch.nn.functional.cosine_similarity(a.flatten().float(), e.flatten(), dim=0)
-        assert cosine >= 0.98, f"fla gradient of {name}: cosine {cosine:.4f} to the fp32 recurrence"
+    assert_bf16_matches("fla delta rule", [out, state], [ref, ref_state], actual, expected,
+                        ["q", "k", "v", "beta", "initial state"])
 
 
-def flash_attn_imports() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not (CUDA and flash_attn_imports()), reason="needs CUDA and flash-attn")
+@pytest.mark.skipif(not (CUDA and imports("flash_attn")), reason="needs CUDA and flash-attn")
 @pytest.mark.parametrize("t,s", [(512, 512), (1, 700), (64, 1088)])
 def test_flash_attn_alibi_matches_the_reference(t: int, s: int):
     """FlashAttention-2 with alibi_slopes (``--attn-impl flash``, bf16) against the naive ALiBi attention in fp32:
@@ -131,10 +133,6 @@ def test_flash_attn_alibi_matches_the_reference(t: int, s: int):
     leaves = [x.requires_grad_() for x in (q, k, v)]
     ref = alibi_attention(q, k, v, slopes, q_offset=s - t, impl="naive")
     out = alibi_attention(*(x.bfloat16() for x in (q, k, v)), slopes, q_offset=s - t, impl="flash")
-    error = (out.float() - ref).abs().max() / ref.abs().max()
-    assert error < 0.05, f"flash ALiBi output off by {error:.3g} of its scale"
     grad = torch.randn_like(ref)
-    for name, a, e in zip("qkv", torch.autograd.grad(out.float(), leaves, grad),
-                          torch.autograd.grad(ref, leaves, grad)):
-        cosine = torch.nn.functional.cosine_similarity(a.flatten().float(), e.flatten(), dim=0)
-        assert cosine >= 0.98, f"flash ALiBi gradient of {name}: cosine {cosine:.4f}"
+    assert_bf16_matches("flash ALiBi", [out], [ref], torch.autograd.grad(out.float(), leaves, grad),
+                        torch.autograd.grad(ref, leaves, grad), "qkv")
