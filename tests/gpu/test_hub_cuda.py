@@ -1,6 +1,6 @@
-"""fairseq_ext.hub on CUDA (skipped without it; run by scripts/bench_gpu.sh): every frozen checkpoint loads onto the GPU, scores the same text as on
-CPU (fp32; the GPU's kernels round differently), streams a document with carried memory as on CPU, leaks no state
-between calls, and samples reproducibly with a seed."""
+"""fairseq_ext.hub on CUDA (skipped without it; run by scripts/bench_gpu.sh): every frozen checkpoint loads onto the
+GPU, scores the same text as on CPU (fp32; the GPU's kernels round differently), streams a document with carried
+memory as on CPU, leaks no state between calls, and samples reproducibly with a seed."""
 import os
 
 import pytest

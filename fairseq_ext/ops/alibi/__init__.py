@@ -6,8 +6,8 @@ is being recorded (``torch.no_grad`` / ``inference_mode``: evaluation) and the T
 (``T > chunk_size``, by default the rows whose (1, H, rows, S) bias fits ``BIAS_BUDGET`` values): then ``chunked``,
 which builds the bias per query chunk (O(chunk x S) memory instead of O(T x S)). Each choice is logged once.
 ``naive`` is the explicit reference; ``flex`` is FlexAttention with a score_mod (opt-in); ``flash`` is
-FlashAttention-2's ``alibi_slopes`` when the ``flash-attn`` package imports (opt-in, CUDA fp16/bf16, ``flash.py``). An explicitly requested
-implementation that cannot run is an error, never a silent fallback.
+FlashAttention-2's ``alibi_slopes`` when the ``flash-attn`` package imports (opt-in, CUDA fp16/bf16, ``flash.py``).
+An explicitly requested implementation that cannot run is an error, never a silent fallback.
 """
 from __future__ import annotations
 

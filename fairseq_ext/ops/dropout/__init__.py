@@ -6,7 +6,8 @@ number), about 4x cheaper than ``F.dropout``'s per-element Bernoulli draws, whic
 training step on CPU; the drop probability is ``p`` rounded to a multiple of 2^-16 and the scale matches it, so the
 output stays unbiased. Elsewhere (CUDA, where ``F.dropout`` is one fused kernel; evaluation; p = 0 or 1; inside
 ``torch.compile``, which fuses ``F.dropout``'s draws into its own kernels and cannot trace the int64 -> int16 view of
-the packed bits) this is ``F.dropout``. ``naive.py`` is the reference the packed path is tested against (same bits, same mask).
+the packed bits) this is ``F.dropout``. ``naive.py`` is the reference the packed path is tested against (same bits,
+same mask).
 """
 from __future__ import annotations
 
