@@ -9,7 +9,9 @@ a hand-written backward, since the three steps' backward costs 7 passes over the
 broadcast gradient is copied before the mask multiplies it, and the GELU's product and sigmoid each allocate):
 
     dg = mask ⊙ broadcast(dz)                       (one pass: mask (B, T, d_ff/d, d) times dz (B, T, 1, d))
-    da = dg ⊙ σ + 1.702 · σ'(1.702 a) ⊙ dg ⊙ a      (sigmoid_backward, then one addcmul)
+    da = dg ⊙ σ + 1.702 · σ'(1.702 a) ⊙ dg ⊙ a      (dg a, sigmoid_backward, the 1.702 in place, one addcmul)
+
+five passes in all.
 
 The forward draws the same bits as ``dropout`` would at the same point of the random stream, so outputs are
 bitwise those of ``boom_reference``; gradients agree to rounding (tests/ops/test_boom.py).
