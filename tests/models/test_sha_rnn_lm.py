@@ -179,9 +179,11 @@ def test_sdpa_flag_reaches_every_attention_block_and_bad_names_are_refused():
     reference = make()
     x = tokens(2, 8)
     assert_close(model(x)[0], reference(x)[0], atol=1e-10, rtol=1e-10, msg="model log-probs, sdpa vs naive")
-    from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention
+    from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention, select_impl
     with pytest.raises(ValueError, match="unknown attn_impl 'flash' for SHA-RNN attention"):
         SingleHeadAttention(8, 0.1, attn_impl="flash")
+    assert [select_impl("auto", torch.device(d)) for d in ("cpu", "cuda")] == ["naive", "sdpa"]
+    assert select_impl("naive", torch.device("cuda")) == "naive" and select_impl("sdpa", torch.device("cpu")) == "sdpa"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # check 6: trimming (segments == one pass, incremental decoding == streaming, beam reordering, forward/backward and

@@ -13,10 +13,10 @@ outputs: carried memory followed by the current segment) and the query stream x 
 sigmoid), as the original's ``vq_collapse``. The mask: the first S - T keys (memory) are visible to every query,
 the last T (current segment) causally.
 
-``attn_impl``: ``naive`` (the scores, mask, softmax and probability dropout written out: the reference, and what
-``auto`` runs) or ``sdpa`` (``scaled_dot_product_attention`` with a boolean mask and its own dropout: on CUDA its
-fused kernels keep no (B, T, S) scores; opt-in, since on CPU it is no faster and it moves the converted checkpoints'
-log-probabilities by their last bits).
+``attn_impl``: ``naive`` (the scores, mask, softmax and probability dropout written out: the reference) or ``sdpa``
+(``scaled_dot_product_attention`` with a boolean mask and its own dropout: on CUDA its fused kernels keep no
+(B, T, S) scores). ``auto`` is ``sdpa`` on CUDA and ``naive`` on CPU, where sdpa measured no faster and would move
+the converted checkpoints' log-probabilities by their last bits.
 
 Precision under a half-precision model (``model.half()`` / ``.to(torch.bfloat16)``): ``qln`` keeps fp32 parameters
 and runs in fp32; the softmax normalises in fp32 and the probabilities are cast back for the value product.
@@ -32,7 +32,14 @@ from fairseq_ext.ops.dispatch import ImplResolver
 from fairseq_ext.ops.dropout import dropout
 
 IMPLS = ("auto", "naive", "sdpa")
-resolve_impl = ImplResolver("SHA-RNN attention", IMPLS, "naive", "written-out softmax: the reference; sdpa is opt-in")
+_resolve_cpu = ImplResolver("SHA-RNN attention on CPU", IMPLS, "naive", "the written-out softmax; sdpa is no faster")
+_resolve_cuda = ImplResolver("SHA-RNN attention on CUDA", IMPLS, "sdpa", "fused kernels, no (B, T, S) scores kept")
+
+
+def select_impl(impl: str, device: torch.device) -> str:
+    """The kernel ``impl`` runs on ``device``: an explicit name as given (validated); ``auto`` -> sdpa on CUDA,
+    naive elsewhere (logged once each)."""
+    return _resolve_cuda(impl) if device.type == "cuda" else _resolve_cpu(impl)
 
 
 class Overparam(nn.Module):
@@ -108,7 +115,7 @@ class SingleHeadAttention(nn.Module):
         v = dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
         rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
         cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
-        if resolve_impl(self.attn_impl) == "sdpa":
+        if select_impl(self.attn_impl, query.device) == "sdpa":
             out = F.scaled_dot_product_attention(  # one head: (B, 1, T|S, d)
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=cols <= rows,
                 dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.dim))
