@@ -118,7 +118,6 @@ def _fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tenso
             out, weight = delta_rule_recurrent(qa, ka, va, ba, weight, scale)
         elif concrete == "fla":
             out, weight = delta_rule_fla(qa, ka, va, ba, weight, scale)
-            out = out.to(acc)
         else:
             out, weight = delta_rule_chunked(qa, ka, va, ba, weight, scale, chunk_size, check=check)
     new_sum = None
