@@ -38,7 +38,8 @@ before and after it, and the machine. An out-of-memory row prints ``OOM``. Writt
 
 ``--original LABEL`` adds the row ``LABEL-original``: the same flags and weights run through a reproduction of the
 original code's model (``scripts/originals``: the ALiBi fork's materialised bias mask on stock fairseq layers,
-Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``),
+Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``; for adaptive span fairseq's own port of the
+original, ``fairseq.examples.adaptive_span``),
 trained by the same ``Trainer``, interleaved with LABEL, and the table ends with ours / original ratios (train and
 stream; the reproductions have no incremental decoding).
 """
@@ -99,7 +100,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "repeatable, added after --models (give --models none for only these)")
     p.add_argument("--original", action="append", default=[], metavar="LABEL",
                    help="also time LABEL's row as the original code's algorithm (scripts/originals: alibi_lm, "
-                        "transformer_xl_lm and sha_rnn_lm rows), interleaved with it as row LABEL-original; "
+                        "transformer_xl_lm, sha_rnn_lm and adaptive_span_lm rows), interleaved with it as row LABEL-original; "
                         "repeatable")
     p.add_argument("--lengths", type=_ints, default=None, help="segment lengths T, one row each (default 512,1024)")
     p.add_argument("--batch-size", type=int, default=None, help="streams B of training and evaluation (default 4)")

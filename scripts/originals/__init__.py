@@ -5,16 +5,19 @@ original algorithm, interleaved, on the same machine:
 * ``alibi`` -- the ALiBi fork ofirpress/attention_with_linear_biases (stock fairseq ``TransformerDecoder`` with a
   materialised (B*H, T, T) bias mask);
 * ``transformer_xl`` -- kimiyoung/transformer-xl ``mem_transformer.py`` (``MemTransformerLM``, attn_type 0);
-* ``sha_rnn`` -- Smerity/sha-rnn ``model.py`` (``SHARNN``).
+* ``sha_rnn`` -- Smerity/sha-rnn ``model.py`` (``SHARNN``);
+* ``adaptive_span`` -- not a reproduction: fairseq's own MIT-licensed port of facebookresearch/adaptive-span
+  (``fairseq.examples.adaptive_span``, shipped in fairseq), run with the row's weights.
 
 Each reproduction is built from the fairseq-built model of the row and holds its weights (the same parameter
 count; tests check equal outputs in eval mode), so only the algorithm differs. The fork is a fairseq model itself;
 ``OriginalLM`` gives the other two the face of a fairseq language model (``forward``, ``get_normalized_probs``,
 ``get_targets``, ``decoder.adaptive_softmax``), so fairseq's ``Trainer`` and the same ``lm_loss`` train every one
-with the same optimizer step. Their outputs and targets are time-first, as the originals compute them.
+with the same optimizer step. Their outputs and targets are time-first, as the originals compute them, except the
+adaptive-span port's, batch-first as it computes them.
 
-Not reproduced: adaptive span (facebookresearch/adaptive-span is CC-BY-NC) and fast weights (IDSIA/lmtool-fwms
-JIT-compiles CUDA kernels for its fast-weight layers; no CPU path to compare with).
+Not reproduced: the adaptive-span repository itself (CC-BY-NC; fairseq's port stands in for it) and fast weights
+(IDSIA/lmtool-fwms JIT-compiles CUDA kernels for its fast-weight layers; no CPU path to compare with).
 """
 from __future__ import annotations
 
@@ -25,17 +28,18 @@ import torch.nn.functional as F
 from fairseq.models import BaseFairseqModel
 from torch import Tensor, nn
 
+from fairseq_ext.models.adaptive_span_lm import AdaptiveSpanLanguageModel
 from fairseq_ext.models.alibi_lm import AlibiLanguageModel
 from fairseq_ext.models.sha_rnn_lm import SHARNNLanguageModel
 from fairseq_ext.models.transformer_xl_lm import TransformerXLLanguageModel
 
-from . import alibi, sha_rnn, transformer_xl
+from . import adaptive_span, alibi, sha_rnn, transformer_xl
 
 
 class OriginalLM(BaseFairseqModel):
-    """A reproduction ``net`` (``forward(src_tokens (B, T)) -> (T, B, C|V)`` carrying its own state, ``reset()``)
-    as a fairseq LM; ``adaptive_softmax``: the projected adaptive softmax its hidden states go through, or None when
-    ``net`` returns logits."""
+    """A reproduction ``net`` (``forward(src_tokens (B, T)) -> (T, B, C|V)`` carrying its own state, ``reset()``;
+    (B, T, C|V) when ``net.batch_first``) as a fairseq LM; ``adaptive_softmax``: the projected adaptive softmax its
+    hidden states go through, or None when ``net`` returns logits."""
 
     def __init__(self, net: nn.Module, adaptive_softmax: Optional[nn.Module]) -> None:
         super().__init__()
@@ -47,11 +51,12 @@ class OriginalLM(BaseFairseqModel):
 
     def get_normalized_probs(self, net_output: Tuple[Tensor, Dict[str, Any]], log_probs: bool,
                              sample: Optional[Dict[str, Any]] = None) -> Tensor:
-        logits = net_output[0].float()  # (T, B, V)
+        logits = net_output[0].float()  # (T, B, V) or (B, T, V)
         return F.log_softmax(logits, dim=-1) if log_probs else F.softmax(logits, dim=-1)
 
     def get_targets(self, sample: Dict[str, Any], net_output: Any) -> Tensor:
-        return sample["target"].t()  # (T, B), time-first as the outputs
+        target = sample["target"]  # (B, T)
+        return target if getattr(self.net, "batch_first", False) else target.t()  # laid out as the outputs
 
     def reset(self) -> None:
         self.net.reset()
@@ -66,7 +71,8 @@ def _as_lm(wrap: Callable[[Any, nn.Module], Tuple[nn.Module, Optional[nn.Module]
 
 # (our model class, builder(model, cfg, task) -> the original's model holding the same weights)
 ORIGINALS = ((AlibiLanguageModel, alibi.fork_of), (TransformerXLLanguageModel, _as_lm(transformer_xl.wrap_original)),
-             (SHARNNLanguageModel, _as_lm(sha_rnn.wrap_original)))
+             (SHARNNLanguageModel, _as_lm(sha_rnn.wrap_original)),
+             (AdaptiveSpanLanguageModel, _as_lm(adaptive_span.wrap_original)))
 
 
 def original_of(model: nn.Module, cfg: Any, task: Any) -> nn.Module:

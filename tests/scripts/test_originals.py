@@ -1,6 +1,7 @@
 """scripts/originals: each bench-only reproduction of an original code base holds the weights of the row it is built
 for and computes what our model computes (so `--original` timings compare equal work): the ALiBi fork's mask and
-logits, Transformer-XL's layer stack with its memories, SHA-RNN's stack with carried LSTM states and memories."""
+logits, Transformer-XL's layer stack with its memories, SHA-RNN's stack with carried LSTM states and memories,
+fairseq's adaptive-span port with its caches."""
 from typing import List
 
 import pytest
@@ -163,6 +164,61 @@ def test_sha_rnn_reproduction_computes_our_logits():
     assert [len(m) for m in original.mems if m is not None] == [12, 12]
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# adaptive span: fairseq's examples/adaptive_span, the MIT-licensed port of facebookresearch/adaptive-span
+# --------------------------------------------------------------------------------------------------------------------
+
+SPAN_SIZE = ["--attn-span", "160", "--adapt-span-ramp", "8", "--no-span-renorm"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--adapt-span-layer"]])
+def test_adaptive_span_port_computes_our_logits_over_carried_segments(extra):
+    """With the renormalisation the port lacks switched off, fairseq's example holding our weights gives our logits
+    over four consecutive segments with carried caches; spans that trim one layer's window by 64 keys and keep the
+    other's whole, so trimming, cache sizing and the skew layout all count."""
+    ours = row("adaptive_span_tiny", *SPAN_SIZE, *extra, tgt=16, batch=2, vocab=40)
+    with torch.no_grad():
+        for z, value in zip((layer.self_attn.span.z for layer in ours.model.decoder.layers), (0.2, 0.7)):
+            z.copy_(torch.linspace(value, value / 2, z.numel()).reshape(z.shape))  # the max: value
+        for p in ours.model.parameters():
+            if p.dim() > 1:
+                p.add_(0.05 * torch.randn_like(p))
+    port = row("adaptive_span_tiny", *SPAN_SIZE, *extra, tgt=16, batch=2, vocab=40, original=True)
+    from originals.adaptive_span import wrap_original
+
+    loop, _ = wrap_original(ours.cfg.model, ours.model.decoder)  # the port built from these (changed) weights
+    assert type(port.model).__name__ == "OriginalLM" and loop.batch_first
+    assert sum(p.numel() for p in loop.parameters()) == sum(p.numel() for p in ours.model.parameters())
+    windows = [layer.attn.attn.adaptive_span.get_trim_len() for layer in loop.seq.layers]
+    assert windows == [64, 0], windows
+    ours.model.eval(), loop.eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for segment in range(4):
+            tokens = torch.randint(4, 40, (2, 16), generator=gen)
+            mine, theirs = ours.model(tokens)[0], loop(tokens)  # (B, T, V)
+            assert mine.abs().max() > 0.1
+            assert_close(theirs, mine, atol=1e-5, msg=f"segment {segment}")
+    assert [c.size(1) for c in loop.caches] == [160, 160]  # min(L, L - trim + 64) over a stream longer than L
+
+
+def test_adaptive_span_port_is_trained_by_the_same_loss_with_batch_first_targets():
+    port = row("adaptive_span_tiny", *SPAN_SIZE, tgt=8, batch=2, vocab=40, original=True)
+    before = [p.detach().clone() for p in port.model.parameters()]
+    port.train_step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, port.model.parameters()))
+    sample = port.next_sample()
+    net_output = port.model(**sample["net_input"])
+    assert port.model.get_targets(sample, net_output).shape == net_output[0].shape[:2] == (2, 8)
+
+
+@pytest.mark.parametrize("flag", [["--pers-mem-size", "4"], ["--fixed-span"], ["--no-adapt-span-cache"],
+                                  ["--adaptive-softmax-cutoff", "20"]])
+def test_adaptive_span_port_refuses_what_fairseqs_example_lacks(flag):
+    with pytest.raises(ValueError, match=f"has no {flag[0]}"):
+        row("adaptive_span_tiny", "--attn-span", "16", *flag, original=True)
+
+
 def test_unreproduced_family_names_the_ones_that_are():
-    with pytest.raises(ValueError, match="no reproduction of the original code for AdaptiveSpanLanguageModel"):
-        row("adaptive_span_tiny", "--attn-span", "16", original=True)
+    with pytest.raises(ValueError, match="no reproduction of the original code for FastWeightLanguageModel"):
+        row("fast_weight_tiny", original=True)
