@@ -26,9 +26,9 @@ agree.
 Pieces, in the order the forward pass uses them (the loop: ``models/base/core_decoder.py``, no position term; the
 layer context is ``key_pe``): embedding or ``modules/adaptive/adaptive_input.py``,
 ``modules/blocks/adaptive_span_layer.py`` -> ``modules/attention/adaptive_span_self_attention.py`` (with
-``modules/attention/adaptive_span_mask.py``) -> ``ops/adaptive_span/`` (mask.py, skew.py, naive.py), the output
-Linear or ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``); state DecoderState held by
-``models/base``.
+``modules/attention/adaptive_span_mask.py``) -> ``ops/adaptive_span/`` (mask.py, skew.py, blocked.py, naive.py), the
+output Linear or ``modules/adaptive/projected_adaptive_softmax.py`` (+ ``modules/dead_rows.py``); state DecoderState
+held by ``models/base``.
 """
 
 import math
@@ -89,7 +89,8 @@ class AdaptiveSpanConfig(CompileOptions):
                                         "20000,40000,200000); default: full softmax, untied"})
     adaptive_softmax_factor: int = field(default=4, metadata={"help": "div_val of the adaptive input/softmax"})
     attn_impl: ChoiceEnum(IMPLS) = field(
-        default="auto", metadata={"help": "attention kernel: auto (skew), skew, naive (reference)"})
+        default="auto", metadata={"help": "attention kernel: auto (blocked when the window is shorter than the "
+                                          "segment, else skew), skew, blocked, naive (reference), flex"})
 
 
 @torch.no_grad()

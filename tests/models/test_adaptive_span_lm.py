@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fairseq_ext.models.adaptive_span_lm import AdaptiveSpanLanguageModel
 from fairseq_ext.modules.attention.adaptive_span_mask import AdaptiveSpanMask
 from fairseq_ext.optim.bounds import collect_bounds
+from fairseq_ext.ops.adaptive_span import select_impl
 from tests.harness import assert_close, build_model, single_thread, tiny_dictionary
 
 VOCAB = 40  # 4 specials + 36 words
@@ -133,6 +134,17 @@ def test_trimming_happens_and_is_exact():
     assert [(w.max_size, w.trim, w.span, w.cache) for w in windows] == [(8, 192, 8, 72), (33, 128, 72, 136)]
     x = tokens(2, 90)
     assert_close(stream_lprobs(model, x, [30, 30, 30]), reference_lprobs(model, x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "blocked"])
+def test_segments_longer_than_the_window_run_blocked_and_equal_the_reference(impl):
+    """Windows of 8 and 72 keys under segments of 96 and 128 queries: auto runs the blocked kernel there (2 blocks of
+    48 rows, 2 of 64), over carried caches."""
+    model = make(["--attn-impl", impl], z=[[0.0] * 4, [0.125] * 4])
+    assert [layer.self_attn.window().span for layer in model.decoder.layers] == [8, 72]
+    assert select_impl("auto", 72, 96) == "blocked"
+    x = tokens(2, 224)
+    assert_close(stream_lprobs(model, x, [96, 128]), reference_lprobs(model, x), atol=1e-10, rtol=0)
     model.decoder.reset_state()
     model(x[:, :30])
     assert [c.length for c in model.decoder.stream_state("eval").layers] == [30, 30]

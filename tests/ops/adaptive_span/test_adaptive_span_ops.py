@@ -1,7 +1,7 @@
 """Adaptive-span attention ops: the soft span mask and trimming arithmetic (spec adaptive_span.md §10 checks 2, 4,
 5, 6), the window orientation (check 1), renormalisation (checks 3, 10), and the fast skew form == the naive
 gather == a brute-force per-query loop in outputs and gradients (float64, odd sizes, with and without persistent
-memory)."""
+memory); the blocked form over several query blocks == naive, with skew's dropout draws."""
 import math
 
 import pytest
@@ -9,9 +9,12 @@ import torch
 
 from fairseq_ext.ops.adaptive_span import (
     adaptive_span_attention,
+    adaptive_span_attention_blocked,
+    block_rows,
     adaptive_span_mask,
     fit_keys,
     needed_keys,
+    select_impl,
     skew,
     skew_pad,
     span_mask_at,
@@ -185,7 +188,7 @@ def brute_force(stream_q, stream_k, stream_v, key_pe, z, max_span, ramp, pers_k=
     return out
 
 
-@pytest.mark.parametrize("impl", ["naive", "skew"])
+@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
 @pytest.mark.parametrize("n", [0, 3])
 def test_blocks_with_carried_cache_equal_brute_force_stream(impl, n):
     """Spec check 1: a stream of 10 positions in blocks of M = 3 (last block 1), cache = the previous L = 4 keys
@@ -251,6 +254,51 @@ def test_dropout_draws_the_same_mask_in_both_forms():
     assert_close(outs[0], outs[1])
     torch.manual_seed(11)
     assert not torch.allclose(outs[0], adaptive_span_attention(q, k, v, key_pe, mask, pers_k, pers_v))
+
+
+# --- blocked == naive ---------------------------------------------------------------------------------------------
+
+def test_block_rows_are_the_largest_divisor_in_range_else_one_block():
+    assert [block_rows(m) for m in (256, 512, 96, 100, 60, 37, 8, 64)] == [64, 64, 48, 50, 60, 37, 8, 64]
+    assert block_rows(48, block=16) == 16 and block_rows(17, block=16) == 17 and block_rows(45, block=16) == 45
+
+
+def test_auto_is_blocked_only_when_the_window_is_shorter_than_the_segment():
+    assert select_impl("auto", 64, 256) == "blocked"
+    assert select_impl("auto", 256, 256) == "skew" and select_impl("auto", 1024, 256) == "skew"
+    assert select_impl("skew", 64, 256) == "skew" and select_impl("blocked", 1024, 256) == "blocked"
+
+
+@pytest.mark.parametrize("m,span,block", [(48, 5, 16), (64, 20, 16), (60, 7, 20), (37, 4, 16), (33, 40, 11)])
+@pytest.mark.parametrize("n", [0, 3])
+def test_blocked_matches_naive_with_gradients(m, span, block, n):
+    """Several query blocks (3, 4, 3 of them; 37 rows: one block; 3 blocks of 11 rows under a longer window), each
+    over its own R + L keys: outputs and the gradients of q, k, v, key_pe, z and the persistent vectors."""
+    q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, m, span, 4, n, seed=m + span)
+    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, z, pers_k, pers_v) if x is not None]
+    rows = block_rows(m, block, min_rows=1 if block < 16 else 16)
+    assert (m // rows) == {48: 3, 64: 4, 60: 3, 37: 1, 33: 3}[m]
+
+    def blocked():
+        mask = adaptive_span_mask(z, span, 2)
+        return adaptive_span_attention_blocked(q, k, v, key_pe, mask, pers_k, pers_v, rows=rows)
+
+    assert_same_grads(blocked, lambda: adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, span, 2),
+                                                               pers_k, pers_v, impl="naive"), inputs)
+
+
+def test_blocked_draws_skews_dropout_mask():
+    q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, 48, 5, 4, 2)
+    mask = adaptive_span_mask(z, 5, 2)
+    outs = []
+    for run in (lambda: adaptive_span_attention(q, k, v, key_pe, mask, pers_k, pers_v, dropout_p=0.3, impl="skew"),
+                lambda: adaptive_span_attention_blocked(q, k, v, key_pe, mask, pers_k, pers_v, dropout_p=0.3,
+                                                        rows=16)):
+        torch.manual_seed(11)
+        outs.append(run())
+    assert_close(outs[1], outs[0])
+    with pytest.raises(ValueError, match="5 rows per block do not divide the 48 queries"):
+        adaptive_span_attention_blocked(q, k, v, key_pe, mask, rows=5)
 
 
 # --- renormalisation ---------------------------------------------------------------------------------------------

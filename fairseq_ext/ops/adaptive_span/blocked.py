@@ -1,0 +1,83 @@
+"""Banded adaptive-span attention: the skew layout (skew.py) per block of query rows, so the content and value
+products cover each block's keys only (Sukhbaatar et al. 2019, arXiv 1905.07799, Sec. 2.2; spec adaptive_span.md
+§1.3, "cost per head").
+
+Query i attends to keys i .. i + L - 1 of [cache of L ; segment of M] (skew.py). The queries of a block of R rows
+a .. a + R - 1 therefore need only the keys a .. a + R + L - 2: a window of W = R + L keys starting at a. Cutting the
+M queries into n = M / R blocks and the keys into the n overlapping windows (``Tensor.unfold``, a view) gives, per
+block, the skew form over (R, R + L) instead of (M, M + L):
+
+    X_b = Q[a:a+R] K[a:a+W]^T            (R, W) content scores of block b, a = b R
+    S_b = unskew(X_b) + Q[a:a+R] P       (R, L) window logits, as in skew.py (unskew: X_b[i, i + j])
+    O_b = skew(A_b, W) V[a:a+W]          (R, D) with A_b the block's rows of the masked, renormalised probabilities
+
+Every other step (softmax, span mask, renormalisation, dropout, persistent slots) runs on the same (B, H, M, L [+ N])
+tensors as skew.py, in the same order, so dropout draws the same mask. The content and value products cost
+M (R + L) D per head instead of M (M + L) D, and the largest saved tensors shrink from (M, M + L) to (M, R + L):
+2.5x less at M = 256, L_pos = 64 (the start of training, when spans are short), 1.18x at L_pos = 1024.
+
+R is the largest divisor of M in [``MIN_ROWS``, ``BLOCK_ROWS``]; an M without one (a prime segment length, M below
+``MIN_ROWS``) runs as one block, which is exactly skew.py. Outputs equal skew's to rounding (the value product sums
+over W keys instead of M + L, most of them zeros there); tested against naive in float64 with gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..dropout import dropout
+from .skew import skew, unskew
+
+BLOCK_ROWS = 64  # query rows per block at most: the products stay large enough for efficient GEMMs
+MIN_ROWS = 16  # fewer rows per block than this: one block (skew.py) instead of many small products
+
+
+def block_rows(m: int, block: int = BLOCK_ROWS, min_rows: int = MIN_ROWS) -> int:
+    """Query rows per block for an M-query segment: the largest divisor of M in [min_rows, block], else M."""
+    for rows in range(min(block, m), min_rows - 1, -1):
+        if m % rows == 0:
+            return rows
+    return m
+
+
+def adaptive_span_attention_blocked(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor,
+                                    span_mask: Optional[Tensor] = None, pers_k: Optional[Tensor] = None,
+                                    pers_v: Optional[Tensor] = None, *, dropout_p: float = 0.0, renorm: bool = True,
+                                    eps: float = 1e-8, rows: Optional[int] = None) -> Tensor:
+    """Same arguments as ``adaptive_span_attention_naive``; ``rows``: query rows per block, a divisor of M (None:
+    ``block_rows(M)``). Returns (B, H, M, D)."""
+    b, h, m, d = q.shape
+    span = key_pe.size(-1)  # L; k, v: (B, H, L + M, D)
+    rows = block_rows(m) if rows is None else rows
+    if rows < 1 or m % rows:
+        raise ValueError(f"blocked adaptive-span attention: {rows} rows per block do not divide the {m} queries")
+    n, width = m // rows, rows + span  # blocks, keys per block
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qs = q * (1.0 / math.sqrt(d))  # (B, H, M, D) scaled before the matmuls (fp16-safe)
+    keys = k.unfold(2, width, rows)  # (B, H, n, D, W) view: block i's keys i R .. i R + W - 1
+    content = unskew(torch.matmul(qs.view(b, h, n, rows, d), keys), span)  # (B, H, n, R, L) view of (.., R, W)
+    pos = torch.matmul(qs, key_pe.to(q.dtype))  # (B, H, M, L)
+    logits = (content + pos.view(b, h, n, rows, span)).view(b, h, m, span)  # (B, H, M, L) new tensor
+    if pers_k is not None:
+        pk = pers_k.to(q.dtype) * math.sqrt(d)  # (H, D, N) effective keys
+        logits = torch.cat([logits, torch.matmul(qs, pk)], dim=-1)  # (B, H, M, L + N)
+    probs = torch.softmax(logits, dim=-1, dtype=acc)  # (B, H, M, L [+ N]) fp32 at least
+    if span_mask is not None:
+        mask = span_mask.to(acc)[..., None, :]  # (H, 1, L)
+        if pers_k is not None:
+            mask = F.pad(mask, (0, pers_k.size(-1)), value=1.0)  # (H, 1, L + N) persistent slots unmasked
+        probs = probs * mask
+        if renorm:
+            probs = probs / (probs.sum(-1, keepdim=True) + eps)
+    probs = dropout(probs, p=dropout_p, training=dropout_p > 0).to(q.dtype)
+    weights = skew(probs[..., :span].reshape(b, h, n, rows, span), width)  # (B, H, n, R, W)
+    values = v.unfold(2, width, rows).transpose(-1, -2)  # (B, H, n, W, D) view
+    out = torch.matmul(weights, values).view(b, h, m, d)  # (B, H, M, D)
+    if pers_v is not None:
+        pv = pers_v.to(q.dtype) * math.sqrt(pers_v.size(-2))  # (H, N, D) effective values
+        out = out + torch.matmul(probs[..., span:], pv)  # (B, H, M, D)
+    return out
