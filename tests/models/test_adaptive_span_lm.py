@@ -374,3 +374,20 @@ def test_adaptive_io_forward_and_ties():
     features, _ = model(x)
     lprobs = model.get_normalized_probs((features, {}), log_probs=True)
     assert_close(lprobs.exp().sum(-1), torch.ones(2, 12, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_cache_rows_are_projected_without_an_input_gradient():
+    """Keys and values of the cache rows come from detached inputs (truncated BPTT): a cache that still carries a
+    graph gets no gradient through them, the segment does, and the output equals one projection of [cache ; x]."""
+    from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
+
+    attn = AdaptiveSpanSelfAttention(8, 2, 6, 0.0, None).double()
+    cache = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    window = attn.window()
+    out = attn(x, torch.cat([cache * 1.0, x], 1), torch.randn(4, 6, dtype=torch.float64), window)
+    out.sum().backward()
+    assert cache.grad is None and x.grad.abs().sum() > 0
+    k_all = attn.k_proj(torch.cat([cache, x], 1))  # one projection of [cache ; x]
+    k_split = torch.cat([attn.k_proj(cache.detach()), attn.k_proj(x)], 1)
+    assert_close(k_split, k_all, atol=0, rtol=0)
