@@ -326,3 +326,25 @@ def test_context_window_is_rejected():
     cfg = OmegaConf.create({"eval_lm": {"context_window": 64}})
     with pytest.raises(ValueError, match="streaming"):
         model.prepare_for_inference_(cfg)
+
+
+def test_detached_memory_rows_are_projected_without_an_input_gradient():
+    """``constant_rows``: the memory's keys and values come from detached inputs (the same values, no input gradient
+    for rows whose gradient would be discarded); the layer passes it only for a memory that carries no graph."""
+    from fairseq_ext.modules.attention.xl_relative_self_attention import XLRelativeSelfAttention
+
+    attn = XLRelativeSelfAttention(8, 2, 4, 0.0, "naive", own_biases=True).double()
+    with torch.no_grad():
+        attn.content_bias.normal_(), attn.position_bias.normal_()
+    memory = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    positions = torch.randn(11, 8, dtype=torch.float64)
+    split = attn(x, torch.cat([memory * 1.0, x], 1), positions, constant_rows=6)
+    split.sum().backward()
+    assert memory.grad is None and x.grad.abs().sum() > 0
+    whole = attn(x, torch.cat([memory, x], 1), positions)
+    assert_close(split, whole, atol=1e-12, rtol=0)
+    whole.sum().backward()
+    assert memory.grad.abs().sum() > 0  # without it the memory rows' input gradient is computed
+    with pytest.raises(ValueError, match="constant_rows must be 0 or the 6 memory rows, got 5"):
+        attn(x, torch.cat([memory, x], 1), positions, constant_rows=5)

@@ -48,9 +48,12 @@ class XLRelativeSelfAttention(nn.Module):
 
     def forward(self, query_input: Tensor, kv_input: Tensor, positions: Tensor,
                 content_bias: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
-                window: Optional[int] = None) -> Tensor:
+                window: Optional[int] = None, constant_rows: int = 0) -> Tensor:
         """query_input (B, T, C): the segment (the last T rows of kv_input); kv_input (B, S, C) = [memory ;
-        segment]; positions (S, C): relative encodings of distances S-1..0; biases (H, D) unless owned.
+        segment]; positions (S, C): relative encodings of distances S-1..0; biases (H, D) unless owned;
+        constant_rows: 0, or S - T when the memory rows of kv_input carry no gradient (a detached memory): their keys
+        and values are then projected from detached inputs and the segment's from query_input, so no input gradient is
+        computed for the memory only to be discarded.
         Returns (B, T, C) (before the residual dropout)."""
         if self.content_bias is not None:
             content_bias, position_bias = self.content_bias, self.position_bias
@@ -59,7 +62,15 @@ class XLRelativeSelfAttention(nn.Module):
         b, t, _ = query_input.shape
         w_q, w_k, w_v = self.qkv_proj.weight.chunk(3)  # (H*D, C) each
         q = self._heads(F.linear(query_input, w_q))  # (B, H, T, D)
-        k, v = self._heads(F.linear(kv_input, w_k)), self._heads(F.linear(kv_input, w_v))  # (B, H, S, D)
+        if constant_rows:
+            if constant_rows != kv_input.size(1) - t:
+                raise ValueError(f"constant_rows must be 0 or the {kv_input.size(1) - t} memory rows, got "
+                                 f"{constant_rows}")
+            rows, tail = kv_input[:, :constant_rows].detach(), query_input  # (B, M, C), (B, T, C)
+            k = self._heads(torch.cat([F.linear(rows, w_k), F.linear(tail, w_k)], 1))  # (B, H, S, D)
+            v = self._heads(torch.cat([F.linear(rows, w_v), F.linear(tail, w_v)], 1))  # (B, H, S, D)
+        else:
+            k, v = self._heads(F.linear(kv_input, w_k)), self._heads(F.linear(kv_input, w_v))  # (B, H, S, D)
         r = self.r_proj(positions).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, S, D)
         out = xl_relative_attention(q, k, v, r, content_bias, position_bias, window=window,
                                     dropout_p=self.attention_dropout if self.training else 0.0,

@@ -65,5 +65,6 @@ class TransformerXLLayer(FeedForwardBlock):
             kv = self.self_attn_layer_norm(kv)  # (B, S, C)
             x = x + self._drop(self.self_attn(kv[:, -t:], kv, r, u, v, window))
             return x + self._feed_forward(self.final_layer_norm(x)), cache
-        x = self.self_attn_layer_norm(x + self._drop(self.self_attn(x, kv, r, u, v, window)))  # (B, T, C)
+        constant = 0 if memory is None or memory.requires_grad else memory.size(1)  # post-LN: raw, detached memory
+        x = self.self_attn_layer_norm(x + self._drop(self.self_attn(x, kv, r, u, v, window, constant)))  # (B, T, C)
         return self.final_layer_norm(x + self._feed_forward(x)), cache
