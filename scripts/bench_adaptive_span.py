@@ -28,9 +28,9 @@ steps (caches full): on CUDA ``torch.cuda.max_memory_allocated``; on CPU (a) the
 PyTorch's CPU allocator replayed from ``torch.profiler`` events and (b) the peak RSS of the worker process
 (``resource.getrusage``), each configuration in a fresh subprocess unless ``--in-process``.
 
-A second table compares the op implementations (``--attn-impl skew``, the strided skew layout, against ``naive``,
-which gathers every query's L-key window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``,
-``--impl-tgt-len``).
+A second table compares the op implementations (``--attn-impl skew``, the strided skew layout, against ``blocked``,
+the same layout per block of query rows over the block's own keys, and ``naive``, which gathers every query's L-key
+window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``, ``--impl-tgt-len``).
 
     python scripts/bench_adaptive_span.py            # CPU defaults (about 1.5 min on 2 idle cores): enwik8_small cut to
                                                      # 2 layers, H 256, 4 heads, B 1, M 512, L 8192
@@ -60,7 +60,7 @@ from benchrow import STREAM_TASK, FairseqRow  # noqa: E402
 
 NAMED_CONFIGS = {"small": 0.0, "large": 1.0, "fixed": None}  # z (None: --fixed-span)
 DEFAULT_CONFIGS = ("small", "large", "fixed")
-IMPLS = ("skew", "naive")
+IMPLS = ("skew", "blocked", "naive")
 TABLES = ("main", "impls")
 ENWIK8_VOCAB = 205  # dictionary entries incl. fairseq's 4 specials (the preset docstrings' enwik8 vocabulary)
 LR, ADAGRAD_CLIP = 0.07, 0.03  # the paper's scripts: --lr 0.07 --grad-clip 0.03 (adagrad)
@@ -121,7 +121,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="comma-separated rows of the main table: small (z=0), large (z=1), fixed, z=F")
     p.add_argument("--attn-impl", choices=IMPLS, default="skew", help="op implementation of the main table")
     p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
-                   help="main (span configs) and/or impls (skew vs naive at --impl-attn-span / --impl-tgt-len)")
+                   help="main (span configs) and/or impls (skew vs blocked vs naive at --impl-attn-span / "
+                        "--impl-tgt-len)")
     p.add_argument("--impl-configs", type=_names(), default=["small", "large"], help="span configs of the impls "
                                                                                        "table")
     p.add_argument("--impl-attn-span", type=int, default=None,
@@ -323,7 +324,7 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
         f"configured value after every step",
         f"- caches filled by no-grad forwards, then {opts.warmup} warm-up and {opts.steps} timed training steps; "
         f"tokens/s = B·M / step time; attn GFLOP: decoder.attention_gflop(B, M) (forward, skew layout "
-        f"M x (L_pos + M); backward ≈ 2× more)",
+        f"M x (L_pos + M), or M x (L_pos + R) per block of R rows for blocked; backward ≈ 2× more)",
         f"- peak tensor memory: {memory_description(device).replace('warm-up steps', 'warm-up training steps')}"
         + (f"; peak RSS: {RSS_DESCRIPTION}" if device.type == "cpu" else ""),
     ]
@@ -331,7 +332,7 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
         lines += ["", f"### Span configurations at L = {opts.attn_span:,} (--attn-impl {opts.attn_impl})", "",
                   HEADER.format(ref="vs fixed"), ALIGN, *table_rows(results, "main")]
     if "impls" in opts.tables:
-        lines += ["", f"### Op implementations: skew vs naive at L = {opts.impl_attn_span:,}, M = "
+        lines += ["", f"### Op implementations: skew vs blocked vs naive at L = {opts.impl_attn_span:,}, M = "
                       f"{opts.impl_tgt_len}", "", HEADER.format(ref="vs skew"), ALIGN, *table_rows(results, "impls")]
     return "\n".join(lines) + "\n"
 

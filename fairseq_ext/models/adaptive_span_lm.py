@@ -51,7 +51,7 @@ from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveS
 from fairseq_ext.modules.blocks.adaptive_span_layer import AdaptiveSpanLayer
 from fairseq_ext.modules.composed import PositionTerm
 from fairseq_ext.modules.dead_rows import DeadRows
-from fairseq_ext.ops.adaptive_span import IMPLS
+from fairseq_ext.ops.adaptive_span import IMPLS, block_rows, select_impl
 
 
 @dataclass
@@ -189,11 +189,16 @@ class AdaptiveSpanDecoder(CoreDecoder):
 
     def attention_gflop(self, batch: int, length: int) -> float:
         """Attention GFLOP of a forward over a (batch, length) segment at the current windows: content, position and
-        value products over the materialised M x (L_pos + M) skew layout, 2·B·K·M·d·(2 (L_pos + M) + L_pos) per
-        layer (projections, FF and softmax excluded)."""
+        value products over the materialised skew layout, 2·B·K·M·d·(2 (L_pos + R) + L_pos) per layer, R = M rows
+        per query block (``skew``) or ``block_rows(M)`` where the layer runs ``blocked`` (projections, FF and
+        softmax excluded)."""
         d, heads = self.key_pe.size(0), self.layers[0].self_attn.num_heads
-        windows = [layer.self_attn.window() for layer in self.layers]
-        return sum(2 * batch * heads * length * d * (2 * (w.span + length) + w.span) for w in windows) / 1e9
+        total = 0
+        for layer in self.layers:
+            span = layer.self_attn.window().span
+            rows = block_rows(length) if select_impl(layer.self_attn.impl, span, length) == "blocked" else length
+            total += 2 * batch * heads * length * d * (2 * (span + rows) + span)
+        return total / 1e9
 
     def log_stats(self) -> Dict[str, float]:
         """span_avg: mean over layers of each layer's mean span; span_max: the largest span of any head;

@@ -312,6 +312,9 @@ def test_span_loss_telemetry_and_bounds():
     per_token = 2 * 4 * 4 * ((2 * (200 + 10) + 200) + (2 * (72 + 10) + 72)) / 1e6  # 2·K·d·(2(L_pos + M) + L_pos)
     assert model.decoder.log_stats()["attn_mflop_tok"] == pytest.approx(per_token)
     assert model.decoder.attention_gflop(3, 10) == pytest.approx(per_token * 30 / 1e3)
+    # segments of 256 > L_pos run blocked (4 blocks of 64 rows): each block's keys only
+    blocked = 2 * 4 * 4 * 256 * ((2 * (200 + 64) + 200) + (2 * (72 + 64) + 72)) / 1e9
+    assert model.decoder.attention_gflop(1, 256) == pytest.approx(blocked)
     assert [p for p, _, _ in collect_bounds(model)] == [layer.self_attn.span.z for layer in model.decoder.layers]
     model.train()
     aux = sum(m.aux_loss() for m in model.decoder.span_masks())

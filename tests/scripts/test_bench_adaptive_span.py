@@ -45,6 +45,7 @@ def test_quick_bench_prints_tables_and_small_spans_cost_less(bench, capsys):
     assert 0 < gflop["adaptive, z = 0 (small)"] < gflop["adaptive, z = 1 (large)"] == gflop["fixed span"]
     assert fixed["vs fixed"] == "1.00×"
     assert {(row["config"], row["impl"]) for row in impls} == {("adaptive, z = 1 (large)", "skew"),
+                                                                ("adaptive, z = 1 (large)", "blocked"),
                                                                 ("adaptive, z = 1 (large)", "naive")}
     for row in impls:
         assert row["B × M"] == "1 × 8" and row["L"] == "128" and number(row["vs skew"]) > 0, row
