@@ -146,7 +146,7 @@ def test_window_orientation_spec_check_1():
         assert [(span + i) - c for c in window[i].tolist()] == [4, 3, 2, 1]  # never distance 0 (itself)
 
 
-@pytest.mark.parametrize("impl", ["naive", "skew"])
+@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
 def test_no_query_sees_itself_or_the_future(impl):
     """d out_i / d v_t is zero for t = own index L + i and later; nonzero for the L previous positions."""
     m, span = 3, 4
@@ -313,7 +313,7 @@ def _row_sums(impl, m, span, n, renorm=True):
     return adaptive_span_attention(q, k, v, key_pe, mask, pers_k, pers_v, renorm=renorm, impl=impl)
 
 
-@pytest.mark.parametrize("impl", ["naive", "skew"])
+@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
 @pytest.mark.parametrize("n", [0, 4])
 def test_masked_rows_sum_to_one(impl, n):
     assert_close(_row_sums(impl, 5, 7, n), torch.ones(2, 3, 5, 4, dtype=F64), atol=1e-6)
@@ -321,7 +321,7 @@ def test_masked_rows_sum_to_one(impl, n):
     assert (without < 1 - 1e-3).any() and (without <= 1 + 1e-12).all()
 
 
-@pytest.mark.parametrize("impl", ["naive", "skew"])
+@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
 @pytest.mark.parametrize("n", [0, 4])
 def test_masked_renormalised_equals_log_mask_bias(impl, n):
     """Spec checks 3 and 10: softmax(s)·m / sum == softmax([s + log m ; s^p]) within 1e-7, the persistent slots
@@ -347,7 +347,7 @@ def test_masked_renormalised_equals_log_mask_bias(impl, n):
 
 # --- trimming is exact, cache-too-short --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["naive", "skew"])
+@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
 def test_trimmed_window_equals_full_window(impl):
     """Spec check 5/6: computing only the last L_pos distances (keys cut, key_pe and mask sliced) gives the full
     result; a cache shorter than L_pos is zero-padded and equals the full computation with zero cache entries.
@@ -378,11 +378,11 @@ def test_trimmed_window_equals_full_window(impl):
 
 # --- half precision, errors --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["naive", "skew"])
+@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [0, 6])
 def test_half_precision_is_finite_and_close(impl, dtype, n):
-    m, span, d = 5, 7, 16
+    m, span, d = 96, 7, 16  # blocked: 2 blocks of 48 queries
     q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, m, span, d, n, dtype=torch.float32, seed=4)
     q = q * 8  # large logits: |q.k| ~ 8 sqrt(D) before the 1/sqrt(D)
     mask = adaptive_span_mask(z, span, 2)
