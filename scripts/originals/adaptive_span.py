@@ -11,10 +11,12 @@ bias-free projections with the head split as (B·K, S, d) copies, post-LN layers
 
 The segment loop (``ExampleLoop.forward``) is the example's ``TransformerSeq.forward`` written out up to the logits:
 the example ends with its own ``log_softmax``, and the bench's ``lm_loss`` applies one, as it does for ours; every
-layer call is the example's module. What makes the port *cheaper* than the original, so that the ratio is
-conservative: no renormalisation after the span mask (spec §6.2; ours renormalises, ``--no-span-renorm`` drops it
-and gives the port's logits, tested), and its span-loss term is not added to the bench's loss (``lm_loss`` collects
-ours). Not supported, with a clear error: persistent memory, adaptive input/softmax, ``--fixed-span`` and
+layer call is the example's module. What makes the port *cheaper* than the original: no renormalisation after the
+span mask (spec §6.2; ours renormalises, ``--no-span-renorm`` drops it and gives the port's logits, tested), and its
+span-loss term is not added to the bench's loss (``lm_loss`` collects ours). The renormalisation also changes the
+gradient of the spans, so from the same start ours and the port learn different spans within a few steps (at
+``adaptive_span_enwik8_small``, B 8 × 256, after 2 steps: computed windows of 128-256 keys against 64-128) and
+compute different amounts; a row with ``--no-span-renorm`` computes the port's function, spans included. Not supported, with a clear error: persistent memory, adaptive input/softmax, ``--fixed-span`` and
 ``--no-adapt-span-cache`` (the port has none of them).
 """
 from __future__ import annotations
