@@ -26,11 +26,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..dropout import dropout
-from .skew import skew, unskew
+from .skew import add_persistent_values, skew, unskew, window_weights
 
 BLOCK_ROWS = 64  # query rows per block at most: the products stay large enough for efficient GEMMs
 MIN_ROWS = 16  # fewer rows per block than this: one block (skew.py) instead of many small products
@@ -56,28 +54,13 @@ def adaptive_span_attention_blocked(q: Tensor, k: Tensor, v: Tensor, key_pe: Ten
     if rows < 1 or m % rows:
         raise ValueError(f"blocked adaptive-span attention: {rows} rows per block do not divide the {m} queries")
     n, width = m // rows, rows + span  # blocks, keys per block
-    acc = torch.promote_types(q.dtype, torch.float32)
     qs = q * (1.0 / math.sqrt(d))  # (B, H, M, D) scaled before the matmuls (fp16-safe)
     keys = k.unfold(2, width, rows)  # (B, H, n, D, W) view: block i's keys i R .. i R + W - 1
     content = unskew(torch.matmul(qs.view(b, h, n, rows, d), keys), span)  # (B, H, n, R, L) view of (.., R, W)
     pos = torch.matmul(qs, key_pe.to(q.dtype))  # (B, H, M, L)
     logits = (content + pos.view(b, h, n, rows, span)).view(b, h, m, span)  # (B, H, M, L) new tensor
-    if pers_k is not None:
-        pk = pers_k.to(q.dtype) * math.sqrt(d)  # (H, D, N) effective keys
-        logits = torch.cat([logits, torch.matmul(qs, pk)], dim=-1)  # (B, H, M, L + N)
-    probs = torch.softmax(logits, dim=-1, dtype=acc)  # (B, H, M, L [+ N]) fp32 at least
-    if span_mask is not None:
-        mask = span_mask.to(acc)[..., None, :]  # (H, 1, L)
-        if pers_k is not None:
-            mask = F.pad(mask, (0, pers_k.size(-1)), value=1.0)  # (H, 1, L + N) persistent slots unmasked
-        probs = probs * mask
-        if renorm:
-            probs = probs / (probs.sum(-1, keepdim=True) + eps)
-    probs = dropout(probs, p=dropout_p, training=dropout_p > 0).to(q.dtype)
+    probs = window_weights(qs, logits, span_mask, pers_k, dropout_p=dropout_p, renorm=renorm, eps=eps)
     weights = skew(probs[..., :span].reshape(b, h, n, rows, span), width)  # (B, H, n, R, W)
     values = v.unfold(2, width, rows).transpose(-1, -2)  # (B, H, n, W, D) view
     out = torch.matmul(weights, values).view(b, h, m, d)  # (B, H, M, D)
-    if pers_v is not None:
-        pv = pers_v.to(q.dtype) * math.sqrt(pers_v.size(-2))  # (H, N, D) effective values
-        out = out + torch.matmul(probs[..., span:], pv)  # (B, H, M, D)
-    return out
+    return add_persistent_values(out, probs, span, pers_v)  # (B, H, M, D)

@@ -80,12 +80,22 @@ def adaptive_span_attention_skew(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor
     """Same arguments as ``adaptive_span_attention_naive``; returns (B, H, M, D)."""
     d = q.size(3)
     span, s = key_pe.size(-1), k.size(2)  # L, L + M
-    acc = torch.promote_types(q.dtype, torch.float32)
     qs = q * (1.0 / math.sqrt(d))  # (B, H, M, D) scaled before the matmuls (fp16-safe)
     content = unskew(torch.matmul(qs, k.transpose(-1, -2)), span)  # (B, H, M, L) view of (B, H, M, L + M)
     logits = content + torch.matmul(qs, key_pe.to(q.dtype))  # (B, H, M, L) new tensor
+    probs = window_weights(qs, logits, span_mask, pers_k, dropout_p=dropout_p, renorm=renorm, eps=eps)
+    out = torch.matmul(skew(probs[..., :span], s), v)  # (B, H, M, D)
+    return add_persistent_values(out, probs, span, pers_v)  # (B, H, M, D)
+
+
+def window_weights(qs: Tensor, logits: Tensor, span_mask: Optional[Tensor], pers_k: Optional[Tensor], *,
+                   dropout_p: float, renorm: bool, eps: float) -> Tensor:
+    """The attention weights (B, H, M, L [+ N]) in qs's dtype from the scaled queries qs (B, H, M, D) and the window
+    logits (B, H, M, L): the persistent logits qs . (sqrt(D) k^p) appended, softmax over the joint row in fp32 at
+    least, the span mask on the L window columns (persistent slots unmasked), the joint renormalisation, dropout."""
+    acc = torch.promote_types(qs.dtype, torch.float32)
     if pers_k is not None:
-        pk = pers_k.to(q.dtype) * math.sqrt(d)  # (H, D, N) effective keys
+        pk = pers_k.to(qs.dtype) * math.sqrt(qs.size(-1))  # (H, D, N) effective keys
         logits = torch.cat([logits, torch.matmul(qs, pk)], dim=-1)  # (B, H, M, L + N)
     probs = torch.softmax(logits, dim=-1, dtype=acc)  # (B, H, M, L [+ N]) fp32 at least
     if span_mask is not None:
@@ -95,9 +105,12 @@ def adaptive_span_attention_skew(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor
         probs = probs * mask
         if renorm:
             probs = probs / (probs.sum(-1, keepdim=True) + eps)
-    probs = dropout(probs, p=dropout_p, training=dropout_p > 0).to(q.dtype)
-    out = torch.matmul(skew(probs[..., :span], s), v)  # (B, H, M, D)
-    if pers_v is not None:
-        pv = pers_v.to(q.dtype) * math.sqrt(pers_v.size(-2))  # (H, N, D) effective values
-        out = out + torch.matmul(probs[..., span:], pv)  # (B, H, M, D)
-    return out
+    return dropout(probs, p=dropout_p, training=dropout_p > 0).to(qs.dtype)
+
+
+def add_persistent_values(out: Tensor, probs: Tensor, span: int, pers_v: Optional[Tensor]) -> Tensor:
+    """out (B, H, M, D) plus the persistent slots' weights probs[..., L:] times the effective values sqrt(N) v^p."""
+    if pers_v is None:
+        return out
+    pv = pers_v.to(out.dtype) * math.sqrt(pers_v.size(-2))  # (H, N, D) effective values
+    return out + torch.matmul(probs[..., span:], pv)  # (B, H, M, D)
