@@ -100,8 +100,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "repeatable, added after --models (give --models none for only these)")
     p.add_argument("--original", action="append", default=[], metavar="LABEL",
                    help="also time LABEL's row as the original code's algorithm (scripts/originals: alibi_lm, "
-                        "transformer_xl_lm, sha_rnn_lm and adaptive_span_lm rows), interleaved with it as row LABEL-original; "
-                        "repeatable")
+                        "transformer_xl_lm, sha_rnn_lm and adaptive_span_lm rows), interleaved with it as row "
+                        "LABEL-original; repeatable")
     p.add_argument("--lengths", type=_ints, default=None, help="segment lengths T, one row each (default 512,1024)")
     p.add_argument("--batch-size", type=int, default=None, help="streams B of training and evaluation (default 4)")
     p.add_argument("--tokens-per-batch", type=int, default=None, metavar="N",

@@ -16,7 +16,8 @@ span mask (spec §6.2; ours renormalises, ``--no-span-renorm`` drops it and give
 span-loss term is not added to the bench's loss (``lm_loss`` collects ours). The renormalisation also changes the
 gradient of the spans, so from the same start ours and the port learn different spans within a few steps (at
 ``adaptive_span_enwik8_small``, B 8 × 256, after 2 steps: computed windows of 128-256 keys against 64-128) and
-compute different amounts; a row with ``--no-span-renorm`` computes the port's function, spans included. Not supported, with a clear error: persistent memory, adaptive input/softmax, ``--fixed-span`` and
+compute different amounts; a row with ``--no-span-renorm`` computes the port's function, spans included. Not
+supported, with a clear error: persistent memory, adaptive input/softmax, ``--fixed-span`` and
 ``--no-adapt-span-cache`` (the port has none of them).
 """
 from __future__ import annotations

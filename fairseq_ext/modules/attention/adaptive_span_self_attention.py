@@ -15,7 +15,8 @@ as detached inputs: the cache carries no gradient (truncated BPTT), so their key
 which the original computes over [cache ; segment] and discards (the same values; at a full span of 1024 on CPU,
 training went from 919 and 943 to 1,006 and 1,037 tokens/s in two interleaved pairs). Persistent vectors
 (``pers_key`` (K, d, N) and ``pers_value`` (K, N, d), stored at 1/sqrt(d) and 1/sqrt(N) scale as the original)
-share the softmax and are never masked by the span. Without an adaptive span (fixed-span mode) every query sees all L previous positions, unmasked.
+share the softmax and are never masked by the span. Without an adaptive span (fixed-span mode) every query sees all
+L previous positions, unmasked.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class AdaptiveSpanSelfAttention(nn.Module):
         """x: (B, M, C) the segment; keys_in: (B, S, C) = [cache ; x] layer inputs (any S >= M); key_pe: (d, L)
         shared embeddings (column j = distance L - j); window: from ``window()``. Returns (B, M, C)."""
         b, m, c = x.shape
-        mem = fit_keys(keys_in, window.span + m)[:, :window.span].detach()  # (B, L_pos, C) cache rows or zeros
+        mem = fit_keys(keys_in[:, :keys_in.size(1) - m], window.span).detach()  # (B, L_pos, C) cache rows or zeros
         q = self._heads(self.q_proj(x))  # (B, K, M, d)
         k = self._heads(torch.cat([self.k_proj(mem), self.k_proj(x)], 1))  # (B, K, L_pos + M, d)
         v = self._heads(torch.cat([self.v_proj(mem), self.v_proj(x)], 1))  # (B, K, L_pos + M, d)
