@@ -11,7 +11,7 @@ original algorithm, interleaved, on the same machine:
 
 Each reproduction is built from the fairseq-built model of the row and holds its weights (the same parameter
 count; tests check equal outputs in eval mode), so only the algorithm differs. The fork is a fairseq model itself;
-``OriginalLM`` gives the other two the face of a fairseq language model (``forward``, ``get_normalized_probs``,
+``OriginalLM`` gives the other three the face of a fairseq language model (``forward``, ``get_normalized_probs``,
 ``get_targets``, ``decoder.adaptive_softmax``), so fairseq's ``Trainer`` and the same ``lm_loss`` train every one
 with the same optimizer step. Their outputs and targets are time-first, as the originals compute them, except the
 adaptive-span port's, batch-first as it computes them.
