@@ -92,7 +92,7 @@ def test_rows_from_flags_interleaved_repeats(bench, tmp_path, capsys):
     (["--dtype", "bf16", "--device", "cpu"], "needs --device cuda"),
     (["--lengths", "0"], "positive integers"),
     (["--original", "nope"], "--original nope: not a row label"),
-    (["--original", "adaptive_span"], "no reproduction of the original code for --arch adaptive_span_tiny"),
+    (["--original", "fast_weight_delta"], "no reproduction of the original code for --arch fast_weight_tiny"),
     (["--tokens-per-batch", "0"], "--tokens-per-batch must be >= 1"),
 ])
 def test_bad_arguments_name_the_fix(bench, argv, message, capsys):
