@@ -5,7 +5,7 @@ At each sequence length T, with B = max(1, ``--tokens-per-batch`` // T) sequence
 tokens), three models of the same size are trained by fairseq's ``Trainer`` (``scripts/benchrow.py``: forward,
 ``lm_loss``, backward, clip 0.25, fairseq's Adam) and their peak memory measured:
 
-* ``alibi`` -- ours, ``alibi_lm`` (``--attn-impl`` auto/sdpa/naive/flex, ``--alibi-bias-form``);
+* ``alibi`` -- ours, ``alibi_lm`` (``--attn-impl`` auto/sdpa/blocked/naive/flex, ``--alibi-bias-form``);
 * ``sinusoidal`` -- fairseq's stock ``transformer_lm`` (``transformer_lm_X`` for an ``alibi_lm_X`` preset) with
   sinusoidal position embeddings;
 * ``alibi-original`` -- the original fork (``scripts/originals/alibi.py``: stock fairseq layers with a
@@ -37,7 +37,7 @@ FORK_ROW = "alibi" + bench.ORIGINAL_SUFFIX
 DEFAULT_DIMS = {"layers": 4, "embed_dim": 256, "heads": 4, "ffn_dim": 1024}  # when no --arch preset is given
 DIM_FLAGS = {"layers": "--decoder-layers", "embed_dim": "--decoder-embed-dim", "heads": "--decoder-attention-heads",
              "ffn_dim": "--decoder-ffn-embed-dim"}
-IMPLS = ("auto", "sdpa", "naive", "flex")
+IMPLS = ("auto", "sdpa", "blocked", "naive", "flex")
 BIAS_FORMS = ("relative", "key_index")
 
 

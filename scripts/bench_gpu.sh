@@ -3,7 +3,8 @@
 #   1. the device's measured dense bf16 matmul peak (scripts/matmul_peak.py), the denominator of MFU;
 #   2. each family at its paper's base configuration through scripts/bench.py (fairseq's Trainer with --bf16):
 #      training tokens/s, MFU (6N), peak memory, streaming evaluation tokens/s:
-#        ALiBi wiki103 (L 512, 9,216 tokens per step; sdpa, and flash-attn's alibi_slopes where flash-attn imports)
+#        ALiBi wiki103 (L 512, 9,216 tokens per step; sdpa, blocked (auto on CPU: decides CUDA's auto), and
+#        flash-attn's alibi_slopes where flash-attn imports)
 #        beside stock transformer_lm_wiki103 (target >= 0.95x, >= 45% MFU),
 #        Transformer-XL NVIDIA base (B 32 x 192, M 192; NVIDIA: 59,961 tokens/s on one A100 with AMP),
 #        SHA-RNN enwik8 (B 16 x 1024, LAMB);
@@ -63,6 +64,7 @@ if [[ $DRY == 0 ]]; then PEAK=$("$PY" -c "import json; print(json.load(open('$OU
 COMMON=(--device cuda --dtype bf16 --peak-tflops "$PEAK" --metrics train,stream --steps "$STEPS" --warmup 3
         --repeats 2 --timeout 600)
 run "$PY" scripts/bench.py "${COMMON[@]}" --models none --model "alibi=--arch alibi_lm_wiki103" \
+  --model "alibi_blocked=--arch alibi_lm_wiki103 --attn-impl blocked" \
   --model "alibi_flash=--arch alibi_lm_wiki103 --attn-impl flash" \
   --model "sinusoidal=--arch transformer_lm_wiki103" --lengths 512 --tokens-per-batch 9216 --vocab 267744 \
   --out "$OUT/alibi"

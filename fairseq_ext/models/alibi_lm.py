@@ -17,8 +17,8 @@ The forward pass (``models/base/core_decoder.py``'s loop, read top to bottom):
     logits = output_projection(features)        or fairseq's AdaptiveSoftmax
 
 Pieces: ``AlibiLayer`` -> ``modules/attention/alibi_self_attention.py`` (pure, ``KVCache`` while generating), the
-slopes in ``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py, chunked.py,
-flex.py); fairseq's ``AdaptiveInput`` / ``AdaptiveSoftmax``. State: none across segments (``close`` drops each
+slopes in ``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py, blocked.py,
+chunked.py, flex.py); fairseq's ``AdaptiveInput`` / ``AdaptiveSoftmax``. State: none across segments (``close`` drops each
 layer's cache); generation keeps one KV cache over the whole prefix, like fairseq's decoder. ALiBi over
 Transformer-XL memory or a key/value window is ``composed_lm`` (docs/composed.md).
 """
@@ -63,10 +63,12 @@ class AlibiLanguageModelConfig(TransformerLanguageModelConfig, CompileOptions):
     attn_impl: ChoiceEnum(IMPLS) = field(
         default="auto",
         metadata={"help": "attention kernel: naive (explicit reference), sdpa (scaled_dot_product_attention with "
-                          "a broadcast (1,H,T,S) bias), chunked (sdpa per block of query rows, bias built per "
-                          "block: memory O(chunk x S)), flex (FlexAttention score_mod), flash (FlashAttention-2 "
-                          "alibi_slopes: CUDA fp16/bf16, needs flash-attn), auto (sdpa; chunked without gradients "
-                          "when T exceeds one chunk; logs its choice)"},
+                          "a broadcast (1,H,T,S) bias), blocked (sdpa per causal block of query rows over the keys "
+                          "up to the block: about half the work, biases viewed from one (1,H,r,S) strip), chunked "
+                          "(sdpa per block of query rows, bias built per block: memory O(chunk x S)), flex "
+                          "(FlexAttention score_mod), flash (FlashAttention-2 alibi_slopes: CUDA fp16/bf16, needs "
+                          "flash-attn), auto (blocked when training on CPU at T >= 256; chunked without gradients "
+                          "when T exceeds one chunk; else sdpa; logs its choice)"},
     )
     alibi_chunk_size: int = field(
         default=0,

@@ -266,6 +266,37 @@ def test_auto_evaluation_chunks_long_inputs_without_a_shared_bias():
     assert shared and all(bias is not None and bias.shape == (1, 4, 40, 40) for bias in shared)
 
 
+def test_auto_training_on_cpu_runs_blocked_with_one_strip_for_all_layers():
+    """With gradients on CPU and T >= 256, ``auto`` runs the causal-block kernel: the sdpa model's logits and every
+    parameter's gradient in float64, and every layer's blocks read views of one (1, H, 128, T) strip."""
+    t = 260
+    auto = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--dropout", "0", "--decoder-layers", "3",
+                                                                 "--tokens-per-sample", str(t)]).double()
+    sdpa = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--dropout", "0", "--decoder-layers", "3",
+                                                                 "--attn-impl", "sdpa", "--tokens-per-sample",
+                                                                 str(t)]).double()
+    sdpa.load_state_dict(auto.state_dict())
+    x = tokens(2, t)
+    storages = set()
+
+    def pack(tensor):
+        if tensor.dim() == 4 and tensor.size(0) == 1 and tensor.size(1) == 4 and tensor.size(2) <= 128:
+            storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    grads = []
+    for model in (auto, sdpa):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model(x)[0]
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters()]))
+        if model is auto:
+            assert len(storages) == 1, storages  # 3 layers x 3 blocks: one strip
+    assert_close(grads[0][0], grads[1][0])
+    for ga, gb in zip(grads[0][1], grads[1][1]):
+        assert_close(ga, gb)
+
+
 def test_negative_chunk_size_is_refused():
     with pytest.raises(ValueError, match="chunk_size"):
         tiny("--alibi-chunk-size", "-1")

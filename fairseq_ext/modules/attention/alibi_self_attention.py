@@ -4,9 +4,10 @@
 
 ``forward(x, state) -> (y, new_state)``: ``state`` is the KVCache of earlier tokens (incremental decoding) or
 None; the query offset for the bias is the cache length, so token-by-token decoding equals the full pass. A
-decoder may build the sdpa bias once per forward (``shared_bias``) and pass it to every layer; when the kernel
-choice (``ops.alibi.select_impl``: ``chunked`` for long no-grad passes under ``auto``) builds the bias per query
-chunk instead, ``shared_bias`` returns None. ``chunk_size`` (query rows per chunk, 0 = from the bias budget) only
+decoder may build the kernel's bias once per forward (``shared_bias``: sdpa's (1, H, T, T) bias, or the blocked
+kernel's (1, H, r, T) strip in training on CPU) and pass it to every layer; when the kernel choice
+(``ops.alibi.select_impl``: ``chunked`` for long no-grad passes under ``auto``) builds the bias per query chunk
+instead, ``shared_bias`` returns None. ``chunk_size`` (query rows per chunk, 0 = from the bias budget) only
 matters for the chunked kernel. The
 projections are named ``q_proj/k_proj/v_proj/out_proj`` and initialised like fairseq's MultiheadAttention, so
 ``transformer_lm`` checkpoints load unchanged.
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fairseq_ext.modules.positional.alibi import AlibiPositionalBias
-from fairseq_ext.ops.alibi import IMPLS, alibi_attention, alibi_sdpa_bias, select_impl
+from fairseq_ext.ops.alibi import IMPLS, alibi_attention, alibi_shared_bias, select_impl
 from fairseq_ext.state import KVCache
 
 
@@ -64,12 +65,11 @@ class AlibiSelfAttention(nn.Module):
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
 
     def shared_bias(self, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
-        """The (1, H, T, S) sdpa bias for a full causal pass, to share across layers; None when the kernel
-        ``forward`` will select for these lengths is not sdpa (same rule, same grad mode)."""
-        if select_impl(self.attn_impl, self.num_heads, q_len, k_len, self._chunk_rows()) != "sdpa":
-            return None
-        return alibi_sdpa_bias(self.positional.slopes, q_len, k_len, form=self.positional.form,
-                               dtype=dtype)
+        """The bias of the kernel ``forward`` will select for a full causal pass of these lengths (same rule, same
+        grad mode), to share across layers: ``ops.alibi.alibi_shared_bias`` (None for kernels that build their own)."""
+        impl = select_impl(self.attn_impl, self.num_heads, q_len, k_len, self._chunk_rows(), device=device)
+        return alibi_shared_bias(impl, self.positional.slopes, q_len, k_len, form=self.positional.form,
+                                 dtype=dtype)
 
     def forward(self, x: Tensor, state: Optional[KVCache] = None, key_padding_mask: Optional[Tensor] = None,
                 shared_bias: Optional[Tensor] = None) -> Tuple[Tensor, KVCache]:
@@ -88,6 +88,6 @@ class AlibiSelfAttention(nn.Module):
         out = alibi_attention(q, cache.key, cache.value, self.positional.slopes, q_offset=q_offset,
                               key_padding_mask=cache.key_padding_mask, causal=True, form=self.positional.form,
                               dropout_p=self.dropout if self.training else 0.0, impl=self.attn_impl,
-                              sdpa_bias=shared_bias, chunk_size=self._chunk_rows())  # (B, H, T, D)
+                              shared_bias=shared_bias, chunk_size=self._chunk_rows())  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.out_proj(out), cache
