@@ -3,8 +3,10 @@
 the default kernel choice, one fresh process per (kernel, window length T).
 
 Issue 11: with ``--attn-impl sdpa`` (the full (1, H, T, T) fp32 bias, ``auto``'s only choice before the chunked
-kernel) evaluation memory grows with T^2; ``auto`` now runs ``chunked`` without gradients once T exceeds one chunk
-(the bias built per block of query rows: ``fairseq_ext/ops/alibi/chunked.py``). Each row evaluates the same
+kernel) evaluation memory grows with T^2; ``auto`` runs ``chunked`` without gradients once T exceeds one chunk
+(the bias built per block of query rows: ``fairseq_ext/ops/alibi/chunked.py``) where a chunk size is given or on
+CUDA, and on CPU ``blocked`` (causal query blocks whose biases are views of one (1, H, r, T) strip of at most the
+same budget: ``fairseq_ext/ops/alibi/blocked.py``). Each row evaluates the same
 ``--tokens`` random tokens through fairseq's own CLI code (``fairseq_cli.eval_lm.main`` via ``call_main``)::
 
     fairseq-eval-lm DATA --task language_modeling --path CKPT --tokens-per-sample T --context-window 0
@@ -46,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchl
 from benchlib import (Result, add_run_arguments, apply_run_arguments, bench_command, fairseq_config,  # noqa: E402
                       measure, peak_rss_bytes, run_header, run_worker, write_dictionary)
 import fairseq_ext  # noqa: E402,F401  (registers alibi_lm and its archs with fairseq)
-from fairseq_ext.ops.alibi import IMPLS, chunk_rows, select_impl  # noqa: E402
+from fairseq_ext.ops.alibi import IMPLS, block_rows, chunk_rows, select_impl  # noqa: E402
 
 DEMO_DIMS = {"layers": 2, "embed_dim": 128, "heads": 4, "ffn_dim": 512}  # scripts/demo.py's shape
 DIM_FLAGS = {"layers": "--decoder-layers", "embed_dim": "--decoder-embed-dim", "heads": "--decoder-attention-heads",
@@ -207,10 +209,13 @@ def eval_lm_log() -> Iterator[List[str]]:
 
 
 def kernel_used(opts: Namespace, kernel: str, seq_len: int) -> str:
-    """The kernel ``alibi_attention`` selects for a full window under eval-lm (no gradients), with its chunk rows."""
+    """The kernel ``alibi_attention`` selects for a full window under eval-lm (no gradients), with its rows per
+    block or chunk."""
     heads = fairseq_config(model_flags(opts, "-")).model.decoder_attention_heads
     with torch.no_grad():
-        concrete = select_impl(kernel, heads, seq_len, seq_len, opts.chunk_size or None)
+        concrete = select_impl(kernel, heads, seq_len, seq_len, opts.chunk_size or None, device=opts.device)
+    if concrete == "blocked":
+        return f"blocked ({min(seq_len, block_rows(seq_len, heads, seq_len))} rows)"
     if concrete != "chunked":
         return concrete
     rows = opts.chunk_size or chunk_rows(heads, seq_len)

@@ -67,13 +67,15 @@ class AlibiLanguageModelConfig(TransformerLanguageModelConfig, CompileOptions):
                           "up to the block: about half the work, biases viewed from one (1,H,r,S) strip), chunked "
                           "(sdpa per block of query rows, bias built per block: memory O(chunk x S)), flex "
                           "(FlexAttention score_mod), flash (FlashAttention-2 alibi_slopes: CUDA fp16/bf16, needs "
-                          "flash-attn), auto (blocked when training on CPU at T >= 256; chunked without gradients "
-                          "when T exceeds one chunk; else sdpa; logs its choice)"},
+                          "flash-attn), auto (blocked on CPU at T >= 256, in evaluation too unless "
+                          "--alibi-chunk-size is set; chunked without gradients when T exceeds one chunk; else sdpa; "
+                          "logs its choice)"},
     )
     alibi_chunk_size: int = field(
         default=0,
         metadata={"help": "query rows per block of the chunked kernel; 0: as many as keep one block's fp32 bias "
-                          "(H x rows x S) under 16M values (64 MiB)"},
+                          "(H x rows x S) under 16M values (64 MiB). Set, it also makes --attn-impl auto evaluate "
+                          "with chunked (beyond one chunk) instead of blocked"},
     )
 
 

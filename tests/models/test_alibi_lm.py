@@ -266,9 +266,9 @@ def test_auto_evaluation_chunks_long_inputs_without_a_shared_bias():
     assert shared and all(bias is not None and bias.shape == (1, 4, 40, 40) for bias in shared)
 
 
-def test_auto_training_on_cpu_runs_blocked_with_one_strip_for_all_layers():
-    """With gradients on CPU and T >= 256, ``auto`` runs the causal-block kernel: the sdpa model's logits and every
-    parameter's gradient in float64, and every layer's blocks read views of one (1, H, 128, T) strip."""
+def test_auto_on_cpu_runs_blocked_with_one_strip_for_all_layers():
+    """On CPU at T >= 256, ``auto`` runs the causal-block kernel: the sdpa model's logits and every parameter's
+    gradient in float64, every layer's blocks reading views of one (1, H, 128, T) strip; evaluation likewise."""
     t = 260
     auto = build_model("alibi_lm_tiny", tiny_dictionary(VOCAB), ["--dropout", "0", "--decoder-layers", "3",
                                                                  "--tokens-per-sample", str(t)]).double()
@@ -295,6 +295,11 @@ def test_auto_training_on_cpu_runs_blocked_with_one_strip_for_all_layers():
     assert_close(grads[0][0], grads[1][0])
     for ga, gb in zip(grads[0][1], grads[1][1]):
         assert_close(ga, gb)
+    shared = []  # evaluation (no gradients) runs it too, with the strip built once by the decoder
+    original = auto.decoder.layer_context
+    auto.decoder.layer_context = lambda *args: shared.append(original(*args)) or shared[-1]
+    assert_close(logits(auto.eval(), x), logits(sdpa.eval(), x))
+    assert [tuple(c.bias.shape) for c in shared] == [(1, 4, 128, t)]
 
 
 def test_negative_chunk_size_is_refused():

@@ -5,11 +5,10 @@
 ``forward(x, state) -> (y, new_state)``: ``state`` is the KVCache of earlier tokens (incremental decoding) or
 None; the query offset for the bias is the cache length, so token-by-token decoding equals the full pass. A
 decoder may build the kernel's bias once per forward (``shared_bias``: sdpa's (1, H, T, T) bias, or the blocked
-kernel's (1, H, r, T) strip in training on CPU) and pass it to every layer; when the kernel choice
-(``ops.alibi.select_impl``: ``chunked`` for long no-grad passes under ``auto``) builds the bias per query chunk
-instead, ``shared_bias`` returns None. ``chunk_size`` (query rows per chunk, 0 = from the bias budget) only
-matters for the chunked kernel. The
-projections are named ``q_proj/k_proj/v_proj/out_proj`` and initialised like fairseq's MultiheadAttention, so
+kernel's (1, H, r, T) strip on CPU) and pass it to every layer; when the kernel choice (``ops.alibi.select_impl``)
+builds the bias per query chunk instead (``chunked``), ``shared_bias`` returns None. ``chunk_size`` (query rows per
+chunk, 0 = from the bias budget) sizes the chunked kernel; set, it also keeps ``auto`` evaluation on ``chunked``.
+The projections are named ``q_proj/k_proj/v_proj/out_proj`` and initialised like fairseq's MultiheadAttention, so
 ``transformer_lm`` checkpoints load unchanged.
 """
 from __future__ import annotations

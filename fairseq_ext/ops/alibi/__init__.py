@@ -2,19 +2,16 @@
 chunked / flex / flash.
 
 ``impl="auto"`` picks
+- ``blocked`` on CPU under the causal mask for T >= 2 * 128 queries that each see their own key (S >= q_offset + T)
+  while its (H, r, S) strip fits ``BIAS_BUDGET`` values with r >= 8 rows, in training, and in evaluation unless
+  ``chunk_size`` is given: causal query blocks whose biases are views of one strip, about half the attention work of
+  the full-bias pass (``blocked.py``; forward + backward 1.3-2.1x faster than ``sdpa`` at T 512-4096, forward alone
+  1.3-3x faster than ``sdpa`` / ``chunked``, on the 2-core CPU measured). On CUDA it is opt-in until measured;
 - ``chunked`` when no gradient is being recorded (``torch.no_grad`` / ``inference_mode``: evaluation) and the T
   queries need more than one chunk (``T > chunk_size``, by default the rows whose (1, H, rows, S) bias fits
   ``BIAS_BUDGET`` values): the bias built per query chunk (O(chunk x S) memory instead of O(T x S));
-- ``blocked`` when gradients are recorded (training) on CPU, under the causal mask, for T >= 2 * 128 queries that
-  each see their own key (S >= q_offset + T): causal query blocks whose biases are views of one (1, H, r, S) strip,
-  about half the attention work of the full-bias pass (``blocked.py``; 1.3-2.1x faster forward + backward than
-  ``sdpa`` at T 512-4096 on the 2-core CPU measured, ``scripts/bench_alibi.py``). On CUDA it is opt-in until measured;
 - ``sdpa`` otherwise (fused kernels on CPU and GPU, handles dropout and padding).
-Evaluation keeps sdpa / chunked, whose fp32 numbers are bitwise those of the frozen checkpoints' tests. Each choice
-is logged once.
-``naive`` is the explicit reference; ``flex`` is FlexAttention with a score_mod (opt-in); ``flash`` is
-FlashAttention-2's ``alibi_slopes`` when the ``flash-attn`` package imports (opt-in, CUDA fp16/bf16, ``flash.py``).
-An explicitly requested implementation that cannot run is an error, never a silent fallback.
+Each choice is logged once.
 """
 from __future__ import annotations
 
@@ -26,7 +23,7 @@ from torch import Tensor
 from ..dispatch import ImplResolver
 from .bias import BIAS_FORMS, alibi_bias, alibi_slopes, causal_mask
 from .blocked import MIN_BLOCK_ROWS, alibi_attention_blocked, alibi_strip, block_rows
-from .chunked import BIAS_BUDGET, alibi_attention_chunked, chunk_rows
+from .chunked import BIAS_BUDGET, ROW_BLOCK, alibi_attention_chunked, chunk_rows
 from .naive import alibi_attention_naive
 from .sdpa import alibi_attention_sdpa, alibi_sdpa_bias
 
@@ -57,23 +54,26 @@ _KERNELS: Dict[str, Callable[..., Tensor]] = {
 resolve_impl = ImplResolver("ALiBi attention", IMPLS, "sdpa", "scaled_dot_product_attention, (1,H,T,S) bias")
 _resolve_long_eval = ImplResolver("ALiBi attention without gradients, queries beyond one chunk", IMPLS, "chunked",
                                   "bias built per query chunk: O(chunk x S) memory instead of O(T x S)")
-_resolve_training = ImplResolver("ALiBi attention with gradients on CPU, causal, T >= 256", IMPLS, "blocked",
-                                 "causal query blocks, biases viewed from one (1,H,r,S) strip: about half the work")
+_resolve_blocked = ImplResolver("ALiBi attention on CPU, causal, T >= 256", IMPLS, "blocked",
+                                "causal query blocks, biases viewed from one (1,H,r,S) strip: about half the work")
 
 
 def select_impl(impl: str, num_heads: int, q_len: int, k_len: int, chunk_size: Optional[int] = None, *,
                 q_offset: int = 0, causal: bool = True, device: Optional[torch.device] = None) -> str:
-    """The kernel ``alibi_attention`` runs for these sizes: an explicit ``impl`` as given (validated); ``auto`` ->
-    ``chunked`` when no gradient is recorded and the T queries need more than one chunk of ``chunk_size`` rows
-    (None: ``chunk_rows(H, S)``); ``blocked`` when gradients are recorded on CPU (``device`` None counts as CPU)
-    under the causal mask with T >= 2 * 128 and S >= q_offset + T; else ``sdpa``."""
-    if impl == "auto" and not torch.is_grad_enabled():
-        rows = chunk_size if chunk_size is not None else chunk_rows(num_heads, k_len)
-        if q_len > rows:
-            return _resolve_long_eval(impl)
-    if (impl == "auto" and torch.is_grad_enabled() and causal and q_len >= 2 * MIN_BLOCK_ROWS
-            and q_offset + q_len <= k_len and (device is None or torch.device(device).type == "cpu")):
-        return _resolve_training(impl)
+    """The kernel ``alibi_attention`` runs for these sizes (the module docstring's rule): an explicit ``impl`` as given
+    (validated); ``auto`` -> ``blocked`` on CPU (``device`` None counts as CPU) under the causal mask with T >= 256
+    and S >= q_offset + T while 8 rows of its strip fit the budget, with gradients, or without them when no
+    ``chunk_size`` is given; else ``chunked`` without gradients when T exceeds one chunk of ``chunk_size`` rows (None:
+    ``chunk_rows(H, S)``); else ``sdpa``."""
+    if impl != "auto":
+        return resolve_impl(impl)
+    training = torch.is_grad_enabled()
+    if (causal and q_len >= 2 * MIN_BLOCK_ROWS and q_offset + q_len <= k_len
+            and (device is None or torch.device(device).type == "cpu")
+            and (training or chunk_size is None) and block_rows(q_len, num_heads, k_len) >= ROW_BLOCK):
+        return _resolve_blocked(impl)
+    if not training and q_len > (chunk_size if chunk_size is not None else chunk_rows(num_heads, k_len)):
+        return _resolve_long_eval(impl)
     return resolve_impl(impl)
 
 
@@ -85,7 +85,7 @@ def alibi_shared_bias(impl: str, slopes: Tensor, q_len: int, k_len: int, *, form
     if impl == "sdpa":
         return alibi_sdpa_bias(slopes, q_len, k_len, form=form, dtype=dtype)
     if impl == "blocked" and form == "relative":
-        return alibi_strip(slopes, block_rows(q_len), q_len, dtype=dtype)
+        return alibi_strip(slopes, block_rows(q_len, slopes.numel(), k_len), q_len, dtype=dtype)
     return None
 
 

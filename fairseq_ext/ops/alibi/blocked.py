@@ -31,17 +31,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .chunked import BIAS_BUDGET, ROW_BLOCK
 from .sdpa import alibi_attention_sdpa, alibi_sdpa_bias
 
 BLOCK_ROWS = 256  # query rows per block from T = 2 * 256 (CPU, 2 threads: best of 64/128/256/512 at T 512..4096)
 MIN_BLOCK_ROWS = 128  # shorter passes use blocks of 128 rows; below 2 * 128 rows blocking does not pay
 
 
-def block_rows(q_len: int) -> int:
-    """Rows per block for T queries: 256 from T = 512, 128 below (one block when T < 256)."""
-    if q_len >= 2 * BLOCK_ROWS:
-        return BLOCK_ROWS
-    return MIN_BLOCK_ROWS if q_len >= 2 * MIN_BLOCK_ROWS else q_len
+def block_rows(q_len: int, num_heads: int = 1, k_len: int = 0, budget: int = BIAS_BUDGET) -> int:
+    """Rows per block for T queries over S keys: 256 from T = 512, 128 below (one block when T < 256), and fewer
+    when the (H, rows, S) strip would exceed ``budget`` values (a multiple of ``ROW_BLOCK``; 0 when not even
+    ``ROW_BLOCK`` rows fit: the caller then needs another kernel)."""
+    rows = BLOCK_ROWS if q_len >= 2 * BLOCK_ROWS else MIN_BLOCK_ROWS if q_len >= 2 * MIN_BLOCK_ROWS else q_len
+    fit = budget // max(1, num_heads * k_len)
+    return rows if rows <= fit else fit - fit % ROW_BLOCK
 
 
 def alibi_strip(slopes: Tensor, rows: int, q_len: int, *, q_offset: int = 0,
@@ -59,7 +62,7 @@ def alibi_attention_blocked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, 
     """Same signature and result as ``alibi_attention_naive`` under the causal mask; q: (B, H, T, D), k/v: (B, H, S,
     D) with S >= q_offset + T (keys after the last query are masked for every row and are not read).
 
-    ``rows``: query rows per block (>= 1; None: ``block_rows(T)``). ``strip``: a precomputed ``alibi_strip`` for
+    ``rows``: query rows per block (>= 1; None: ``block_rows(T, H, S)``). ``strip``: a precomputed ``alibi_strip`` for
     these slopes, rows, T and q_offset (shared across layers), or None to build it here (relative form only).
     """
     if not causal:
@@ -71,7 +74,7 @@ def alibi_attention_blocked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, 
                          f"> S ({s}); use attn_impl sdpa")
     if rows is not None and rows < 1:
         raise ValueError(f"ALiBi block rows must be >= 1 query row, got {rows}")
-    r = min(rows if rows is not None else block_rows(t), t)
+    r = min(rows if rows is not None else max(1, block_rows(t, q.size(1), s)), t)
     full = q_offset + t  # keys the last query sees
     if form == "relative":
         if strip is None:

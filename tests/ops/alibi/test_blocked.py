@@ -108,10 +108,13 @@ def test_blocked_refuses_what_it_cannot_compute():
 
 def test_block_rows_rule():
     assert [block_rows(t) for t in (1, 255, 256, 511, 512, 4096)] == [1, 255, 128, 128, 256, 256]
+    # the (H, rows, S) strip stays within the bias budget (16M values): fewer rows, multiples of 8, 0 if < 8 fit
+    assert block_rows(32768, 4, 32768) == 128 and block_rows(4096, 16, 5000) == 208
+    assert block_rows(512, 8, 2 ** 20) == 0 and block_rows(512, 4, 2 ** 16, budget=3 * 2 ** 18) == 0
 
 
-def test_auto_picks_blocked_for_causal_training_on_cpu_only(caplog, monkeypatch):
-    monkeypatch.setattr(alibi_ops._resolve_training, "_logged", False)
+def test_auto_picks_blocked_for_causal_passes_on_cpu_only(caplog, monkeypatch):
+    monkeypatch.setattr(alibi_ops._resolve_blocked, "_logged", False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with caplog.at_level(logging.INFO, logger="fairseq_ext.ops"):
         assert select_impl("auto", 4, 512, 512, device=cpu) == "blocked"
@@ -121,9 +124,14 @@ def test_auto_picks_blocked_for_causal_training_on_cpu_only(caplog, monkeypatch)
         assert select_impl("auto", 4, 512, 512, causal=False) == "sdpa"
         assert select_impl("auto", 4, 512, 600, q_offset=88) == "blocked"  # cached keys
         assert select_impl("auto", 4, 512, 512, q_offset=1) == "sdpa"  # some query has no own key
+        assert select_impl("auto", 4, 512, 600000, q_offset=599488) == "sdpa"  # not 8 strip rows in the budget
         assert select_impl("sdpa", 4, 4096, 4096) == "sdpa"  # explicit choices are kept
-        with torch.no_grad():
-            assert select_impl("auto", 4, 512, 512) == "sdpa"  # evaluation keeps its kernels
+        with torch.no_grad():  # evaluation: blocked too, unless a chunk size is given or the strip does not fit
+            assert select_impl("auto", 4, 512, 512) == "blocked"
+            assert select_impl("auto", 4, 32768, 32768) == "blocked"  # 128-row strip: 64 MiB
+            assert select_impl("auto", 4, 4096, 4096, chunk_size=64) == "chunked"
+            assert select_impl("auto", 4, 512, 600000, q_offset=599488) == "chunked"
+            assert select_impl("auto", 4, 255, 255) == "sdpa"
     chosen = [r.getMessage() for r in caplog.records if "-> blocked" in r.getMessage()]
     assert len(chosen) == 1, chosen  # logged once
 

@@ -126,11 +126,13 @@ def test_auto_picks_chunked_only_without_gradients_beyond_one_chunk(caplog, monk
         with torch.no_grad():
             assert select_impl("auto", 4, 100, 100, chunk_size=99) == "chunked"
             assert select_impl("auto", 4, 100, 100, chunk_size=100) == "sdpa"  # one chunk: the shared-bias path
-            assert select_impl("auto", 4, 1024, 1024) == "sdpa"  # 4 x 1024 x 1024 fits the budget
-            assert select_impl("auto", 4, 4096, 4096) == "chunked"
+            cuda = torch.device("cuda")  # where blocked is not auto's choice (on CPU: test_blocked.py)
+            assert select_impl("auto", 4, 1024, 1024, device=cuda) == "sdpa"  # 4 x 1024 x 1024 fits the budget
+            assert select_impl("auto", 4, 4096, 4096, device=cuda) == "chunked"
+            assert select_impl("auto", 4, 4096, 4096, chunk_size=1000) == "chunked"  # a given chunk size, CPU
             assert select_impl("auto", 4, 1, 40000) == "sdpa"  # a decoding step is one chunk
             assert select_impl("sdpa", 4, 4096, 4096) == "sdpa"  # explicit choices are kept
-        assert select_impl("auto", 4, 4096, 4096) != "chunked"  # gradients recorded (training): test_blocked.py
+        assert select_impl("auto", 4, 4096, 4096, device=cuda) == "sdpa"  # gradients recorded (training)
         assert select_impl("chunked", 4, 8, 8) == "chunked"
     chosen = [r.getMessage() for r in caplog.records if "-> chunked" in r.getMessage()]
     assert len(chosen) == 1, chosen  # logged once
