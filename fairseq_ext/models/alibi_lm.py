@@ -17,10 +17,10 @@ The forward pass (``models/base/core_decoder.py``'s loop, read top to bottom):
     logits = output_projection(features)        or fairseq's AdaptiveSoftmax
 
 Pieces: ``AlibiLayer`` -> ``modules/attention/alibi_self_attention.py`` (pure, ``KVCache`` while generating), the
-slopes in ``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py, blocked.py,
-chunked.py, flex.py); fairseq's ``AdaptiveInput`` / ``AdaptiveSoftmax``. State: none across segments (``close`` drops each
-layer's cache); generation keeps one KV cache over the whole prefix, like fairseq's decoder. ALiBi over
-Transformer-XL memory or a key/value window is ``composed_lm`` (docs/composed.md).
+slopes in ``modules/positional/alibi.py`` and the kernels in ``ops/alibi/`` (bias.py, naive.py, sdpa.py,
+blocked.py, chunked.py, flex.py); fairseq's ``AdaptiveInput`` / ``AdaptiveSoftmax``. State: none across segments
+(``close`` drops each layer's cache); generation keeps one KV cache over the whole prefix, like fairseq's decoder.
+ALiBi over Transformer-XL memory or a key/value window is ``composed_lm`` (docs/composed.md).
 """
 
 from dataclasses import dataclass, field

@@ -114,5 +114,6 @@ def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_offset
 
 
 __all__ = ["alibi_attention", "alibi_attention_naive", "alibi_attention_sdpa", "alibi_attention_blocked",
-           "alibi_attention_chunked", "alibi_shared_bias", "alibi_sdpa_bias", "alibi_strip", "block_rows", "alibi_bias", "alibi_slopes", "causal_mask", "chunk_rows", "select_impl",
-           "resolve_impl", "IMPLS", "BIAS_FORMS", "BIAS_BUDGET"]
+           "alibi_attention_chunked", "alibi_shared_bias", "alibi_sdpa_bias", "alibi_strip", "block_rows",
+           "alibi_bias", "alibi_slopes", "causal_mask", "chunk_rows", "select_impl", "resolve_impl", "IMPLS",
+           "BIAS_FORMS", "BIAS_BUDGET"]

@@ -1,5 +1,6 @@
-"""Causal query blocks for ALiBi training: each block of query rows attends only to the keys up to its own last row,
-and every block's bias is a view of one (1, H, r, S) strip (Press et al. 2021, arXiv 2108.12409, Sec. 3).
+"""Causal query blocks for ALiBi (CPU training and evaluation): each block of query rows attends only to the keys up
+to its own last row, and every block's bias is a view of one (1, H, r, S) strip (Press et al. 2021, arXiv 2108.12409,
+Sec. 3).
 
 For the query rows [a, b) of a block, at positions p = q_offset + a, ..., q_offset + b - 1,
 
@@ -17,7 +18,8 @@ a block of n <= r rows starting at position p is the view
 
 and R's causal -inf (column > P + x) lands exactly on j > p + x. A block that is shorter than r must start at or
 before P, so the first block takes the T mod r left-over rows. One strip is built per forward and shared by every
-layer (``alibi_strip``): O(r S) bias values instead of O(T S), bitwise the same values as the full bias's rows. The
+layer (``alibi_strip``): O(r S) bias values instead of O(T S) (r capped so that they stay within ``BIAS_BUDGET``),
+bitwise the same values as the full bias's rows. The
 ``key_index`` form (m_h j, the fork's) is not Toeplitz: each block builds its own (H, n, e) bias from the formula.
 
 Only the reduction order of each row's softmax differs from the full-bias kernel (the key tiles end at e), so
