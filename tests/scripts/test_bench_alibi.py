@@ -140,3 +140,28 @@ def test_eval_memory_report_marks_failures_and_targets(eval_memory_bench):
     assert "32k-token windows complete (auto): ok -> met" in report
     results[1]["rss_mb"] = 2100.0
     assert "(auto): 2,100 MB -> NOT met" in eval_memory_bench.render_report(opts, results, "cmd", (0.0, 0.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scripts/bench_alibi_kernels.py (the ALiBi op alone: sdpa, blocked, chunked, unbiased causal)
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_kernel_bench_prints_every_kernel_at_every_length(capsys):
+    kernels = script_module("bench_alibi_kernels")
+    assert kernels.main(["--quick", "--rows", "auto,16"]) == 0
+    rows = parse_tables(capsys.readouterr().out)[0]
+    assert [(int(r["T"]), r["kernel"]) for r in rows] == [
+        (t, k) for t in (64, 96) for k in ("sdpa", f"blocked ({t}, auto)", "blocked (16)", "chunked",
+                                           "causal, no bias")]
+    assert [int(r["B"]) for r in rows] == [3] * 5 + [2] * 5
+    for row in rows:
+        assert number(row["forward + backward ms"]) >= 0 and number(row["forward, no grad, ms"]) >= 0
+        if row["kernel"] == "sdpa":
+            assert row["vs sdpa"] == "1.00×"
+
+
+def test_kernel_bench_refuses_bad_sizes():
+    kernels = script_module("bench_alibi_kernels")
+    for argv in (["--rows", "0"], ["--seq-lens", "0"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            kernels.parse_args(argv)
