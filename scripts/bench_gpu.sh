@@ -11,7 +11,8 @@
 #   3. adaptive span large with spans pinned small .. large and the fixed span (scripts/bench_adaptive_span.py:
 #      tokens/s should rise as the span falls), and the delta rule's kernels at T = 4096: ours, fla's Triton
 #      kernel (target: ours >= 0.8x fla) and softmax SDPA (scripts/bench_fast_weights.py);
-#   4. the GPU tests: tests/gpu (bf16 fast paths, the Python API on CUDA) and tests/models/test_compile.py.
+#   4. the GPU tests: tests/gpu (bf16 fast paths, the blocked ALiBi kernel, the Python API on CUDA) and
+#      tests/models/test_compile.py.
 # Everything lands in OUT (default bench-out/gpu): peak.json, one directory or .md per bench, tests.txt.
 set -euo pipefail
 
