@@ -30,7 +30,8 @@ import torch.nn.functional as F
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))  # the repository root: fairseq_ext
 sys.path.insert(0, SCRIPTS)
-from benchlib import DTYPES, bench_command, device_description, timed  # noqa: E402
+from benchlib import (DTYPES, apply_run_arguments, bench_command, device_description, resolve_defaults,  # noqa: E402
+                      timed)
 from fairseq_ext.ops.alibi import alibi_attention, alibi_slopes, block_rows  # noqa: E402
 from fairseq_ext.ops.alibi.blocked import alibi_attention_blocked  # noqa: E402
 
@@ -57,18 +58,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opts = build_arg_parser().parse_args(argv)
-    for name, value in (QUICK if opts.quick else NORMAL).items():
-        if getattr(opts, name) is None:
-            setattr(opts, name, value)
+    apply_run_arguments(opts)  # --device (cuda if available), --threads
+    resolve_defaults(opts, QUICK, NORMAL, cpu={}, cuda={})
     opts.seq_lens = [int(t) for t in str(opts.seq_lens).split(",")]
     opts.rows = [r if r == "auto" else int(r) for r in str(opts.rows).split(",")]
     if min(opts.seq_lens) < 1 or opts.tokens < 1 or opts.heads < 1 or opts.head_dim < 1 or opts.repeats < 1:
         raise SystemExit("--seq-lens, --tokens, --heads, --head-dim and --repeats must be >= 1")
     if any(r != "auto" and r < 1 for r in opts.rows):
         raise SystemExit("--rows: 'auto' or numbers >= 1")
-    opts.device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
     return opts
 
 
