@@ -14,7 +14,10 @@
   above 1 (on CPU, or one GPU per node, every process trains alone and exits 0) and then computes the device as
   ``rank % device_count()`` (``ZeroDivisionError`` on CPU); here ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` are
   used whenever torchrun set them;
-* the default ``--distributed-backend nccl`` cannot run on CPU processes: ``gloo`` is used there (logged).
+* the default ``--distributed-backend nccl`` cannot run on CPU processes: ``gloo`` is used there (logged);
+* fairseq's workers return with their process group alive, and a CPU worker then sometimes aborted at interpreter exit
+  ("terminate called without an active exception", SIGABRT: 2 of 9 runs of the two-worker launch test here) after
+  training had finished; each CPU worker here destroys its group before it returns (``run_worker``).
 
 Before any of that, the checks in ``fairseq_ext.compat.CONFIG_CHECKS`` run on the whole config (precision flags,
 data-parallel backends). In a single process the wrapper returns ``main``'s result (fairseq's returns None), so
@@ -109,16 +112,25 @@ def call_main(cfg: DictConfig, main: Callable[..., Any], **kwargs: Any) -> Any:
         else:
             _single_node_init(dist)
     if dist.distributed_no_spawn:
-        distributed_utils.distributed_main(dist.device_id, main, cfg, kwargs)
+        run_worker(dist.device_id, main, cfg, kwargs)
         return None
     nprocs = cpu_processes_to_spawn(cfg)
     kwargs["start_rank"] = dist.distributed_rank or 0
     dist.distributed_rank = None  # assigned per spawned process: start_rank + index
     logger.info("spawning %d CPU worker processes (ranks %d..%d of %d) at %s", nprocs, kwargs["start_rank"],
                 kwargs["start_rank"] + nprocs - 1, dist.distributed_world_size, dist.distributed_init_method)
-    torch.multiprocessing.spawn(fn=distributed_utils.distributed_main, args=(main, cfg, kwargs), nprocs=nprocs,
-                                join=True)
+    torch.multiprocessing.spawn(fn=run_worker, args=(main, cfg, kwargs), nprocs=nprocs, join=True)
     return None
+
+
+def run_worker(index: int, main: Callable[..., Any], cfg: DictConfig, kwargs: Any) -> None:
+    """One CPU worker: fairseq's ``distributed_main`` (init, ``main``, a final barrier), then its process group
+    destroyed, so that gloo's threads are joined before the interpreter exits rather than during its teardown."""
+    try:
+        distributed_utils.distributed_main(index, main, cfg, kwargs)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _slurm_launch() -> bool:

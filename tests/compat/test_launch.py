@@ -117,3 +117,26 @@ def test_every_rank_draws_its_own_dropout_masks_and_rank_0_keeps_fairseqs_seed()
         cfg=types.SimpleNamespace(common=types.SimpleNamespace(seed=7)), get_num_updates=lambda: 5,
         data_parallel_rank=1))
     assert torch.equal(torch.rand(8), draws[1])  # the same (seed, update, rank): the same masks (exact resume)
+
+
+def test_a_cpu_worker_destroys_its_process_group_before_returning(monkeypatch):
+    """fairseq's ``distributed_main`` returns with the gloo group alive (a CPU worker then sometimes aborted at exit:
+    "terminate called without an active exception"); ``run_worker`` destroys it, also when ``main`` raises."""
+    import fairseq_ext.compat.launch as launch
+
+    def fake_distributed_main(index, main, cfg, kwargs):  # fairseq's: init a group, run main, leave the group alive
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://localhost:{free_port()}", world_size=1,
+                                             rank=index)
+        main(cfg)
+
+    monkeypatch.setattr(launch.distributed_utils, "distributed_main", fake_distributed_main)
+    seen = []
+    launch.run_worker(0, lambda cfg: seen.append(torch.distributed.is_initialized()), None, {})
+    assert seen == [True] and not torch.distributed.is_initialized()
+
+    def failing(cfg):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        launch.run_worker(0, failing, None, {})
+    assert not torch.distributed.is_initialized()
