@@ -5,8 +5,8 @@ chunked / flex / flash.
 - ``blocked`` on CPU under the causal mask for T >= 2 * 128 queries that each see their own key (S >= q_offset + T)
   while its (H, r, S) strip fits ``BIAS_BUDGET`` values with r >= 8 rows, in training, and in evaluation unless
   ``chunk_size`` is given: causal query blocks whose biases are views of one strip, about half the attention work of
-  the full-bias pass (``blocked.py``; forward + backward 1.3-2.1x faster than ``sdpa`` at T 512-4096, forward alone
-  1.3-3x faster than ``sdpa`` / ``chunked``, on the 2-core CPU measured). On CUDA it is opt-in until measured;
+  the full-bias pass (``blocked.py``; forward + backward 1.3-1.9x faster than ``sdpa`` at T 512-4096, forward alone
+  1.3-3.0x, on the 2-core CPU measured: ``scripts/bench_alibi_kernels.py``). On CUDA it is opt-in until measured;
 - ``chunked`` when no gradient is being recorded (``torch.no_grad`` / ``inference_mode``: evaluation) and the T
   queries need more than one chunk (``T > chunk_size``, by default the rows whose (1, H, rows, S) bias fits
   ``BIAS_BUDGET`` values): the bias built per query chunk (O(chunk x S) memory instead of O(T x S));

@@ -36,7 +36,7 @@ from torch import Tensor
 from .chunked import BIAS_BUDGET, ROW_BLOCK
 from .sdpa import alibi_attention_sdpa, alibi_sdpa_bias
 
-BLOCK_ROWS = 256  # query rows per block from T = 2 * 256 (CPU, 2 threads: best of 64/128/256/512 at T 512..4096)
+BLOCK_ROWS = 256  # rows per block from T = 2 * 256: fastest or within noise at T 512..4096 (bench_alibi_kernels.py)
 MIN_BLOCK_ROWS = 128  # shorter passes use blocks of 128 rows; below 2 * 128 rows blocking does not pay
 
 
