@@ -15,8 +15,9 @@ the last T (current segment) causally.
 
 ``attn_impl``: ``naive`` (the scores, mask, softmax and probability dropout written out: the reference) or ``sdpa``
 (``scaled_dot_product_attention`` with a boolean mask and its own dropout: on CUDA its fused kernels keep no
-(B, T, S) scores). ``auto`` is ``sdpa`` on CUDA and ``naive`` on CPU, where sdpa measured no faster and would move
-the converted checkpoints' log-probabilities by their last bits.
+(B, T, S) scores; in CPU training ``ops/sdpa.py`` draws its dropout from packed bits). ``auto`` is ``sdpa`` on CUDA
+and ``naive`` on CPU, where sdpa measured no faster and would move the converted checkpoints' log-probabilities by
+their last bits.
 
 Precision under a half-precision model (``model.half()`` / ``.to(torch.bfloat16)``): ``qln`` keeps fp32 parameters
 and runs in fp32; the softmax normalises in fp32 and the probabilities are cast back for the value product.
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.ops.dispatch import ImplResolver
 from fairseq_ext.ops.dropout import dropout
+from fairseq_ext.ops.sdpa import sdpa
 
 IMPLS = ("auto", "naive", "sdpa")
 _resolve_cpu = ImplResolver("SHA-RNN attention on CPU", IMPLS, "naive", "the written-out softmax; sdpa is no faster")
@@ -116,7 +118,7 @@ class SingleHeadAttention(nn.Module):
         rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
         cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
         if select_impl(self.attn_impl, query.device) == "sdpa":
-            out = F.scaled_dot_product_attention(  # one head: (B, 1, T|S, d)
+            out = sdpa(  # one head: (B, 1, T|S, d)
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=cols <= rows,
                 dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.dim))
             return out.squeeze(1)  # (B, T, d)

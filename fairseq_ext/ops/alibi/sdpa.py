@@ -5,15 +5,16 @@ original fork does), rounded once to the attention dtype and broadcast over the 
 forward with ``alibi_sdpa_bias`` and passes it to every layer (``bias=``), so all layers share one T x S tensor,
 also in autograd's saved tensors. Key padding adds a (B, 1, 1, S) term. Query rows with no visible key output zeros
 (same contract as ``naive``).
+SDPA is called through ``ops/sdpa.py`` (in CPU training with dropout: the same formula with a packed-bits mask).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..sdpa import sdpa
 from .bias import alibi_bias, causal_mask
 
 
@@ -58,7 +59,7 @@ def alibi_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, q_o
         if causal:
             visible = visible & ~causal_mask(t, s, q_offset, q.device)[None, None]  # (B, 1, T, S)
         row_empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1, T|1, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
+    out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
     if row_empty is not None:
         out = out.masked_fill(row_empty, 0.0)
     return out

@@ -1,13 +1,15 @@
 """The fast form: every term folded into one additive float mask for ``scaled_dot_product_attention``. The soft
 span mask enters as log m (softmax(s + log m) = m·softmax(s) / sum, exactly the reference's renormalisation), and
-positions with m = 0 or not visible as -inf; the log is taken where m > 0 only, so no NaN reaches the gradient."""
+positions with m = 0 or not visible as -inf; the log is taken where m > 0 only, so no NaN reaches the gradient.
+SDPA is called through ``ops/sdpa.py`` (in CPU training with dropout: the same formula with a packed-bits mask)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..sdpa import sdpa
 
 
 def attention_mask(bias: Optional[Tensor], visible: Tensor, span_mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -32,9 +34,9 @@ def biased_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor
     kernel."""
     t, s = visible.shape[-2:]
     if bias is None and span_mask is None and t == s and torch.equal(visible, _causal(t, visible.device)):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     mask = attention_mask(bias, visible, span_mask, q.dtype)  # (·, ·, T, S)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), 0.0)  # (B, H, T, D)
 
 

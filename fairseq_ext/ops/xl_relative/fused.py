@@ -9,7 +9,8 @@ Both forms compute ``BD = (q + v) R^T`` once as a (B, H, T, S) matrix and realig
   ``scaled_dot_product_attention((q + u), k, v)``, so the content scores, softmax, dropout and ``P V`` run in
   torch's fused kernels (the memory-efficient kernel on GPU accepts the bias and returns its gradient).
 
-Every query sees at least itself, so no row is fully masked.
+Every query sees at least itself, so no row is fully masked. SDPA is called through ``ops/sdpa.py`` (in CPU
+training with dropout: the same formula with a packed-bits mask).
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..dropout import dropout
+from ..sdpa import sdpa
 from .mask import xl_attention_mask
 from .shift import rel_shift
 
@@ -55,4 +56,4 @@ def xl_relative_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, r: Tensor, conte
     bias = _position_scores(q, r, position_bias) * scale  # (B, H, T, S) new tensor
     bias = bias.masked_fill(xl_attention_mask(t, s, window, q.device), float("-inf"))
     qu = q + content_bias[:, None]  # (B, H, T, D)
-    return F.scaled_dot_product_attention(qu, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    return sdpa(qu, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)

@@ -40,12 +40,11 @@ def test_sdpa_equals_naive_with_bias_and_window(s, window, with_bias):
 def test_plain_causal_attention_takes_the_causal_kernel(monkeypatch):
     """No bias, no span, the square lower triangle: SDPA's is_causal path (the case above with s = T, window None
     and no bias compares it with naive); any other visibility takes the additive mask."""
-    import fairseq_ext.ops.biased_attention.sdpa as sdpa
+    import fairseq_ext.ops.biased_attention.sdpa as kernel
 
     calls = []
-    real = sdpa.F.scaled_dot_product_attention
-    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(kw.get("is_causal", False)) or real(*a, **kw))
+    real = kernel.sdpa  # ops/sdpa.py: scaled_dot_product_attention (packed dropout in CPU training)
+    monkeypatch.setattr(kernel, "sdpa", lambda *a, **kw: calls.append(kw.get("is_causal", False)) or real(*a, **kw))
     q, k, v, _ = inputs(T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     biased_attention(q, k, v, None, causal, scale=0.5, impl="sdpa")
