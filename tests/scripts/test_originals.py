@@ -75,6 +75,29 @@ def test_fork_logits_equal_alibi_lm_logits_for_the_same_weights(bias_form):
         assert_close(fork.model(tokens)[0], ours.model(tokens)[0], atol=1e-5, msg=f"fork vs alibi_lm ({bias_form})")
 
 
+# the paper's WikiText-103 structure at test size (the README's ALiBi row at CPU size): pre-LN, adaptive input and
+# adaptive softmax with tied weights and projections, the preset's dropouts
+WIKI103_SMALL = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-input-dim", "32",
+                 "--decoder-output-dim", "32", "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "64",
+                 "--adaptive-softmax-cutoff", "10,20"]
+
+
+def test_fork_log_probs_equal_alibi_lm_at_the_wiki103_structure():
+    ours = row("alibi_lm_wiki103", *WIKI103_SMALL, tgt=16, batch=3)
+    fork = row("alibi_lm_wiki103", *WIKI103_SMALL, tgt=16, batch=3, original=True)
+    assert ours.decoder.adaptive_softmax is not None and fork.decoder.adaptive_softmax is not None
+    assert type(fork.decoder.embed_tokens).__name__ == "AdaptiveInput" and fork.params == ours.params
+    theirs = dict(fork.model.named_parameters())
+    for name, p in ours.model.named_parameters():
+        assert torch.equal(theirs[name], p), name
+    tokens = torch.randint(4, 40, (3, 16), generator=torch.Generator().manual_seed(0))
+    ours.model.eval(), fork.model.eval()
+    with torch.no_grad():
+        got, want = (m.model.get_normalized_probs(m.model(tokens), log_probs=True) for m in (fork, ours))
+    assert got.shape == (3, 16, 40)
+    assert_close(got, want, atol=1e-5, msg="fork vs alibi_lm (wiki103 structure)")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Transformer-XL: kimiyoung/transformer-xl mem_transformer.py
 # --------------------------------------------------------------------------------------------------------------------
