@@ -111,3 +111,19 @@ def test_bf16_softmax_runs_in_fp32():
     want = reference(*(t.double() for t in (q, k, v)), None, True, 0.2, bits)
     assert out.dtype == torch.bfloat16
     assert_close(out.double(), want, atol=3e-2)
+
+
+def test_a_mask_with_more_batch_rows_than_the_queries_broadcasts_them():
+    q, k, v = (t[:1].detach().requires_grad_(True) for t in inputs())  # (1, H, ·, ·)
+    mask = masks()["bool"][0]  # (B, 1, T, S)
+    torch.manual_seed(6)
+    out = sdpa(q, k, v, attn_mask=mask, dropout_p=0.3)
+    torch.manual_seed(6)
+    bits = random_bits16(B * H * T * S, torch.device("cpu"))
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    want = reference(q2, k2, v2, mask, False, 0.3, bits)
+    assert out.shape == (B, H, T, DV)
+    assert_close(out, want, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q2, k2, v2), grad)):
+        assert_close(a, b, atol=1e-12)
