@@ -77,7 +77,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
             for bucket in buckets(slots):
                 self.update(bucket, group)
             for s in slots:
-                if s.work_param is not s.param:
+                if s.work_param.dtype != s.param.dtype:  # a half parameter's fp32 working copy (else: a view of it)
                     s.param.copy_(s.work_param)
         return loss
 

@@ -47,6 +47,32 @@ def assert_foreach_step_reads_nothing_on_host(monkeypatch, params: List[torch.nn
     opt.step()
 
 
+def assert_full_precision_step_copies_no_parameter(params: List[torch.nn.Parameter],
+                                                  opt: torch.optim.Optimizer) -> None:
+    """In fp32 / fp64 the step updates the parameters in place: no ``copy_`` onto a parameter. (The step used to write
+    each parameter's working view back onto itself; ATen returns early from such a copy, so that cost one dispatch
+    per tensor, not a pass over the data.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    copies: List[str] = []
+
+    class CopyWatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.copy_ and args[0].untyped_storage().data_ptr() in storages:
+                copies.append(str(tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    for p in params:
+        if p.grad is not None:
+            p.grad.normal_()
+    before = [p.detach().clone() for p in params]
+    with CopyWatch():
+        opt.step()
+    assert not copies, f"{type(opt).__name__}.step copied onto parameters of shapes {copies}"
+    assert any(not torch.equal(b, p) for b, p in zip(before, params)), "the step changed no parameter"
+
+
 def assert_sparse_gradients_rejected(build: Callable[..., torch.optim.Optimizer], impls: List[str]) -> None:
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     embedding(torch.tensor([1, 2])).sum().backward()

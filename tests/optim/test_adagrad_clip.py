@@ -16,7 +16,8 @@ from omegaconf import open_dict
 import fairseq_ext  # noqa: F401  (registers adagrad_clip)
 from fairseq_ext.optim.adagrad_clip import AdagradClip, AdagradClipConfig, FairseqAdagradClip
 from tests.harness import assert_close, training_cfg
-from tests.optim.common import (assert_foreach_step_reads_nothing_on_host, assert_resume_is_exact,
+from tests.optim.common import (assert_foreach_step_reads_nothing_on_host,
+                                 assert_full_precision_step_copies_no_parameter, assert_resume_is_exact,
                                  assert_sparse_gradients_rejected, roundtrip)
 
 IMPLS = ["foreach", "loop"]
@@ -214,6 +215,13 @@ def test_foreach_step_never_reads_tensors_on_the_host(monkeypatch):
     params = make_params(torch.float32)
     opt = run_steps(params, "foreach", steps=1)
     assert_foreach_step_reads_nothing_on_host(monkeypatch, params, opt)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_precision_step_updates_parameters_in_place(impl, dtype):
+    params = make_params(dtype)
+    assert_full_precision_step_copies_no_parameter(params, run_steps(params, impl, steps=1))
 
 
 # ======================================================================================================================
