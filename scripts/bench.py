@@ -41,7 +41,8 @@ original code's model (``scripts/originals``: the ALiBi fork's materialised bias
 Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``; for adaptive span fairseq's own port of the
 original, ``fairseq.examples.adaptive_span``),
 trained by the same ``Trainer``, interleaved with LABEL, and the table ends with ours / original ratios (train and
-stream; the reproductions have no incremental decoding).
+stream, best run and medians, and the range over the interleaved pairs; the reproductions have no incremental
+decoding).
 """
 from __future__ import annotations
 
@@ -357,16 +358,31 @@ def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> st
     return "\n".join(lines + original_ratios(rows)) + "\n"
 
 
+def pair_ratios(ours: Result, original: Result, metric: str) -> List[float]:
+    """ours / original ``metric`` of each interleaved pair (the two runs of the same repeat, adjacent in time)."""
+    theirs = {run["repeat"]: run for run in original["runs"] if metric in run}
+    return [run[metric] / theirs[run["repeat"]][metric] for run in ours["runs"]
+            if metric in run and run["repeat"] in theirs]
+
+
+def pair_spread(ours: Result, original: Result, metric: str) -> str:
+    """"; pairs LOW-HIGHx" over the interleaved pairs (more than one): how much the ratio moves from run to run on
+    this machine (whole processes land in faster or slower modes, on both sides)."""
+    ratios = pair_ratios(ours, original, metric)
+    return f"; pairs {min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
+
+
 def original_ratios(rows: Sequence[Result]) -> List[str]:
-    """One line per (LABEL, T) timed beside LABEL-original: ours / original tokens/s, best and median of the runs."""
+    """One line per (LABEL, T) timed beside LABEL-original: ours / original tokens/s, best and median of the runs,
+    and the range of the per-pair ratios."""
     found = {(r["model"], r["T"]): r for r in rows if r.get("status") == "ok"}
     lines: List[str] = []
     for row in rows:
         ours = found.get((row["model"].removesuffix(ORIGINAL_SUFFIX), row["T"])) if row.get("original") else None
         if ours is None or row.get("status") != "ok":
             continue
-        parts = [f"{m} {ours[m] / row[m]:.2f}x (median {ours[f'{m}_median'] / row[f'{m}_median']:.2f}x)"
-                 for m in ORIGINAL_METRICS if m in ours and m in row]
+        parts = [f"{m} {ours[m] / row[m]:.2f}x (median {ours[f'{m}_median'] / row[f'{m}_median']:.2f}x"
+                 + pair_spread(ours, row, m) + ")" for m in ORIGINAL_METRICS if m in ours and m in row]
         lines.append(f"- {ours['model']} / {row['model']}, T {row['T']}, {len(row['runs'])} interleaved run(s): "
                      + "; ".join(parts))
     title = "Ours against the original code's algorithm (tokens/s ratio, best run of each):"

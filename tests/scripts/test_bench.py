@@ -118,12 +118,23 @@ def test_original_rows_train_beside_ours_and_print_the_ratio(bench, tmp_path, ca
         assert original["original"] and not ours["original"] and original["flags"] == ours["flags"]
         assert original["params"] == ours["params"] and original["stream"] > 0 and "gen_short" not in original
         assert [r["repeat"] for r in original["runs"]] == [0, 1]
+        pairs = {m: [a[m] / b[m] for a, b in zip(ours["runs"], original["runs"])] for m in ("train", "stream")}
         ratio = (f"train {ours['train'] / original['train']:.2f}x (median "
-                 f"{ours['train_median'] / original['train_median']:.2f}x); "
+                 f"{ours['train_median'] / original['train_median']:.2f}x; "
+                 f"pairs {min(pairs['train']):.2f}-{max(pairs['train']):.2f}x); "
                  f"stream {ours['stream'] / original['stream']:.2f}x")
         assert f"- {label} / {label}-original, T 8, 2 interleaved run(s): {ratio}" in stdout
     cells = {c["model"]: c for c in table}
     assert cells["sha_rnn-original"]["gen tok/s (short)"] == "n/a" and number(cells["sha_rnn"]["gen tok/s (short)"]) > 0
+
+
+def test_pair_ratios_pair_runs_of_the_same_repeat(bench):
+    """The spread on the ratio line divides runs of the same repeat only, skipping a run that has no number (OOM)."""
+    ours = {"runs": [{"repeat": 0, "train": 30.0}, {"repeat": 1, "train": 20.0}, {"repeat": 2, "status": "OOM"}]}
+    original = {"runs": [{"repeat": 1, "train": 10.0}, {"repeat": 0, "train": 20.0}, {"repeat": 2, "train": 5.0}]}
+    assert bench.pair_ratios(ours, original, "train") == [1.5, 2.0]
+    assert bench.pair_spread(ours, original, "train") == "; pairs 1.50-2.00x"
+    assert bench.pair_spread({"runs": ours["runs"][:1]}, original, "train") == ""
 
 
 @pytest.mark.parametrize("label, flags", [
