@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 from torch import Tensor, nn
+
+from fairseq_ext.ops.cross_entropy import cross_entropy_sum
 
 STAT_PREFIX = "stat:"
 STAT_COUNT = "stat_count"
@@ -39,23 +40,23 @@ class LMLossConfig(FairseqDataclass):
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
-def _fp32_at_least(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def nll_sum(model: nn.Module, net_output: Tuple[Tensor, Dict[str, Any]], target: Tensor, pad: int) -> Tensor:
-    """Summed NLL in nats of target (B, T) under the model's output; pad targets are ignored."""
+    """Summed NLL in nats of target (B, T) under the model's output; pad targets are ignored.
+
+    The log-softmax is never materialised (``ops.cross_entropy``: blockwise log-sum-exp, the gradient written over
+    the logits, which are this criterion's to consume) and is taken in float32 even under fp16/bf16 training, as
+    the Transformer-XL code does for its clusters. Full softmax: the logits are ``net_output[0]``, so a model's
+    log-probabilities must be fairseq's default ``log_softmax(net_output[0])``."""
     adaptive = getattr(model.decoder, "adaptive_softmax", None)
     if adaptive is None:
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # (B, T, V)
-        return F.nll_loss(lprobs.reshape(-1, lprobs.size(-1)), target.reshape(-1), ignore_index=pad,
-                          reduction="sum")
+        logits = net_output[0]  # (B, T, V)
+        return cross_entropy_sum(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=pad,
+                                 consume_logits=True)
     logits, targets = adaptive(net_output[0], target.reshape(-1))  # per cluster: (N_i, V_i), (N_i,)
-    # log-softmax in fp32 even under fp16/bf16 training (as the Transformer-XL code does for its clusters)
-    loss = F.cross_entropy(_fp32_at_least(logits[0]), targets[0], ignore_index=pad, reduction="sum")  # head: pad stays
+    loss = cross_entropy_sum(logits[0], targets[0], ignore_index=pad, consume_logits=True)  # head: pad stays
     for cluster_logits, cluster_target in zip(logits[1:], targets[1:]):
         if cluster_target is not None:
-            loss = loss + F.cross_entropy(_fp32_at_least(cluster_logits), cluster_target, reduction="sum")
+            loss = loss + cross_entropy_sum(cluster_logits, cluster_target, consume_logits=True)
     return loss
 
 
