@@ -38,7 +38,7 @@ from fairseq.models.transformer_lm import (
     transformer_lm_baevski_wiki103,
     transformer_lm_gpt2_small,
 )
-from fairseq.modules import AdaptiveInput, AdaptiveSoftmax, LayerNorm
+from fairseq.modules import AdaptiveInput, LayerNorm
 from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
@@ -46,6 +46,7 @@ from fairseq_ext.errors import ConfigError
 from fairseq_ext.models.base import StatefulLanguageModel
 from fairseq_ext.models.base.compile import CompileOptions, compile_blocks
 from fairseq_ext.models.base.core_decoder import MAX_POSITIONS, CoreDecoder  # noqa: F401  (MAX_POSITIONS: re-exported)
+from fairseq_ext.modules.adaptive.one_product_head import OneProductHeadAdaptiveSoftmax
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
 from fairseq_ext.modules.blocks.alibi_layer import AlibiContext, AlibiLayer, NormFormerScales, fairseq_dropout
 from fairseq_ext.modules.composed import PositionTerm
@@ -108,7 +109,7 @@ class AlibiDecoder(CoreDecoder):
         project_out_dim = _xavier_linear(dim, output_dim) if dim != output_dim and not tie_adaptive else None
         adaptive_softmax, output_projection = None, None
         if args.adaptive_softmax_cutoff is not None:
-            adaptive_softmax = AdaptiveSoftmax(
+            adaptive_softmax = OneProductHeadAdaptiveSoftmax(
                 len(dictionary), output_dim, options.eval_str_list(args.adaptive_softmax_cutoff, type=int),
                 dropout=args.adaptive_softmax_dropout, adaptive_inputs=embed_tokens if tie_adaptive else None,
                 factor=args.adaptive_softmax_factor, tie_proj=args.tie_adaptive_proj)
