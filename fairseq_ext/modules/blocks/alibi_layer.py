@@ -19,6 +19,7 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from fairseq.modules import LayerNorm
 from fairseq.utils import get_activation_fn
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fairseq_ext.errors import ConfigError
 from fairseq_ext.modules.attention.alibi_self_attention import AlibiSelfAttention
-from fairseq_ext.ops.dropout import dropout
+from fairseq_ext.ops.dropout import dropout, relu_dropout
 from fairseq_ext.state import KVCache
 
 
@@ -108,10 +109,14 @@ class AlibiLayer(nn.Module):
             x = self.self_attn_layer_norm(x)
         residual = x
         h = self.final_layer_norm(x) if self.normalize_before else x
-        h = fairseq_dropout(self.activation_fn(self.fc1(h)), self.activation_dropout, self.training)  # (B, T, F)
+        h = self.fc1(h.reshape(b * t, c))  # (B*T, F): 2-D, so not a view that in-place ops would copy back
+        if self.activation_fn is F.relu and self.activation_dropout > 0:  # one masked product, over fc1's output
+            h = relu_dropout(h, self.activation_dropout, self.training, inplace=True)
+        else:
+            h = fairseq_dropout(self.activation_fn(h), self.activation_dropout, self.training)
         if self.ffn_layernorm is not None:
             h = self.ffn_layernorm(h)
-        h = fairseq_dropout(self.fc2(h), self.dropout, self.training)  # (B, T, C)
+        h = fairseq_dropout(self.fc2(h), self.dropout, self.training).view(b, t, c)  # (B, T, C)
         if self.w_resid is not None:
             residual = self.w_resid * residual
         x = residual + h

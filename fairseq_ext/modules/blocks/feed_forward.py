@@ -1,10 +1,9 @@
 """The LayerNorms and position-wise feed-forward sublayer that Transformer-XL-style layers share."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fairseq_ext.ops.dropout import dropout
+from fairseq_ext.ops.dropout import dropout, relu_dropout
 
 
 class FeedForwardBlock(nn.Module):
@@ -25,4 +24,6 @@ class FeedForwardBlock(nn.Module):
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         """The residual branch Drop(W_2 Drop(ReLU(W_1 x + b_1)) + b_2): (B, T, C) -> (B, T, C)."""
-        return self._drop(self.fc2(self._drop(F.relu(self.fc1(x)))))
+        flat = x.reshape(-1, x.size(-1))  # (B*T, C): fc1's output is then 2-D, its own tensor, not a view
+        hidden = relu_dropout(self.fc1(flat), self.dropout, self.training, inplace=True)  # (B*T, F)
+        return self._drop(self.fc2(hidden)).view(x.shape)  # (B, T, C)

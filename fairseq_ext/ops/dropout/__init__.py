@@ -7,7 +7,7 @@ training step on CPU; the drop probability is ``p`` rounded to a multiple of 2^-
 output stays unbiased. Elsewhere (CUDA, where ``F.dropout`` is one fused kernel; evaluation; p = 0 or 1; inside
 ``torch.compile``, which fuses ``F.dropout``'s draws into its own kernels and cannot trace the int64 -> int16 view of
 the packed bits) this is ``F.dropout``. ``naive.py`` is the reference the packed path is tested against (same bits,
-same mask).
+same mask). ``relu_dropout(x, p, training)`` is ``dropout(relu(x))`` with the ReLU folded into the mask.
 """
 from __future__ import annotations
 
@@ -16,10 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .naive import dropout_from_bits
-from .packed import FLOAT_MASK_DTYPES, PROB_BITS, float_mask, packed_dropout, quantized_drop_count, random_bits16
+from .packed import (
+    FLOAT_MASK_DTYPES,
+    PROB_BITS,
+    float_mask,
+    packed_dropout,
+    packed_relu_dropout,
+    quantized_drop_count,
+    random_bits16,
+)
 
-__all__ = ["dropout", "dropout_from_bits", "packed_dropout", "quantized_drop_count", "random_bits16", "float_mask",
-           "uses_packed_bits", "FLOAT_MASK_DTYPES", "PROB_BITS"]
+__all__ = ["dropout", "relu_dropout", "dropout_from_bits", "packed_dropout", "packed_relu_dropout",
+           "quantized_drop_count", "random_bits16", "float_mask", "uses_packed_bits", "FLOAT_MASK_DTYPES", "PROB_BITS"]
 
 
 def uses_packed_bits(x: Tensor, p: float, training: bool) -> bool:
@@ -27,10 +35,24 @@ def uses_packed_bits(x: Tensor, p: float, training: bool) -> bool:
     return training and 0.0 < p < 1.0 and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout(x, p, training)`` with the CPU training mask drawn from packed bits (see the module docstring)."""
+def _check(p: float) -> None:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)`` with the CPU training mask drawn from packed bits (see the module docstring)."""
+    _check(p)
     if uses_packed_bits(x, p, training):
         return packed_dropout(x, p)
     return F.dropout(x, p, training)
+
+
+def relu_dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
+    """``dropout(relu(x), p, training)`` (the FFN's activation and its dropout; the same draws): in CPU training
+    one masked product (``packed_relu_dropout``), written over ``x`` when ``inplace`` (x is the caller's
+    temporary)."""
+    _check(p)
+    if uses_packed_bits(x, p, training):
+        return packed_relu_dropout(x, p, inplace=inplace)
+    return F.dropout(F.relu(x, inplace=inplace), p, training)

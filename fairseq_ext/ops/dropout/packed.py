@@ -61,6 +61,21 @@ def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = N
     return _MaskScale.apply(x, keep, scale)
 
 
+def packed_relu_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None, inplace: bool = False) -> Tensor:
+    """Drop(ReLU(x)) with ``packed_dropout``'s draws: in float32 / float64 ReLU's zeros are folded into the dropout
+    mask, ``x * (mask * [x > 0])``, one product whose backward is grad * that mask, instead of a ReLU output, its
+    threshold backward and a second product. ``inplace``: the product is written over ``x`` (a caller's temporary,
+    e.g. the first FFN product; autograd saves only the mask), unless x is a view (an in-place op on a view makes
+    autograd copy the gradient of its whole base: more than the product saves). Other dtypes:
+    ``packed_dropout(relu(x))``."""
+    k = quantized_drop_count(p)
+    if k == 0 or k == _LEVELS or x.dtype not in FLOAT_MASK_DTYPES:
+        return packed_dropout(torch.relu(x), p, generator)
+    bits = random_bits16(x.numel(), x.device, generator).view(x.shape)  # int16, x's shape
+    mask = float_mask(bits, k, x.dtype).masked_fill_(x.le(0), 0.0)  # (..) in {0, scale}: kept and positive
+    return x.mul_(mask) if inplace and x._base is None else x * mask
+
+
 class _MaskScale(torch.autograd.Function):
     """x * keep * scale in two passes each way (``where`` then an in-place scale), saving only the bool mask (the
     half-precision path: x * keep * scale rounds once, in float, as ``F.dropout`` does)."""

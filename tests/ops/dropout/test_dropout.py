@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_ext.ops.dropout import dropout, dropout_from_bits, packed_dropout, quantized_drop_count, random_bits16
+from fairseq_ext.ops.dropout import (
+    dropout,
+    dropout_from_bits,
+    packed_dropout,
+    packed_relu_dropout,
+    quantized_drop_count,
+    random_bits16,
+    relu_dropout,
+)
 
 PROBS = [0.1, 0.25, 1 / 3, 0.5, 0.9]
 
@@ -128,3 +136,51 @@ def test_every_dtype_equals_the_reference_on_the_same_draws(dtype):
     g = torch.randn(5, 37).to(dtype)
     (grad,) = torch.autograd.grad(fast, x, g)
     torch.testing.assert_close(grad, dropout_from_bits(g.double(), bits, 0.3).to(dtype), rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11)])
+def test_relu_dropout_equals_dropout_of_relu_on_the_same_draws(p, inplace, shape):
+    """ReLU folded into the mask: the reference dropout(relu(x)) on the same bits, outputs and gradients (zeros of
+    x included: ReLU's gradient there is 0, as torch's)."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.view(-1)[::4] = 0.0
+    leaf = x.clone().requires_grad_()
+    produced = leaf * 1.0  # a caller's temporary (in place is refused on a leaf)
+    fast = packed_relu_dropout(produced, p, torch.Generator().manual_seed(2), inplace=inplace)
+    assert (fast.data_ptr() == produced.data_ptr()) == inplace
+    ref_leaf = x.clone().requires_grad_()
+    bits = random_bits16(x.numel(), x.device, torch.Generator().manual_seed(2))
+    ref = dropout_from_bits(torch.relu(ref_leaf), bits, p)
+    torch.testing.assert_close(fast, ref, rtol=1e-14, atol=0)
+    g = torch.randn(*shape, dtype=torch.float64)
+    fast.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-14, atol=0)
+
+
+def test_relu_dropout_dispatch_and_other_dtypes():
+    x = torch.randn(4, 33)
+    torch.manual_seed(7)
+    a = relu_dropout(x, 0.2, True)
+    torch.manual_seed(7)
+    torch.testing.assert_close(a, dropout(torch.relu(x), 0.2, True), rtol=1e-7, atol=0)  # the same draws
+    assert torch.equal(relu_dropout(x, 0.2, False), torch.relu(x))
+    assert torch.equal(relu_dropout(x, 0.0, True), torch.relu(x))
+    half = x.to(torch.bfloat16)
+    torch.manual_seed(3)
+    b = relu_dropout(half, 0.3, True)
+    torch.manual_seed(3)
+    assert b.dtype == torch.bfloat16 and torch.equal(b, dropout(torch.relu(half), 0.3, True))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        relu_dropout(x, -0.1, True)
+
+
+def test_relu_dropout_on_a_view_is_not_written_in_place():
+    """In place on a view would make autograd copy the whole base's gradient back: the product is a new tensor."""
+    base = torch.randn(6, 8, dtype=torch.float64).requires_grad_() * 1.0
+    view = base.view(3, 16)
+    before = view.detach().clone()
+    out = packed_relu_dropout(view, 0.3, torch.Generator().manual_seed(0), inplace=True)
+    assert out.data_ptr() != view.data_ptr() and torch.equal(view.detach(), before)
