@@ -8,7 +8,7 @@ through the registries, and hands them to ``fairseq.trainer.Trainer``; one train
 fairseq optimizer step, ``--fp16`` / ``--bf16`` as fairseq runs them. Inputs are B streams of T tokens drawn from a
 Zipf(1) law over the dictionary (fairseq dictionaries are sorted by frequency, so adaptive-softmax clusters see a
 text-like share). With ``original=True`` the model is replaced by the reproduction of its original code holding the
-same weights (``scripts/originals``).
+same weights, trained with the original's loss computation (``scripts/originals``).
 
 Used by ``scripts/bench.py`` (every family) and the per-family entries (``bench_alibi.py``,
 ``bench_transformer_xl.py``, ``bench_adaptive_span.py``, ``bench_sha_rnn.py``), which only choose the rows.
@@ -69,11 +69,13 @@ class FairseqRow:
             self.params = (sum(p.numel() for _, p in named),
                            sum(p.numel() for n, p in named if n.startswith("decoder.layers.")))
             self.matmul_params = matmul_params(model)
+            criterion = self.task.build_criterion(self.cfg.criterion)
             if original:
-                from originals import original_of
+                from originals import original_criterion, original_of
 
                 model = original_of(model, self.cfg, self.task)
-            self.trainer = Trainer(self.cfg, self.task, model, self.task.build_criterion(self.cfg.criterion))
+                criterion = original_criterion(self.cfg, self.task, model)
+            self.trainer = Trainer(self.cfg, self.task, model, criterion)
         self.model = self.trainer.model  # moved to the device (and cast by fairseq's --bf16 / --fp16)
         self.decoder = self.model.decoder
         if hasattr(self.decoder, "attach_streams"):  # ours; a stock fairseq decoder carries nothing

@@ -12,8 +12,11 @@ original algorithm, interleaved, on the same machine:
 Each reproduction is built from the fairseq-built model of the row and holds its weights (the same parameter
 count; tests check equal outputs in eval mode), so only the algorithm differs. The fork is a fairseq model itself;
 ``OriginalLM`` gives the other three the face of a fairseq language model (``forward``, ``get_normalized_probs``,
-``get_targets``, ``decoder.adaptive_softmax``), so fairseq's ``Trainer`` and the same ``lm_loss`` train every one
-with the same optimizer step. Their outputs and targets are time-first, as the originals compute them, except the
+``get_targets``, ``decoder.adaptive_softmax``), so fairseq's ``Trainer`` trains every one with the row's optimizer
+step. Their loss is the originals' computation, not ``lm_loss`` (``original_criterion``): fairseq's own
+``adaptive_loss`` (the fork's training criterion) or ``cross_entropy``, a log-softmax per cluster and the target's
+entry picked, which is what Transformer-XL's ``ProjectedAdaptiveLogSoftmax``, SHA-RNN's ``SplitCrossEntropyLoss``
+(one split at its character vocabulary) and the adaptive-span example's ``log_softmax`` + NLL compute. Their outputs and targets are time-first, as the originals compute them, except the
 adaptive-span port's, batch-first as it computes them.
 
 Not reproduced: the adaptive-span repository itself (CC-BY-NC; fairseq's port stands in for it) and fast weights
@@ -25,6 +28,9 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn.functional as F
+from fairseq.criterions import FairseqCriterion
+from fairseq.criterions.adaptive_loss import AdaptiveLoss
+from fairseq.criterions.cross_entropy import CrossEntropyCriterion
 from fairseq.models import BaseFairseqModel
 from torch import Tensor, nn
 
@@ -56,7 +62,8 @@ class OriginalLM(BaseFairseqModel):
 
     def get_targets(self, sample: Dict[str, Any], net_output: Any) -> Tensor:
         target = sample["target"]  # (B, T)
-        return target if getattr(self.net, "batch_first", False) else target.t()  # laid out as the outputs
+        # laid out as the outputs; contiguous, as fairseq's criteria view it flat
+        return target if getattr(self.net, "batch_first", False) else target.t().contiguous()
 
     def reset(self) -> None:
         self.net.reset()
@@ -84,3 +91,14 @@ def original_of(model: nn.Module, cfg: Any, task: Any) -> nn.Module:
                          f"{cfg.model._name}): --original works for {', '.join(c.__name__ for c, _ in ORIGINALS)} "
                          f"rows; see scripts/originals/__init__.py for the other families")
     return build(model, cfg, task)
+
+
+def original_criterion(cfg: Any, task: Any, original: nn.Module) -> FairseqCriterion:
+    """The loss an original trains with, for the reproduction ``original``: fairseq's ``adaptive_loss`` over its
+    adaptive softmax (the ALiBi fork's ``--criterion adaptive_loss``; built directly, as its DDP-backend check is
+    about multi-GPU training) or ``cross_entropy`` over its logits: (N, V) log-probabilities and the target's
+    picked, where ``lm_loss`` forms none (``fairseq_ext.ops.cross_entropy``)."""
+    sentence_avg = bool(cfg.optimization.sentence_avg)
+    if getattr(original.decoder, "adaptive_softmax", None) is not None:
+        return AdaptiveLoss(task, sentence_avg)
+    return CrossEntropyCriterion(task, sentence_avg)

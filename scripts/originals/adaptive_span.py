@@ -10,8 +10,8 @@ in fp32, the span mask as a product, span trimming to multiples of 64 and the ad
 bias-free projections with the head split as (B·K, S, d) copies, post-LN layers, the untied output layer.
 
 The segment loop (``ExampleLoop.forward``) is the example's ``TransformerSeq.forward`` written out up to the logits:
-the example ends with its own ``log_softmax``, and the bench's ``lm_loss`` applies one, as it does for ours; every
-layer call is the example's module. What makes the port *cheaper* than the original: no renormalisation after the
+the example ends with its own ``log_softmax``, and the bench's loss for it (fairseq's ``cross_entropy``) applies
+one; every layer call is the example's module. What makes the port *cheaper* than the original: no renormalisation after the
 span mask (spec §6.2; ours renormalises, ``--no-span-renorm`` drops it and gives the port's logits, tested), and its
 span-loss term is not added to the bench's loss (``lm_loss`` collects ours). The renormalisation also changes the
 gradient of the spans, so from the same start ours and the port learn different spans within a few steps (at

@@ -11,7 +11,8 @@ keeping n_layer + 1 memories (the last one is never read, as in the original).
 
 Only the layer stack differs from ours: the adaptive input embedding and projected adaptive softmax are **our**
 ``XLAdaptiveInput`` / ``ProjectedAdaptiveLogSoftmax`` modules taken from the fairseq-built model, so both sides pay
-the same embedding and softmax cost, and the loss is the same ``lm_loss`` NLL code. The parameters are the
+the same embedding and softmax logits; the bench trains it with fairseq's ``adaptive_loss`` (a log-softmax per
+cluster and the target picked, the original's computation; ``original_criterion``). The parameters are the
 fairseq-built model's (``qkv_net`` = cat(q, k, v) rows, ``r_net`` = r_proj, ``o_net`` = out_proj, ``CoreNet.0/3`` =
 fc1/fc2), so the parameter count is identical and a test checks that both compute the same features. Changes that
 alter nothing computed: boolean masks (a uint8 ``masked_fill`` mask is an error in current torch), memories start as
