@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fairseq_ext.ops.cross_entropy as ce
 from fairseq_ext.ops.cross_entropy import chunked, cross_entropy_sum, cross_entropy_sum_chunked, cross_entropy_sum_naive
 
 
@@ -48,22 +49,22 @@ def test_consumed_logits_hold_their_gradient_and_a_leaf_is_never_overwritten():
     source = logits.clone().requires_grad_()
     produced = source * 1.0
     kept = produced.detach().clone()
-    cross_entropy_sum(produced, target, consume_logits=True).backward()
+    cross_entropy_sum(produced, target, impl="chunked", consume_logits=True).backward()
     torch.testing.assert_close(produced.detach(), source.grad, rtol=0, atol=0)  # the same storage
     assert not torch.equal(produced.detach(), kept)
     leaf = logits.clone().requires_grad_()
-    cross_entropy_sum(leaf, target, consume_logits=True).backward()
+    cross_entropy_sum(leaf, target, impl="chunked", consume_logits=True).backward()
     assert torch.equal(leaf.detach(), logits)  # a leaf is the caller's: a fresh gradient tensor instead
     not_consumed = source.detach().clone().requires_grad_() * 1.0
     before = not_consumed.detach().clone()
-    cross_entropy_sum(not_consumed, target).backward()
+    cross_entropy_sum(not_consumed, target, impl="chunked").backward()
     assert torch.equal(not_consumed.detach(), before)
 
 
 def test_second_backward_after_consuming_is_an_error():
     logits, target = make(3, 4)
     produced = logits.clone().requires_grad_() * 1.0
-    loss = cross_entropy_sum(produced, target, consume_logits=True)
+    loss = cross_entropy_sum(produced, target, impl="chunked", consume_logits=True)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot run backward twice"):
         loss.backward()
@@ -75,7 +76,7 @@ def test_half_logits_are_scored_in_float32_and_get_their_dtype_back(small_blocks
     for consume in (False, True):
         x = logits.clone().requires_grad_()
         produced = x * 1.0
-        loss = cross_entropy_sum(produced, target, consume_logits=consume)
+        loss = cross_entropy_sum(produced, target, impl="chunked", consume_logits=consume)
         assert loss.dtype == torch.float32
         ref_x = logits.clone().requires_grad_()
         ref = F.cross_entropy(ref_x.float(), target, reduction="sum")
@@ -89,7 +90,7 @@ def test_half_logits_are_scored_in_float32_and_get_their_dtype_back(small_blocks
 def test_every_row_ignored_gives_zero_loss_and_gradient():
     logits, target = make(4, 6)
     x = logits.clone().requires_grad_()
-    loss = cross_entropy_sum(x, torch.full_like(target, 1), ignore_index=1)
+    loss = cross_entropy_sum(x, torch.full_like(target, 1), ignore_index=1, impl="chunked")
     loss.backward()
     assert loss.item() == 0 and x.grad.abs().max().item() == 0
 
@@ -104,3 +105,15 @@ def test_bad_shapes_and_impl_are_errors():
         cross_entropy_sum(logits, target, impl="fused")
     torch.testing.assert_close(cross_entropy_sum(logits, target, impl="naive"),
                                cross_entropy_sum(logits, target, impl="chunked"), rtol=1e-13, atol=1e-13)
+
+
+def test_auto_is_chunked_from_the_size_threshold_on(monkeypatch):
+    """auto: F.cross_entropy (naive) below CHUNKED_MIN_ELEMENTS logits, chunked from it on (consumed logits then hold
+    their gradient)."""
+    logits, target = make(5, 8)
+    for threshold, chunked_expected in ((41, False), (40, True)):
+        monkeypatch.setattr(ce, "CHUNKED_MIN_ELEMENTS", threshold)
+        source = logits.clone().requires_grad_()
+        produced = source * 1.0
+        cross_entropy_sum(produced, target, consume_logits=True).backward()
+        assert torch.equal(produced.detach(), source.grad) == chunked_expected
