@@ -61,19 +61,39 @@ def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = N
     return _MaskScale.apply(x, keep, scale)
 
 
-def packed_relu_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None, inplace: bool = False) -> Tensor:
-    """Drop(ReLU(x)) with ``packed_dropout``'s draws: in float32 / float64 ReLU's zeros are folded into the dropout
-    mask, ``x * (mask * [x > 0])``, one product whose backward is grad * that mask, instead of a ReLU output, its
-    threshold backward and a second product. ``inplace``: the product is written over ``x`` (a caller's temporary,
-    e.g. the first FFN product; autograd saves only the mask), unless x is a view (an in-place op on a view makes
-    autograd copy the gradient of its whole base: more than the product saves). Other dtypes:
-    ``packed_dropout(relu(x))``."""
+def packed_relu_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None, inplace: bool = False
+                        ) -> Tensor:
+    """Drop(ReLU(x)) with ``packed_dropout``'s draws: in float32 / float64 one autograd function,
+    y = max(x, 0) * mask, saving only y (which the next layer's product saves anyway), whose backward is
+    grad * sign(y) * scale (y > 0 exactly where x > 0 and the element is kept); instead of a ReLU output, a mask and
+    a product each kept for backward. ``inplace``: y is written over ``x`` (a caller's temporary, e.g. the first FFN
+    product), unless x is a view (an in-place op on a view makes autograd copy the gradient of its whole base: more
+    than it saves). Other dtypes: ``packed_dropout(relu(x))``."""
     k = quantized_drop_count(p)
     if k == 0 or k == _LEVELS or x.dtype not in FLOAT_MASK_DTYPES:
         return packed_dropout(torch.relu(x), p, generator)
     bits = random_bits16(x.numel(), x.device, generator).view(x.shape)  # int16, x's shape
-    mask = float_mask(bits, k, x.dtype).masked_fill_(x.le(0), 0.0)  # (..) in {0, scale}: kept and positive
-    return x.mul_(mask) if inplace and x._base is None else x * mask
+    return _ReluMaskScale.apply(x, float_mask(bits, k, x.dtype), _LEVELS / (_LEVELS - k), inplace and x._base is None)
+
+
+class _ReluMaskScale(torch.autograd.Function):
+    """max(x, 0) * mask (mask in {0, scale}) saving only the output; backward grad * sign(y) * scale."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mask: Tensor, scale: float, inplace: bool) -> Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
+            y = x.clamp_min_(0.0).mul_(mask)
+        else:
+            y = x.clamp_min(0.0).mul_(mask)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        return torch.sign(y).mul_(grad).mul_(ctx.scale), None, None, None
 
 
 class _MaskScale(torch.autograd.Function):
