@@ -225,7 +225,7 @@ def test_adaptive_span_port_computes_our_logits_over_carried_segments(extra):
     assert [c.size(1) for c in loop.caches] == [160, 160]  # min(L, L - trim + 64) over a stream longer than L
 
 
-def test_adaptive_span_port_is_trained_by_the_same_loss_with_batch_first_targets():
+def test_adaptive_span_port_is_trained_with_batch_first_targets():
     port = row("adaptive_span_tiny", *SPAN_SIZE, tgt=8, batch=2, vocab=40, original=True)
     before = [p.detach().clone() for p in port.model.parameters()]
     port.train_step()
@@ -245,3 +245,47 @@ def test_adaptive_span_port_refuses_what_fairseqs_example_lacks(flag):
 def test_unreproduced_family_names_the_ones_that_are():
     with pytest.raises(ValueError, match="no reproduction of the original code for FastWeightLanguageModel"):
         row("fast_weight_tiny", original=True)
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the originals' loss: fairseq's own criteria, where ours is lm_loss over ops/cross_entropy
+# --------------------------------------------------------------------------------------------------------------------
+
+XL_SIZE = ["--decoder-layers", "2", "--decoder-embed-dim", "16", "--decoder-attention-heads", "2",
+           "--decoder-ffn-embed-dim", "24", "--mem-len", "8", "--dropout", "0", "--attention-dropout", "0"]
+
+
+@pytest.mark.parametrize("arch,flags,adaptive", [
+    ("alibi_lm", [*ALIBI_SIZE, "--decoder-attention-heads", "4"], False),
+    ("alibi_lm_wiki103", WIKI103_SMALL, True),
+    ("transformer_xl_tiny", [*XL_SIZE, "--adaptive-softmax-cutoff", "10,20"], True),
+    ("transformer_xl_tiny", XL_SIZE, True),  # one cluster: Transformer-XL's softmax is always the projected one
+    ("sha_rnn_tiny", [], False),
+    ("adaptive_span_tiny", SPAN_SIZE, False),
+])
+def test_originals_train_with_fairseqs_criteria_and_score_as_lm_loss(arch, flags, adaptive):
+    """Each original row is trained by fairseq's adaptive_loss / cross_entropy (log-softmax and pick, as the
+    originals compute it); on one sample at the same weights (eval mode) it scores what our lm_loss scores, up to
+    the tokens fairseq's adaptive_loss drops (a tail target whose in-cluster id equals pad)."""
+    from fairseq.criterions.adaptive_loss import AdaptiveLoss
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+
+    ours = row(arch, *flags, tgt=8, batch=2)
+    original = row(arch, *flags, tgt=8, batch=2, original=True)
+    assert type(original.trainer.criterion) is (AdaptiveLoss if adaptive else CrossEntropyCriterion)
+    assert type(ours.trainer.criterion).__name__ == "LMLossCriterion"
+    sample = ours.samples[0]
+    pad = ours.task.dictionary.pad()
+    if adaptive:  # no target at a cluster offset + pad, which fairseq's adaptive_loss would ignore
+        sample["target"] = sample["target"].masked_fill(sample["target"].eq(10 + pad) | sample["target"].eq(20 + pad),
+                                                        30)
+    ours.model.eval(), original.model.eval()
+    with torch.no_grad():
+        want = ours.trainer.criterion(ours.model, sample)[0]
+        got = original.trainer.criterion(original.model, sample)[0]
+    assert_close(got.reshape(()).float(), want, atol=1e-4, rtol=1e-5)
+    original.model.train()
+    before = [p.detach().clone() for p in original.model.parameters()]
+    original.train_step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, original.model.parameters()))
