@@ -43,9 +43,9 @@ class LMLossConfig(FairseqDataclass):
 def nll_sum(model: nn.Module, net_output: Tuple[Tensor, Dict[str, Any]], target: Tensor, pad: int) -> Tensor:
     """Summed NLL in nats of target (B, T) under the model's output; pad targets are ignored.
 
-    The log-softmax is never materialised (``ops.cross_entropy``: blockwise log-sum-exp, the gradient written over
-    the logits, which are this criterion's to consume) and is taken in float32 even under fp16/bf16 training, as
-    the Transformer-XL code does for its clusters. Full softmax: the logits are ``net_output[0]``, so a model's
+    ``ops.cross_entropy`` in float32 even under fp16/bf16 training, as the Transformer-XL code does for its
+    clusters; from 8M logits on it forms no log-softmax tensor (blockwise log-sum-exp, the gradient written over the
+    logits, which are this criterion's to consume). Full softmax: the logits are ``net_output[0]``, so a model's
     log-probabilities must be fairseq's default ``log_softmax(net_output[0])``."""
     adaptive = getattr(model.decoder, "adaptive_softmax", None)
     if adaptive is None:

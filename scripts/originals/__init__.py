@@ -16,8 +16,9 @@ count; tests check equal outputs in eval mode), so only the algorithm differs. T
 step. Their loss is the originals' computation, not ``lm_loss`` (``original_criterion``): fairseq's own
 ``adaptive_loss`` (the fork's training criterion) or ``cross_entropy``, a log-softmax per cluster and the target's
 entry picked, which is what Transformer-XL's ``ProjectedAdaptiveLogSoftmax``, SHA-RNN's ``SplitCrossEntropyLoss``
-(one split at its character vocabulary) and the adaptive-span example's ``log_softmax`` + NLL compute. Their outputs and targets are time-first, as the originals compute them, except the
-adaptive-span port's, batch-first as it computes them.
+(one split at its character vocabulary) and the adaptive-span example's ``log_softmax`` + NLL compute. Their outputs
+and targets are time-first, as the originals compute them, except the adaptive-span port's, batch-first as it
+computes them.
 
 Not reproduced: the adaptive-span repository itself (CC-BY-NC; fairseq's port stands in for it) and fast weights
 (IDSIA/lmtool-fwms JIT-compiles CUDA kernels for its fast-weight layers; no CPU path to compare with).
@@ -96,8 +97,8 @@ def original_of(model: nn.Module, cfg: Any, task: Any) -> nn.Module:
 def original_criterion(cfg: Any, task: Any, original: nn.Module) -> FairseqCriterion:
     """The loss an original trains with, for the reproduction ``original``: fairseq's ``adaptive_loss`` over its
     adaptive softmax (the ALiBi fork's ``--criterion adaptive_loss``; built directly, as its DDP-backend check is
-    about multi-GPU training) or ``cross_entropy`` over its logits: (N, V) log-probabilities and the target's
-    picked, where ``lm_loss`` forms none (``fairseq_ext.ops.cross_entropy``)."""
+    about multi-GPU training) or ``cross_entropy`` over its logits: (N, V) log-probabilities and the target's entry
+    picked, where ``lm_loss`` forms none from 8M logits on (``fairseq_ext.ops.cross_entropy``)."""
     sentence_avg = bool(cfg.optimization.sentence_avg)
     if getattr(original.decoder, "adaptive_softmax", None) is not None:
         return AdaptiveLoss(task, sentence_avg)

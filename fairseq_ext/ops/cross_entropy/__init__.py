@@ -15,7 +15,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..dispatch import ImplResolver
-from .chunked import cross_entropy_sum_chunked
+from .chunked import check_shapes, cross_entropy_sum_chunked
 from .naive import cross_entropy_sum_naive
 
 __all__ = ["cross_entropy_sum", "cross_entropy_sum_chunked", "cross_entropy_sum_naive", "IMPLS", "CHUNKED_MIN_ELEMENTS"]
@@ -31,9 +31,7 @@ def cross_entropy_sum(logits: Tensor, target: Tensor, ignore_index: Optional[int
                       consume_logits: bool = False) -> Tensor:
     """logits (N, V), target (N,) int64 -> scalar ``sum -log p(target)`` over rows whose target is not
     ``ignore_index``, in at least float32; ``consume_logits``: the backward may overwrite ``logits`` (chunked)."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy_sum: logits (N, V) and target (N,) expected, got {tuple(logits.shape)} "
-                         f"and {tuple(target.shape)}")
+    check_shapes(logits, target)
     chosen = _resolve(impl)
     if chosen == "naive" or (impl == "auto" and logits.numel() < CHUNKED_MIN_ELEMENTS):
         return cross_entropy_sum_naive(logits, target, ignore_index)

@@ -71,12 +71,17 @@ class _CrossEntropySum(torch.autograd.Function):
         return grad, None, None, None
 
 
+def check_shapes(logits: Tensor, target: Tensor) -> None:
+    """logits (N, V) and target (N,), or a ValueError naming both shapes."""
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_sum: logits (N, V) and target (N,) expected, got {tuple(logits.shape)} "
+                         f"and {tuple(target.shape)}")
+
+
 def cross_entropy_sum_chunked(logits: Tensor, target: Tensor, ignore_index: Optional[int] = None,
                               consume_logits: bool = False) -> Tensor:
     """logits (N, V), target (N,) int64 -> scalar sum of -log p(target) over the rows not ignored; with
     ``consume_logits`` the backward writes the gradient over ``logits`` (the caller must not read them after
     backward; ignored for a leaf tensor, whose values are the caller's)."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy_sum: logits (N, V) and target (N,) expected, got {tuple(logits.shape)} "
-                         f"and {tuple(target.shape)}")
+    check_shapes(logits, target)
     return _CrossEntropySum.apply(logits, target, ignore_index, consume_logits)
