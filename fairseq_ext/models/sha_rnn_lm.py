@@ -70,9 +70,11 @@ class SHARNNConfig(CompileOptions):
     collapse_value_gate: bool = field(default=False, metadata={"help": "build the Overparam value gate collapsed "
                                                                        "(vs used as is, no vq)"})
     attn_impl: ChoiceEnum(ATTN_IMPLS) = field(
-        default="auto", metadata={"help": "attention kernel: naive (written-out softmax, the reference), sdpa "
-                                          "(scaled_dot_product_attention with its own dropout: fused kernels on "
-                                          "CUDA), auto (sdpa on CUDA, naive on CPU; logged)"})
+        default="auto", metadata={"help": "attention kernel: naive (written-out softmax, the reference), split "
+                                          "(gates on the query side, no key/value gradient products for the "
+                                          "detached memory), sdpa (scaled_dot_product_attention with its own "
+                                          "dropout: fused kernels on CUDA), auto (sdpa on CUDA, split on CPU; "
+                                          "logged)"})
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 

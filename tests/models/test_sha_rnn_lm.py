@@ -93,9 +93,10 @@ def test_memory_lengths_and_keys_seen_over_batches(monkeypatch):
     attn_cls = type(model.decoder.layers[0].attn)
     forward = attn_cls.forward
 
-    def spy(self, query, memory):
-        seen.append(memory.size(1))
-        return forward(self, query, memory)
+    def spy(self, query, memory, segment):
+        seen.append(segment.size(1) + (0 if memory is None else memory.size(1)))
+        assert memory is None or not memory.requires_grad  # split forms no key / value gradient for it
+        return forward(self, query, memory, segment)
 
     monkeypatch.setattr(attn_cls, "forward", spy)
     model.train()  # dropout is 0; memories must come back detached after every training step
@@ -146,43 +147,49 @@ def test_memory_fully_visible_current_segment_causal():
     query = torch.randn(2, 4, 32, dtype=torch.float64)
     memory = torch.randn(2, 10, 32, dtype=torch.float64, requires_grad=True)  # 6 memory + 4 current
     for i in range(4):
-        (grad,) = torch.autograd.grad(attn(query, memory)[:, i].sum(), memory)
+        (grad,) = torch.autograd.grad(attn(query, memory[:, :6], memory[:, 6:])[:, i].sum(), memory)
         norms = grad.abs().sum(dim=(0, 2))  # (10,)
         assert torch.all(norms[:6 + i + 1] > 0) and torch.all(norms[6 + i + 1:] == 0), (i, norms)
 
 
-
 @pytest.mark.parametrize("collapsed", [False, True])
-def test_sdpa_attention_equals_naive_outputs_and_gradients(collapsed):
-    """--attn-impl sdpa (scaled_dot_product_attention, boolean mask) == the written-out attention (float64, memory
-    keys before an odd segment, every parameter's gradient)."""
+@pytest.mark.parametrize("impl", ["sdpa", "split"])
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_kernels_equal_naive_outputs_and_gradients(collapsed, impl, training):
+    """--attn-impl sdpa / split == the written-out attention in the module (float64, memory keys before an odd
+    segment, every parameter's gradient; in training with dropout 0.1 and the same draws)."""
     model = make(["--collapse-value-gate"] if collapsed else [])
-    naive = model.decoder.layers[0].attn
-    assert naive.attn_impl == "auto"
+    attn = model.decoder.layers[0].attn.train(training)
+    attn.dropout = 0.1 if training else 0.0  # make() builds without dropout
+    assert attn.attn_impl == "auto"
     query = torch.randn(3, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     memory = torch.randn(3, 12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
                          requires_grad=True)
-    expected = naive(query, memory)
-    naive.attn_impl = "sdpa"
-    actual = naive(query, memory)
+    outputs = []
+    for name in ("naive", impl):
+        attn.attn_impl = name
+        torch.manual_seed(5)
+        outputs.append(attn(query, memory[:, :7], memory[:, 7:]))
+    expected, actual = outputs
     assert_close(actual, expected, atol=1e-12, rtol=1e-10, msg="output")
-    params = [memory, *naive.parameters()]
+    params = [memory, *attn.parameters()]
     grad = torch.randn_like(expected)
     for i, (a, e) in enumerate(zip(torch.autograd.grad(actual, params, grad),
                                    torch.autograd.grad(expected, params, grad))):
         assert_close(a, e, atol=1e-12, rtol=1e-10, msg=f"gradient {i}")
 
 
-def test_sdpa_flag_reaches_every_attention_block_and_bad_names_are_refused():
-    model = make(["--attn-impl", "sdpa"])
-    assert [layer.attn.attn_impl for layer in model.decoder.layers if layer.attn is not None] == ["sdpa", "sdpa"]
-    reference = make()
+@pytest.mark.parametrize("impl", ["sdpa", "split"])
+def test_attn_impl_flag_reaches_every_attention_block_and_bad_names_are_refused(impl):
+    model = make(["--attn-impl", impl])
+    assert [layer.attn.attn_impl for layer in model.decoder.layers if layer.attn is not None] == [impl, impl]
+    reference = make(["--attn-impl", "naive"])
     x = tokens(2, 8)
-    assert_close(model(x)[0], reference(x)[0], atol=1e-10, rtol=1e-10, msg="model log-probs, sdpa vs naive")
+    assert_close(model(x)[0], reference(x)[0], atol=1e-10, rtol=1e-10, msg=f"model log-probs, {impl} vs naive")
     from fairseq_ext.modules.attention.single_head_attention import SingleHeadAttention, select_impl
     with pytest.raises(ValueError, match="unknown attn_impl 'flash' for SHA-RNN attention"):
         SingleHeadAttention(8, 0.1, attn_impl="flash")
-    assert [select_impl("auto", torch.device(d)) for d in ("cpu", "cuda")] == ["naive", "sdpa"]
+    assert [select_impl("auto", torch.device(d), grad=True) for d in ("cpu", "cuda")] == ["split", "sdpa"]
     assert select_impl("naive", torch.device("cuda")) == "naive" and select_impl("sdpa", torch.device("cpu")) == "sdpa"
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,35 +13,23 @@ outputs: carried memory followed by the current segment) and the query stream x 
 sigmoid), as the original's ``vq_collapse``. The mask: the first S - T keys (memory) are visible to every query,
 the last T (current segment) causally.
 
-``attn_impl``: ``naive`` (the scores, mask, softmax and probability dropout written out: the reference) or ``sdpa``
-(``scaled_dot_product_attention`` with a boolean mask and its own dropout: on CUDA its fused kernels keep no
-(B, T, S) scores; in CPU training ``ops/sdpa.py`` draws its dropout from packed bits). ``auto`` is ``sdpa`` on CUDA
-and ``naive`` on CPU, where sdpa measured no faster and would move the converted checkpoints' log-probabilities by
-their last bits.
+``attn_impl`` picks the kernel (``fairseq_ext/ops/sha_attention``): ``naive`` (the formula written out: the
+reference), ``split`` (the gates moved to the query side and the products split at the memory / segment boundary, so
+a detached memory gets no key or value gradient products; ``auto`` on CPU) or ``sdpa`` (``auto`` on CUDA).
 
 Precision under a half-precision model (``model.half()`` / ``.to(torch.bfloat16)``): ``qln`` keeps fp32 parameters
 and runs in fp32; the softmax normalises in fp32 and the probabilities are cast back for the value product.
 """
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fairseq_ext.ops.dispatch import ImplResolver
 from fairseq_ext.ops.dropout import dropout
-from fairseq_ext.ops.sdpa import sdpa
+from fairseq_ext.ops.sha_attention import IMPLS, select_impl, sha_attention
 
-IMPLS = ("auto", "naive", "sdpa")
-_resolve_cpu = ImplResolver("SHA-RNN attention on CPU", IMPLS, "naive", "the written-out softmax; sdpa is no faster")
-_resolve_cuda = ImplResolver("SHA-RNN attention on CUDA", IMPLS, "sdpa", "fused kernels, no (B, T, S) scores kept")
-
-
-def select_impl(impl: str, device: torch.device) -> str:
-    """The kernel ``impl`` runs on ``device``: an explicit name as given (validated); ``auto`` -> sdpa on CUDA,
-    naive elsewhere (logged once each)."""
-    return _resolve_cuda(impl) if device.type == "cuda" else _resolve_cpu(impl)
+__all__ = ["IMPLS", "Overparam", "SingleHeadAttention", "select_impl"]
 
 
 class Overparam(nn.Module):
@@ -104,26 +92,13 @@ class SingleHeadAttention(nn.Module):
         self.vs.copy_(self.value_gate())
         self.vq = None
 
-    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
-        """query (B, T, d) (the ``lnmid`` stream), memory (B, S, d) with S >= T (carried memory then the current
-        segment's ``lnmem`` stream) -> (B, T, d)."""
-        t, s = query.size(1), memory.size(1)
+    def forward(self, query: Tensor, memory: Optional[Tensor], segment: Tensor) -> Tensor:
+        """query (B, T, d) (the ``lnmid`` stream), memory (B, M, d) or None (the carried ``lnmem`` rows, visible to
+        every query), segment (B, T, d) (the current segment's ``lnmem`` stream, causal) -> (B, T, d)."""
         q = self.q(query)  # (B, T, d)
         dtype = torch.promote_types(q.dtype, torch.float32)  # the LN in (at least) fp32, as the original
         q = F.layer_norm(q.to(dtype), (self.dim,), self.qln.weight.to(dtype), self.qln.bias.to(dtype),
                          self.qln.eps).to(query.dtype)
-        q = dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)
-        k = torch.sigmoid(self.ks) * memory  # (B, S, d)
-        v = dropout(self.value_gate() * memory, self.dropout, self.training)  # (B, S, d)
-        rows = torch.arange(t, device=query.device).unsqueeze(1)  # (T, 1)
-        cols = torch.arange(s, device=query.device).unsqueeze(0) - (s - t)  # (1, S): memory < 0
-        if select_impl(self.attn_impl, query.device) == "sdpa":
-            out = sdpa(  # one head: (B, 1, T|S, d)
-                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=cols <= rows,
-                dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.dim))
-            return out.squeeze(1)  # (B, T, d)
-        scores = torch.matmul(q, k.transpose(1, 2)).div_(math.sqrt(self.dim))  # (B, T, S), scaled in place
-        scores = scores.masked_fill_(cols > rows, float("-inf"))  # in place: the product saves its inputs only
-        probs = torch.softmax(scores, dim=-1, dtype=dtype).to(v.dtype)  # (B, T, S) normalised in fp32 at least
-        probs = dropout(probs, self.dropout, self.training)
-        return torch.matmul(probs, v)  # (B, T, d)
+        q = dropout(torch.sigmoid(self.qs) * q, self.dropout, self.training)  # (B, T, d)
+        return sha_attention(q, torch.sigmoid(self.ks), self.value_gate(), memory, segment,
+                             dropout_p=self.dropout if self.training else 0.0, impl=self.attn_impl)  # (B, T, d)

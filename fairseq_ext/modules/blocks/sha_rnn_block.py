@@ -93,8 +93,8 @@ class SHARNNBlock(nn.Module):
                 memory = self.trim(memory, x.size(1))
             elif trim_to > 0:
                 memory = self.trim(memory, trim_to)
+            h = dropout(self.attn(h, memory, m), self.dropouth, self.training) + h
             big = m if memory is None else torch.cat([memory, m], dim=1)  # (B, M + T, d)
-            h = dropout(self.attn(h, big), self.dropouth, self.training) + h
             new_memory = big[:, max(big.size(1) - self.max_memory, 0):]  # (B, <= max_memory, d)
         base = self.lnff(h)
         h = dropout(self.ff(self.lnxff(h)), self.dropouth, self.training) + base

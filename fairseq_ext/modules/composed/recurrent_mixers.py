@@ -69,8 +69,8 @@ class SingleHeadMixer(nn.Module):
 
     def forward(self, x: Tensor, state: Optional[HiddenCache]) -> Tuple[Tensor, Optional[HiddenCache]]:
         """x (B, T, C) -> (y (B, T, C), the source's open state); memory fully visible, the segment causal."""
-        memory, _, _, new_state = self.source.read(x, state, lambda h: (h, h))  # (B, S, C)
-        return self.attention(x, memory), new_state
+        keys, _, before, new_state = self.source.read(x, state, lambda h: (h, h))  # (B, S, C), S = before + T
+        return self.attention(x, keys[:, :before], keys[:, before:]), new_state
 
     @property
     def carries_state(self) -> bool:
