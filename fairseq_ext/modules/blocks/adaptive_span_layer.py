@@ -9,17 +9,17 @@ The cache holds this layer's *inputs* from earlier segments (detached). The next
 else L), decided before the layer runs, as the original. A ``CoreDecoder`` block: its state is a ``HiddenCache``,
 its context the shared relative position table ``key_pe`` (d, L); the cache is already cut when the layer returns,
 so closing it at a segment end changes nothing (outputs do not depend on where segments start).
+ReLU and dropout are ``relu_dropout``, written over the first FF product (one (B, M, FF) tensor fewer per layer).
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_ext.modules.attention.adaptive_span_self_attention import AdaptiveSpanSelfAttention
-from fairseq_ext.ops.dropout import dropout
+from fairseq_ext.ops.dropout import relu_dropout
 from fairseq_ext.state import HiddenCache
 
 
@@ -48,7 +48,8 @@ class AdaptiveSpanLayer(nn.Module):
         next_cache = keys_in[:, max(0, keys_in.size(1) - window.cache):].detach()  # (B, <= C_cache, C)
         h = self.self_attn_layer_norm(x + self.self_attn(x, keys_in, key_pe, window))  # (B, M, C)
         if self.fc1 is not None:
-            ff = self.fc2(dropout(F.relu(self.fc1(h)), p=self.dropout, training=self.training))  # (B, M, C)
+            hidden = self.fc1(h.reshape(-1, h.size(-1)))  # (B*M, FF): 2-D, its own tensor (not a view)
+            ff = self.fc2(relu_dropout(hidden, self.dropout, self.training, inplace=True)).view(h.shape)  # (B, M, C)
             h = self.final_layer_norm(h + ff)
         return h, HiddenCache(next_cache)
 

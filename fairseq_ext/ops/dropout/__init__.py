@@ -50,9 +50,9 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 def relu_dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
     """``dropout(relu(x), p, training)`` (the FFN's activation and its dropout; the same draws): in CPU training
-    one masked product (``packed_relu_dropout``), written over ``x`` when ``inplace`` (x is the caller's
-    temporary)."""
+    one masked product (``packed_relu_dropout``); ``inplace``: written over ``x`` (the caller's temporary) unless x
+    is a view (autograd would copy the gradient of its whole base)."""
     _check(p)
     if uses_packed_bits(x, p, training):
         return packed_relu_dropout(x, p, inplace=inplace)
-    return F.dropout(F.relu(x, inplace=inplace), p, training)
+    return F.dropout(F.relu(x, inplace=inplace and x._base is None), p, training)

@@ -287,6 +287,15 @@ def test_blocked_matches_naive_with_gradients(m, span, block, n):
                                                                pers_k, pers_v, impl="naive"), inputs)
 
 
+@pytest.mark.parametrize("s,width,step", [(13, 7, 3), (12, 4, 4), (9, 9, 2), (20, 5, 6)])
+def test_windows_equal_unfold_with_gradients(s, width, step):
+    """Overlapping, adjacent, single and gapped windows (rows past the last window get no gradient)."""
+    from fairseq_ext.ops.adaptive_span.blocked import windows
+    x = torch.randn(2, 3, s, 5, dtype=F64, requires_grad=True)
+    assert_same_grads(lambda: windows(x, width, step), lambda: x.unfold(2, width, step).transpose(-1, -2), [x])
+    assert windows(x, width, step).is_contiguous()
+
+
 def test_blocked_draws_skews_dropout_mask():
     q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, 48, 5, 4, 2)
     mask = adaptive_span_mask(z, 5, 2)

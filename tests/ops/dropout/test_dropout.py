@@ -184,3 +184,16 @@ def test_relu_dropout_on_a_view_is_not_written_in_place():
     before = view.detach().clone()
     out = packed_relu_dropout(view, 0.3, torch.Generator().manual_seed(0), inplace=True)
     assert out.data_ptr() != view.data_ptr() and torch.equal(view.detach(), before)
+
+
+@pytest.mark.parametrize("p, training", [(0.0, True), (0.3, False)])
+def test_relu_dropout_without_draws_is_in_place_on_a_tensor_and_not_on_a_view(p, training):
+    """The F.relu path (no dropout draws) follows the same rule: over x when it is its own tensor, never over a view
+    (a 3-D linear output is a view of its 2-D product)."""
+    own = torch.randn(6, 8)
+    assert relu_dropout(own, p, training, inplace=True).data_ptr() == own.data_ptr()
+    assert torch.equal(own, own.clamp_min(0))
+    view = torch.randn(6, 8).view(3, 16)
+    before = view.clone()
+    out = relu_dropout(view, p, training, inplace=True)
+    assert torch.equal(view, before) and torch.equal(out, torch.relu(before))
