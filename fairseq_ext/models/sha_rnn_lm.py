@@ -73,8 +73,8 @@ class SHARNNConfig(CompileOptions):
         default="auto", metadata={"help": "attention kernel: naive (written-out softmax, the reference), split "
                                           "(gates on the query side, no key/value gradient products for the "
                                           "detached memory), sdpa (scaled_dot_product_attention with its own "
-                                          "dropout: fused kernels on CUDA), auto (sdpa on CUDA, split on CPU; "
-                                          "logged)"})
+                                          "dropout: fused kernels on CUDA), auto (sdpa on CUDA, split in CPU "
+                                          "training, naive in CPU evaluation; logged)"})
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 

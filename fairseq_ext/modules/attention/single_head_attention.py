@@ -14,8 +14,8 @@ sigmoid), as the original's ``vq_collapse``. The mask: the first S - T keys (mem
 the last T (current segment) causally.
 
 ``attn_impl`` picks the kernel (``fairseq_ext/ops/sha_attention``): ``naive`` (the formula written out: the
-reference), ``split`` (the gates moved to the query side and the products split at the memory / segment boundary, so
-a detached memory gets no key or value gradient products; ``auto`` on CPU) or ``sdpa`` (``auto`` on CUDA).
+reference; ``auto`` on CPU without a gradient), ``split`` (the gates moved to the query side, and no key or value
+gradient formed for a detached memory; ``auto`` in CPU training) or ``sdpa`` (``auto`` on CUDA).
 
 Precision under a half-precision model (``model.half()`` / ``.to(torch.bfloat16)``): ``qln`` keeps fp32 parameters
 and runs in fp32; the softmax normalises in fp32 and the probabilities are cast back for the value product.
