@@ -113,3 +113,16 @@ def test_split_is_float32_or_float64_only():
     assert select_impl("auto", torch.device("cpu"), grad=False) == "naive"  # what auto runs for bfloat16
     out = sha_attention(q, k_gate, v_gate, memory, segment, dropout_p=0.1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_autocast_runs_naive_and_refuses_an_explicit_split():
+    """Under autocast split's products would run in bf16 inside the function, its softmax too: auto runs naive
+    (softmax in fp32), an explicit split says why."""
+    q, k_gate, v_gate, memory, segment = (None if x is None else x.detach().float().requires_grad_()
+                                          for x in inputs(M, False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sha_attention(q, k_gate, v_gate, memory, segment, dropout_p=0.1)
+        with pytest.raises(ValueError, match="impl 'split': under autocast"):
+            sha_attention(q, k_gate, v_gate, memory, segment, impl="split")
+    out.float().sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(segment.grad).all()

@@ -38,8 +38,8 @@ _resolve_cuda = ImplResolver("SHA-RNN attention on CUDA", IMPLS, "sdpa", "fused 
 
 def select_impl(impl: str, device: torch.device, grad: bool = False) -> str:
     """The kernel ``impl`` runs on ``device``: an explicit name as given (validated); ``auto`` -> sdpa on CUDA, on
-    CPU split while a gradient is computed in float32 / float64 outside ``torch.compile`` (``grad``) and naive
-    otherwise (logged once each)."""
+    CPU split while a gradient is computed in float32 / float64 outside autocast and ``torch.compile`` (``grad``)
+    and naive otherwise (logged once each)."""
     if device.type == "cuda":
         return _resolve_cuda(impl)
     return _resolve_cpu_grad(impl) if grad else _resolve_cpu(impl)

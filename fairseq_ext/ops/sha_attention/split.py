@@ -17,8 +17,8 @@ M = 3T the backward takes 10 instead of 16 products of T × T × d multiply-adds
 (B, T, M + T) gradients are gone (CPU, B 4, T 256, M 768, d 256, dropout 0.1, forward + backward: 31 ms for
 ``naive``, 22 ms for the same split written with autograd, 20 ms for this function; medians of 20 calls). The
 dropout masks are packed random bits (``ops/dropout``: the same draws as ``naive``'s ``dropout`` calls on CPU).
-Float32 / float64 only (the packed float masks); the dispatcher runs ``naive`` for other dtypes and under
-``torch.compile``.
+Float32 / float64 outside autocast only (the packed float masks; an fp32 softmax); the dispatcher runs ``naive``
+for other dtypes, under autocast and under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def split_unsupported(q: Tensor) -> Optional[str]:
         return f"its packed dropout masks are float32 / float64, got {q.dtype}"
     if torch.compiler.is_compiling():
         return "torch.compile cannot trace its packed random bits"
+    if torch.is_autocast_enabled(q.device.type):
+        return "under autocast its products and softmax would run in half precision inside the function"
     return None
 
 
