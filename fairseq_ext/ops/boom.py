@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_ext.ops.dropout import (FLOAT_MASK_DTYPES, dropout, float_mask, packed_dropout, quantized_drop_count,
-                                     random_bits16, uses_packed_bits)
+from fairseq_ext.ops.dropout import (FLOAT_MASK_DTYPES, draw_float_mask, dropout, packed_dropout,
+                                     quantized_drop_count, uses_packed_bits)
 
 GELU_COEF = 1.702
 
@@ -60,7 +60,7 @@ def boom_activation(a: Tensor, dim: int, p: float, training: bool,
     k = quantized_drop_count(p)
     if not (uses_packed_bits(a, p, training) and a.dtype in FLOAT_MASK_DTYPES and 0 < k < 1 << 16):
         return boom_reference(a, dim, p, training, generator)
-    mask = float_mask(random_bits16(a.numel(), a.device, generator).view(a.shape), k, a.dtype)  # (..., d_ff)
+    mask = draw_float_mask(a.shape, k, a.device, a.dtype, generator)  # (..., d_ff)
     return _GeluDropoutChunkSum.apply(a, mask, dim)
 
 

@@ -126,3 +126,15 @@ def test_autocast_runs_naive_and_refuses_an_explicit_split():
             sha_attention(q, k_gate, v_gate, memory, segment, impl="split")
     out.float().sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(segment.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["split", "sdpa"])
+def test_dropout_one_drops_everything_as_naive(impl):
+    """p = 1: every value and probability dropped (zeros, no division by the zero keep rate), as ``dropout``."""
+    args = inputs(M, True)
+    expected = run("naive", args, 1.0)
+    actual = run(impl, args, 1.0)
+    assert torch.equal(expected, torch.zeros_like(expected)) and torch.equal(actual, expected)
+    wrt = [a for a in args if a is not None and a.requires_grad]
+    for a, e in zip(torch.autograd.grad(actual.sum(), wrt), torch.autograd.grad(expected.sum(), wrt)):
+        assert_close(a, e, atol=1e-12, rtol=0)

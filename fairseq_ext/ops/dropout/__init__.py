@@ -19,6 +19,7 @@ from .naive import dropout_from_bits
 from .packed import (
     FLOAT_MASK_DTYPES,
     PROB_BITS,
+    draw_float_mask,
     float_mask,
     packed_dropout,
     packed_relu_dropout,
@@ -26,7 +27,7 @@ from .packed import (
     random_bits16,
 )
 
-__all__ = ["dropout", "relu_dropout", "dropout_from_bits", "packed_dropout", "packed_relu_dropout",
+__all__ = ["dropout", "relu_dropout", "dropout_from_bits", "draw_float_mask", "packed_dropout", "packed_relu_dropout",
            "quantized_drop_count", "random_bits16", "float_mask", "uses_packed_bits", "FLOAT_MASK_DTYPES", "PROB_BITS"]
 
 

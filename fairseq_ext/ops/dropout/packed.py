@@ -8,7 +8,8 @@ not the same stream as ``F.dropout``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +39,15 @@ def float_mask(bits: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     ``FLOAT_MASK_DTYPES``), element kept iff its unsigned draw u >= k."""
     # signed draw - (k - 2^15 - 1) is >= 1 iff kept and <= 0 iff dropped: clamped to 0 / 1, then scaled
     return bits.to(dtype).sub_(k - _LEVELS // 2 - 1).clamp_(0.0, 1.0).mul_(_LEVELS / (_LEVELS - k))
+
+
+def draw_float_mask(shape: Sequence[int], k: int, device: torch.device, dtype: torch.dtype,
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+    """A fresh inverted-dropout mask of ``shape`` in {0, scale} for the drop count k (``quantized_drop_count``),
+    from ``random_bits16`` through ``float_mask``; k = 2^16 (drop everything): zeros, nothing drawn."""
+    if k == _LEVELS:
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    return float_mask(random_bits16(math.prod(shape), device, generator).view(tuple(shape)), k, dtype)
 
 
 def packed_dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -72,8 +82,8 @@ def packed_relu_dropout(x: Tensor, p: float, generator: Optional[torch.Generator
     k = quantized_drop_count(p)
     if k == 0 or k == _LEVELS or x.dtype not in FLOAT_MASK_DTYPES:
         return packed_dropout(torch.relu(x), p, generator)
-    bits = random_bits16(x.numel(), x.device, generator).view(x.shape)  # int16, x's shape
-    return _ReluMaskScale.apply(x, float_mask(bits, k, x.dtype), _LEVELS / (_LEVELS - k), inplace and x._base is None)
+    mask = draw_float_mask(x.shape, k, x.device, x.dtype, generator)  # (..) x's shape
+    return _ReluMaskScale.apply(x, mask, _LEVELS / (_LEVELS - k), inplace and x._base is None)
 
 
 class _ReluMaskScale(torch.autograd.Function):

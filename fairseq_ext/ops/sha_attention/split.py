@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..dropout import FLOAT_MASK_DTYPES, float_mask, quantized_drop_count, random_bits16
+from ..dropout import FLOAT_MASK_DTYPES, draw_float_mask, quantized_drop_count
 
 
 def split_unsupported(q: Tensor) -> Optional[str]:
@@ -43,8 +43,9 @@ def split_unsupported(q: Tensor) -> Optional[str]:
 
 
 def _mask(shape: Tuple[int, ...], k: int, like: Tensor) -> Tensor:
-    """An inverted-dropout mask in {0, scale} of ``shape`` from packed bits (``ops/dropout``'s draws)."""
-    return float_mask(random_bits16(math.prod(shape), like.device).view(shape), k, like.dtype)
+    """An inverted-dropout mask in {0, scale} of ``shape`` from packed bits (``ops/dropout``'s draws; zeros at
+    dropout 1, as ``dropout`` gives)."""
+    return draw_float_mask(shape, k, like.device, like.dtype)
 
 
 class _SplitAttention(torch.autograd.Function):
