@@ -29,6 +29,7 @@ from torch import Tensor
 from fairseq_ext.state import FastWeightState
 
 from ..dispatch import ImplResolver
+from ..eager import eager_under_compile
 from .chunked import DEFAULT_CHUNK, check_keys, delta_rule_chunked, sum_rule_chunked
 from .fla import check_fla_inputs, delta_rule_fla
 from .recurrent import acc_dtype, autocast_off, delta_rule_recurrent, sum_rule_recurrent
@@ -65,7 +66,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], rule: str
 
 # Runs eagerly inside --compile-blocks: torch 2.13's AOT-compiled backward of the chunked delta rule fails ("view size
 # is not compatible with input tensor's size and stride"; tests/models/test_compile.py).
-@torch.compiler.disable
+@eager_under_compile
 def fast_weight_attention(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor] = None,
                           state: Optional[FastWeightState] = None, *, rule: str, normalize: str,
                           scale: float, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK,
