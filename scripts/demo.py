@@ -9,8 +9,9 @@ widened (``--model-overrides "{'max_target_positions': 4L}"``), exactly as in th
 Everything goes through the real CLIs (``fairseq-train`` / ``fairseq-eval-lm`` with ``--user-dir fairseq_ext``).
 
 Training prints a progress line per fairseq log interval. A model whose finished run with the same command is
-already in ``--out`` is reused (and says so), so a re-run prints the same table; any other content of its directory
-is removed first (fairseq-train would otherwise resume from it). The table is also written as
+already in ``--out`` is reused (and says so), and so is each of its finished evaluations with the same command, so a
+re-run prints the same table in seconds; any other content of its directory is removed first (fairseq-train would
+otherwise resume from it), evaluations included. The table is also written as
 ``extrapolation.csv`` and plotted to ``extrapolation.png`` in ``--out``.
 """
 import argparse
@@ -32,6 +33,7 @@ TOKENS_RE = re.compile(r"Evaluated ([0-9,]+) tokens")
 PROGRESS_RE = re.compile(r"num_updates[= ](\d+)")
 LOSS_RE = re.compile(r"\bloss[= ]([0-9.]+)")
 FINISHED = "demo-run.json"  # written next to a model's checkpoint when its training run completed
+EVALUATED = "demo-evals.json"  # beside it: {eval command: its result} for the evaluations that finished
 
 
 def run(cmd: List[str], log_path: str, progress: Optional[str] = None) -> str:
@@ -99,11 +101,20 @@ def evaluate(name: str, ckpt: str, length: int, args: argparse.Namespace, data: 
            "--max-tokens", str(max(length, 4096)), "--cpu", "--num-workers", "0", "--log-format", "simple"]
     if name == "sinusoidal":
         cmd += ["--model-overrides", f"{{'max_target_positions': {length}}}"]
+    done_path = os.path.join(os.path.dirname(ckpt), EVALUATED)  # removed with the run when the model is retrained
+    done = json.load(open(done_path)) if os.path.exists(done_path) else {}
+    key = " ".join(cmd)
+    if key in done:
+        print(f"  reusing {name}'s evaluation at L_valid={length} (same checkpoint and command)", flush=True)
+        return done[key]
     out = run(cmd, os.path.join(args.out, f"eval-{name}-{length}.log"))
     match, tokens = PPL_RE.search(out), TOKENS_RE.search(out)
     if not match or not tokens:
         sys.exit(f"could not find the perplexity in fairseq-eval-lm's output ({args.out}/eval-{name}-{length}.log)")
-    return {"ppl": float(match.group(2)), "tokens": int(tokens.group(1).replace(",", ""))}
+    done[key] = {"ppl": float(match.group(2)), "tokens": int(tokens.group(1).replace(",", ""))}
+    with open(done_path, "w") as f:
+        json.dump(done, f, indent=1)
+    return done[key]
 
 
 def main() -> None:

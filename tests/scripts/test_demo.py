@@ -1,5 +1,6 @@
 """scripts/demo.py (`make demo`) on a tiny generated corpus: progress while training, the table with its CSV and PNG,
-and a re-run that reuses the finished runs and prints the same table (it never silently resumes)."""
+and a re-run that reuses the finished runs and their evaluations and prints the same table (it never silently
+resumes; a retrained model is evaluated again)."""
 import csv
 import os
 import subprocess
@@ -40,7 +41,10 @@ def test_demo_reports_progress_writes_the_curve_and_reruns_identically(tmp_path)
     assert os.path.getsize(os.path.join(out, "extrapolation.png")) > 1000
     second = demo(data, out)
     assert "reusing alibi's finished run" in second and "training alibi" not in second
+    assert all(f"reusing {m}'s evaluation at L_valid={n}" in second
+               for m in ("alibi", "sinusoidal") for n in (8, 16, 32))
     assert table(second) == table(first)
     os.remove(os.path.join(out, "alibi", "demo-run.json"))  # an unfinished run is removed, then trained from scratch
     third = demo(data, out)
     assert "training alibi" in third and "reusing sinusoidal's finished run" in third and table(third) == table(first)
+    assert "reusing alibi's evaluation" not in third and "reusing sinusoidal's evaluation at L_valid=32" in third
