@@ -16,7 +16,7 @@ demo: install
 	$(PY) scripts/demo.py
 
 compare: install
-	$(PY) scripts/compare_quality.py --quick --out compare-out
+	$(PY) scripts/compare_quality.py --quick --jobs 2 --out compare-out
 	$(PY) scripts/bench.py --quick --out compare-out/bench
 
 bench: install

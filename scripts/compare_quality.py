@@ -21,7 +21,10 @@ Written to ``--out``: ``results.json`` (every command, number and training curve
 ``commands.sh`` (the exact commands, runnable), ``curves.png`` (training loss versus tokens), ``lengths.png``
 (quality versus evaluation length per protocol) and, for models with a learned span, ``spans-<model>.png``
 (``scripts/plot_spans.py``). A second run reuses every finished training run and evaluation whose command is
-unchanged (``<out>/<model>/done.json``), so an interrupted comparison resumes where it stopped.
+unchanged (``<out>/<model>/done.json``), so an interrupted comparison resumes where it stopped. ``--jobs N`` runs
+N models at once (each model's training, then its evaluations; the commands and numbers do not depend on N): on CPU
+they share the cores, on CUDA the k-th concurrent job sees one GPU (``CUDA_VISIBLE_DEVICES``, round robin over the
+visible ones).
 
     python scripts/compare_quality.py --data data-bin/wt103-heldout-word          # the README's real-text run
     python scripts/compare_quality.py --quick                                     # tiny presets, the embedded corpus
@@ -36,7 +39,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from queue import Queue
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/families.py
@@ -84,6 +90,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu "
                                                                            "(fp32 either way)")
     p.add_argument("--log-interval", type=int, default=None, help="updates between training-curve points")
+    p.add_argument("--jobs", type=int, default=1, help="models trained and evaluated at once (CPU: sharing the "
+                                                       "cores; CUDA: one visible GPU each, round robin)")
     p.add_argument("--quick", action="store_true", help="the families' tiny presets, a 4k-token budget, L 16 "
                                                         "(the test; a few minutes on 2 cores)")
     return p
@@ -98,8 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         import torch
 
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if min(opts.seq_len, opts.batch_size, opts.tokens, opts.eval_batch_size, *opts.lengths) < 1:
-        raise SystemExit("--seq-len, --batch-size, --tokens, --eval-batch-size and --lengths must be >= 1")
+    if min(opts.seq_len, opts.batch_size, opts.tokens, opts.eval_batch_size, opts.jobs, *opts.lengths) < 1:
+        raise SystemExit("--seq-len, --batch-size, --tokens, --eval-batch-size, --jobs and --lengths must be >= 1")
     if opts.tokens < opts.seq_len * opts.batch_size:
         raise SystemExit(f"--tokens {opts.tokens} is less than one update (B·L = {opts.batch_size * opts.seq_len})")
     entries = TINY if opts.quick else family_flags(opts.layers, opts.dim, opts.heads)
@@ -111,6 +119,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opts.rows += [model_flag(item) for item in opts.model]
     if not opts.rows:
         raise SystemExit("no models: give --models and/or --model")
+    labels = [label for label, _ in opts.rows]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:  # each model's runs live in <out>/<label>
+        raise SystemExit(f"model labels must differ: {', '.join(twice)} given twice (rename one --model LABEL)")
     return opts
 
 
@@ -118,11 +130,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # Running the CLIs, resumably
 # ====================================================================================================================
 
-def run(cmd: List[str], log_path: str) -> str:
-    """Run a CLI from the repository root, its output in ``log_path``; a failure exits with the log's tail."""
+def run(cmd: List[str], log_path: str, gpu: Optional[str] = None) -> str:
+    """Run a CLI from the repository root, its output in ``log_path``, on GPU ``gpu`` alone when given (its
+    ``CUDA_VISIBLE_DEVICES``); a failure exits with the log's tail."""
+    env = None if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
     with open(log_path, "w") as log:
         log.write(shlex.join(cmd) + "\n")
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     output = open(log_path).read()
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n--- end of {log_path} ---\n"
@@ -164,7 +178,7 @@ def train_command(opts: argparse.Namespace, flags: str, save_dir: str) -> Tuple[
     return cmd, updates
 
 
-def train(opts: argparse.Namespace, label: str, flags: str) -> Result:
+def train(opts: argparse.Namespace, label: str, flags: str, gpu: Optional[str] = None) -> Result:
     """Train (or reuse the finished run of the same command): the checkpoint, the curve and the command."""
     save_dir = os.path.join(opts.out, label)
     cmd, updates = train_command(opts, flags, save_dir)
@@ -177,7 +191,7 @@ def train(opts: argparse.Namespace, label: str, flags: str) -> Result:
     os.makedirs(save_dir)
     print(f"  {label}: training, {updates} updates of {opts.batch_size} x {opts.seq_len} tokens", flush=True)
     start = time.time()
-    log = run(cmd, os.path.join(save_dir, "train.log"))
+    log = run(cmd, os.path.join(save_dir, "train.log"), gpu)
     curve = [[int(u) * opts.batch_size * opts.seq_len, float(loss)] for loss, u in TRAIN_RE.findall(log)]
     trained = {"checkpoint": os.path.join(save_dir, "checkpoint_last.pt"), "updates": updates, "curve": curve,
                "seconds": round(time.time() - start, 1)}
@@ -196,11 +210,11 @@ def eval_command(opts: argparse.Namespace, checkpoint: str, protocol: str, lengt
 
 
 def evaluate(opts: argparse.Namespace, label: str, checkpoint: str, protocol: str, length: int,
-             split: str) -> Result:
+             split: str, gpu: Optional[str] = None) -> Result:
     cmd = eval_command(opts, checkpoint, protocol, length, split)
     done = Done(os.path.join(opts.out, label))
     if done.get(cmd) is None:
-        log = run(cmd, os.path.join(opts.out, label, f"eval-{protocol}-{length}-{split}.log"))
+        log = run(cmd, os.path.join(opts.out, label, f"eval-{protocol}-{length}-{split}.log"), gpu)
         loss, scored = LOSS_RE.search(log), SCORED_RE.search(log)
         if not loss or not scored:
             sys.exit(f"no loss in fairseq-eval-lm's output: {os.path.join(opts.out, label)}")
@@ -233,18 +247,59 @@ def compare(opts: argparse.Namespace) -> Result:
                       "models": []}
     if not report["splits"]:
         sys.exit(f"{opts.data} has no valid or test split to evaluate")
-    for label, flags in opts.rows:
-        trained = train(opts, label, flags)
-        evals = []
-        for length in (m * opts.seq_len for m in opts.lengths):
-            for split in report["splits"]:
-                stream = evaluate(opts, label, trained["checkpoint"], "stream", length, split)
-                evals.append(stream)
-                if carries_nothing(stream):  # the sliding window applies
-                    evals.append(evaluate(opts, label, trained["checkpoint"], "sliding", length, split))
-        report["models"].append({"model": label, "flags": flags, **trained, "evals": evals})
-        print(f"  {label}: evaluated ({len(evals)} runs)", flush=True)
+    slots: "Queue[Optional[str]]" = Queue()
+    for slot in job_slots(opts):
+        slots.put(slot)
+
+    failed = threading.Event()
+
+    def one_model(label: str, flags: str) -> Optional[Result]:
+        if failed.is_set():  # an earlier model's command failed: the comparison stops
+            return None
+        gpu = slots.get()
+        try:
+            return train_and_evaluate(opts, label, flags, report["splits"], gpu)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            slots.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
+        futures = [pool.submit(one_model, label, flags) for label, flags in opts.rows]
+        report["models"] = [future.result() for future in futures]  # in --models order, whatever finished first
     return report
+
+
+def job_slots(opts: argparse.Namespace) -> List[Optional[str]]:
+    """One entry per concurrent job: None on CPU, else the GPU it sees (round robin over the visible ones)."""
+    if opts.device != "cuda":
+        return [None] * opts.jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        sys.exit("--device cuda: no visible GPU (CUDA_VISIBLE_DEVICES is empty)")
+    return [gpus[i % len(gpus)] for i in range(opts.jobs)]
+
+
+def train_and_evaluate(opts: argparse.Namespace, label: str, flags: str, split_names: List[str],
+                       gpu: Optional[str]) -> Result:
+    """One model's training run (or the reused one) and every evaluation its protocols allow."""
+    trained = train(opts, label, flags, gpu)
+    evals = []
+    for length in (m * opts.seq_len for m in opts.lengths):
+        for split in split_names:
+            stream = evaluate(opts, label, trained["checkpoint"], "stream", length, split, gpu)
+            evals.append(stream)
+            if carries_nothing(stream):  # the sliding window applies
+                evals.append(evaluate(opts, label, trained["checkpoint"], "sliding", length, split, gpu))
+    print(f"  {label}: evaluated ({len(evals)} runs)", flush=True)
+    return {"model": label, "flags": flags, **trained, "evals": evals}
 
 
 def carries_nothing(stream: Result) -> bool:

@@ -1,15 +1,18 @@
 """scripts/compare_quality.py: the quick comparison on a tiny generated corpus trains one model per family with one
-command each, evaluates every protocol a model supports at L and 2L, writes results.json / results.md /
-commands.sh / the plots, shows the JSON's numbers in its table, and a second run reuses everything."""
+command each (two models at a time: ``--jobs 2``), evaluates every protocol a model supports at L and 2L, writes
+results.json / results.md / commands.sh / the plots, shows the JSON's numbers in its table, and a second run
+(``--jobs 1``) reuses everything. ``--jobs`` itself: concurrent models, results in ``--models`` order, one GPU per
+job on CUDA, a failure stops the models not started yet."""
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from tests.harness import REPO_ROOT, generated_data_dir
-from tests.scripts.tables import number, parse_tables
+from tests.scripts.tables import number, parse_tables, script_module
 
 pytestmark = pytest.mark.slow
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "compare_quality.py")
@@ -27,7 +30,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def compared(tmp_path_factory):
     data = generated_data_dir(tmp_path_factory, train_lines=400, valid_lines=60)
     out = tmp_path_factory.mktemp("compare")
-    proc = _run("--quick", "--data", data, "--out", str(out), "--tokens", "1024")
+    proc = _run("--quick", "--data", data, "--out", str(out), "--tokens", "1024", "--jobs", "2")
     return data, out, proc, json.loads((out / "results.json").read_text())
 
 
@@ -85,3 +88,75 @@ def test_bad_arguments_name_the_fix(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--data", str(tmp_path), "--models", "alibi"],
                           capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode != 0 and "is not a fairseq data-bin" in proc.stderr
+
+
+@pytest.fixture
+def cq(monkeypatch, tmp_path):
+    module = script_module("compare_quality")
+    (tmp_path / "valid.bin").write_bytes(b"")
+    (tmp_path / "dict.txt").write_text("a 1\n")
+    return module, tmp_path
+
+
+def test_jobs_run_models_at_once_and_keep_the_models_order(cq, monkeypatch):
+    module, data = cq
+    second_started = threading.Event()
+    seen = []
+
+    def fake(opts, label, flags, split_names, gpu):
+        seen.append((label, gpu))
+        if label == "alibi":  # returns only once the second model has started: both run at once
+            assert second_started.wait(timeout=60), "the second model did not start while the first ran"
+        else:
+            second_started.set()
+        return {"model": label, "evals": []}
+
+    monkeypatch.setattr(module, "train_and_evaluate", fake)
+    opts = module.parse_args(["--quick", "--data", str(data), "--models", "alibi", "sha_rnn", "--jobs", "2",
+                              "--device", "cpu"])
+    report = module.compare(opts)
+    assert [m["model"] for m in report["models"]] == ["alibi", "sha_rnn"]
+    assert sorted(seen) == [("alibi", None), ("sha_rnn", None)]
+
+
+def test_a_failed_model_stops_the_ones_not_started(cq, monkeypatch):
+    module, data = cq
+    started = []
+
+    def fake(opts, label, flags, split_names, gpu):
+        started.append(label)
+        sys.exit(f"command failed: {label}")
+
+    monkeypatch.setattr(module, "train_and_evaluate", fake)
+    opts = module.parse_args(["--quick", "--data", str(data), "--models", "alibi", "sha_rnn", "transformer_xl",
+                              "--device", "cpu"])
+    with pytest.raises(SystemExit, match="command failed: alibi"):
+        module.compare(opts)
+    assert started == ["alibi"]
+
+
+def test_two_models_with_one_label_are_refused(cq):
+    module, data = cq
+    with pytest.raises(SystemExit, match="x given twice"):
+        module.parse_args(["--quick", "--data", str(data), "--models", "none", "--model", "x=--arch alibi_lm_tiny",
+                           "--model", "x=--arch transformer_xl_tiny"])
+
+
+def test_cuda_jobs_see_one_gpu_each_round_robin(cq, monkeypatch):
+    module, data = cq
+    opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "3", "--device", "cuda"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert module.job_slots(opts) == ["3", "5", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit, match="no visible GPU"):
+        module.job_slots(opts)
+    opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "2", "--device", "cpu"])
+    assert module.job_slots(opts) == [None, None]
+
+
+def test_run_gives_the_command_its_gpu(cq, monkeypatch, tmp_path):
+    module, _ = cq
+    log = tmp_path / "env.log"
+    module.run([sys.executable, "-c", "import os; print('GPU=' + os.environ['CUDA_VISIBLE_DEVICES'])"], str(log),
+               gpu="5")
+    assert "GPU=5" in log.read_text()
