@@ -22,9 +22,9 @@ Written to ``--out``: ``results.json`` (every command, number and training curve
 (quality versus evaluation length per protocol) and, for models with a learned span, ``spans-<model>.png``
 (``scripts/plot_spans.py``). A second run reuses every finished training run and evaluation whose command is
 unchanged (``<out>/<model>/done.json``), so an interrupted comparison resumes where it stopped. ``--jobs N`` runs
-N models at once (each model's training, then its evaluations; the commands and numbers do not depend on N): on CPU
-they share the cores, on CUDA the k-th concurrent job sees one GPU (``CUDA_VISIBLE_DEVICES``, round robin over the
-visible ones).
+N models at once (each model's training, then its evaluations; the same commands): on CPU each job gets 1/N of
+torch's threads, on CUDA each concurrent job sees one GPU (``CUDA_VISIBLE_DEVICES``, round robin over the visible
+ones).
 
     python scripts/compare_quality.py --data data-bin/wt103-heldout-word          # the README's real-text run
     python scripts/compare_quality.py --quick                                     # tiny presets, the embedded corpus
@@ -130,10 +130,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # Running the CLIs, resumably
 # ====================================================================================================================
 
-def run(cmd: List[str], log_path: str, gpu: Optional[str] = None) -> str:
-    """Run a CLI from the repository root, its output in ``log_path``, on GPU ``gpu`` alone when given (its
-    ``CUDA_VISIBLE_DEVICES``); a failure exits with the log's tail."""
-    env = None if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+def run(cmd: List[str], log_path: str, job_env: Optional[Dict[str, str]] = None) -> str:
+    """Run a CLI from the repository root, its output in ``log_path``, with ``job_env`` added to the environment
+    (a concurrent job's threads or GPU); a failure exits with the log's tail."""
+    env = dict(os.environ, **job_env) if job_env else None
     with open(log_path, "w") as log:
         log.write(shlex.join(cmd) + "\n")
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
@@ -178,7 +178,7 @@ def train_command(opts: argparse.Namespace, flags: str, save_dir: str) -> Tuple[
     return cmd, updates
 
 
-def train(opts: argparse.Namespace, label: str, flags: str, gpu: Optional[str] = None) -> Result:
+def train(opts: argparse.Namespace, label: str, flags: str, job_env: Optional[Dict[str, str]] = None) -> Result:
     """Train (or reuse the finished run of the same command): the checkpoint, the curve and the command."""
     save_dir = os.path.join(opts.out, label)
     cmd, updates = train_command(opts, flags, save_dir)
@@ -191,7 +191,7 @@ def train(opts: argparse.Namespace, label: str, flags: str, gpu: Optional[str] =
     os.makedirs(save_dir)
     print(f"  {label}: training, {updates} updates of {opts.batch_size} x {opts.seq_len} tokens", flush=True)
     start = time.time()
-    log = run(cmd, os.path.join(save_dir, "train.log"), gpu)
+    log = run(cmd, os.path.join(save_dir, "train.log"), job_env)
     curve = [[int(u) * opts.batch_size * opts.seq_len, float(loss)] for loss, u in TRAIN_RE.findall(log)]
     trained = {"checkpoint": os.path.join(save_dir, "checkpoint_last.pt"), "updates": updates, "curve": curve,
                "seconds": round(time.time() - start, 1)}
@@ -210,11 +210,11 @@ def eval_command(opts: argparse.Namespace, checkpoint: str, protocol: str, lengt
 
 
 def evaluate(opts: argparse.Namespace, label: str, checkpoint: str, protocol: str, length: int,
-             split: str, gpu: Optional[str] = None) -> Result:
+             split: str, job_env: Optional[Dict[str, str]] = None) -> Result:
     cmd = eval_command(opts, checkpoint, protocol, length, split)
     done = Done(os.path.join(opts.out, label))
     if done.get(cmd) is None:
-        log = run(cmd, os.path.join(opts.out, label, f"eval-{protocol}-{length}-{split}.log"), gpu)
+        log = run(cmd, os.path.join(opts.out, label, f"eval-{protocol}-{length}-{split}.log"), job_env)
         loss, scored = LOSS_RE.search(log), SCORED_RE.search(log)
         if not loss or not scored:
             sys.exit(f"no loss in fairseq-eval-lm's output: {os.path.join(opts.out, label)}")
@@ -247,7 +247,7 @@ def compare(opts: argparse.Namespace) -> Result:
                       "models": []}
     if not report["splits"]:
         sys.exit(f"{opts.data} has no valid or test split to evaluate")
-    slots: "Queue[Optional[str]]" = Queue()
+    slots: "Queue[Dict[str, str]]" = Queue()
     for slot in job_slots(opts):
         slots.put(slot)
 
@@ -256,14 +256,14 @@ def compare(opts: argparse.Namespace) -> Result:
     def one_model(label: str, flags: str) -> Optional[Result]:
         if failed.is_set():  # an earlier model's command failed: the comparison stops
             return None
-        gpu = slots.get()
+        job_env = slots.get()
         try:
-            return train_and_evaluate(opts, label, flags, report["splits"], gpu)
+            return train_and_evaluate(opts, label, flags, report["splits"], job_env)
         except BaseException:
             failed.set()
             raise
         finally:
-            slots.put(gpu)
+            slots.put(job_env)
 
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
         futures = [pool.submit(one_model, label, flags) for label, flags in opts.rows]
@@ -271,10 +271,17 @@ def compare(opts: argparse.Namespace) -> Result:
     return report
 
 
-def job_slots(opts: argparse.Namespace) -> List[Optional[str]]:
-    """One entry per concurrent job: None on CPU, else the GPU it sees (round robin over the visible ones)."""
+def job_slots(opts: argparse.Namespace) -> List[Dict[str, str]]:
+    """The environment each concurrent job adds: nothing for one job; on CPU each of N jobs gets 1/N of torch's
+    threads (oversubscribed, OpenMP's spinning threads made two 2-thread jobs on 2 cores 2x slower than one); on
+    CUDA each job sees one GPU, round robin over the visible ones."""
     if opts.device != "cuda":
-        return [None] * opts.jobs
+        if opts.jobs == 1:
+            return [{}]
+        import torch
+
+        threads = str(max(1, torch.get_num_threads() // opts.jobs))
+        return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * opts.jobs
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         gpus = [g.strip() for g in visible.split(",") if g.strip()]
@@ -284,20 +291,20 @@ def job_slots(opts: argparse.Namespace) -> List[Optional[str]]:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     if not gpus:
         sys.exit("--device cuda: no visible GPU (CUDA_VISIBLE_DEVICES is empty)")
-    return [gpus[i % len(gpus)] for i in range(opts.jobs)]
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(opts.jobs)]
 
 
 def train_and_evaluate(opts: argparse.Namespace, label: str, flags: str, split_names: List[str],
-                       gpu: Optional[str]) -> Result:
+                       job_env: Dict[str, str]) -> Result:
     """One model's training run (or the reused one) and every evaluation its protocols allow."""
-    trained = train(opts, label, flags, gpu)
+    trained = train(opts, label, flags, job_env)
     evals = []
     for length in (m * opts.seq_len for m in opts.lengths):
         for split in split_names:
-            stream = evaluate(opts, label, trained["checkpoint"], "stream", length, split, gpu)
+            stream = evaluate(opts, label, trained["checkpoint"], "stream", length, split, job_env)
             evals.append(stream)
             if carries_nothing(stream):  # the sliding window applies
-                evals.append(evaluate(opts, label, trained["checkpoint"], "sliding", length, split, gpu))
+                evals.append(evaluate(opts, label, trained["checkpoint"], "sliding", length, split, job_env))
     print(f"  {label}: evaluated ({len(evals)} runs)", flush=True)
     return {"model": label, "flags": flags, **trained, "evals": evals}
 

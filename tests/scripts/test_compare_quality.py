@@ -1,8 +1,8 @@
 """scripts/compare_quality.py: the quick comparison on a tiny generated corpus trains one model per family with one
 command each (two models at a time: ``--jobs 2``), evaluates every protocol a model supports at L and 2L, writes
 results.json / results.md / commands.sh / the plots, shows the JSON's numbers in its table, and a second run
-(``--jobs 1``) reuses everything. ``--jobs`` itself: concurrent models, results in ``--models`` order, one GPU per
-job on CUDA, a failure stops the models not started yet."""
+(``--jobs 1``) reuses everything. ``--jobs`` itself: concurrent models, results in ``--models`` order, torch's
+threads shared on CPU, one GPU per job on CUDA, a failure stops the models not started yet."""
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from tests.harness import REPO_ROOT, generated_data_dir
 from tests.scripts.tables import number, parse_tables, script_module
@@ -103,8 +104,8 @@ def test_jobs_run_models_at_once_and_keep_the_models_order(cq, monkeypatch):
     second_started = threading.Event()
     seen = []
 
-    def fake(opts, label, flags, split_names, gpu):
-        seen.append((label, gpu))
+    def fake(opts, label, flags, split_names, job_env):
+        seen.append((label, job_env))
         if label == "alibi":  # returns only once the second model has started: both run at once
             assert second_started.wait(timeout=60), "the second model did not start while the first ran"
         else:
@@ -116,14 +117,15 @@ def test_jobs_run_models_at_once_and_keep_the_models_order(cq, monkeypatch):
                               "--device", "cpu"])
     report = module.compare(opts)
     assert [m["model"] for m in report["models"]] == ["alibi", "sha_rnn"]
-    assert sorted(seen) == [("alibi", None), ("sha_rnn", None)]
+    assert sorted(label for label, _ in seen) == ["alibi", "sha_rnn"]
+    assert all(job_env["OMP_NUM_THREADS"] == str(max(1, torch.get_num_threads() // 2)) for _, job_env in seen)
 
 
 def test_a_failed_model_stops_the_ones_not_started(cq, monkeypatch):
     module, data = cq
     started = []
 
-    def fake(opts, label, flags, split_names, gpu):
+    def fake(opts, label, flags, split_names, job_env):
         started.append(label)
         sys.exit(f"command failed: {label}")
 
@@ -146,17 +148,26 @@ def test_cuda_jobs_see_one_gpu_each_round_robin(cq, monkeypatch):
     module, data = cq
     opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "3", "--device", "cuda"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert module.job_slots(opts) == ["3", "5", "3"]
+    assert module.job_slots(opts) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("3", "5", "3")]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(SystemExit, match="no visible GPU"):
         module.job_slots(opts)
-    opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "2", "--device", "cpu"])
-    assert module.job_slots(opts) == [None, None]
 
 
-def test_run_gives_the_command_its_gpu(cq, monkeypatch, tmp_path):
+def test_cpu_jobs_share_torchs_threads(cq, monkeypatch):
+    module, data = cq
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "3", "--device", "cpu"])
+    assert module.job_slots(opts) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
+    opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "32", "--device", "cpu"])
+    assert module.job_slots(opts)[0] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    opts = module.parse_args(["--quick", "--data", str(data), "--device", "cpu"])
+    assert module.job_slots(opts) == [{}]  # one job: the environment as it is
+
+
+def test_run_adds_the_jobs_environment(cq, monkeypatch, tmp_path):
     module, _ = cq
     log = tmp_path / "env.log"
     module.run([sys.executable, "-c", "import os; print('GPU=' + os.environ['CUDA_VISIBLE_DEVICES'])"], str(log),
-               gpu="5")
+               {"CUDA_VISIBLE_DEVICES": "5"})
     assert "GPU=5" in log.read_text()
