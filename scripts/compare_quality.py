@@ -90,8 +90,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu "
                                                                            "(fp32 either way)")
     p.add_argument("--log-interval", type=int, default=None, help="updates between training-curve points")
-    p.add_argument("--jobs", type=int, default=1, help="models trained and evaluated at once (CPU: sharing the "
-                                                       "cores; CUDA: one visible GPU each, round robin)")
+    p.add_argument("--jobs", type=int, default=1, help="models trained and evaluated at once (CPU: 1/N of torch's "
+                                                       "threads each; CUDA: one visible GPU each, round robin)")
     p.add_argument("--quick", action="store_true", help="the families' tiny presets, a 4k-token budget, L 16 "
                                                         "(the test; a few minutes on 2 cores)")
     return p

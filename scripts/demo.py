@@ -112,8 +112,9 @@ def evaluate(name: str, ckpt: str, length: int, args: argparse.Namespace, data: 
     if not match or not tokens:
         sys.exit(f"could not find the perplexity in fairseq-eval-lm's output ({args.out}/eval-{name}-{length}.log)")
     done[key] = {"ppl": float(match.group(2)), "tokens": int(tokens.group(1).replace(",", ""))}
-    with open(done_path, "w") as f:
+    with open(done_path + ".tmp", "w") as f:  # replaced in one step: an interrupted write leaves the old file
         json.dump(done, f, indent=1)
+    os.replace(done_path + ".tmp", done_path)
     return done[key]
 
 
