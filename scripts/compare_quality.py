@@ -272,9 +272,10 @@ def compare(opts: argparse.Namespace) -> Result:
 
 
 def job_slots(opts: argparse.Namespace) -> List[Dict[str, str]]:
-    """The environment each concurrent job adds: nothing for one job; on CPU each of N jobs gets 1/N of torch's
-    threads (oversubscribed, OpenMP's spinning threads made two 2-thread jobs on 2 cores 2x slower than one); on
-    CUDA each job sees one GPU, round robin over the visible ones."""
+    """The environment each concurrent job adds. CPU: nothing for one job, else 1/N of torch's threads each
+    (oversubscribed, OpenMP's spinning threads made two 2-thread jobs on 2 cores 2x slower than one). CUDA: one GPU
+    per job, round robin over the visible ones, also for a single job (fairseq-train would start a worker on every
+    visible GPU, multiplying the token budget)."""
     if opts.device != "cuda":
         if opts.jobs == 1:
             return [{}]

@@ -149,6 +149,8 @@ def test_cuda_jobs_see_one_gpu_each_round_robin(cq, monkeypatch):
     opts = module.parse_args(["--quick", "--data", str(data), "--jobs", "3", "--device", "cuda"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert module.job_slots(opts) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("3", "5", "3")]
+    one = module.parse_args(["--quick", "--data", str(data), "--device", "cuda"])
+    assert module.job_slots(one) == [{"CUDA_VISIBLE_DEVICES": "3"}]  # one worker, as the token budget counts
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(SystemExit, match="no visible GPU"):
         module.job_slots(opts)
