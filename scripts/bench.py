@@ -42,7 +42,10 @@ Transformer-XL's ``mem_transformer.py``, SHA-RNN's ``model.py``; for adaptive sp
 original, ``fairseq.examples.adaptive_span``),
 trained by the same ``Trainer``, interleaved with LABEL, and the table ends with ours / original ratios (train and
 stream, best run and medians, and the range over the interleaved pairs; the reproductions have no incremental
-decoding).
+decoding). ``--pin-spans`` resets every adaptive span to its initial value (``--adapt-span-init``) after each
+training step, in ours and in the original alike: the steps still compute the spans' gradients and updates, but
+the windows, hence the work, stay those of the initial spans (Adagrad's first steps move a span by lr x its maximum,
+and the two sides learn different spans: ours adds the span loss and renormalises).
 """
 from __future__ import annotations
 
@@ -103,6 +106,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="also time LABEL's row as the original code's algorithm (scripts/originals: alibi_lm, "
                         "transformer_xl_lm, sha_rnn_lm and adaptive_span_lm rows), interleaved with it as row "
                         "LABEL-original; repeatable")
+    p.add_argument("--pin-spans", action="store_true",
+                   help="reset every adaptive span to its initial value after each training step (ours and the "
+                        "original), so a ratio compares the same windows; rows without spans are unaffected")
     p.add_argument("--lengths", type=_ints, default=None, help="segment lengths T, one row each (default 512,1024)")
     p.add_argument("--batch-size", type=int, default=None, help="streams B of training and evaluation (default 4)")
     p.add_argument("--tokens-per-batch", type=int, default=None, metavar="N",
@@ -232,7 +238,10 @@ def row_flags(opts: argparse.Namespace, flags: str, t: int) -> List[str]:
 
 
 def build_row(opts: argparse.Namespace, flags: str, t: int, original: bool = False) -> FairseqRow:
-    return FairseqRow(row_flags(opts, flags, t), opts.vocab, opts.device, opts.dtype, opts.seed, original)
+    row = FairseqRow(row_flags(opts, flags, t), opts.vocab, opts.device, opts.dtype, opts.seed, original)
+    if opts.pin_spans:
+        row.pin()
+    return row
 
 
 def run_row(opts: argparse.Namespace, index: int) -> Result:

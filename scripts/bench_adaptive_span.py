@@ -179,24 +179,11 @@ def row_flags(opts: Namespace, config: str, impl: str, shape: Shape) -> List[str
 
 class PinnedSpanRow(FairseqRow):
     """A row of fairseq's Trainer (forward over the carried caches + lm_loss (NLL + span loss), backward, AdagradClip
-    step) that resets every z to the configured value after each step."""
+    step) that resets every z to the configured value after each step (``FairseqRow.pin``)."""
 
     def __init__(self, opts: Namespace, config: str, impl: str, shape: Shape) -> None:
         super().__init__(row_flags(opts, config, impl, shape), shape.vocab, opts.device, opts.dtype, opts.seed)
-        self.z = parse_config_name(config)
-
-    def train_step(self) -> None:
-        super().train_step()
-        pin_spans(self)
-
-
-def pin_spans(row: PinnedSpanRow) -> None:
-    """Reset every z to the configured value (where a real run clamps z to [0, 1])."""
-    if row.z is None:
-        return
-    with torch.no_grad():
-        for mask in row.model.decoder.span_masks():
-            mask.z.fill_(row.z)
+        self.pin()  # z as built: the configured --adapt-span-init (none with --fixed-span)
 
 
 def fill_caches(row: PinnedSpanRow) -> int:

@@ -24,6 +24,9 @@ from torch import nn
 from benchlib import Result, dtype_flags, fairseq_config, lm_sample, timed, write_dictionary
 
 STREAM_TASK = ["--task", "streaming_lm", "--criterion", "lm_loss"]  # every row's task unless a bench says otherwise
+# Adaptive-span parameters by name: ours (``AdaptiveSpanMask.z``, every family and composed layer that has a span)
+# and fairseq's example (``AdaptiveMask.current_val``, the adaptive-span original's reproduction).
+SPAN_PARAMETERS = (".span.z", "._mask.current_val")
 
 
 def zipf_tokens(vocab: int, nspecial: int, shape: Tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -85,6 +88,7 @@ class FairseqRow:
         self.gen = torch.Generator().manual_seed(seed)
         self.samples = [self.sample(self.batch, self.length) for _ in range(samples)]
         self.count = 0
+        self.pinned: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, value it is reset to)
 
     @property
     def tokens(self) -> int:
@@ -100,6 +104,18 @@ class FairseqRow:
 
     def train_step(self) -> None:
         self.trainer.train_step([self.next_sample()])
+        with torch.no_grad():
+            for param, value in self.pinned:
+                param.copy_(value)
+
+    def pin(self, suffixes: Sequence[str] = SPAN_PARAMETERS) -> int:
+        """Reset the parameters whose names end with one of ``suffixes`` to their present values after every
+        training step, which still computes their gradients and optimizer update: with the adaptive spans pinned,
+        the windows, and so the work per step, stay fixed, while an optimizer like Adagrad would move a span by
+        lr x its maximum in one step. Returns the number of pinned parameters."""
+        ends = tuple(suffixes)
+        self.pinned = [(p, p.detach().clone()) for n, p in self.model.named_parameters() if n.endswith(ends)]
+        return len(self.pinned)
 
     def fill(self, count: int) -> None:
         """``count`` no-grad training-mode forwards: the carried state (memories, caches) grows without a step."""

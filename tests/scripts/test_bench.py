@@ -167,6 +167,28 @@ def test_original_row_computes_our_loss(bench, label, flags):
     assert all(p.grad is not None for p in original.model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("pin", [False, True])
+def test_pin_spans_keeps_both_sides_windows_while_the_spans_train(bench, pin):
+    """Adagrad moves a span by lr x its maximum in one step, and ours and the original learn different spans; with
+    --pin-spans every span of ours and of fairseq's port is back at --adapt-span-init after each training step,
+    which still computed its gradient; without it they move."""
+    flags = ("--arch adaptive_span_tiny --attn-span 64 --adapt-span-ramp 8 --adapt-span-init 0.5 "
+             "--optimizer adagrad_clip --adagrad-clip 0.03 --lr 0.07")
+    argv = ["--quick", "--in-process", "--models", "none", "--model", f"span={flags}", "--original", "span"]
+    opts = bench.parse_args(argv + (["--pin-spans"] if pin else []))
+    for original in (False, True):
+        row = bench.build_row(opts, flags, 16, original=original)
+        layers = int(row.cfg.model.decoder_layers)
+        assert len(row.pinned) == (layers if pin else 0)
+        spans = [p for n, p in row.model.named_parameters() if n.endswith(("span.z", "current_val"))]
+        assert len(spans) == layers
+        for _ in range(3):  # the port's spans get no gradient while their ramps cover the zero-filled first cache
+            row.train_step()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in spans)
+        moved = max(float((p.detach() - 0.5).abs().max()) for p in spans)
+        assert moved == 0.0 if pin else moved > 0.05, (original, moved)
+
+
 def test_tokens_per_batch_sets_b_per_length(bench, tmp_path, capsys):
     argv = ["--quick", "--models", "alibi", "--lengths", "8,16", "--tokens-per-batch", "40", "--in-process",
             "--metrics", "train", "--out", str(tmp_path)]
