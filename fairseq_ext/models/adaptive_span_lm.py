@@ -89,8 +89,9 @@ class AdaptiveSpanConfig(CompileOptions):
                                         "20000,40000,200000); default: full softmax, untied"})
     adaptive_softmax_factor: int = field(default=4, metadata={"help": "div_val of the adaptive input/softmax"})
     attn_impl: ChoiceEnum(IMPLS) = field(
-        default="auto", metadata={"help": "attention kernel: auto (blocked when the window is shorter than the "
-                                          "segment, else skew), skew, blocked, naive (reference), flex"})
+        default="auto", metadata={"help": "attention kernel: auto (fused on CPU in fp32/fp64 without persistent "
+                                          "memory; else blocked when the window is shorter than the segment, else "
+                                          "skew), skew, blocked, fused, naive (reference), flex"})
 
 
 @torch.no_grad()
@@ -190,13 +191,16 @@ class AdaptiveSpanDecoder(CoreDecoder):
     def attention_gflop(self, batch: int, length: int) -> float:
         """Attention GFLOP of a forward over a (batch, length) segment at the current windows: content, position and
         value products over the materialised skew layout, 2·B·K·M·d·(2 (L_pos + R) + L_pos) per layer, R = M rows
-        per query block (``skew``) or ``block_rows(M)`` where the layer runs ``blocked`` (projections, FF and
-        softmax excluded)."""
+        per query block (``skew``) or ``block_rows(M)`` where the layer runs ``blocked`` or ``fused`` (projections,
+        FF and softmax excluded)."""
         d, heads = self.key_pe.size(0), self.layers[0].self_attn.num_heads
         total = 0
         for layer in self.layers:
             span = layer.self_attn.window().span
-            rows = block_rows(length) if select_impl(layer.self_attn.impl, span, length) == "blocked" else length
+            attn = layer.self_attn
+            impl = select_impl(attn.impl, span, length, device_type=self.key_pe.device.type, dtype=self.key_pe.dtype,
+                               persistent=attn.pers_key is not None)
+            rows = block_rows(length) if impl in ("blocked", "fused") else length
             total += 2 * batch * heads * length * d * (2 * (span + rows) + span)
         return total / 1e9
 

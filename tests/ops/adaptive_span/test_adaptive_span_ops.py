@@ -264,8 +264,11 @@ def test_block_rows_are_the_largest_divisor_in_range_else_one_block():
 
 
 def test_auto_is_blocked_only_when_the_window_is_shorter_than_the_segment():
-    assert select_impl("auto", 64, 256) == "blocked"
-    assert select_impl("auto", 256, 256) == "skew" and select_impl("auto", 1024, 256) == "skew"
+    """Where ``fused`` does not apply (CUDA, persistent memory; CPU fp32 is test_fused.py's)."""
+    assert select_impl("auto", 64, 256, device_type="cuda") == "blocked"
+    assert select_impl("auto", 64, 256, persistent=True) == "blocked"
+    assert select_impl("auto", 256, 256, device_type="cuda") == "skew"
+    assert select_impl("auto", 1024, 256, persistent=True) == "skew"
     assert select_impl("skew", 64, 256) == "skew" and select_impl("blocked", 1024, 256) == "blocked"
 
 

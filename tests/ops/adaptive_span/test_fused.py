@@ -1,0 +1,132 @@
+"""The fused CPU adaptive-span attention (ops/adaptive_span/fused.py) == the naive gather in outputs and in the
+gradients of q, k, v, key_pe and the spans (float64, odd sizes, several head groups and query blocks, shared and
+per-head position embeddings, per-head and per-layer spans, with and without renormalisation); the carried-cache
+stream == the per-position brute force; skew's dropout draws; auto's choice; errors that name the fix."""
+import pytest
+import torch
+
+import fairseq_ext.ops.adaptive_span.fused as fused_module
+from fairseq_ext.ops.adaptive_span import (
+    adaptive_span_attention,
+    adaptive_span_attention_fused,
+    adaptive_span_mask,
+    block_rows,
+    fit_keys,
+    select_impl,
+)
+from fairseq_ext.ops.adaptive_span.fused import group_size
+from tests.harness import assert_close, assert_same_grads
+from tests.ops.adaptive_span.test_adaptive_span_ops import _inputs, brute_force
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 1 KB: a few heads per group at these sizes, so the group loop runs several times."""
+    monkeypatch.setattr(fused_module, "TILE_BYTES", 1024)
+
+
+@pytest.mark.parametrize("m,span,rows", [(48, 5, 16), (33, 40, 11), (7, 9, 7), (12, 40, 1), (5, 7, None)])
+@pytest.mark.parametrize("masked,renorm", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("layer_span", [False, True])
+def test_fused_matches_naive_with_gradients(small_tiles, m, span, rows, masked, renorm, layer_span):
+    q, k, v, key_pe, z, _, _ = _inputs(2, 3, m, span, 4, seed=m + span)
+    z = z[:1] if layer_span else z  # one span per layer: mask (1, L)
+    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, z)]
+    width = (rows or block_rows(m)) + span
+    assert group_size(6, rows or block_rows(m), width, 8) < 6  # several head groups
+
+    def run(impl):
+        mask = adaptive_span_mask(z, span, 2) if masked else None
+        if impl == "fused":
+            return adaptive_span_attention_fused(q, k, v, key_pe, mask, renorm=renorm, rows=rows)
+        return adaptive_span_attention(q, k, v, key_pe, mask, renorm=renorm, impl=impl)
+
+    assert_same_grads(lambda: run("fused"), lambda: run("naive"), inputs if masked else inputs[:4])
+    if masked:  # the spans get a gradient (some heads have columns in the ramp)
+        grad_z, = torch.autograd.grad((run("fused") * torch.randn(2, 3, m, 4, dtype=F64)).sum(), z)
+        assert grad_z.abs().sum() > 0
+
+
+@pytest.mark.parametrize("m,span", [(5, 7), (16, 9)])
+def test_fused_per_head_key_pe(small_tiles, m, span):
+    q, k, v, key_pe, z, _, _ = _inputs(2, 3, m, span, 4, seed=7, pe_per_head=True)
+    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, z)]
+    assert_same_grads(
+        lambda: adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, span, 3), impl="fused"),
+        lambda: adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, span, 3), impl="naive"), inputs)
+
+
+def test_fused_blocks_with_carried_cache_equal_brute_force_stream():
+    """Spec check 1 for the fused kernel: a stream of 10 positions in blocks of M = 3 (last block 1), cache = the
+    previous L = 4 keys (zeros at the stream start), equals the per-position brute force in fp64."""
+    h, d, span, ramp, t_len = 2, 5, 4, 2, 10
+    g = torch.Generator().manual_seed(3)
+    sq, sk, sv = (torch.randn(h, t_len, d, generator=g, dtype=F64) for _ in range(3))
+    key_pe = torch.randn(d, span, generator=g, dtype=F64)
+    z = torch.tensor([0.0, 0.4], dtype=F64)
+    mask = adaptive_span_mask(z, span, ramp)
+    zeros = torch.zeros(h, span, d, dtype=F64)
+    k_all, v_all = torch.cat([zeros, sk], 1), torch.cat([zeros, sv], 1)  # (H, L + T, D) cold start
+    outs = []
+    for start in range(0, t_len, 3):
+        m = min(3, t_len - start)
+        q = sq[None, :, start:start + m]  # (1, H, M, D)
+        k, v = k_all[None, :, start:start + span + m], v_all[None, :, start:start + span + m]
+        outs.append(adaptive_span_attention(q, k, v, key_pe, mask, impl="fused")[0])
+    assert_close(torch.cat(outs, 1), brute_force(sq, sk, sv, key_pe, z, span, ramp))
+
+
+def test_fused_trimmed_window_equals_full_window():
+    span, ramp, m, d = 200, 8, 5, 4
+    z = torch.tensor([0.1, 0.02], dtype=F64)
+    q, k, v, key_pe, _, _, _ = _inputs(1, 2, m, span, d, seed=2)
+    keep = 72
+    full = adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, span, ramp), eps=0.0, impl="fused")
+    trimmed = adaptive_span_attention(q, fit_keys(k, keep + m), fit_keys(v, keep + m), key_pe[:, -keep:],
+                                      adaptive_span_mask(z, span, ramp, length=keep), eps=0.0, impl="fused")
+    assert_close(trimmed, full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fused_draws_skews_dropout_mask(small_tiles, dtype):
+    """The same seed drops the same weights as the skew path (one (B, H, M, L) draw before the group loop), and
+    the gradients follow the dropped weights."""
+    q, k, v, key_pe, z, _, _ = _inputs(2, 3, 16, 5, 4, dtype=dtype)
+    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, z)]
+    outs = []
+    for impl in ("skew", "fused"):
+        def run(impl=impl):
+            torch.manual_seed(11)
+            return adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 5, 2), dropout_p=0.3, impl=impl)
+        outs.append(run)
+    tol = {} if dtype == F64 else {"atol": 1e-5, "rtol": 1e-5}
+    assert_same_grads(outs[1], outs[0], inputs, **tol)
+    torch.manual_seed(11)
+    assert not torch.allclose(outs[1](), adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 5, 2),
+                                                                  impl="fused"))
+
+
+def test_auto_picks_fused_on_cpu_without_persistent_memory():
+    assert select_impl("auto", 64, 256) == "fused" and select_impl("auto", 1024, 256, dtype=F64) == "fused"
+    assert select_impl("auto", 64, 256, persistent=True) == "blocked"
+    assert select_impl("auto", 1024, 256, dtype=torch.bfloat16) == "skew"
+    assert select_impl("auto", 64, 256, device_type="cuda") == "blocked"
+    assert select_impl("skew", 64, 256) == "skew" and select_impl("fused", 64, 256, device_type="cuda") == "fused"
+
+
+def test_group_size_fills_the_tile_budget():
+    assert group_size(32, 64, 64 + 1024, 4, tile_bytes=1 << 20) == 3  # 278,528 bytes per head
+    assert group_size(32, 64, 64 + 64, 4, tile_bytes=1 << 20) == 32  # every head
+    assert group_size(32, 256, 256 + 8192, 4, tile_bytes=1 << 20) == 1  # at least one
+
+
+def test_fused_errors_name_the_fix():
+    q, k, v, key_pe, z, pers_k, pers_v = _inputs(1, 2, 6, 4, 4, 3)
+    with pytest.raises(ValueError, match="no persistent memory.*--attn-impl skew or blocked"):
+        adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 4, 2), pers_k, pers_v, impl="fused")
+    with pytest.raises(ValueError, match="float32 / float64.*--attn-impl skew"):
+        adaptive_span_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_pe.bfloat16(), impl="fused")
+    with pytest.raises(ValueError, match="4 rows per block do not divide the 6 queries"):
+        adaptive_span_attention_fused(q, k, v, key_pe, rows=4)
