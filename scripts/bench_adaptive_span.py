@@ -29,7 +29,8 @@ PyTorch's CPU allocator replayed from ``torch.profiler`` events and (b) the peak
 (``resource.getrusage``), each configuration in a fresh subprocess unless ``--in-process``.
 
 A second table compares the op implementations (``--attn-impl skew``, the strided skew layout, against ``blocked``,
-the same layout per block of query rows over the block's own keys, and ``naive``, which gathers every query's L-key
+the same layout per block of query rows over the block's own keys, ``fused``, blocked's layout per group of heads
+on cache-sized tiles with a hand-written backward (``auto`` on CPU), and ``naive``, which gathers every query's L-key
 window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``, ``--impl-tgt-len``).
 
     python scripts/bench_adaptive_span.py            # CPU defaults (about 1.5 min on 2 idle cores): enwik8_small cut to
@@ -60,7 +61,7 @@ from benchrow import STREAM_TASK, FairseqRow  # noqa: E402
 
 NAMED_CONFIGS = {"small": 0.0, "large": 1.0, "fixed": None}  # z (None: --fixed-span)
 DEFAULT_CONFIGS = ("small", "large", "fixed")
-IMPLS = ("skew", "blocked", "naive")
+IMPLS = ("skew", "blocked", "fused", "naive")
 TABLES = ("main", "impls")
 ENWIK8_VOCAB = 205  # dictionary entries incl. fairseq's 4 specials (the preset docstrings' enwik8 vocabulary)
 LR, ADAGRAD_CLIP = 0.07, 0.03  # the paper's scripts: --lr 0.07 --grad-clip 0.03 (adagrad)
@@ -119,9 +120,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                                             f"{ENWIK8_VOCAB}, enwik8)")
     p.add_argument("--configs", type=_names(), default=list(DEFAULT_CONFIGS),
                    help="comma-separated rows of the main table: small (z=0), large (z=1), fixed, z=F")
-    p.add_argument("--attn-impl", choices=IMPLS, default="skew", help="op implementation of the main table")
+    p.add_argument("--attn-impl", choices=IMPLS, default=None,
+                   help="op implementation of the main table (default: fused on CPU, what auto runs there; skew on "
+                        "CUDA)")
     p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
-                   help="main (span configs) and/or impls (skew vs blocked vs naive at --impl-attn-span / "
+                   help="main (span configs) and/or impls (skew vs blocked vs fused vs naive at --impl-attn-span / "
                         "--impl-tgt-len)")
     p.add_argument("--impl-configs", type=_names(), default=["small", "large"], help="span configs of the impls "
                                                                                        "table")
@@ -138,6 +141,8 @@ def parse_bench_args(argv: Optional[Sequence[str]] = None) -> Namespace:
     opts = parse_stream_args(build_arg_parser(), argv, QUICK, NORMAL, CPU_DEFAULTS, CUDA_DEFAULTS)
     if opts.layers == 0:
         opts.layers = None
+    if opts.attn_impl is None:
+        opts.attn_impl = "fused" if opts.device == "cpu" else "skew"
     for name in ("batch_size", "tgt_len", "attn_span", "impl_attn_span", "impl_tgt_len"):
         if getattr(opts, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

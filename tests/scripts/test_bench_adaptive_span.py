@@ -46,7 +46,9 @@ def test_quick_bench_prints_tables_and_small_spans_cost_less(bench, capsys):
     assert fixed["vs fixed"] == "1.00×"
     assert {(row["config"], row["impl"]) for row in impls} == {("adaptive, z = 1 (large)", "skew"),
                                                                 ("adaptive, z = 1 (large)", "blocked"),
+                                                                ("adaptive, z = 1 (large)", "fused"),
                                                                 ("adaptive, z = 1 (large)", "naive")}
+    assert {row["impl"] for row in main} == {"fused"}  # what auto runs on CPU
     for row in impls:
         assert row["B × M"] == "1 × 8" and row["L"] == "128" and number(row["vs skew"]) > 0, row
 
