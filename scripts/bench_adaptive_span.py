@@ -30,7 +30,7 @@ PyTorch's CPU allocator replayed from ``torch.profiler`` events and (b) the peak
 
 A second table compares the op implementations (``--attn-impl skew``, the strided skew layout, against ``blocked``,
 the same layout per block of query rows over the block's own keys, ``fused``, blocked's layout per group of heads
-on cache-sized tiles with a hand-written backward (``auto`` on CPU), and ``naive``, which gathers every query's L-key
+on cache-sized tiles with a hand-written backward (``auto`` on CPU for large scores), and ``naive``, which gathers every query's L-key
 window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``, ``--impl-tgt-len``).
 
     python scripts/bench_adaptive_span.py            # CPU defaults (about 1.5 min on 2 idle cores): enwik8_small cut to
@@ -121,8 +121,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=_names(), default=list(DEFAULT_CONFIGS),
                    help="comma-separated rows of the main table: small (z=0), large (z=1), fixed, z=F")
     p.add_argument("--attn-impl", choices=IMPLS, default=None,
-                   help="op implementation of the main table (default: fused on CPU, what auto runs there; skew on "
-                        "CUDA)")
+                   help="op implementation of the main table (default: fused on CPU, skew on CUDA)")
     p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
                    help="main (span configs) and/or impls (skew vs blocked vs fused vs naive at --impl-attn-span / "
                         "--impl-tgt-len)")

@@ -48,7 +48,7 @@ def test_quick_bench_prints_tables_and_small_spans_cost_less(bench, capsys):
                                                                 ("adaptive, z = 1 (large)", "blocked"),
                                                                 ("adaptive, z = 1 (large)", "fused"),
                                                                 ("adaptive, z = 1 (large)", "naive")}
-    assert {row["impl"] for row in main} == {"fused"}  # what auto runs on CPU
+    assert {row["impl"] for row in main} == {"fused"}  # the main table's default on CPU
     for row in impls:
         assert row["B × M"] == "1 × 8" and row["L"] == "128" and number(row["vs skew"]) > 0, row
 

@@ -8,14 +8,13 @@ multiplies the softmax (context part only) and the row is renormalised jointly w
 The renormalisation a / (sum a + eps), eps = 1e-8 as the original, makes the result depend on the unmasked softmax
 mass: trimmed and untrimmed windows (or the log-mask bias form) agree to ~eps / mass relative, exactly with eps = 0.
 
-``impl="auto"`` picks ``fused`` on CPU in float32 / float64 without persistent memory; elsewhere ``blocked`` when the
-window is shorter than the segment (L < M: short spans, e.g. the start of training, where the skew layout's
-(M, M + L) products are mostly wasted) and ``skew`` otherwise, each choice logged once; ``skew`` is the original skew
-layout as zero-copy strided index maps; ``blocked`` is that layout per block of query rows over each block's own keys
-(blocked.py); ``fused`` is blocked's layout run head group by head group on cache-sized tiles with a hand-written
-backward (fused.py; 1.1-2.9x faster than the best of the others on CPU, more at long windows); ``naive`` gathers each
-query's L-key window (the reference);
-``flex`` is FlexAttention with the window and each head's span as a block mask (opt-in: no dropout, no CPU backward;
+``impl="auto"`` picks ``fused`` on CPU in float32 / float64 without persistent memory when the scores are large
+(``select_impl``); elsewhere ``blocked`` when the window is shorter than the segment (L < M: short spans, e.g. the
+start of training, where the skew layout's (M, M + L) products are mostly wasted) and ``skew`` otherwise, each choice
+logged once; ``skew`` is the original skew layout as zero-copy strided index maps; ``blocked`` is that layout per
+block of query rows over each block's own keys (blocked.py); ``fused`` is blocked's layout run head group by head
+group on cache-sized tiles with a hand-written backward (fused.py); ``naive`` gathers each query's L-key window (the
+reference); ``flex`` is FlexAttention with the window and each head's span as a block mask (opt-in: no dropout, no CPU backward;
 flex.py). An unknown implementation is an error.
 """
 from __future__ import annotations
@@ -69,14 +68,21 @@ _resolve_cpu = ImplResolver("adaptive-span attention on CPU", IMPLS, "fused",
                             "banded skew layout on cache-sized tiles of heads, hand-written backward")
 
 
+FUSED_MIN_BYTES = 8 << 20  # skew's (B H, M, L + M) scores from this size on: fused (measured on CPU, below)
+
+
 def select_impl(impl: str, window: int, segment: int, *, device_type: str = "cpu",
-                dtype: torch.dtype = torch.float32, persistent: bool = False) -> str:
+                dtype: torch.dtype = torch.float32, persistent: bool = False, batch_heads: int = 1) -> str:
     """The kernel ``adaptive_span_attention`` runs: an explicit ``impl`` as given (validated); ``auto`` -> ``fused``
-    on CPU in float32 / float64 without persistent memory (fused.py: it keeps each head group's steps in cache);
-    elsewhere ``blocked`` when the window L is shorter than the segment M (there it does M (R + L) instead of
-    M (M + L) work: the op, forward and backward, 1.6-2.3x faster on CPU at L 64, M 256-512), else ``skew`` (at
-    L >= M the blocks' overlapping key windows cost about as much as the work they save)."""
-    if impl == "auto" and device_type == "cpu" and dtype in FUSED_DTYPES and not persistent:
+    on CPU in float32 / float64 without persistent memory once the skew layout's (B H, M, L + M) scores reach
+    ``FUSED_MIN_BYTES`` (fused.py keeps each head group's steps in cache: the op 1.3-2.3x faster than ``skew`` at
+    B 8, H 4, M 256, L 320-1024; below that size everything fits the cache and fused's loop costs more, 0.87x skew in
+    training at B 1, H 4, M 256, L 1024); otherwise ``blocked`` when the window L is shorter than the segment M
+    (there it does M (R + L) instead of M (M + L) work: the op, forward and backward, 1.6-2.3x faster on CPU at
+    L 64, M 256-512), else ``skew`` (at L >= M the blocks' overlapping key windows cost about as much as the work
+    they save)."""
+    if (impl == "auto" and device_type == "cpu" and dtype in FUSED_DTYPES and not persistent
+            and batch_heads * segment * (window + segment) * torch.finfo(dtype).bits // 8 >= FUSED_MIN_BYTES):
         return _resolve_cpu(impl)
     if impl == "auto" and window < segment:
         return _resolve_short_window(impl)
@@ -104,7 +110,8 @@ def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor, spa
         raise ValueError("persistent memory needs both pers_k and pers_v")
     if pers_k is not None and pers_k.size(-1) != pers_v.size(-2):
         raise ValueError(f"pers_k has {pers_k.size(-1)} slots, pers_v {pers_v.size(-2)}")
-    kernel = select_impl(impl, span, m, device_type=q.device.type, dtype=q.dtype, persistent=pers_k is not None)
+    kernel = select_impl(impl, span, m, device_type=q.device.type, dtype=q.dtype, persistent=pers_k is not None,
+                         batch_heads=q.size(0) * q.size(1))
     return _KERNELS[kernel](q, k, v, key_pe, span_mask, pers_k, pers_v, dropout_p=dropout_p, renorm=renorm, eps=eps)
 
 
@@ -112,4 +119,4 @@ __all__ = ["adaptive_span_attention", "adaptive_span_attention_naive", "adaptive
            "adaptive_span_attention_blocked", "adaptive_span_attention_fused", "block_rows", "select_impl",
            "adaptive_span_mask", "span_mask_at", "span_distances", "current_max_span", "trim_length",
            "needed_keys", "span_trim", "SpanTrim", "fit_keys", "skew", "unskew", "skew_pad", "unskew_pad",
-           "resolve_impl", "IMPLS", "TRIM_GRANULARITY", "CACHE_SLACK"]
+           "resolve_impl", "IMPLS", "TRIM_GRANULARITY", "CACHE_SLACK", "FUSED_MIN_BYTES"]

@@ -7,6 +7,7 @@ import torch
 
 import fairseq_ext.ops.adaptive_span.fused as fused_module
 from fairseq_ext.ops.adaptive_span import (
+    FUSED_MIN_BYTES,
     adaptive_span_attention,
     adaptive_span_attention_fused,
     adaptive_span_mask,
@@ -108,12 +109,19 @@ def test_fused_draws_skews_dropout_mask(small_tiles, dtype):
                                                                   impl="fused"))
 
 
-def test_auto_picks_fused_on_cpu_without_persistent_memory():
-    assert select_impl("auto", 64, 256) == "fused" and select_impl("auto", 1024, 256, dtype=F64) == "fused"
-    assert select_impl("auto", 64, 256, persistent=True) == "blocked"
-    assert select_impl("auto", 1024, 256, dtype=torch.bfloat16) == "skew"
-    assert select_impl("auto", 64, 256, device_type="cuda") == "blocked"
-    assert select_impl("skew", 64, 256) == "skew" and select_impl("fused", 64, 256, device_type="cuda") == "fused"
+def test_auto_picks_fused_on_cpu_for_large_scores_without_persistent_memory():
+    """fused from 8 MiB of (B H, M, L + M) scores on: B 8, H 4, M 256 at L 64 (10.5 MB) and L 1024 (42 MB), not at
+    B 1 (1.3 / 5.2 MB, where it was 0.87x skew in training)."""
+    assert FUSED_MIN_BYTES == 8 << 20
+    assert select_impl("auto", 64, 256, batch_heads=32) == "fused"
+    assert select_impl("auto", 1024, 256, batch_heads=32, dtype=F64) == "fused"
+    assert select_impl("auto", 64, 256, batch_heads=4) == "blocked"
+    assert select_impl("auto", 1024, 256, batch_heads=4) == "skew"
+    assert select_impl("auto", 64, 256, batch_heads=32, persistent=True) == "blocked"
+    assert select_impl("auto", 1024, 256, batch_heads=32, dtype=torch.bfloat16) == "skew"
+    assert select_impl("auto", 64, 256, batch_heads=32, device_type="cuda") == "blocked"
+    assert select_impl("skew", 64, 256, batch_heads=32) == "skew"
+    assert select_impl("fused", 64, 256, device_type="cuda") == "fused"
 
 
 def test_group_size_fills_the_tile_budget():
