@@ -30,8 +30,9 @@ PyTorch's CPU allocator replayed from ``torch.profiler`` events and (b) the peak
 
 A second table compares the op implementations (``--attn-impl skew``, the strided skew layout, against ``blocked``,
 the same layout per block of query rows over the block's own keys, ``fused``, blocked's layout per group of heads
-on cache-sized tiles with a hand-written backward (``auto`` on CPU for large scores), and ``naive``, which gathers every query's L-key
-window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``, ``--impl-tgt-len``).
+on cache-sized tiles with a hand-written backward (``auto`` on CPU for large scores), and ``naive``, which gathers
+every query's L-key window explicitly: O(M·L·d) memory) at a moderate size (``--impl-attn-span``,
+``--impl-tgt-len``).
 
     python scripts/bench_adaptive_span.py            # CPU defaults (about 1.5 min on 2 idle cores): enwik8_small cut to
                                                      # 2 layers, H 256, 4 heads, B 1, M 512, L 8192
@@ -323,7 +324,7 @@ def render_report(opts: Namespace, results: Sequence[Dict[str, Any]], command: s
         lines += ["", f"### Span configurations at L = {opts.attn_span:,} (--attn-impl {opts.attn_impl})", "",
                   HEADER.format(ref="vs fixed"), ALIGN, *table_rows(results, "main")]
     if "impls" in opts.tables:
-        lines += ["", f"### Op implementations: skew vs blocked vs naive at L = {opts.impl_attn_span:,}, M = "
+        lines += ["", f"### Op implementations: skew vs blocked vs fused vs naive at L = {opts.impl_attn_span:,}, M = "
                       f"{opts.impl_tgt_len}", "", HEADER.format(ref="vs skew"), ALIGN, *table_rows(results, "impls")]
     return "\n".join(lines) + "\n"
 

@@ -14,8 +14,8 @@ start of training, where the skew layout's (M, M + L) products are mostly wasted
 logged once; ``skew`` is the original skew layout as zero-copy strided index maps; ``blocked`` is that layout per
 block of query rows over each block's own keys (blocked.py); ``fused`` is blocked's layout run head group by head
 group on cache-sized tiles with a hand-written backward (fused.py); ``naive`` gathers each query's L-key window (the
-reference); ``flex`` is FlexAttention with the window and each head's span as a block mask (opt-in: no dropout, no CPU backward;
-flex.py). An unknown implementation is an error.
+reference); ``flex`` is FlexAttention with the window and each head's span as a block mask (opt-in: no dropout, no
+CPU backward; flex.py). An unknown implementation is an error.
 """
 from __future__ import annotations
 
