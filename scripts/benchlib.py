@@ -44,7 +44,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc).lower() for m in OOM_MARKERS)
+    """An allocation failure: torch's, a ``MemoryError`` (a ``std::bad_alloc``, e.g. in the profiler's teardown
+    after a failed step) or an error whose text says so."""
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            or any(m in str(exc).lower() for m in OOM_MARKERS))
 
 
 def device_description(device: torch.device) -> str:

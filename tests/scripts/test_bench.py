@@ -197,6 +197,13 @@ def test_tokens_per_batch_sets_b_per_length(bench, tmp_path, capsys):
     assert [(c["T"], c["B"]) for c in table] == [("8", "5"), ("16", "2")]  # max(1, 40 // T)
 
 
+def test_allocation_failures_count_as_oom():
+    benchlib = script_module("benchlib")
+    assert benchlib.is_oom(MemoryError("std::bad_alloc"))  # the profiler's teardown after a failed 16k step
+    assert benchlib.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 16 bytes"))
+    assert not benchlib.is_oom(RuntimeError("shape mismatch"))
+
+
 def test_cpu_peak_replays_allocations_inside_the_window():
     import torch
 
