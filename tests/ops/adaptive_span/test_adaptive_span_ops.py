@@ -188,8 +188,8 @@ def brute_force(stream_q, stream_k, stream_v, key_pe, z, max_span, ramp, pers_k=
     return out
 
 
-@pytest.mark.parametrize("impl", ["naive", "skew", "blocked"])
-@pytest.mark.parametrize("n", [0, 3])
+@pytest.mark.parametrize("impl,n", [(impl, n) for impl in ("naive", "skew", "blocked") for n in (0, 3)]
+                         + [("fused", 0)])  # fused has no persistent memory
 def test_blocks_with_carried_cache_equal_brute_force_stream(impl, n):
     """Spec check 1: a stream of 10 positions in blocks of M = 3 (last block 1), cache = the previous L = 4 keys
     (zeros at the stream start), equals the per-position brute force to 1e-10 in fp64."""

@@ -1,7 +1,8 @@
 """The fused CPU adaptive-span attention (ops/adaptive_span/fused.py) == the naive gather in outputs and in the
 gradients of q, k, v, key_pe and the spans (float64, odd sizes, several head groups and query blocks, shared and
-per-head position embeddings, per-head and per-layer spans, with and without renormalisation); the carried-cache
-stream == the per-position brute force; skew's dropout draws; auto's choice; errors that name the fix."""
+per-head position embeddings, per-head and per-layer spans, with and without renormalisation); trimmed == full
+window; skew's dropout draws; auto's choice; errors that name the fix. (The carried-cache stream == the brute force:
+test_adaptive_span_ops.py.)"""
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from fairseq_ext.ops.adaptive_span import (
 )
 from fairseq_ext.ops.adaptive_span.fused import group_size
 from tests.harness import assert_close, assert_same_grads
-from tests.ops.adaptive_span.test_adaptive_span_ops import _inputs, brute_force
+from tests.ops.adaptive_span.test_adaptive_span_ops import _inputs
 
 F64 = torch.float64
 
@@ -57,26 +58,6 @@ def test_fused_per_head_key_pe(small_tiles, m, span):
     assert_same_grads(
         lambda: adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, span, 3), impl="fused"),
         lambda: adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, span, 3), impl="naive"), inputs)
-
-
-def test_fused_blocks_with_carried_cache_equal_brute_force_stream():
-    """Spec check 1 for the fused kernel: a stream of 10 positions in blocks of M = 3 (last block 1), cache = the
-    previous L = 4 keys (zeros at the stream start), equals the per-position brute force in fp64."""
-    h, d, span, ramp, t_len = 2, 5, 4, 2, 10
-    g = torch.Generator().manual_seed(3)
-    sq, sk, sv = (torch.randn(h, t_len, d, generator=g, dtype=F64) for _ in range(3))
-    key_pe = torch.randn(d, span, generator=g, dtype=F64)
-    z = torch.tensor([0.0, 0.4], dtype=F64)
-    mask = adaptive_span_mask(z, span, ramp)
-    zeros = torch.zeros(h, span, d, dtype=F64)
-    k_all, v_all = torch.cat([zeros, sk], 1), torch.cat([zeros, sv], 1)  # (H, L + T, D) cold start
-    outs = []
-    for start in range(0, t_len, 3):
-        m = min(3, t_len - start)
-        q = sq[None, :, start:start + m]  # (1, H, M, D)
-        k, v = k_all[None, :, start:start + span + m], v_all[None, :, start:start + span + m]
-        outs.append(adaptive_span_attention(q, k, v, key_pe, mask, impl="fused")[0])
-    assert_close(torch.cat(outs, 1), brute_force(sq, sk, sv, key_pe, z, span, ramp))
 
 
 def test_fused_trimmed_window_equals_full_window():
