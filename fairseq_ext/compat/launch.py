@@ -17,15 +17,19 @@
 * the default ``--distributed-backend nccl`` cannot run on CPU processes: ``gloo`` is used there (logged);
 * fairseq's workers return with their process group alive, and a CPU worker then sometimes aborted at interpreter exit
   ("terminate called without an active exception", SIGABRT: 2 of 9 runs of the two-worker launch test here) after
-  training had finished; each CPU worker here destroys its group before it returns (``run_worker``).
+  training had finished; each CPU worker here destroys its group before it returns (``run_worker``), and a spawned
+  worker then leaves with ``os._exit(0)`` after its exit handlers (``spawned_worker``): the abort still came, rarely,
+  from the interpreter's own teardown.
 
 Before any of that, the checks in ``fairseq_ext.compat.CONFIG_CHECKS`` run on the whole config (precision flags,
 data-parallel backends). In a single process the wrapper returns ``main``'s result (fairseq's returns None), so
 in-process callers such as the test harness go through the same checks as the command line.
 """
+import atexit
 import logging
 import os
 import socket
+import sys
 from typing import Any, Callable
 
 import torch
@@ -119,8 +123,22 @@ def call_main(cfg: DictConfig, main: Callable[..., Any], **kwargs: Any) -> Any:
     dist.distributed_rank = None  # assigned per spawned process: start_rank + index
     logger.info("spawning %d CPU worker processes (ranks %d..%d of %d) at %s", nprocs, kwargs["start_rank"],
                 kwargs["start_rank"] + nprocs - 1, dist.distributed_world_size, dist.distributed_init_method)
-    torch.multiprocessing.spawn(fn=run_worker, args=(main, cfg, kwargs), nprocs=nprocs, join=True)
+    torch.multiprocessing.spawn(fn=spawned_worker, args=(main, cfg, kwargs), nprocs=nprocs, join=True)
     return None
+
+
+def spawned_worker(index: int, main: Callable[..., Any], cfg: DictConfig, kwargs: Any) -> None:
+    """``run_worker`` in a spawned process, which then ends with ``os._exit(0)`` once its exit handlers have run and
+    its output is flushed: a spawned child otherwise finalizes the interpreter, whose C++ static destructors still
+    aborted a finished worker now and then ("terminate called without an active exception", SIGABRT: 1 of about 20
+    two-worker launches after its process group was destroyed). A failing worker raises as before, so that spawn
+    reports its traceback."""
+    run_worker(index, main, cfg, kwargs)
+    logging.shutdown()
+    atexit._run_exitfuncs()  # tensorboard writers, multiprocessing's finalizers: what a normal exit would run first
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_worker(index: int, main: Callable[..., Any], cfg: DictConfig, kwargs: Any) -> None:

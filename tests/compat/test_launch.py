@@ -140,3 +140,35 @@ def test_a_cpu_worker_destroys_its_process_group_before_returning(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         launch.run_worker(0, failing, None, {})
     assert not torch.distributed.is_initialized()
+
+
+def test_a_spawned_worker_exits_at_once_after_its_exit_handlers(monkeypatch):
+    """``spawned_worker`` runs ``run_worker`` (the group destroyed), the exit handlers, then ``os._exit(0)``, skipping
+    the interpreter teardown where a finished worker sometimes aborted; a failing worker raises, exiting nothing."""
+    import atexit
+
+    import fairseq_ext.compat.launch as launch
+
+    events = []
+    monkeypatch.setattr(launch, "run_worker", lambda index, main, cfg, kwargs: events.append(("worker", index)))
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append("atexit"))
+    monkeypatch.setattr(launch.logging, "shutdown", lambda: events.append("logging"))  # not pytest's handlers
+
+    def fake_exit(code):
+        events.append(("exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(launch.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit):
+        launch.spawned_worker(1, None, None, {})
+    assert events == [("worker", 1), "logging", "atexit", ("exit", 0)]
+
+    def failing(index, main, cfg, kwargs):
+        raise RuntimeError("boom")
+
+    events.clear()
+    monkeypatch.setattr(launch, "run_worker", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        launch.spawned_worker(0, None, None, {})
+    assert events == []
+
