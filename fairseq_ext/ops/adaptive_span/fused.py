@@ -21,8 +21,8 @@ The skew and blocked kernels run each elementwise step, and autograd its backwar
 tensors, each several megabytes, so every step streams them from memory once more; here all steps of one head group
 run on (c, R, W) tiles of about ``TILE_BYTES`` (the size of a core's L2 cache), and only p and the row sums (and the
 dropout mask) are kept for the backward. On CPU at B 8, H 4, M 256, D 64 (2 threads, forward + backward, the
-model's strided q, k, v, best of 5) this took the op from 60.1 to 43.8 ms at L 320, 88.2 to 69.9 ms at L 576 and 320.1 to 138.0 ms at L 1024
-against ``skew``; at L 64 it matched ``blocked`` (16.2 vs 15.8 ms, skew 22.7).
+model's strided q, k, v, best of 5) this took the op from 60.1 to 43.8 ms at L 320, 88.2 to 69.9 ms at L 576 and
+320.1 to 138.0 ms at L 1024 against ``skew``; at L 64 it matched ``blocked`` (16.2 vs 15.8 ms, skew 22.7).
 
 The dropout mask is drawn for the whole (B, H, M, L) tensor before the loop, as ``dropout`` draws it in the skew
 path (``draw_float_mask`` on CPU, ``F.dropout``'s otherwise), so both paths drop the same weights for one seed
