@@ -79,8 +79,10 @@ class _FusedSpanAttention(torch.autograd.Function):
         k3, v3 = k.reshape(n, s, d), v.reshape(n, s, d)  # (G, L + M, D)
         pe = key_pe.to(q.dtype)  # (D, L) shared or (H, D, L)
         mask = None if span_mask is None else span_mask.to(q.dtype)[..., None, :]  # (K or 1, 1, L)
-        probs = q.new_empty(n, m, span)  # p, saved
-        sums = q.new_empty(n, m, 1) if mask is not None and renorm else None  # S, saved
+        keep = any(ctx.needs_input_grad[:5])  # evaluation and no_grad store nothing for a backward
+        renorm = renorm and mask is not None
+        probs = q.new_empty(n, m, span) if keep else None  # p, saved
+        sums = q.new_empty(n, m, 1) if keep and renorm else None  # S, saved
         out = q.new_empty(n, m, d)  # (G, M, D)
         group = group_size(n, rows, width, q.element_size())
         tile = q.new_zeros(group, rows, width)  # skew(a) tiles: only the window diagonal band is ever written
@@ -96,13 +98,15 @@ class _FusedSpanAttention(torch.autograd.Function):
                 scores = logits[:, r]  # (c, R, L) view
                 scores += _window(torch.bmm(qg[:, r], k3[g, w].transpose(1, 2)), span)  # + content (c, R, L)
                 p = torch.softmax(scores, dim=-1)  # (c, R, L)
-                probs[g, r] = p
+                if probs is not None:
+                    probs[g, r] = p
                 a = p
                 if mg is not None:
                     a = p * mg
-                    if sums is not None:
+                    if renorm:
                         total = a.sum(-1, keepdim=True).add_(eps)  # (c, R, 1)
-                        sums[g, r] = total
+                        if sums is not None:
+                            sums[g, r] = total
                         a.div_(total)
                 if drop is not None:
                     a = a * drop[g, r]

@@ -119,3 +119,15 @@ def test_fused_errors_name_the_fix():
         adaptive_span_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_pe.bfloat16(), impl="fused")
     with pytest.raises(ValueError, match="4 rows per block do not divide the 6 queries"):
         adaptive_span_attention_fused(q, k, v, key_pe, rows=4)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_fused_without_gradients_equals_the_training_forward(small_tiles, renorm):
+    """Under no_grad nothing is stored for a backward; the output is the same."""
+    q, k, v, key_pe, z, _, _ = _inputs(2, 3, 16, 5, 4)
+    z.requires_grad_()
+    mask = adaptive_span_mask(z, 5, 2)
+    with_grad = adaptive_span_attention_fused(q, k, v, key_pe, mask, renorm=renorm)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        assert_close(adaptive_span_attention_fused(q, k, v, key_pe, mask, renorm=renorm), with_grad.detach())
