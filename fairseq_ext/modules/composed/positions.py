@@ -4,6 +4,9 @@
   ``position`` (B|1, T) is each token's index in its segment and ``length`` (B|1, 1) the segment's length.
 * ``score_terms(q, distance)``: relative schemes return the query of the content term and an additive logit bias
   for queries against keys at ``distance`` (T, S) = query position - key position (negative: a future key).
+* ``attend(q, k, v, before, dropout_p)``: a scheme's own kernel for plain causal attention over a context and the
+  segment, or None. ALiBi's is ``alibi_lm``'s (``ops.alibi``), which forms no (T, S) tensor on CPU; the mixer uses
+  it when nothing else shapes the scores (no span, no persistent slots, no window) and ``--attn-impl auto``.
 
 Schemes:
 
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from fairseq_ext.modules.positional.alibi import AlibiPositionalBias
 from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid
+from fairseq_ext.ops.alibi import alibi_attention
 
 ABSOLUTE = ("sinusoidal", "descending")
 RELATIVE = ("alibi", "xl")
@@ -42,6 +46,12 @@ class PositionTerm(nn.Module):
 
     def score_terms(self, q: Tensor, distance: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         return q, None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, before: int, dropout_p: float) -> Optional[Tensor]:
+        """Causal attention of q (B, H, T, D) over k, v (B, H, before + T, D), query i seeing keys 0 .. before + i,
+        by a kernel of this scheme's own that never forms the (T, S) terms, or None (the mixer then builds them
+        for ``ops.biased_attention``)."""
+        return None
 
 
 class SinusoidalPosition(PositionTerm):
@@ -80,6 +90,12 @@ class AlibiPosition(PositionTerm):
         slopes = self.alibi.slopes.to(q.device)  # (H,)
         bias = -slopes[:, None, None] * distance.clamp(min=0).to(slopes.dtype)  # (H, T, S)
         return q, bias.unsqueeze(0)  # (1, H, T, S)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, before: int, dropout_p: float) -> Optional[Tensor]:
+        """``alibi_lm``'s kernel choice (``ops.alibi``, ``auto``): on CPU causal query blocks whose biases view one
+        (1, H, r, S) strip, without gradients bias chunks, else SDPA with the (1, H, T, S) bias."""
+        return alibi_attention(q, k, v, self.alibi.slopes.to(q.device), q_offset=before, causal=True,
+                               dropout_p=dropout_p, impl="auto")  # (B, H, T, D)
 
 
 class XLRelativePosition(PositionTerm):

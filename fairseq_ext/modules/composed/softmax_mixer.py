@@ -1,5 +1,7 @@
 """Softmax attention mixer of the composed core: one position term, one key/value source, optional persistent
-slots and an optional adaptive-span soft mask, all reduced to one ``ops.biased_attention`` call.
+slots and an optional adaptive-span soft mask, all reduced to one ``ops.biased_attention`` call -- or, when the
+scores are plain causal attention over [context ; segment] with ``--attn-impl auto``, the position term's own
+kernel (ALiBi: ``alibi_lm``'s ``ops.alibi``, which on CPU forms no (T, S) tensor).
 
     q = W_q x,  [k ; v] = source(x)                         (bias-free projections, one qkv tensor)
     q_c, b_ij = position.score_terms(q, i - j)              (ALiBi / Transformer-XL terms, or q, 0)
@@ -62,8 +64,18 @@ class SoftmaxMixer(nn.Module):
         q = self._heads(nn.functional.linear(x, self.qkv_proj.weight.chunk(3)[0]))  # (B, H, T, D)
         keep = None if self.span is None else current_max_span(self.span.z, self.span.max_span, self.span.ramp)
         k, v, before, new_state = self.source.read(x, state, self._project_kv, keep)  # (B, H, S, D)
-        s = k.size(2)
-        distance = (before + torch.arange(t, device=x.device))[:, None] - torch.arange(s, device=x.device)  # (T, S)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        plain = (self.attn_impl == "auto" and self.span is None and self.persistent_key is None
+                 and self.source.max_distance is None)  # causal over [context ; segment], nothing else
+        out = self.position.attend(q, k, v, before, dropout_p) if plain else None  # (B, H, T, D)
+        if out is None:
+            out = self._biased(q, k, v, before, dropout_p)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1)), new_state  # (B, T, C)
+
+    def _biased(self, q: Tensor, k: Tensor, v: Tensor, before: int, dropout_p: float) -> Tensor:
+        """Every term as (T, S) tensors for ``ops.biased_attention``: q (B, H, T, D), k, v (B, H, S, D)."""
+        b, t, s = q.size(0), q.size(2), k.size(2)
+        distance = (before + torch.arange(t, device=q.device))[:, None] - torch.arange(s, device=q.device)  # (T, S)
         visible = distance >= 0
         farthest = self.source.max_distance if self.span is None else self.span.max_span
         if farthest is not None:
@@ -75,10 +87,8 @@ class SoftmaxMixer(nn.Module):
             span_mask = span_mask_at(z, distance.clamp(min=1), self.span.max_span, self.span.ramp)[None]  # (1,H,T,S)
         if self.persistent_key is not None:
             k, v, bias, visible, span_mask = self._with_persistent(b, t, k, v, bias, visible, span_mask)
-        out = biased_attention(q, k, v, bias, visible, span_mask, scale=1.0 / math.sqrt(self.head_dim),
-                               dropout_p=self.attention_dropout if self.training else 0.0,
-                               impl=self.attn_impl)  # (B, H, T, D)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1)), new_state  # (B, T, C)
+        return biased_attention(q, k, v, bias, visible, span_mask, scale=1.0 / math.sqrt(self.head_dim),
+                                dropout_p=dropout_p, impl=self.attn_impl)  # (B, H, T, D)
 
     def _with_persistent(self, b: int, t: int, k: Tensor, v: Tensor, bias: Optional[Tensor], visible: Tensor,
                          span_mask: Optional[Tensor]):
