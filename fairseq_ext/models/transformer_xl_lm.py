@@ -100,7 +100,8 @@ class TransformerXLConfig(CompileOptions):
     init_std: float = field(default=0.02, metadata={"help": "std of weight init (Linear, Embedding, u, v)"})
     proj_init_std: float = field(default=0.01, metadata={"help": "std of the adaptive projections' init"})
     attn_impl: ChoiceEnum(IMPLS) = field(
-        default="auto", metadata={"help": "relative attention kernel: auto (sdpa), sdpa, shift, naive"})
+        default="auto", metadata={"help": "relative attention kernel: auto (blocked on CPU from 256 queries, else "
+                                          "sdpa), blocked, sdpa, shift, naive, flex"})
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 

@@ -296,6 +296,31 @@ def test_kernels_agree_in_the_model_with_gradients(impl):
         assert_close(g, rg)
 
 
+@pytest.mark.parametrize("same_length", [False, True])
+def test_auto_runs_query_blocks_from_256_queries_equal_to_naive_with_gradients(same_length, monkeypatch):
+    """Two segments of 300 after a memory of 100 (the window cuts the front of later blocks with --same-length):
+    ``auto`` runs the CPU query blocks, equal to ``naive`` in outputs and every gradient."""
+    import fairseq_ext.ops.xl_relative as xl
+
+    model = make(("--mem-len", "100", "--dropout", "0.0", *(["--same-length"] if same_length else [])),
+                 tokens_per_sample=300).train()
+    x = tokens(2, 600)
+    params = list(model.decoder.layers.parameters())
+    ref, _ = stream_segments(model.decoder, x, (300, 300))
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), params)
+    calls = []
+    blocked = xl._KERNELS["blocked"]
+    monkeypatch.setitem(xl._KERNELS, "blocked", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    for layer in model.decoder.layers:
+        layer.self_attn.attn_impl = "auto"
+    out, _ = stream_segments(model.decoder, x, (300, 300))
+    grads = torch.autograd.grad(out.pow(2).sum(), params)
+    assert len(calls) == 4  # 2 layers x 2 segments
+    assert_close(out, ref)
+    for g, rg in zip(grads, ref_grads):
+        assert_close(g, rg)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,match", [
     (["--mem-len", "-1"], "mem-len"),

@@ -1,5 +1,5 @@
 """Transformer-XL relative attention: the relative shift equals a gather of r_{i+M-j} for every visible (i, j);
-the fast forms (shift, sdpa) equal the naive reference and a brute-force per-query loop in outputs and
+the fast forms (shift, sdpa, blocked) equal the naive reference and a brute-force per-query loop in outputs and
 gradients (float64, odd sizes, with and without memory, same_length windows). Spec §14 checks 1 and 5."""
 import math
 
@@ -12,7 +12,9 @@ from fairseq_ext.ops.xl_relative import (
     same_length_window,
     xl_attention_mask,
     xl_relative_attention,
+    xl_relative_attention_blocked,
 )
+from fairseq_ext.ops.xl_relative.blocked import block_ranges
 from tests.harness import assert_close, assert_same_grads
 
 SIZES = [(4, 0), (4, 3), (5, 7), (1, 6), (3, 0)]  # (qlen, mlen)
@@ -88,6 +90,39 @@ def test_fast_forms_match_naive_with_gradients(impl, t, m, window):
                       lambda: xl_relative_attention(*inputs, window=window, impl="naive"), inputs)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("t,m", SIZES + [(11, 5), (9, 0)])
+@pytest.mark.parametrize("window", [None, 1, 3, 6])
+def test_blocked_matches_naive_with_gradients(rows, t, m, window):
+    """Query blocks of ``rows`` (several per call, a short last one) over the keys their rows see, windows cutting
+    keys off the front of later blocks."""
+    inputs = [x.requires_grad_() for x in _inputs(2, 3, t, m, 5, seed=t * 10 + m)]
+    assert_same_grads(lambda: xl_relative_attention_blocked(*inputs, window=window, rows=rows),
+                      lambda: xl_relative_attention(*inputs, window=window, impl="naive"), inputs)
+
+
+def test_blocked_keys_per_block_are_those_its_rows_see():
+    """T 5 queries after M 4, rows of 2, window 3: keys [lo, e) of each block are the union of its rows'."""
+    visible = ~xl_attention_mask(5, 9, 3)
+    for a, b, lo, e in block_ranges(5, 9, 2, 3):
+        seen = visible[a:b].any(0).nonzero().flatten()
+        assert (lo, e) == (seen.min().item(), seen.max().item() + 1)
+    assert [x[:2] for x in block_ranges(5, 9, 2)] == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_auto_runs_blocked_on_cpu_from_256_queries(monkeypatch):
+    import fairseq_ext.ops.xl_relative as xl
+
+    assert xl.select_impl("auto", 256) == "blocked" and xl.select_impl("auto", 255) == "sdpa"
+    assert xl.select_impl("auto", 4096, torch.device("cuda")) == "sdpa"
+    assert xl.select_impl("sdpa", 4096) == "sdpa"
+    calls = []
+    monkeypatch.setitem(xl._KERNELS, "blocked", lambda *a, **k: calls.append(a[0].size(2)) or a[0])
+    q, k, v, r, u, w = _inputs(1, 1, 256, 3, 2, dtype=torch.float32)
+    xl_relative_attention(q, k, v, r, u, w)
+    assert calls == [256]
+
+
 def test_same_length_counts_visible_keys():
     """Spec §14.5: mem_len 4, full memory, qlen 3: 4 keys per query (original), 5 (NVIDIA)."""
     for convention, expected in (("original", 4), ("nvidia", 5)):
@@ -117,7 +152,7 @@ def test_same_length_without_memory_is_an_error():
         same_length_window(0, "original")
 
 
-@pytest.mark.parametrize("impl", ["shift", "sdpa"])
+@pytest.mark.parametrize("impl", ["shift", "sdpa", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_has_no_nan_with_narrow_windows(impl, dtype):
     """Spec §14.12: rows with the fewest visible keys (window 1: only the query itself) stay finite."""
@@ -137,6 +172,8 @@ def test_errors():
         xl_relative_attention(q, k, v, r[:, 1:], u, w)
     with pytest.raises(ValueError, match="keys"):
         xl_relative_attention(k, q, q, r, u, w)
+    with pytest.raises(ValueError, match="block rows must be >= 1"):
+        xl_relative_attention_blocked(q, k, v, r, u, w, rows=0)
 
 
 @pytest.mark.parametrize("t,s", [(1, 1), (1, 4), (3, 3), (4, 7), (5, 9)])
