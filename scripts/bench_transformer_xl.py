@@ -69,7 +69,7 @@ from benchrow import STREAM_TASK, FairseqRow, dtype_flags, zipf_tokens  # noqa: 
 import fairseq_ext  # noqa: E402,F401  (registers transformer_xl_lm, streaming_lm, lm_loss)
 from fairseq_ext.criterions.lm_loss import nll_sum  # noqa: E402
 
-OURS = ("sdpa", "shift", "naive")
+OURS = ("sdpa", "blocked", "shift", "naive")
 IMPLS = OURS + ("original",)
 DEFAULT_IMPLS = ("sdpa", "shift", "original")
 DEFAULT_ARCHS = ("transformer_xl_tiny", "transformer_xl_wiki103_nvidia_base")
