@@ -70,8 +70,8 @@ class ComposedLMConfig(CompileOptions):
     fwp_chunk_size: int = field(default=64, metadata={"help": "chunk size of the chunkwise-parallel fast weights"})
     fwp_impl: ChoiceEnum(FW_IMPLS) = field(default="auto", metadata={"help": "fast-weight kernel"})
     attn_impl: ChoiceEnum(ATTN_IMPLS) = field(default="auto", metadata={
-        "help": "softmax attention kernel (ops/biased_attention); auto also runs plain ALiBi layers (no span, "
-                "persistent slots or window) on alibi_lm's ops/alibi kernel"})
+        "help": "softmax attention kernel (ops/biased_attention); auto also runs plain ALiBi / Transformer-XL layers "
+                "(no span, persistent slots or window) on their family's ops/alibi / ops/xl_relative kernel"})
     adaptive_softmax_cutoff: Optional[str] = field(
         default=None, metadata={"help": "comma-separated adaptive input/softmax cutoffs; default: full softmax"})
     adaptive_softmax_factor: int = field(default=1, metadata={"help": "div_val of the adaptive clusters"})

@@ -116,15 +116,17 @@ def test_window_source_is_invariant_to_segmentation_and_caches_w_keys():
     assert not torch.allclose(stream_segments(memory.decoder, x, [3, 9, 5])[0], parts)
 
 
+@pytest.mark.parametrize("position", ["alibi", "xl"])
 @pytest.mark.parametrize("source", ["memory", "segment"])
-def test_alibi_layers_run_alibi_lm_kernel_equal_to_the_biased_reference(source, monkeypatch):
-    """--attn-impl auto sends plain ALiBi layers to ops.alibi (on CPU in training, T >= 256: causal query blocks
-    over [memory ; segment], no (T, S) tensor); outputs and every gradient equal ops.biased_attention's naive form
-    (float64, two segments of 300: the second over 100 carried memory rows)."""
+def test_relative_layers_run_their_family_kernel_equal_to_the_biased_reference(position, source, monkeypatch):
+    """--attn-impl auto sends plain ALiBi / Transformer-XL layers to ops.alibi / ops.xl_relative (on CPU in
+    training, T >= 256: causal query blocks over [memory ; segment]); outputs and every gradient equal
+    ops.biased_attention's naive form (float64, two segments of 300: the second over 100 carried memory rows)."""
     import fairseq_ext.modules.composed.softmax_mixer as mixer
     import fairseq_ext.ops.alibi as alibi_ops
+    import fairseq_ext.ops.xl_relative as xl_ops
 
-    flags = ["--mixer", "softmax,delta", "--position", "alibi,none", "--source", source, "--mem-len", "100",
+    flags = ["--mixer", "softmax,delta", "--position", f"{position},none", "--source", source, "--mem-len", "100",
              "--tokens-per-sample", "300"]
     naive, auto = composed(*flags, "--attn-impl", "naive"), composed(*flags)
     auto.load_state_dict(naive.state_dict())
@@ -132,12 +134,13 @@ def test_alibi_layers_run_alibi_lm_kernel_equal_to_the_biased_reference(source, 
     expected, _ = stream_segments(naive.train().decoder, x, [300, 300])
     expected.pow(2).sum().backward()
     blocked_calls = []
-    blocked = alibi_ops._KERNELS["blocked"]
-    monkeypatch.setitem(alibi_ops._KERNELS, "blocked", lambda *a, **k: blocked_calls.append(1) or blocked(*a, **k))
+    kernels = (alibi_ops if position == "alibi" else xl_ops)._KERNELS
+    blocked = kernels["blocked"]
+    monkeypatch.setitem(kernels, "blocked", lambda *a, **k: blocked_calls.append(1) or blocked(*a, **k))
     monkeypatch.setattr(mixer, "biased_attention", lambda *a, **k: pytest.fail("auto built the (T, S) terms"))
     actual, _ = stream_segments(auto.train().decoder, x, [300, 300])
     actual.pow(2).sum().backward()
-    assert len(blocked_calls) == 2  # one ALiBi layer of the two, two segments
+    assert len(blocked_calls) == 2  # one softmax layer of the two, two segments
     assert_close(actual, expected)
     for (name, a), b in zip(auto.named_parameters(), naive.parameters()):
         assert (a.grad is None) == (b.grad is None), name

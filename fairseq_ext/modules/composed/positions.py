@@ -5,8 +5,9 @@
 * ``score_terms(q, distance)``: relative schemes return the query of the content term and an additive logit bias
   for queries against keys at ``distance`` (T, S) = query position - key position (negative: a future key).
 * ``attend(q, k, v, before, dropout_p)``: a scheme's own kernel for plain causal attention over a context and the
-  segment, or None. ALiBi's is ``alibi_lm``'s (``ops.alibi``), which forms no (T, S) tensor on CPU; the mixer uses
-  it when nothing else shapes the scores (no span, no persistent slots, no window) and ``--attn-impl auto``.
+  segment, or None. ALiBi's is ``alibi_lm``'s (``ops.alibi``), which forms no (T, S) tensor on CPU, and
+  Transformer-XL's ``transformer_xl_lm``'s (``ops.xl_relative``: causal query blocks on CPU); the mixer uses them
+  when nothing else shapes the scores (no span, no persistent slots, no window) and ``--attn-impl auto``.
 
 Schemes:
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from fairseq_ext.modules.positional.alibi import AlibiPositionalBias
 from fairseq_ext.modules.positional.descending_sinusoid import DescendingSinusoid
 from fairseq_ext.ops.alibi import alibi_attention
+from fairseq_ext.ops.xl_relative import xl_relative_attention
 
 ABSOLUTE = ("sinusoidal", "descending")
 RELATIVE = ("alibi", "xl")
@@ -118,6 +120,16 @@ class XLRelativePosition(PositionTerm):
         index = distance.clamp(0, far - 1).expand(b, h, t, -1)  # (B, H, T, S)
         bias = torch.gather(by_distance, 3, index) / math.sqrt(d)  # (B, H, T, S), scaled as the content term
         return q + self.content_bias[:, None, :], bias
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, before: int, dropout_p: float) -> Optional[Tensor]:
+        """``transformer_xl_lm``'s kernel choice (``ops.xl_relative``, ``auto``: causal query blocks on CPU from 256
+        queries, else SDPA with the shifted position scores as its bias), the encodings in its layout."""
+        b, h, t, d = q.shape
+        s = k.size(2)
+        encodings = self.sinusoid(torch.arange(s - 1, -1, -1, device=q.device), dtype=q.dtype)  # (S, C): S-1 .. 0
+        r = self.r_proj(encodings).view(s, h, d).transpose(0, 1)  # (H, S, D), row c = distance S - 1 - c
+        return xl_relative_attention(q, k, v, r, self.content_bias, self.position_bias, dropout_p=dropout_p,
+                                     impl="auto")  # (B, H, T, D)
 
 
 _BUILDERS = {

@@ -1,7 +1,8 @@
 """Softmax attention mixer of the composed core: one position term, one key/value source, optional persistent
 slots and an optional adaptive-span soft mask, all reduced to one ``ops.biased_attention`` call -- or, when the
 scores are plain causal attention over [context ; segment] with ``--attn-impl auto``, the position term's own
-kernel (ALiBi: ``alibi_lm``'s ``ops.alibi``, which on CPU forms no (T, S) tensor).
+kernel (ALiBi: ``alibi_lm``'s ``ops.alibi``; Transformer-XL: ``transformer_xl_lm``'s ``ops.xl_relative``), which on
+CPU run causal query blocks instead of (T, S) tensors of the whole segment.
 
     q = W_q x,  [k ; v] = source(x)                         (bias-free projections, one qkv tensor)
     q_c, b_ij = position.score_terms(q, i - j)              (ALiBi / Transformer-XL terms, or q, 0)
