@@ -101,6 +101,49 @@ def test_blocked_matches_naive_with_gradients(rows, t, m, window):
                       lambda: xl_relative_attention(*inputs, window=window, impl="naive"), inputs)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_recomputed_blocks_match_naive_with_gradients(window):
+    inputs = [x.requires_grad_() for x in _inputs(2, 3, 11, 5, 5, seed=7)]
+    assert_same_grads(lambda: xl_relative_attention_blocked(*inputs, window=window, rows=3, recompute=True),
+                      lambda: xl_relative_attention(*inputs, window=window, impl="naive"), inputs)
+
+
+def test_recomputed_blocks_redraw_the_same_dropout():
+    """Checkpointing restores the RNG state: with dropout, recomputed and kept blocks give the same outputs and
+    gradients from the same seed."""
+    inputs = [x.requires_grad_() for x in _inputs(2, 3, 11, 5, 5, seed=3)]
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        out = xl_relative_attention_blocked(*inputs, rows=4, dropout_p=0.3, recompute=recompute)
+        results.append((out, torch.autograd.grad(out.pow(2).sum(), inputs)))
+    (out0, grads0), (out1, grads1) = results
+    assert not torch.equal(out0, xl_relative_attention(*inputs, impl="naive"))  # dropout did apply
+    assert_close(out1, out0)
+    for g1, g0 in zip(grads1, grads0):
+        assert_close(g1, g0)
+
+
+def test_blocks_are_recomputed_only_past_the_saved_budget_with_gradients(monkeypatch):
+    import fairseq_ext.ops.xl_relative.blocked as blocked
+
+    q, k, v, r, u, w = _inputs(1, 2, 6, 3, 4)
+    assert blocked.saved_bytes(q, 9, 4) == 1 * 2 * 8 * (4 * 7 + 2 * 9)  # blocks [0, 4) over 7 keys, [4, 6) over 9
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    needs_grad = [x.requires_grad_() for x in (q, k, v, r, u, w)]
+    monkeypatch.setattr(blocked, "SAVED_BUDGET", blocked.saved_bytes(q, 9, 4))
+    blocked.xl_relative_attention_blocked(*needs_grad, rows=4)
+    assert calls == []  # at the budget: kept
+    monkeypatch.setattr(blocked, "SAVED_BUDGET", blocked.saved_bytes(q, 9, 4) - 1)
+    blocked.xl_relative_attention_blocked(*needs_grad, rows=4)
+    assert len(calls) == 2  # past it: both blocks recomputed
+    with torch.no_grad():
+        blocked.xl_relative_attention_blocked(*needs_grad, rows=4)
+    assert len(calls) == 2  # nothing to keep without a gradient
+
+
 def test_blocked_keys_per_block_are_those_its_rows_see():
     """T 5 queries after M 4, rows of 2, window 3: keys [lo, e) of each block are the union of its rows'."""
     visible = ~xl_attention_mask(5, 9, 3)
