@@ -26,7 +26,7 @@ runs again in the backward.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.utils.checkpoint
@@ -38,7 +38,8 @@ BLOCK_ROWS = 128  # query rows per block: fastest or within noise at T = M = 512
 SAVED_BUDGET = 1 << 30  # bytes of probabilities kept for the backward past which blocks are recomputed
 
 
-def block_ranges(q_len: int, k_len: int, rows: int, window: Optional[int] = None):
+def block_ranges(q_len: int, k_len: int, rows: int,
+                 window: Optional[int] = None) -> Iterator[Tuple[int, int, int, int]]:
     """For T = ``q_len`` queries over S = ``k_len`` keys: (a, b, lo, e) per block of at most ``rows`` queries: rows
     [a, b) see keys [lo, e) only."""
     mem = k_len - q_len
