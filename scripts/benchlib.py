@@ -177,7 +177,8 @@ def unfragmented_heap() -> Iterator[None]:
     tensors, so a freed tensor's space cannot merge with its neighbours, and a kernel whose blocks grow (ALiBi's
     ``blocked`` query blocks over more and more keys) takes new space each time: one profiled ALiBi step at T = 16k
     reached 17.8 GB resident against 2.4 GB unprofiled (and 1.7 GB of live tensors), so the bench's 20 GB cap
-    failed it. Inside this context every block over 1 MiB is its own mapping, returned when freed; on leaving, the
+    failed it. Inside this context a block over 1 MiB that needs new memory gets its own mapping, returned when
+    freed, instead of growing the heap (free heap space still serves blocks that fit it); on leaving, the
     thresholds are set to the values glibc's dynamic rule settles at (32 / 64 MiB), so the timed steps run as in an
     unprofiled process. A no-op without glibc or when ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are
     set (the user chose the allocator's behaviour)."""
