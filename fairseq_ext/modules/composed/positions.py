@@ -111,11 +111,15 @@ class XLRelativePosition(PositionTerm):
         self.content_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # u
         self.position_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # v
 
+    def _projected(self, distances: Tensor, dtype: torch.dtype) -> Tensor:
+        """W_R R for the given distances (S,) -> (H, S, D)."""
+        encodings = self.sinusoid(distances, dtype=dtype)  # (S, C)
+        return self.r_proj(encodings).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, S, D)
+
     def score_terms(self, q: Tensor, distance: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         b, h, t, d = q.shape
         far = int(distance.size(1))  # distances 0 .. S-1 cover every visible key
-        encodings = self.sinusoid(torch.arange(far, device=q.device), dtype=q.dtype)  # (S, C)
-        r = self.r_proj(encodings).view(far, h, d).transpose(0, 1)  # (H, S, D)
+        r = self._projected(torch.arange(far, device=q.device), q.dtype)  # (H, S, D), row c = distance c
         by_distance = torch.matmul(q + self.position_bias[:, None, :], r.transpose(1, 2))  # (B, H, T, S_dist)
         index = distance.clamp(0, far - 1).expand(b, h, t, -1)  # (B, H, T, S)
         bias = torch.gather(by_distance, 3, index) / math.sqrt(d)  # (B, H, T, S), scaled as the content term
@@ -124,10 +128,8 @@ class XLRelativePosition(PositionTerm):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, before: int, dropout_p: float) -> Optional[Tensor]:
         """``transformer_xl_lm``'s kernel choice (``ops.xl_relative``, ``auto``: causal query blocks on CPU from 256
         queries, else SDPA with the shifted position scores as its bias), the encodings in its layout."""
-        b, h, t, d = q.shape
         s = k.size(2)
-        encodings = self.sinusoid(torch.arange(s - 1, -1, -1, device=q.device), dtype=q.dtype)  # (S, C): S-1 .. 0
-        r = self.r_proj(encodings).view(s, h, d).transpose(0, 1)  # (H, S, D), row c = distance S - 1 - c
+        r = self._projected(torch.arange(s - 1, -1, -1, device=q.device), q.dtype)  # (H, S, D), row c: S - 1 - c
         return xl_relative_attention(q, k, v, r, self.content_bias, self.position_bias, dropout_p=dropout_p,
                                      impl="auto")  # (B, H, T, D)
 
