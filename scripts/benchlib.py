@@ -154,14 +154,14 @@ def lm_sample(tokens: Tensor, device: torch.device) -> Result:
 # ====================================================================================================================
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-PROFILED_MMAP_THRESHOLD = 1 << 20  # bytes: while profiling, every larger block is its own mapping
+PROFILED_MMAP_THRESHOLD = 1 << 20  # bytes: while profiling, a larger block needing new memory is its own mapping
 STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's dynamic threshold ends here (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) ...
 STEADY_TRIM_THRESHOLD = 64 << 20  # ... and its trim threshold at twice that
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def glibc() -> Optional[ctypes.CDLL]:
-    """The C library when it is glibc (``mallopt`` and ``mallinfo2`` available), else None."""
+    """The C library when it is glibc with ``mallopt``, else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     libc = ctypes.CDLL("libc.so.6")

@@ -19,10 +19,10 @@ Forward + backward of the op at B 4, H 8, D 32 on the 2-core CPU: T = M = 512 28
 With dropout each block draws its own mask (the distribution of one full draw).
 
 Memory: the math path keeps each block's (B, H, n, e - lo) probabilities for the backward, about B H T (M + T/2)
-values at M = T (16.9 GB of peak training memory at T = M = 8,192 in ``bench.py``'s sweep). Once that estimate
-(``saved_bytes``) passes ``SAVED_BUDGET``, each block runs under ``torch.utils.checkpoint`` (non-reentrant, the RNG
-state restored, so the recomputed dropout draws are the same): only the block's inputs are kept, and its forward
-runs again in the backward.
+values at M = T (16.9 GB of peak training memory at T = M = 8,192, ``bench.py`` with the sweep's flags, before this
+rule; 1.1 GB with it). Once that estimate (``saved_bytes``) passes ``SAVED_BUDGET``, each block runs under
+``torch.utils.checkpoint`` (non-reentrant, the RNG state restored, so the recomputed dropout draws are the same):
+only the block's inputs are kept, and its forward runs again in the backward.
 """
 from __future__ import annotations
 
