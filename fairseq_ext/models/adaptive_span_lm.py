@@ -89,10 +89,9 @@ class AdaptiveSpanConfig(CompileOptions):
                                         "20000,40000,200000); default: full softmax, untied"})
     adaptive_softmax_factor: int = field(default=4, metadata={"help": "div_val of the adaptive input/softmax"})
     attn_impl: ChoiceEnum(IMPLS) = field(
-        default="auto", metadata={"help": "attention kernel: auto (fused on CPU in fp32/fp64 without persistent "
-                                          "memory once the scores reach 8 MiB; else blocked when the window is "
-                                          "shorter than the segment, else skew), skew, blocked, fused, naive "
-                                          "(reference), flex"})
+        default="auto", metadata={"help": "attention kernel: auto (fused on CPU in fp32/fp64 once the scores "
+                                          "reach 8 MiB; else blocked when the window is shorter than the "
+                                          "segment, else skew), skew, blocked, fused, naive (reference), flex"})
 
 
 @torch.no_grad()
@@ -200,7 +199,7 @@ class AdaptiveSpanDecoder(CoreDecoder):
             span = layer.self_attn.window().span
             attn = layer.self_attn
             impl = select_impl(attn.impl, span, length, device_type=self.key_pe.device.type, dtype=self.key_pe.dtype,
-                               persistent=attn.pers_key is not None, batch_heads=batch * heads)
+                               batch_heads=batch * heads)
             rows = block_rows(length) if impl in ("blocked", "fused") else length
             total += 2 * batch * heads * length * d * (2 * (span + rows) + span)
         return total / 1e9

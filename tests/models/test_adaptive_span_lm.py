@@ -154,7 +154,8 @@ def test_segments_longer_than_the_window_run_banded_and_equal_the_reference(impl
 
 @pytest.mark.parametrize("extra,z", [(["--adapt-span-layer"], [[0.2], [0.05]]), (["--fixed-span"], None),
                                      (["--no-adapt-span-cache"], Z), (["--pers-mem-size", "5"], Z),
-                                     (["--pers-mem-size", "3", "--fixed-span"], None)])
+                                     (["--pers-mem-size", "3", "--fixed-span"], None),
+                                     (["--pers-mem-size", "5", "--attn-impl", "fused"], Z)])
 def test_variants_equal_reference(extra, z):
     model = make(extra, span=70 if "--fixed-span" in extra else 200, z=z)
     x = tokens(2, 40)

@@ -8,7 +8,7 @@ multiplies the softmax (context part only) and the row is renormalised jointly w
 The renormalisation a / (sum a + eps), eps = 1e-8 as the original, makes the result depend on the unmasked softmax
 mass: trimmed and untrimmed windows (or the log-mask bias form) agree to ~eps / mass relative, exactly with eps = 0.
 
-``impl="auto"`` picks ``fused`` on CPU in float32 / float64 without persistent memory when the scores are large
+``impl="auto"`` picks ``fused`` on CPU in float32 / float64 when the scores are large
 (``select_impl``); elsewhere ``blocked`` when the window is shorter than the segment (L < M: short spans, e.g. the
 start of training, where the skew layout's (M, M + L) products are mostly wasted) and ``skew`` otherwise, each choice
 logged once; ``skew`` is the original skew layout as zero-copy strided index maps; ``blocked`` is that layout per
@@ -72,16 +72,17 @@ FUSED_MIN_BYTES = 8 << 20  # skew's (B H, M, L + M) scores from this size on: fu
 
 
 def select_impl(impl: str, window: int, segment: int, *, device_type: str = "cpu",
-                dtype: torch.dtype = torch.float32, persistent: bool = False, batch_heads: int = 1) -> str:
+                dtype: torch.dtype = torch.float32, batch_heads: int = 1) -> str:
     """The kernel ``adaptive_span_attention`` runs: an explicit ``impl`` as given (validated); ``auto`` -> ``fused``
-    on CPU in float32 / float64 without persistent memory once the skew layout's (B H, M, L + M) scores reach
-    ``FUSED_MIN_BYTES`` (fused.py keeps each head group's steps in cache: the op 1.3-2.3x faster than ``skew`` at
-    B 8, H 4, M 256, L 320-1024; below that size everything fits the cache and fused's loop costs more, 0.87x skew in
-    training at B 1, H 4, M 256, L 1024); otherwise ``blocked`` when the window L is shorter than the segment M
-    (there it does M (R + L) instead of M (M + L) work: the op, forward and backward, 1.6-2.3x faster on CPU at
-    L 64, M 256-512), else ``skew`` (at L >= M the blocks' overlapping key windows cost about as much as the work
-    they save)."""
-    if (impl == "auto" and device_type == "cpu" and dtype in FUSED_DTYPES and not persistent
+    on CPU in float32 / float64 once the skew layout's (B H, M, L + M) scores reach ``FUSED_MIN_BYTES`` (fused.py
+    keeps each head group's steps in cache: the op 1.3-2.3x faster than ``skew`` at B 8, H 4, M 256, L 320-1024;
+    with N = 1,024 persistent slots 1.7x ``skew`` at B 2, H 4, M 256, L 1,024 and 2.0x ``blocked`` at B 2, H 8,
+    M 512, L 64; below that size everything fits the cache and fused's loop costs more: 0.87x skew in training at
+    B 1, H 4, M 256, L 1024, 0.88x blocked at B 1, H 4, M 256, L 64, N 1,024); otherwise ``blocked`` when the window
+    L is shorter than the segment M (there it does M (R + L) instead of M (M + L) work: the op, forward and
+    backward, 1.6-2.3x faster on CPU at L 64, M 256-512), else ``skew`` (at L >= M the blocks' overlapping key
+    windows cost about as much as the work they save)."""
+    if (impl == "auto" and device_type == "cpu" and dtype in FUSED_DTYPES
             and batch_heads * segment * (window + segment) * torch.finfo(dtype).bits // 8 >= FUSED_MIN_BYTES):
         return _resolve_cpu(impl)
     if impl == "auto" and window < segment:
@@ -110,8 +111,7 @@ def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, key_pe: Tensor, spa
         raise ValueError("persistent memory needs both pers_k and pers_v")
     if pers_k is not None and pers_k.size(-1) != pers_v.size(-2):
         raise ValueError(f"pers_k has {pers_k.size(-1)} slots, pers_v {pers_v.size(-2)}")
-    kernel = select_impl(impl, span, m, device_type=q.device.type, dtype=q.dtype, persistent=pers_k is not None,
-                         batch_heads=q.size(0) * q.size(1))
+    kernel = select_impl(impl, span, m, device_type=q.device.type, dtype=q.dtype, batch_heads=q.size(0) * q.size(1))
     return _KERNELS[kernel](q, k, v, key_pe, span_mask, pers_k, pers_v, dropout_p=dropout_p, renorm=renorm, eps=eps)
 
 

@@ -188,8 +188,7 @@ def brute_force(stream_q, stream_k, stream_v, key_pe, z, max_span, ramp, pers_k=
     return out
 
 
-@pytest.mark.parametrize("impl,n", [(impl, n) for impl in ("naive", "skew", "blocked") for n in (0, 3)]
-                         + [("fused", 0)])  # fused has no persistent memory
+@pytest.mark.parametrize("impl,n", [(impl, n) for impl in ("naive", "skew", "blocked", "fused") for n in (0, 3)])
 def test_blocks_with_carried_cache_equal_brute_force_stream(impl, n):
     """Spec check 1: a stream of 10 positions in blocks of M = 3 (last block 1), cache = the previous L = 4 keys
     (zeros at the stream start), equals the per-position brute force to 1e-10 in fp64."""
@@ -264,11 +263,11 @@ def test_block_rows_are_the_largest_divisor_in_range_else_one_block():
 
 
 def test_auto_is_blocked_only_when_the_window_is_shorter_than_the_segment():
-    """Where ``fused`` does not apply (CUDA, persistent memory; CPU fp32 is test_fused.py's)."""
+    """Where ``fused`` does not apply (CUDA, small scores; CPU fp32 at 8 MiB is test_fused.py's)."""
     assert select_impl("auto", 64, 256, device_type="cuda") == "blocked"
-    assert select_impl("auto", 64, 256, persistent=True) == "blocked"
+    assert select_impl("auto", 64, 256) == "blocked"
     assert select_impl("auto", 256, 256, device_type="cuda") == "skew"
-    assert select_impl("auto", 1024, 256, persistent=True) == "skew"
+    assert select_impl("auto", 1024, 256) == "skew"
     assert select_impl("skew", 64, 256) == "skew" and select_impl("blocked", 1024, 256) == "blocked"
 
 

@@ -1,7 +1,7 @@
 """The fused CPU adaptive-span attention (ops/adaptive_span/fused.py) == the naive gather in outputs and in the
-gradients of q, k, v, key_pe and the spans (float64, odd sizes, several head groups and query blocks, shared and
-per-head position embeddings, per-head and per-layer spans, with and without renormalisation); trimmed == full
-window; skew's dropout draws; auto's choice; errors that name the fix. (The carried-cache stream == the brute force:
+gradients of q, k, v, key_pe, the spans and the persistent vectors (float64, odd sizes, several head groups and query
+blocks, shared and per-head position embeddings, per-head and per-layer spans, with and without renormalisation and
+persistent slots); trimmed == full window; skew's dropout draws; auto's choice; errors that name the fix. (The carried-cache stream == the brute force:
 test_adaptive_span_ops.py.)"""
 import pytest
 import torch
@@ -51,6 +51,25 @@ def test_fused_matches_naive_with_gradients(small_tiles, m, span, rows, masked, 
         assert grad_z.abs().sum() > 0
 
 
+@pytest.mark.parametrize("m,span,n,rows", [(48, 5, 7, 16), (33, 40, 3, 11), (7, 9, 1, 7), (12, 4, 20, 1)])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("pe_per_head", [False, True])
+def test_fused_with_persistent_slots_matches_naive_with_gradients(small_tiles, m, span, n, rows, masked, pe_per_head):
+    """All-attention: N slots share the softmax and the renormalisation, unmasked; the gradients of the stored
+    persistent keys and values (scaled by sqrt(D), sqrt(N) in use) included."""
+    q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, m, span, 4, n, seed=m + n, pe_per_head=pe_per_head)
+    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, pers_k, pers_v, z)]
+    assert group_size(6, rows, rows + span + n, 8) < 6  # several head groups
+
+    def run(impl):
+        mask = adaptive_span_mask(z, span, 2) if masked else None
+        if impl == "fused":
+            return adaptive_span_attention_fused(q, k, v, key_pe, mask, pers_k, pers_v, rows=rows)
+        return adaptive_span_attention(q, k, v, key_pe, mask, pers_k, pers_v, impl=impl)
+
+    assert_same_grads(lambda: run("fused"), lambda: run("naive"), inputs if masked else inputs[:6])
+
+
 @pytest.mark.parametrize("m,span", [(5, 7), (16, 9)])
 def test_fused_per_head_key_pe(small_tiles, m, span):
     q, k, v, key_pe, z, _, _ = _inputs(2, 3, m, span, 4, seed=7, pe_per_head=True)
@@ -72,33 +91,34 @@ def test_fused_trimmed_window_equals_full_window():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_fused_draws_skews_dropout_mask(small_tiles, dtype):
-    """The same seed drops the same weights as the skew path (one (B, H, M, L) draw before the group loop), and
+@pytest.mark.parametrize("n", [0, 3])
+def test_fused_draws_skews_dropout_mask(small_tiles, dtype, n):
+    """The same seed drops the same weights as the skew path (one (B, H, M, L + N) draw before the group loop), and
     the gradients follow the dropped weights."""
-    q, k, v, key_pe, z, _, _ = _inputs(2, 3, 16, 5, 4, dtype=dtype)
-    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, z)]
+    q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, 16, 5, 4, n, dtype=dtype)
+    inputs = [x.requires_grad_() for x in (q, k, v, key_pe, z) + ((pers_k, pers_v) if n else ())]
     outs = []
     for impl in ("skew", "fused"):
         def run(impl=impl):
             torch.manual_seed(11)
-            return adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 5, 2), dropout_p=0.3, impl=impl)
+            return adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 5, 2), pers_k, pers_v,
+                                           dropout_p=0.3, impl=impl)
         outs.append(run)
     tol = {} if dtype == F64 else {"atol": 1e-5, "rtol": 1e-5}
     assert_same_grads(outs[1], outs[0], inputs, **tol)
     torch.manual_seed(11)
     assert not torch.allclose(outs[1](), adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 5, 2),
-                                                                  impl="fused"))
+                                                                  pers_k, pers_v, impl="fused"))
 
 
-def test_auto_picks_fused_on_cpu_for_large_scores_without_persistent_memory():
+def test_auto_picks_fused_on_cpu_for_large_scores():
     """fused from 8 MiB of (B H, M, L + M) scores on: B 8, H 4, M 256 at L 64 (10.5 MB) and L 1024 (42 MB), not at
-    B 1 (1.3 / 5.2 MB, where it was 0.87x skew in training)."""
+    B 1 (1.3 / 5.2 MB, where it was 0.87x skew in training); persistent memory does not change the choice."""
     assert FUSED_MIN_BYTES == 8 << 20
     assert select_impl("auto", 64, 256, batch_heads=32) == "fused"
     assert select_impl("auto", 1024, 256, batch_heads=32, dtype=F64) == "fused"
     assert select_impl("auto", 64, 256, batch_heads=4) == "blocked"
     assert select_impl("auto", 1024, 256, batch_heads=4) == "skew"
-    assert select_impl("auto", 64, 256, batch_heads=32, persistent=True) == "blocked"
     assert select_impl("auto", 1024, 256, batch_heads=32, dtype=torch.bfloat16) == "skew"
     assert select_impl("auto", 64, 256, batch_heads=32, device_type="cuda") == "blocked"
     assert select_impl("skew", 64, 256, batch_heads=32) == "skew"
@@ -113,8 +133,8 @@ def test_group_size_fills_the_tile_budget():
 
 def test_fused_errors_name_the_fix():
     q, k, v, key_pe, z, pers_k, pers_v = _inputs(1, 2, 6, 4, 4, 3)
-    with pytest.raises(ValueError, match="no persistent memory.*--attn-impl skew or blocked"):
-        adaptive_span_attention(q, k, v, key_pe, adaptive_span_mask(z, 4, 2), pers_k, pers_v, impl="fused")
+    with pytest.raises(ValueError, match="persistent memory needs both pers_k and pers_v"):
+        adaptive_span_attention_fused(q, k, v, key_pe, adaptive_span_mask(z, 4, 2), pers_k)
     with pytest.raises(ValueError, match="float32 / float64.*--attn-impl skew"):
         adaptive_span_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_pe.bfloat16(), impl="fused")
     with pytest.raises(ValueError, match="4 rows per block do not divide the 6 queries"):
@@ -122,12 +142,14 @@ def test_fused_errors_name_the_fix():
 
 
 @pytest.mark.parametrize("renorm", [True, False])
-def test_fused_without_gradients_equals_the_training_forward(small_tiles, renorm):
+@pytest.mark.parametrize("n", [0, 3])
+def test_fused_without_gradients_equals_the_training_forward(small_tiles, renorm, n):
     """Under no_grad nothing is stored for a backward; the output is the same."""
-    q, k, v, key_pe, z, _, _ = _inputs(2, 3, 16, 5, 4)
+    q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, 16, 5, 4, n)
     z.requires_grad_()
     mask = adaptive_span_mask(z, 5, 2)
-    with_grad = adaptive_span_attention_fused(q, k, v, key_pe, mask, renorm=renorm)
+    with_grad = adaptive_span_attention_fused(q, k, v, key_pe, mask, pers_k, pers_v, renorm=renorm)
     assert with_grad.requires_grad
     with torch.no_grad():
-        assert_close(adaptive_span_attention_fused(q, k, v, key_pe, mask, renorm=renorm), with_grad.detach())
+        assert_close(adaptive_span_attention_fused(q, k, v, key_pe, mask, pers_k, pers_v, renorm=renorm),
+                     with_grad.detach())
