@@ -133,6 +133,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="every row in this process (default: a fresh "
                                                               "subprocess per row and run)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per row and run (subprocesses)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: one table, JSON and plot (in --out) from earlier runs' bench.json files of the "
+                        "same device, precision, vocabulary and streams; a row (model, T) that ran ok in a later "
+                        "file replaces the earlier one (e.g. lengths rerun alone with a longer --timeout)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one row index, JSON result
     return p
 
@@ -344,15 +348,19 @@ def mfu(row: Result, peak_tflops: float) -> str:
     return f"{100 * row['train'] * row['flops_per_token'] / (peak_tflops * 1e12):.1f}%"
 
 
-def render(opts: argparse.Namespace, rows: Sequence[Result], command: str) -> str:
+def render(opts: argparse.Namespace, rows: Sequence[Result], commands: Sequence[str], host: Result) -> str:
+    """The markdown table of ``rows`` measured on ``host`` (``machine``) by ``commands`` (one run, or the runs a
+    ``--merge`` combined)."""
     head = ("| model | arch | params (layers) | T | B | train tok/s | peak MB | stream tok/s | sliding tok/s "
             "| gen tok/s (short) | gen tok/s (long) |" + (" MFU (6N) |" if opts.peak_tflops else ""))
-    lines = [f"## Benchmark: {machine(opts)['device']}, {opts.dtype}", "",
-             f"- command: `{command}`",
-             f"- {streams_description(opts)}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; "
-             f"best of {opts.repeats} "
-             f"interleaved run(s) of {opts.steps} timed step(s) after {opts.warmup} warm-up; peak MB: "
-             f"{memory_description(torch.device(opts.device))}",
+    timing = (f"best of {opts.repeats} interleaved run(s) of {opts.steps} timed step(s) after {opts.warmup} warm-up"
+              if len(commands) == 1 else
+              "rows merged from these runs (a later run's ok row replaces an earlier one; each row's repeats, steps "
+              "and warm-up as its command gives)")
+    lines = [f"## Benchmark: {host['device']}, {opts.dtype}", "",
+             *[f"- command: `{command}`" for command in commands],
+             f"- {streams_description(opts)}, V {opts.vocab:,} (Zipf tokens), G {opts.gen_tokens}; {timing}; "
+             f"peak MB: {host['memory']}",
              *([f"- MFU (6N): training tokens/s x 6 x parameters in matrices (the input embedding lookup excluded, "
                 f"attention score and value products not counted) / the measured {opts.peak_tflops:g} TFLOP/s"]
                if opts.peak_tflops else []),
@@ -398,7 +406,7 @@ def original_ratios(rows: Sequence[Result]) -> List[str]:
     return ["", title, *lines] if lines else []
 
 
-def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
+def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str, host: Result) -> None:
     """Training tokens/s and peak memory versus the segment length T, one line per model (log-log)."""
     import logging
 
@@ -423,11 +431,62 @@ def plot(opts: argparse.Namespace, rows: Sequence[Result], path: str) -> None:
         ax.set_xlabel("segment length T (tokens)")
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{machine(opts)['device']}, {opts.dtype}, {streams_description(opts)}, V {opts.vocab:,}: fairseq "
+    fig.suptitle(f"{host['device']}, {opts.dtype}, {streams_description(opts)}, V {opts.vocab:,}: fairseq "
                  f"Trainer steps on Zipf tokens", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+SETTINGS = ("batch_size", "tokens_per_batch", "vocab", "gen_tokens", "peak_tflops")  # what merged runs share
+
+
+def merge_runs(paths: Sequence[str]) -> Tuple[argparse.Namespace, List[Result], List[str], Result]:
+    """(settings, rows, commands, machine) of earlier runs' bench.json files: rows in first-seen model order and
+    increasing T; a later file's ok row (model, T) replaces an earlier one, each row keeps its ``source`` command.
+    Files of other devices, precisions, vocabularies or streams are refused."""
+    reports = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--merge: no file {path}: give bench.json files written by scripts/bench.py --out")
+        with open(path) as f:
+            reports.append(json.load(f))
+    first = reports[0]
+    for path, report in zip(paths[1:], reports[1:]):
+        for key, ours, theirs in [*((k, report.get(k), first.get(k)) for k in SETTINGS),
+                                  *((k, report["machine"][k], first["machine"][k]) for k in ("device", "dtype"))]:
+            if ours != theirs:
+                raise SystemExit(f"--merge: {path} has {key} {ours}, {paths[0]} {theirs}: only runs of the same "
+                                 f"device, precision, vocabulary and streams merge")
+    found: Dict[Tuple[str, int], Result] = {}
+    labels: Dict[str, bool] = {}  # label -> original, in first-seen order
+    for report in reports:
+        for row in report["rows"]:
+            key = (row["model"], row["T"])
+            labels.setdefault(row["model"], bool(row.get("original")))
+            if key not in found or row.get("status") == "ok":
+                found[key] = {**row, "source": report["command"]}
+    lengths = sorted({t for _, t in found})
+    rows = [found[(label, t)] for label in labels for t in lengths if (label, t) in found]
+    settings = argparse.Namespace(**{k: first.get(k) for k in SETTINGS}, dtype=first["machine"]["dtype"],
+                                  repeats=None, steps=None, warmup=None, lengths=lengths,
+                                  rows=[(label, "", original) for label, original in labels.items()])
+    return settings, rows, [report["command"] for report in reports], first["machine"]
+
+
+def write_outputs(opts: argparse.Namespace, out: str, rows: Sequence[Result], commands: Sequence[str],
+                  host: Result, report: Result) -> str:
+    """bench.json (``report`` + the rows), bench.md and, over more than one length with training rows, bench.png in
+    ``out``; returns the table."""
+    table = render(opts, rows, commands, host)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump({**report, "machine": host, "rows": list(rows)}, f, indent=1)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(table)
+    if len(opts.lengths) > 1 and any("train" in row for row in rows):
+        plot(opts, rows, os.path.join(out, "bench.png"), host)
+    return table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -436,20 +495,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opts.worker is not None:
         print(RESULT_PREFIX + json.dumps(run_row(opts, int(opts.worker))), flush=True)
         return 0
-    rows = run_all(opts, argv)
     command = bench_command(__file__, argv)
-    table = render(opts, rows, command)
-    os.makedirs(opts.out, exist_ok=True)
-    with open(os.path.join(opts.out, "bench.json"), "w") as f:
-        json.dump({"command": command, "machine": machine(opts), "batch_size": opts.batch_size,
-                   "tokens_per_batch": opts.tokens_per_batch, "peak_tflops": opts.peak_tflops,
-                   "vocab": opts.vocab, "steps": opts.steps, "warmup": opts.warmup, "gen_tokens": opts.gen_tokens,
-                   "repeats": opts.repeats, "rows": rows}, f, indent=1)
-    with open(os.path.join(opts.out, "bench.md"), "w") as f:
-        f.write(table)
-    if len(opts.lengths) > 1 and "train" in opts.metrics:
-        plot(opts, rows, os.path.join(opts.out, "bench.png"))
-    print(table, end="")
+    if opts.merge:
+        settings, rows, commands, host = merge_runs(opts.merge)
+        report = {"command": command, "merged_from": commands, **{k: getattr(settings, k) for k in SETTINGS}}
+        print(write_outputs(settings, opts.out, rows, commands, host, report), end="")
+        return 0
+    rows = run_all(opts, argv)
+    report = {"command": command, "batch_size": opts.batch_size, "tokens_per_batch": opts.tokens_per_batch,
+              "peak_tflops": opts.peak_tflops, "vocab": opts.vocab, "steps": opts.steps, "warmup": opts.warmup,
+              "gen_tokens": opts.gen_tokens, "repeats": opts.repeats}
+    print(write_outputs(opts, opts.out, rows, [command], machine(opts), report), end="")
     return 0 if all(row.get("status") == "ok" for row in rows) else 1
 
 

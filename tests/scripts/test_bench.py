@@ -197,6 +197,41 @@ def test_tokens_per_batch_sets_b_per_length(bench, tmp_path, capsys):
     assert [(c["T"], c["B"]) for c in table] == [("8", "5"), ("16", "2")]  # max(1, 40 // T)
 
 
+def test_merge_combines_runs_into_one_table_json_and_plot(bench, tmp_path, capsys):
+    """A length rerun alone replaces the first run's failed row; rows keep their source command; the plot covers
+    every length; runs of another vocabulary are refused."""
+    def run(name, models, lengths, *extra):
+        argv = ["--quick", "--models", *models, "--lengths", lengths, "--in-process", "--metrics", "train",
+                "--out", str(tmp_path / name), *extra]
+        assert bench.main(argv) == 0
+        capsys.readouterr()
+        return tmp_path / name / "bench.json"
+
+    first, rerun = run("first", ["alibi", "sha_rnn"], "8,16"), run("rerun", ["sha_rnn"], "16")
+    report = json.loads(first.read_text())
+    report["rows"][3] = {**{k: report["rows"][3][k] for k in ("model", "T", "B")}, "status": "TIMEOUT"}
+    first.write_text(json.dumps(report))
+    assert bench.main(["--merge", str(first), str(rerun), "--out", str(tmp_path / "merged")]) == 0
+    stdout = capsys.readouterr().out
+    merged = json.loads((tmp_path / "merged" / "bench.json").read_text())
+    assert stdout == (tmp_path / "merged" / "bench.md").read_text()
+    assert (tmp_path / "merged" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(r["model"], r["T"]) for r in merged["rows"]] == [("alibi", 8), ("alibi", 16), ("sha_rnn", 8),
+                                                                ("sha_rnn", 16)]
+    replaced = merged["rows"][3]
+    assert replaced["status"] == "ok" and replaced["train"] == json.loads(rerun.read_text())["rows"][0]["train"]
+    assert "rerun" in replaced["source"] and "first" in merged["rows"][0]["source"]
+    assert merged["merged_from"] == [report["command"], json.loads(rerun.read_text())["command"]]
+    (table,) = parse_tables(stdout)
+    assert [number(c["train tok/s"]) for c in table] == [round(r["train"]) for r in merged["rows"]]
+    assert stdout.count("- command: `") == 2 and "rows merged from these runs" in stdout
+    other = run("other", ["alibi"], "8", "--vocab", "80")
+    with pytest.raises(SystemExit, match="has vocab 80, .* 64: only runs of the same"):
+        bench.main(["--merge", str(first), str(other), "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="no file .*nope.json"):
+        bench.main(["--merge", str(tmp_path / "nope.json")])
+
+
 def test_allocation_failures_count_as_oom():
     benchlib = script_module("benchlib")
     assert benchlib.is_oom(MemoryError("std::bad_alloc"))  # the profiler's teardown after a failed 16k step
