@@ -11,6 +11,7 @@ import torch
 
 from fairseq_ext.errors import ConfigError
 from fairseq_ext.modules.attention.fast_weight_self_attention import FastWeightSelfAttention
+from fairseq_ext.modules.composed.positions import PositionTerm
 from fairseq_ext.modules.composed.recurrent_mixers import FastWeightMixer
 from fairseq_ext.state import DecoderState, HiddenCache, KVCache
 from tests.harness import assert_close, build_model, stream_segments, tiny_dictionary
@@ -116,12 +117,13 @@ def test_window_source_is_invariant_to_segmentation_and_caches_w_keys():
     assert not torch.allclose(stream_segments(memory.decoder, x, [3, 9, 5])[0], parts)
 
 
-@pytest.mark.parametrize("position", ["alibi", "xl"])
+@pytest.mark.parametrize("position", ["alibi", "xl", "none"])
 @pytest.mark.parametrize("source", ["memory", "segment"])
-def test_relative_layers_run_their_family_kernel_equal_to_the_biased_reference(position, source, monkeypatch):
-    """--attn-impl auto sends plain ALiBi / Transformer-XL layers to ops.alibi / ops.xl_relative (on CPU in
-    training, T >= 256: causal query blocks over [memory ; segment]); outputs and every gradient equal
-    ops.biased_attention's naive form (float64, two segments of 300: the second over 100 carried memory rows)."""
+def test_plain_layers_run_a_family_kernel_equal_to_the_biased_reference(position, source, monkeypatch):
+    """--attn-impl auto sends plain ALiBi / Transformer-XL layers to ops.alibi / ops.xl_relative, and layers with no
+    score term to ops.alibi with zero slopes (on CPU in training, T >= 256: causal query blocks over [memory ;
+    segment]); outputs and every gradient equal ops.biased_attention's naive form (float64, two segments of 300: the
+    second over 100 carried memory rows)."""
     import fairseq_ext.modules.composed.softmax_mixer as mixer
     import fairseq_ext.ops.alibi as alibi_ops
     import fairseq_ext.ops.xl_relative as xl_ops
@@ -134,7 +136,7 @@ def test_relative_layers_run_their_family_kernel_equal_to_the_biased_reference(p
     expected, _ = stream_segments(naive.train().decoder, x, [300, 300])
     expected.pow(2).sum().backward()
     blocked_calls = []
-    kernels = (alibi_ops if position == "alibi" else xl_ops)._KERNELS
+    kernels = (xl_ops if position == "xl" else alibi_ops)._KERNELS
     blocked = kernels["blocked"]
     monkeypatch.setitem(kernels, "blocked", lambda *a, **k: blocked_calls.append(1) or blocked(*a, **k))
     monkeypatch.setattr(mixer, "biased_attention", lambda *a, **k: pytest.fail("auto built the (T, S) terms"))
@@ -146,6 +148,19 @@ def test_relative_layers_run_their_family_kernel_equal_to_the_biased_reference(p
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             assert_close(a.grad, b.grad, msg=name)
+
+
+def test_a_relative_scheme_without_its_own_kernel_keeps_its_terms():
+    """The base ``attend`` (plain causal attention) serves schemes that add no score term; a new relative scheme
+    that defines ``score_terms`` only gets None, so the mixer builds its bias."""
+    class Halved(PositionTerm):
+        def score_terms(self, q, distance):
+            return q * 0.5, None
+
+    q = torch.randn(1, 2, 3, 4)
+    assert Halved().attend(q, q, q, 0, 0.0) is None
+    assert_close(PositionTerm().attend(q, q, q, 0, 0.0),
+                 torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
 
 
 def test_segment_source_forgets_and_memory_source_keeps_m():

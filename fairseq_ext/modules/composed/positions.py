@@ -5,9 +5,10 @@
 * ``score_terms(q, distance)``: relative schemes return the query of the content term and an additive logit bias
   for queries against keys at ``distance`` (T, S) = query position - key position (negative: a future key).
 * ``attend(q, k, v, before, dropout_p)``: a scheme's own kernel for plain causal attention over a context and the
-  segment, or None. ALiBi's is ``alibi_lm``'s (``ops.alibi``), which forms no (T, S) tensor on CPU, and
-  Transformer-XL's ``transformer_xl_lm``'s (``ops.xl_relative``: causal query blocks on CPU); the mixer uses them
-  when nothing else shapes the scores (no span, no persistent slots, no window) and ``--attn-impl auto``.
+  segment. ALiBi's is ``alibi_lm``'s (``ops.alibi``), which forms no (T, S) tensor on CPU, and Transformer-XL's
+  ``transformer_xl_lm``'s (``ops.xl_relative``: causal query blocks on CPU); schemes with no score term run ALiBi's
+  with zero slopes. The mixer uses them when nothing else shapes the scores (no span, no persistent slots, no window)
+  and ``--attn-impl auto``.
 
 Schemes:
 
@@ -52,8 +53,14 @@ class PositionTerm(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, before: int, dropout_p: float) -> Optional[Tensor]:
         """Causal attention of q (B, H, T, D) over k, v (B, H, before + T, D), query i seeing keys 0 .. before + i,
         by a kernel of this scheme's own that never forms the (T, S) terms, or None (the mixer then builds them
-        for ``ops.biased_attention``)."""
-        return None
+        for ``ops.biased_attention``). Here: for schemes whose ``score_terms`` add nothing (none, sinusoidal,
+        descending), ALiBi's kernel with every slope 0, i.e. plain causal attention (on CPU its query blocks over one
+        zero (1, H, r, S) strip); None for a relative scheme that overrides ``score_terms`` but not ``attend``."""
+        if type(self).score_terms is not PositionTerm.score_terms:
+            return None  # its terms are not ours to drop: the mixer builds them
+        slopes = q.new_zeros(q.size(1), dtype=torch.float32)  # (H,): no bias
+        return alibi_attention(q, k, v, slopes, q_offset=before, causal=True, dropout_p=dropout_p,
+                               impl="auto")  # (B, H, T, D)
 
 
 class SinusoidalPosition(PositionTerm):
