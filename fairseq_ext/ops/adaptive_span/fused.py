@@ -50,8 +50,8 @@ DTYPES = (torch.float32, torch.float64)
 
 
 def group_size(heads: int, rows: int, width: int, itemsize: int, tile_bytes: Optional[int] = None) -> int:
-    """Heads per group: as many (R, W) tiles as fit ``tile_bytes`` (default ``TILE_BYTES``), at least 1, at most
-    ``heads``."""
+    """Heads per group: as many (R, width) tiles as fit ``tile_bytes`` (default ``TILE_BYTES``), at least 1, at most
+    ``heads``; the callers' width is W = R + L plus the N persistent slots of a joint row."""
     budget = TILE_BYTES if tile_bytes is None else tile_bytes
     return max(1, min(heads, budget // max(1, rows * width * itemsize)))
 
@@ -98,7 +98,7 @@ class _FusedSpanAttention(torch.autograd.Function):
             qg = qs[g]  # (c, M, D)
             logits = torch.matmul(qg, _row_keys(pe, pers_k, heads))  # (c, M, L + N) position and persistent part
             pv = None if pers_v is None else pers_v[heads]  # (c, N, D)
-            mg = None if mask is None else mask[heads] if mask.size(0) > 1 else mask[0]  # (c, 1, J) or (1, J)
+            mg = None if mask is None else mask[heads] if mask.size(0) > 1 else mask[0]  # (c, 1, L + N) or (1, L + N)
             t = tile[:qg.size(0)]
             for a0 in range(0, m, rows):
                 r, w = slice(a0, a0 + rows), slice(a0, a0 + width)
