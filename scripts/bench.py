@@ -465,13 +465,14 @@ def merge_runs(paths: Sequence[str]) -> Tuple[argparse.Namespace, List[Result], 
             key = (row["model"], row["T"])
             labels.setdefault(row["model"], bool(row.get("original")))
             if key not in found or row.get("status") == "ok":
-                found[key] = {**row, "source": report["command"]}
+                found[key] = {**row, "source": row.get("source", report["command"])}  # a merged file keeps its own
     lengths = sorted({t for _, t in found})
     rows = [found[(label, t)] for label in labels for t in lengths if (label, t) in found]
     settings = argparse.Namespace(**{k: first.get(k) for k in SETTINGS}, dtype=first["machine"]["dtype"],
                                   repeats=None, steps=None, warmup=None, lengths=lengths,
                                   rows=[(label, "", original) for label, original in labels.items()])
-    return settings, rows, [report["command"] for report in reports], first["machine"]
+    commands = [command for report in reports for command in report.get("merged_from", [report["command"]])]
+    return settings, rows, commands, first["machine"]
 
 
 def write_outputs(opts: argparse.Namespace, out: str, rows: Sequence[Result], commands: Sequence[str],

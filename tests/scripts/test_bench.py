@@ -225,6 +225,11 @@ def test_merge_combines_runs_into_one_table_json_and_plot(bench, tmp_path, capsy
     (table,) = parse_tables(stdout)
     assert [number(c["train tok/s"]) for c in table] == [round(r["train"]) for r in merged["rows"]]
     assert stdout.count("- command: `") == 2 and "rows merged from these runs" in stdout
+    again = tmp_path / "again"  # a merged file merges again: its rows and commands keep their sources
+    assert bench.main(["--merge", str(tmp_path / "merged" / "bench.json"), "--out", str(again)]) == 0
+    capsys.readouterr()
+    twice = json.loads((again / "bench.json").read_text())
+    assert twice["merged_from"] == merged["merged_from"] and twice["rows"] == merged["rows"]
     other = run("other", ["alibi"], "8", "--vocab", "80")
     with pytest.raises(SystemExit, match="has vocab 80, .* 64: only runs of the same"):
         bench.main(["--merge", str(first), str(other), "--out", str(tmp_path / "bad")])
