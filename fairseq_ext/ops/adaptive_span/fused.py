@@ -118,10 +118,8 @@ class _FusedSpanAttention(torch.autograd.Function):
                 if drop is not None:
                     a = a * drop[g, r]
                 _window(t, span).copy_(a[..., :span])
-                if pv is None:
-                    torch.bmm(t, v3[g, w], out=out[g, r])  # (c, R, D)
-                else:  # + the persistent slots' weights times their values
-                    out[g, r] = torch.baddbmm(torch.bmm(t, v3[g, w]), a[..., span:], pv)  # (c, R, D)
+                o = torch.bmm(t, v3[g, w])  # (c, R, D) contiguous: bmm's batched path, not one product per head
+                out[g, r] = o if pv is None else o.baddbmm_(a[..., span:], pv)  # + the slots' weights x values
         ctx.save_for_backward(qs, k3, v3, pe, mask, pers_k, pers_v, drop, probs, sums)
         ctx.shape, ctx.rows = (b, h, m, d), rows
         return out.view(b, h, m, d)
@@ -180,7 +178,7 @@ class _FusedSpanAttention(torch.autograd.Function):
                 ds = dlogits[:, r]
                 torch.mul(p, da - (da * p).sum(-1, keepdim=True), out=ds)  # softmax backward (c, R, L + N)
                 _window(t, span).copy_(ds[..., :span])
-                torch.bmm(t, k3[g, w], out=dqs[g, r])  # content part of dq_s (c, R, D)
+                dqs[g, r] = torch.bmm(t, k3[g, w])  # content part of dq_s (c, R, D)
                 dk[g, w] += torch.bmm(t.transpose(1, 2), qg[:, r])  # (c, W, D)
             dqs[g] += torch.matmul(dlogits, keys.transpose(-1, -2))  # (c, M, D) position and persistent part
             if keys.dim() == 2:  # shared (D, L), no persistent slots
