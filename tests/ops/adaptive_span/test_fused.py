@@ -52,12 +52,14 @@ def test_fused_matches_naive_with_gradients(small_tiles, m, span, rows, masked, 
 
 
 @pytest.mark.parametrize("m,span,n,rows", [(48, 5, 7, 16), (33, 40, 3, 11), (7, 9, 1, 7), (12, 4, 20, 1)])
-@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("masked,layer_span", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("pe_per_head", [False, True])
-def test_fused_with_persistent_slots_matches_naive_with_gradients(small_tiles, m, span, n, rows, masked, pe_per_head):
+def test_fused_with_persistent_slots_matches_naive_with_gradients(small_tiles, m, span, n, rows, masked, layer_span,
+                                                                  pe_per_head):
     """All-attention: N slots share the softmax and the renormalisation, unmasked; the gradients of the stored
-    persistent keys and values (scaled by sqrt(D), sqrt(N) in use) included."""
+    persistent keys and values (scaled by sqrt(D), sqrt(N) in use) included; per-head and per-layer spans."""
     q, k, v, key_pe, z, pers_k, pers_v = _inputs(2, 3, m, span, 4, n, seed=m + n, pe_per_head=pe_per_head)
+    z = z[:1] if layer_span else z  # one span per layer: mask (1, L)
     inputs = [x.requires_grad_() for x in (q, k, v, key_pe, pers_k, pers_v, z)]
     assert group_size(6, rows, rows + span + n, 8) < 6  # several head groups
 
